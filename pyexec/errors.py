@@ -1,0 +1,99 @@
+"""The one exception tree of the pyexec service.
+
+Every error the service raises on purpose is a ``PyexecError``. Each class
+carries the HTTP status it maps to and a stable, machine-readable ``code``;
+the mapping to an HTTP response happens in exactly one place
+(``pyexec.api.errors``)::
+
+    PyexecError
+    ├── BadRequest                 400  invalid_request, unknown_field, invalid_field, ...
+    │   ├── TarRejected            400  tar_invalid, tar_absolute_path, tar_path_traversal,
+    │   │                               tar_link_escape, tar_special_file, entrypoint_not_found
+    │   ├── LimitExceeded          400  limit_exceeded (a request asks for more than the server allows)
+    │   └── PayloadTooLarge        413  tar_too_large, tar_too_many_entries, tar_too_much_data,
+    │                                   code_too_large
+    ├── Unauthorized               401  unauthorized
+    ├── NotFound                   404  execution_not_found
+    ├── Conflict                   409  invalid_transition, already_exists
+    └── BackendError               502  store_error, runner_error, nomad_dispatch_failed
+        └── BackendUnavailable     503  store_unavailable, runner_unavailable, shutting_down
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "BadRequest",
+    "Conflict",
+    "LimitExceeded",
+    "NotFound",
+    "PayloadTooLarge",
+    "PyexecError",
+    "TarRejected",
+    "Unauthorized",
+]
+
+
+class PyexecError(Exception):
+    """Root of every error pyexec raises on purpose."""
+
+    status_code: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class BadRequest(PyexecError):
+    status_code = 400
+    default_code = "invalid_request"
+
+
+class TarRejected(BadRequest):
+    default_code = "tar_invalid"
+
+
+class LimitExceeded(BadRequest):
+    default_code = "limit_exceeded"
+
+
+class PayloadTooLarge(BadRequest):
+    status_code = 413
+    default_code = "payload_too_large"
+
+
+class Unauthorized(PyexecError):
+    status_code = 401
+    default_code = "unauthorized"
+
+
+class NotFound(PyexecError):
+    status_code = 404
+    default_code = "execution_not_found"
+
+
+class Conflict(PyexecError):
+    status_code = 409
+    default_code = "conflict"
+
+
+class BackendError(PyexecError):
+    status_code = 502
+    default_code = "backend_error"
+
+
+class BackendUnavailable(BackendError):
+    status_code = 503
+    default_code = "backend_unavailable"

@@ -1,0 +1,409 @@
+"""Values that cross the seams: what a caller asks for and what an execution became.
+
+``ExecutionRequest`` keeps the established metadata schema (``entrypoint``,
+``docker_image``, ``requirements_txt``, ``pre_commands``, ``stdin``,
+``env_vars``, ``script_args``, ``config{...}``); ``Execution`` is the record
+every backend stores and every endpoint returns.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from .errors import BadRequest, LimitExceeded
+from .settings import Settings
+
+__all__ = [
+    "TERMINAL",
+    "Execution",
+    "ExecutionConfig",
+    "ExecutionRequest",
+    "Reason",
+    "RunOutcome",
+    "Status",
+    "new_execution_id",
+    "parse_request",
+    "utcnow",
+]
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.KILLED})
+
+#: Which status may follow which; a terminal status never changes again.
+TRANSITIONS: Mapping[Status, frozenset[Status]] = {
+    Status.PENDING: frozenset({Status.RUNNING, *TERMINAL}),
+    Status.RUNNING: TERMINAL,
+    Status.COMPLETED: frozenset(),
+    Status.FAILED: frozenset(),
+    Status.KILLED: frozenset(),
+}
+
+
+class Reason(enum.StrEnum):
+    """Why a run ended: one verdict per limit, so an OOM never looks like an exit 137."""
+
+    EXITED = "exited"  # the process ended by itself; see exit_code
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    OUTPUT_LIMIT = "output_limit"
+    KILLED = "killed"
+    SETUP_FAILED = "setup_failed"
+    ERROR = "error"  # pyexec or a backend failed; see error
+
+    @property
+    def status(self) -> Status:
+        if self is Reason.EXITED:
+            return Status.COMPLETED
+        if self is Reason.KILLED:
+            return Status.KILLED
+        return Status.FAILED
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_execution_id() -> str:
+    return f"exe_{uuid.uuid4()}"
+
+
+EXECUTION_ID = re.compile(r"^exe_[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_iso(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionConfig:
+    timeout_seconds: int
+    memory_mb: int
+    disk_mb: int
+    cpu_shares: int
+    pids_limit: int
+    max_output_bytes: int
+    network_disabled: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionRequest:
+    entrypoint: str
+    docker_image: str
+    config: ExecutionConfig
+    requirements_txt: str = ""
+    pre_commands: tuple[str, ...] = ()
+    stdin: str = ""
+    env_vars: tuple[tuple[str, str], ...] = ()
+    script_args: tuple[str, ...] = ()
+
+    @property
+    def needs_setup(self) -> bool:
+        return bool(self.requirements_txt.strip() or self.pre_commands)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metadata JSON form, as a client sends it (and as stored with the record)."""
+        return {
+            "entrypoint": self.entrypoint,
+            "docker_image": self.docker_image,
+            "requirements_txt": self.requirements_txt,
+            "pre_commands": list(self.pre_commands),
+            "stdin": self.stdin,
+            "env_vars": [f"{k}={v}" for k, v in self.env_vars],
+            "script_args": list(self.script_args),
+            "config": attrs.asdict(self.config),
+        }
+
+
+@attrs.frozen(kw_only=True)
+class RunOutcome:
+    """What a runner reports when a run is over."""
+
+    reason: Reason
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    output_truncated: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    #: Extra fields a wrapper inside the sandbox reported (eval: result, error_type, ...).
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class Execution:
+    """The record of one execution, as stored and as returned by the API."""
+
+    execution_id: str
+    status: Status = Status.PENDING
+    created_at: datetime = attrs.field(factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: int | None = None
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    reason: Reason | None = None
+    output_truncated: bool = False
+    #: eval API extras; ``None`` where they do not apply.
+    result: str | None = None
+    error_type: str | None = None
+    error_line: int | None = None
+    auto_requirements: tuple[str, ...] | None = None
+    #: The request as submitted (metadata form), kept so any replica or a Nomad task can run it.
+    request: Mapping[str, Any] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self, *, include_request: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "execution_id": self.execution_id,
+            "status": self.status.value,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "exit_code": self.exit_code,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "duration_ms": self.duration_ms,
+            "error": self.error,
+            "reason": None if self.reason is None else self.reason.value,
+            "output_truncated": self.output_truncated,
+            "created_at": _iso(self.created_at),
+        }
+        for name in ("result", "error_type", "error_line"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        if self.auto_requirements is not None:
+            body["auto_requirements"] = list(self.auto_requirements)
+        if include_request and self.request is not None:
+            body["request"] = dict(self.request)
+        return body
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Execution:
+        auto = data.get("auto_requirements")
+        return cls(
+            execution_id=data["execution_id"],
+            status=Status(data["status"]),
+            created_at=_parse_iso(data.get("created_at")) or utcnow(),
+            started_at=_parse_iso(data.get("started_at")),
+            finished_at=_parse_iso(data.get("finished_at")),
+            duration_ms=data.get("duration_ms"),
+            exit_code=data.get("exit_code"),
+            stdout=data.get("stdout") or "",
+            stderr=data.get("stderr") or "",
+            error=data.get("error"),
+            reason=None if data.get("reason") is None else Reason(data["reason"]),
+            output_truncated=bool(data.get("output_truncated", False)),
+            result=data.get("result"),
+            error_type=data.get("error_type"),
+            error_line=data.get("error_line"),
+            auto_requirements=None if auto is None else tuple(auto),
+            request=data.get("request"),
+        )
+
+    def finished(self, outcome: RunOutcome) -> Execution:
+        """This record once ``outcome`` is known (status, output, timings)."""
+        started = outcome.started_at or self.started_at
+        finished = outcome.finished_at or utcnow()
+        duration = None if started is None else max(0, int((finished - started).total_seconds() * 1000))
+        known = {"result", "error_type", "error_line", "auto_requirements"}
+        extra = {k: v for k, v in outcome.extra.items() if k in known}
+        if "auto_requirements" in extra and extra["auto_requirements"] is not None:
+            extra["auto_requirements"] = tuple(extra["auto_requirements"])
+        return attrs.evolve(
+            self,
+            status=outcome.reason.status,
+            reason=outcome.reason,
+            exit_code=outcome.exit_code,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            output_truncated=outcome.output_truncated,
+            started_at=started,
+            finished_at=finished,
+            duration_ms=duration,
+            error=outcome.error,
+            **extra,
+        )
+
+
+# --- Parsing the metadata JSON ----------------------------------------------------------
+
+_TOP_LEVEL = {
+    "entrypoint", "docker_image", "requirements_txt", "pre_commands", "stdin",
+    "env_vars", "script_args", "config",
+}
+_CONFIG = {
+    "timeout_seconds", "network_disabled", "memory_mb", "disk_mb", "cpu_shares",
+    "pids_limit", "max_output_bytes",
+}
+
+
+def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise BadRequest(
+            f"unknown field {where}{unknown[0]!r}; allowed: {', '.join(sorted(allowed))}",
+            code="unknown_field",
+            field=f"{where}{unknown[0]}",
+        )
+
+
+def _typed(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    value = data[key]
+    # bool is an int in Python; a JSON true is not a number of seconds.
+    if isinstance(value, bool) and kind is int:
+        raise BadRequest(f"{where}{key} must be an integer", code="invalid_field", field=where + key)
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise BadRequest(
+            f"{where}{key} must be of type {name}", code="invalid_field", field=where + key
+        )
+    return value
+
+
+def _str_list(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    items = _typed(data, key, list)
+    if not all(isinstance(item, str) for item in items):
+        raise BadRequest(f"{key} must be a list of strings", code="invalid_field", field=key)
+    return tuple(items)
+
+
+def _bounded(name: str, value: int, low: int, high: int) -> int:
+    if value < low:
+        raise BadRequest(
+            f"config.{name} must be at least {low}", code="invalid_field", field=f"config.{name}"
+        )
+    if value > high:
+        raise LimitExceeded(
+            f"config.{name}={value} exceeds the server maximum of {high}",
+            field=f"config.{name}",
+            maximum=high,
+        )
+    return value
+
+
+def parse_config(raw: Mapping[str, Any], settings: Settings) -> ExecutionConfig:
+    if not isinstance(raw, Mapping):
+        raise BadRequest("config must be an object", code="invalid_field", field="config")
+    _reject_unknown(raw, _CONFIG, "config.")
+
+    def number(key: str, default: int, low: int, high: int) -> int:
+        if key not in raw or raw[key] is None:
+            return default
+        return _bounded(key, _typed(raw, key, int, "config."), low, high)
+
+    network_disabled = True
+    if raw.get("network_disabled") is not None:
+        network_disabled = _typed(raw, "network_disabled", bool, "config.")
+    if not network_disabled and not settings.allow_network:
+        raise LimitExceeded(
+            "this server does not allow network access for runs",
+            code="network_not_allowed",
+            field="config.network_disabled",
+        )
+    return ExecutionConfig(
+        timeout_seconds=number("timeout_seconds", settings.default_timeout, 1, settings.max_timeout),
+        memory_mb=number("memory_mb", settings.default_memory_mb, 16, settings.max_memory_mb),
+        disk_mb=number("disk_mb", settings.default_disk_mb, 1, settings.max_disk_mb),
+        cpu_shares=number("cpu_shares", settings.default_cpu_shares, 2, settings.max_cpu_shares),
+        pids_limit=number("pids_limit", settings.default_pids_limit, 8, settings.max_pids_limit),
+        max_output_bytes=number(
+            "max_output_bytes", settings.default_max_output_bytes, 1, settings.max_output_bytes
+        ),
+        network_disabled=network_disabled,
+    )
+
+
+def check_entrypoint(entrypoint: str) -> str:
+    parts = entrypoint.split("/")
+    if (
+        not entrypoint
+        or entrypoint.startswith("/")
+        or any(part in {"", ".", ".."} for part in parts)
+        or "\x00" in entrypoint
+    ):
+        raise BadRequest(
+            f"entrypoint {entrypoint!r} must be a relative path inside the archive",
+            code="invalid_entrypoint",
+            field="entrypoint",
+        )
+    return entrypoint
+
+
+def parse_env_vars(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not ENV_KEY.match(key):
+            raise BadRequest(
+                f"env_vars entry {item!r} must look like KEY=value",
+                code="invalid_field",
+                field="env_vars",
+            )
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def check_image(image: str, settings: Settings) -> str:
+    allowed = {settings.default_image, *settings.allowed_images, *dict(settings.python_images).values()}
+    if settings.allowed_images and image not in allowed:
+        raise LimitExceeded(
+            f"image {image!r} is not allowed on this server",
+            code="image_not_allowed",
+            field="docker_image",
+        )
+    return image
+
+
+def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
+    """Validate the metadata JSON (already decoded) against the schema and the server's limits."""
+    if isinstance(raw, str | bytes):
+        try:
+            raw = json.loads(raw or "{}")
+        except ValueError as exc:
+            raise BadRequest(f"metadata is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(raw, Mapping):
+        raise BadRequest("metadata must be a JSON object", code="invalid_request")
+    _reject_unknown(raw, _TOP_LEVEL, "")
+    data = {k: v for k, v in raw.items() if v is not None}
+
+    entrypoint = _typed(data, "entrypoint", str) if "entrypoint" in data else "main.py"
+    image = _typed(data, "docker_image", str) if "docker_image" in data else settings.default_image
+    return ExecutionRequest(
+        entrypoint=check_entrypoint(entrypoint),
+        docker_image=check_image(image or settings.default_image, settings),
+        config=parse_config(data.get("config") or {}, settings),
+        requirements_txt=_typed(data, "requirements_txt", str) if "requirements_txt" in data else "",
+        pre_commands=_str_list(data, "pre_commands") if "pre_commands" in data else (),
+        stdin=_typed(data, "stdin", str) if "stdin" in data else "",
+        env_vars=parse_env_vars(_str_list(data, "env_vars")) if "env_vars" in data else (),
+        script_args=_str_list(data, "script_args") if "script_args" in data else (),
+    )

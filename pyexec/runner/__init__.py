@@ -1,0 +1,61 @@
+"""The runner seam: launch, wait, read output, kill.
+
+One module per backend: ``docker`` (local Docker, the embedded default) and
+``nomad`` (a parameterized Nomad batch job). ``pyexec.app`` picks one from
+``Settings``; the execution service only sees this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Protocol
+
+from ..models import Execution, ExecutionRequest, RunOutcome
+
+__all__ = ["OnRunning", "Runner"]
+
+#: Called once when the sandboxed process starts, with the time it started.
+OnRunning = Callable[[datetime], Awaitable[None]]
+
+
+class Runner(Protocol):
+    async def startup(self) -> None:
+        """Prepare the backend once at service start (sweep leftovers, register jobs)."""
+
+    async def start(
+        self,
+        execution: Execution,
+        request: ExecutionRequest,
+        tar: AsyncIterator[bytes],
+        on_running: OnRunning,
+    ) -> None:
+        """Launch the run and return once it is launched (not finished).
+
+        ``tar`` streams the stored archive (a backend that fetches it elsewhere need not
+        read it). Raises ``BackendError``/``BackendUnavailable`` if it cannot launch;
+        anything it created on the way is released before it raises.
+        """
+
+    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
+        """The outcome of a launched run; ``TimeoutError`` after ``timeout`` seconds.
+
+        The run's own timeout is enforced by the runner (``Reason.TIMEOUT``); ``timeout``
+        here is the caller's outer bound.
+        """
+
+    async def logs(self, execution_id: str) -> tuple[str, str]:
+        """Output so far (stdout, stderr), capped like the final output; empty if unknown."""
+
+    async def kill(self, execution_id: str) -> None:
+        """Stop the run and release its resources. Killing what is gone succeeds."""
+
+    async def resume(self, execution: Execution) -> bool:
+        """After a service restart: keep watching ``execution`` if this runner can
+        (``wait`` then works for it); ``False`` if the run is lost."""
+
+    async def ping(self) -> None:
+        """Raise ``BackendUnavailable`` if the backend cannot be reached."""
+
+    async def aclose(self) -> None:
+        """Stop watchers and release connections; idempotent."""

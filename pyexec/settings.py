@@ -1,0 +1,324 @@
+"""Service configuration: one frozen object, read once from the environment at the edge.
+
+Each field names the environment variable(s) it is read from, in order of
+precedence, and a one-line description; ``docs/configuration.md`` is generated
+from these (``pyexec config-reference``) and a test keeps the two in step.
+Library code receives a ``Settings``; it never reads ``os.environ`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .errors import BadRequest
+
+__all__ = ["ResourceClass", "Settings", "SettingsError", "env_names"]
+
+MiB = 1024 * 1024
+
+
+class SettingsError(BadRequest):
+    """The environment holds a value that cannot be parsed."""
+
+    default_code = "invalid_setting"
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _mapping(raw: str) -> tuple[tuple[str, str], ...]:
+    """``3.11=python:3.11-slim,3.12=python:3.12-slim`` as ordered pairs."""
+    pairs = []
+    for item in _list(raw):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw or None
+
+
+@attrs.frozen
+class ResourceClass:
+    """A registered runner job size (Nomad cannot interpolate resources per dispatch)."""
+
+    name: str
+    cpu_mhz: int
+    memory_mb: int
+    disk_mb: int
+
+
+def _resource_classes(raw: str) -> tuple[ResourceClass, ...]:
+    """``small:500:512:1024,medium:1000:2048:4096`` (name:cpu_mhz:memory_mb:disk_mb)."""
+    classes = []
+    for item in _list(raw):
+        parts = item.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"expected name:cpu_mhz:memory_mb:disk_mb, got {item!r}")
+        classes.append(ResourceClass(parts[0], int(parts[1]), int(parts[2]), int(parts[3])))
+    return tuple(sorted(classes, key=lambda c: (c.memory_mb, c.disk_mb, c.cpu_mhz)))
+
+
+def setting(
+    default: Any,
+    *env: str,
+    help: str,  # noqa: A002 - reads naturally at the call sites
+    parse: Callable[[str], Any] = str,
+) -> Any:
+    return attrs.field(default=default, metadata={"env": env, "help": help, "parse": parse})
+
+
+def env_names(field: attrs.Attribute[Any]) -> tuple[str, ...]:
+    names: tuple[str, ...] = field.metadata.get("env", ())
+    return names
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    # --- HTTP service ---------------------------------------------------------------
+    host: str = setting("0.0.0.0", "PYEXEC_HOST", help="Address `pyexec serve` binds to.")  # noqa: S104
+    port: int = setting(8080, "PYEXEC_PORT", parse=int, help="Port `pyexec serve` listens on.")
+    api_tokens: tuple[str, ...] = setting(
+        (), "PYEXEC_API_TOKENS", parse=_list,
+        help="Comma-separated bearer tokens; when set (or a token file), every endpoint but "
+        "/health requires one.",
+    )
+    api_token_file: str | None = setting(
+        None, "PYEXEC_API_TOKEN_FILE", parse=_optional_str,
+        help="File with one bearer token per line (blank lines and # comments ignored).",
+    )
+    shutdown_grace_seconds: float = setting(
+        30.0, "PYEXEC_SHUTDOWN_GRACE_SECONDS", parse=float,
+        help="How long a shutdown lets in-flight sync requests finish.",
+    )
+    log_format: str = setting("json", "PYEXEC_LOG_FORMAT", help="`json` or `text`.")
+    log_level: str = setting("INFO", "PYEXEC_LOG_LEVEL", help="Python logging level name.")
+
+    # --- Request defaults -----------------------------------------------------------
+    default_timeout: int = setting(
+        300, "PYEXEC_DEFAULT_TIMEOUT", parse=int, help="Seconds a run may take by default."
+    )
+    default_memory_mb: int = setting(
+        1024, "PYEXEC_DEFAULT_MEMORY_MB", parse=int, help="Memory limit (MiB) by default."
+    )
+    default_disk_mb: int = setting(
+        2048, "PYEXEC_DEFAULT_DISK_MB", parse=int, help="Size (MiB) of the /work tmpfs by default."
+    )
+    default_cpu_shares: int = setting(
+        1024, "PYEXEC_DEFAULT_CPU_SHARES", parse=int, help="Relative CPU weight by default."
+    )
+    default_pids_limit: int = setting(
+        256, "PYEXEC_DEFAULT_PIDS_LIMIT", parse=int, help="Process/thread cap by default."
+    )
+    default_max_output_bytes: int = setting(
+        1 * MiB, "PYEXEC_DEFAULT_MAX_OUTPUT_BYTES", parse=int,
+        help="Bytes of stdout and of stderr kept by default; more ends the run (output_limit).",
+    )
+    default_image: str = setting(
+        "python:3.12-slim", "PYEXEC_DEFAULT_IMAGE", help="Container image for runs by default."
+    )
+
+    # --- Server-side maxima a request may not exceed --------------------------------
+    max_timeout: int = setting(3600, "PYEXEC_MAX_TIMEOUT", parse=int, help="Largest timeout.")
+    max_memory_mb: int = setting(
+        8192, "PYEXEC_MAX_MEMORY_MB", parse=int, help="Largest memory limit (MiB)."
+    )
+    max_disk_mb: int = setting(
+        10240, "PYEXEC_MAX_DISK_MB", parse=int, help="Largest /work size (MiB)."
+    )
+    max_cpu_shares: int = setting(
+        8192, "PYEXEC_MAX_CPU_SHARES", parse=int, help="Largest CPU weight."
+    )
+    max_pids_limit: int = setting(4096, "PYEXEC_MAX_PIDS_LIMIT", parse=int, help="Largest pids cap.")
+    max_output_bytes: int = setting(
+        64 * MiB, "PYEXEC_MAX_OUTPUT_BYTES", parse=int, help="Largest per-stream output cap."
+    )
+    allowed_images: tuple[str, ...] = setting(
+        (), "PYEXEC_ALLOWED_IMAGES", parse=_list,
+        help="If set, the only images a request may name (the defaults are always allowed).",
+    )
+    allow_network: bool = setting(
+        True, "PYEXEC_ALLOW_NETWORK", parse=_bool,
+        help="Whether a request may turn the network on for its run phase.",
+    )
+    setup_network: bool = setting(
+        True, "PYEXEC_SETUP_NETWORK", parse=_bool,
+        help="Whether the setup phase (requirements, pre_commands) gets the network.",
+    )
+    ca_bundle: str | None = setting(
+        None, "PYEXEC_CA_BUNDLE", parse=_optional_str,
+        help="Host CA bundle mounted into setup containers, with SSL_CERT_FILE/PIP_CERT set "
+        "(for TLS-intercepting proxies). Off by default.",
+    )
+
+    # --- Uploaded archives ------------------------------------------------------------
+    max_tar_bytes: int = setting(
+        256 * MiB, "PYEXEC_MAX_TAR_BYTES", parse=int, help="Largest uploaded tar (413 above)."
+    )
+    max_tar_entries: int = setting(
+        10_000, "PYEXEC_MAX_TAR_ENTRIES", parse=int, help="Most entries an uploaded tar may hold."
+    )
+    max_extracted_bytes: int = setting(
+        1024 * MiB, "PYEXEC_MAX_EXTRACTED_BYTES", parse=int,
+        help="Most bytes an uploaded tar may declare in its members.",
+    )
+    cleanup_ttl: int = setting(
+        300, "PYEXEC_CLEANUP_TTL", parse=int,
+        help="Seconds a finished execution (and its tar) is kept before the janitor deletes it.",
+    )
+
+    # --- Eval API -----------------------------------------------------------------------
+    python_images: tuple[tuple[str, str], ...] = setting(
+        (
+            ("3.10", "python:3.10-slim"),
+            ("3.11", "python:3.11-slim"),
+            ("3.12", "python:3.12-slim"),
+            ("3.13", "python:3.13-slim"),
+        ),
+        "PYEXEC_PYTHON_IMAGES", parse=_mapping,
+        help="Eval's python_version → image, as `3.12=python:3.12-slim,...`.",
+    )
+    default_python_version: str = setting(
+        "3.12", "PYEXEC_DEFAULT_PYTHON_VERSION", help="Eval's python_version by default."
+    )
+    eval_auto_requirements: bool = setting(
+        True, "PYEXEC_EVAL_AUTO_REQUIREMENTS", parse=_bool,
+        help="Whether eval installs detected third-party imports by default.",
+    )
+    max_eval_code_bytes: int = setting(
+        100_000, "PYEXEC_MAX_EVAL_CODE_BYTES", parse=int, help="Largest eval code/files total."
+    )
+
+    # --- Docker (embedded runner) ----------------------------------------------------
+    docker_host: str | None = setting(
+        None, "PYEXEC_DOCKER_HOST", "DOCKER_HOST", parse=_optional_str,
+        help="Docker engine address; the SDK's default socket when unset.",
+    )
+
+    # --- Consul store --------------------------------------------------------------------
+    consul_addr: str | None = setting(
+        None, "PYEXEC_CONSUL_ADDR", "CONSUL_HTTP_ADDR", parse=_optional_str,
+        help="Consul HTTP address (`host:port` or URL). Setting it selects the Consul store.",
+    )
+    consul_token: str | None = setting(
+        None, "CONSUL_HTTP_TOKEN", parse=_optional_str, help="Consul ACL token."
+    )
+    consul_cacert: str | None = setting(
+        None, "CONSUL_CACERT", parse=_optional_str, help="CA bundle for Consul's TLS."
+    )
+    consul_client_cert: str | None = setting(
+        None, "CONSUL_CLIENT_CERT", parse=_optional_str, help="Client certificate for Consul."
+    )
+    consul_client_key: str | None = setting(
+        None, "CONSUL_CLIENT_KEY", parse=_optional_str, help="Client key for Consul."
+    )
+    consul_prefix: str = setting(
+        "pyexec", "PYEXEC_CONSUL_PREFIX", help="KV prefix under which executions are kept."
+    )
+
+    # --- Nomad runner ------------------------------------------------------------------
+    nomad_addr: str | None = setting(
+        None, "PYEXEC_NOMAD_ADDR", "NOMAD_ADDR", parse=_optional_str,
+        help="Nomad HTTP address. Setting it (with Consul) selects the Nomad runner.",
+    )
+    nomad_token: str | None = setting(None, "NOMAD_TOKEN", parse=_optional_str, help="ACL token.")
+    nomad_namespace: str | None = setting(
+        None, "NOMAD_NAMESPACE", parse=_optional_str, help="Nomad namespace of the runner jobs."
+    )
+    nomad_region: str | None = setting(
+        None, "NOMAD_REGION", parse=_optional_str, help="Nomad region."
+    )
+    nomad_cacert: str | None = setting(
+        None, "NOMAD_CACERT", parse=_optional_str, help="CA bundle for Nomad's TLS."
+    )
+    nomad_client_cert: str | None = setting(
+        None, "NOMAD_CLIENT_CERT", parse=_optional_str, help="Client certificate for Nomad."
+    )
+    nomad_client_key: str | None = setting(
+        None, "NOMAD_CLIENT_KEY", parse=_optional_str, help="Client key for Nomad."
+    )
+    nomad_datacenters: tuple[str, ...] = setting(
+        ("*",), "PYEXEC_NOMAD_DATACENTERS", parse=_list, help="Datacenters of the runner jobs."
+    )
+    nomad_node_pool: str | None = setting(
+        None, "PYEXEC_NOMAD_NODE_POOL", parse=_optional_str, help="Node pool of the runner jobs."
+    )
+    nomad_constraints: tuple[str, ...] = setting(
+        (), "PYEXEC_NOMAD_CONSTRAINTS", parse=_list,
+        help="Extra runner-job constraints as `attribute operator value`, comma-separated.",
+    )
+    nomad_job_prefix: str = setting(
+        "pyexec-runner", "PYEXEC_NOMAD_JOB_PREFIX", help="Runner job IDs are `<prefix>-<class>`."
+    )
+    nomad_resource_classes: tuple[ResourceClass, ...] = setting(
+        (
+            ResourceClass("small", 500, 512, 1024),
+            ResourceClass("medium", 1000, 2048, 4096),
+            ResourceClass("large", 2000, 8192, 10240),
+        ),
+        "PYEXEC_NOMAD_RESOURCE_CLASSES", parse=_resource_classes,
+        help="Runner job sizes as `name:cpu_mhz:memory_mb:disk_mb`, comma-separated.",
+    )
+    nomad_consul_addr: str | None = setting(
+        None, "PYEXEC_NOMAD_CONSUL_ADDR", parse=_optional_str,
+        help="Consul address as the runner tasks reach it (default: the service's own).",
+    )
+    nomad_placement_timeout: float = setting(
+        300.0, "PYEXEC_NOMAD_PLACEMENT_TIMEOUT", parse=float,
+        help="Seconds an execution may wait for placement before it fails.",
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from an environment mapping; ``overrides`` win over it."""
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            if field.name in overrides:
+                continue
+            for name in env_names(field):
+                raw = environ.get(name)
+                if raw is None:
+                    continue
+                try:
+                    values[field.name] = field.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{name}: {exc}", name=name) from None
+                break
+        values.update(overrides)
+        return cls(**values)
+
+    def tokens(self) -> frozenset[str]:
+        """All accepted API tokens (inline and from the token file)."""
+        tokens = set(self.api_tokens)
+        if self.api_token_file:
+            with open(self.api_token_file, encoding="utf-8") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        tokens.add(line)
+        return frozenset(tokens)
+
+    @property
+    def backend(self) -> str:
+        """Which backends the app factory wires: ``embedded``, ``consul`` or ``nomad``."""
+        if self.nomad_addr:
+            return "nomad"
+        if self.consul_addr:
+            return "consul"
+        return "embedded"

@@ -1,0 +1,80 @@
+"""The store seam: execution records and their tars.
+
+One module per backend: ``memory`` (the embedded default) and ``consul``.
+``pyexec.app`` picks one from ``Settings``; nothing else imports a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from datetime import datetime
+from typing import BinaryIO, Protocol
+
+from ..errors import Conflict
+from ..models import TRANSITIONS, Execution, Status
+
+__all__ = ["CHUNK_SIZE", "Store", "check_transition"]
+
+#: Tars are read and written in pieces of this size (Consul caps a value at 512 KiB).
+CHUNK_SIZE = 256 * 1024
+
+
+class Store(Protocol):
+    async def create(self, record: Execution, tar: BinaryIO) -> None:
+        """Store a new record with its tar, all or nothing.
+
+        ``tar`` is a readable binary file positioned at the start of the archive; it is
+        read in chunks, never whole. Raises ``Conflict`` if the id exists.
+        """
+
+    async def get(self, execution_id: str) -> Execution:
+        """The current record; ``NotFound`` if there is none."""
+
+    async def update(self, record: Execution, *, expect: Collection[Status]) -> Execution:
+        """Replace the stored record with ``record`` if the stored status is in ``expect``.
+
+        Atomic (check-and-set): with two writers racing, one wins and the other gets
+        ``Conflict(code="invalid_transition")``. A terminal status never changes again
+        (see ``check_transition``). Returns what is stored now.
+        """
+
+    def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:
+        """The stored tar, chunk by chunk; ``NotFound`` if it is gone."""
+
+    async def delete(self, execution_id: str) -> None:
+        """Remove the record and its tar. Deleting what is gone succeeds."""
+
+    async def list_expired(self, now: datetime, ttl: float) -> list[str]:
+        """Ids of terminal executions that finished more than ``ttl`` seconds before ``now``,
+        and of incomplete leftovers (a failed upload) older than that."""
+
+    async def list_active(self) -> list[Execution]:
+        """Records that are not terminal (pending or running)."""
+
+    async def wait_terminal(self, execution_id: str, timeout: float) -> Execution:
+        """Wait, without busy polling, until the record is terminal or ``timeout`` passes;
+        returns the record as it is then (maybe still not terminal)."""
+
+    async def ping(self) -> None:
+        """Raise ``BackendUnavailable`` if the store cannot be reached."""
+
+    async def aclose(self) -> None:
+        """Release connections; idempotent."""
+
+
+def check_transition(current: Execution, new: Execution, expect: Collection[Status]) -> None:
+    """Raise ``Conflict`` unless ``current`` may become ``new`` under ``expect``."""
+    if current.status not in expect:
+        raise Conflict(
+            f"execution {current.execution_id} is {current.status.value}, "
+            f"expected one of {sorted(s.value for s in expect)}",
+            code="invalid_transition",
+            status=current.status.value,
+        )
+    if new.status != current.status and new.status not in TRANSITIONS[current.status]:
+        raise Conflict(
+            f"execution {current.execution_id} cannot go from {current.status.value} "
+            f"to {new.status.value}",
+            code="invalid_transition",
+            status=current.status.value,
+        )

@@ -1,0 +1,131 @@
+"""The in-process store of the embedded default.
+
+Records live in a dict guarded by one lock; tars are spooled to files in a
+private temporary directory so a large archive costs disk, not memory.
+Nothing survives the process, which is what one machine with local Docker needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Collection
+from datetime import datetime
+from typing import BinaryIO
+
+from anyio import to_thread
+
+from ..errors import Conflict, NotFound
+from ..models import Execution, Status
+from . import CHUNK_SIZE, check_transition
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self, spool_dir: str | None = None) -> None:
+        self._records: dict[str, Execution] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._lock = asyncio.Lock()
+        self._dir = tempfile.mkdtemp(prefix="pyexec-store-", dir=spool_dir)
+
+    def _tar_path(self, execution_id: str) -> str:
+        return os.path.join(self._dir, f"{execution_id}.tar")
+
+    async def create(self, record: Execution, tar: BinaryIO) -> None:
+        async with self._lock:
+            if record.execution_id in self._records:
+                raise Conflict(f"execution {record.execution_id} exists", code="already_exists")
+        path = self._tar_path(record.execution_id)
+        try:
+            await to_thread.run_sync(_copy_to, tar, path)
+        except BaseException:
+            _unlink(path)
+            raise
+        async with self._lock:
+            self._records[record.execution_id] = record
+            self._changed[record.execution_id] = asyncio.Event()
+
+    async def get(self, execution_id: str) -> Execution:
+        try:
+            return self._records[execution_id]
+        except KeyError:
+            raise NotFound(f"no execution {execution_id}") from None
+
+    async def update(self, record: Execution, *, expect: Collection[Status]) -> Execution:
+        async with self._lock:
+            current = await self.get(record.execution_id)
+            check_transition(current, record, expect)
+            self._records[record.execution_id] = record
+            event = self._changed[record.execution_id]
+            self._changed[record.execution_id] = asyncio.Event()
+        event.set()
+        return record
+
+    async def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:
+        await self.get(execution_id)
+        try:
+            fh = await to_thread.run_sync(open, self._tar_path(execution_id), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"the tar of {execution_id} is gone", code="tar_not_found") from None
+        try:
+            while chunk := await to_thread.run_sync(fh.read, CHUNK_SIZE):
+                yield chunk
+        finally:
+            fh.close()
+
+    async def delete(self, execution_id: str) -> None:
+        async with self._lock:
+            self._records.pop(execution_id, None)
+            event = self._changed.pop(execution_id, None)
+        if event is not None:
+            event.set()
+        _unlink(self._tar_path(execution_id))
+
+    async def list_expired(self, now: datetime, ttl: float) -> list[str]:
+        return [
+            r.execution_id
+            for r in list(self._records.values())
+            if r.terminal and r.finished_at is not None
+            and (now - r.finished_at).total_seconds() > ttl
+        ]
+
+    async def list_active(self) -> list[Execution]:
+        return [r for r in list(self._records.values()) if not r.terminal]
+
+    async def wait_terminal(self, execution_id: str, timeout: float) -> Execution:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            record = await self.get(execution_id)
+            remaining = deadline - loop.time()
+            if record.terminal or remaining <= 0:
+                return record
+            event = self._changed.get(execution_id)
+            if event is None:
+                return record
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return await self.get(execution_id)
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _copy_to(src: BinaryIO, path: str) -> None:
+    with open(path, "wb") as out:
+        while chunk := src.read(CHUNK_SIZE):
+            out.write(chunk)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
