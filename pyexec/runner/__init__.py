@@ -20,6 +20,10 @@ OnRunning = Callable[[datetime], Awaitable[None]]
 
 
 class Runner(Protocol):
+    #: Whether a run outlives the service process (Nomad: yes; local Docker: no, so a
+    #: shutting-down service kills and records its runs).
+    survives_restart: bool
+
     async def startup(self) -> None:
         """Prepare the backend once at service start (sweep leftovers, register jobs)."""
 
