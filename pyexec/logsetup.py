@@ -1,0 +1,189 @@
+"""Structured logs: one JSON object per line, tagged with request and execution ids.
+
+``configure_logging(settings)`` installs one handler on the root logger (and
+routes uvicorn's loggers through it). Two context variables carry the ids:
+``RequestIdMiddleware`` sets the request id for everything one HTTP request
+does, and ``bind_execution(execution_id)`` sets the execution id for a block.
+Because asyncio copies the context into tasks it creates, a background task
+started inside such a block keeps both ids on every line it logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .settings import Settings
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "JsonFormatter",
+    "RequestIdMiddleware",
+    "bind_execution",
+    "configure_logging",
+    "current_execution_id",
+    "current_request_id",
+]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pyexec_request_id", default=None
+)
+_execution_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pyexec_execution_id", default=None
+)
+
+#: A caller's request id is echoed only if it is short and plain (no header or log injection).
+_ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+#: Attributes every LogRecord has; anything else came from ``extra=`` and is logged as a field.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+_logger = logging.getLogger("pyexec.http")
+
+
+def current_request_id() -> str | None:
+    return _request_id.get()
+
+
+def current_execution_id() -> str | None:
+    return _execution_id.get()
+
+
+@contextlib.contextmanager
+def bind_execution(execution_id: str) -> Iterator[None]:
+    """Tag every log line inside the block (and tasks started in it) with ``execution_id``."""
+    token = _execution_id.set(execution_id)
+    try:
+        yield
+    finally:
+        _execution_id.reset(token)
+
+
+class _ContextFilter(logging.Filter):
+    """Copies the current ids onto each record, unless the call passed its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = _request_id.get()
+        if getattr(record, "execution_id", None) is None:
+            record.execution_id = _execution_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, ids, extra fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and value is not None:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ids = [
+            f"{key}={value}"
+            for key in ("request_id", "execution_id")
+            if (value := getattr(record, key, None))
+        ]
+        return f"{text} [{' '.join(ids)}]" if ids else text
+
+
+def configure_logging(settings: Settings, stream: TextIO | None = None) -> logging.Handler:
+    """Send every log line to ``stream`` (stderr) as ``settings.log_format``; idempotent."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.set_name("pyexec")
+    handler.addFilter(_ContextFilter())
+    if settings.log_format == "text":
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "pyexec"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    # uvicorn installs its own handlers unless told otherwise; route its lines through ours.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+    return handler
+
+
+class RequestIdMiddleware:
+    """Gives each HTTP request an id (the caller's ``X-Request-ID`` if acceptable, else a new
+    one), echoes it on the response, keeps it in context, and logs one access line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_id(scope) or uuid.uuid4().hex
+        token = _request_id.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _logger.info(
+                "%s %s %s",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
+            _request_id.reset(token)
+
+
+def _incoming_id(scope: Scope) -> str | None:
+    wanted = REQUEST_ID_HEADER.lower().encode()
+    for key, value in scope["headers"]:
+        if key == wanted:
+            text = value.decode("latin-1").strip()
+            return text if _ACCEPTABLE_ID.match(text) else None
+    return None

@@ -1,0 +1,150 @@
+"""Prometheus metrics: counted at the store and runner seams, served at /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from datetime import timedelta
+
+import attrs
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from starlette.applications import Starlette
+
+from pyexec.errors import BackendUnavailable
+from pyexec.metrics import Metrics, metrics_route
+from pyexec.models import Execution, Reason, RunOutcome, Status, new_execution_id, utcnow
+from pyexec.store.memory import MemoryStore
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+class FlakyRunner:
+    """A runner double: launches succeed, waits report an exit, pings fail."""
+
+    async def start(self, execution: Execution, *args: object) -> None:
+        return None
+
+    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:  # noqa: ASYNC109
+        return RunOutcome(reason=Reason.EXITED, exit_code=0)
+
+    async def kill(self, execution_id: str) -> None:
+        return None
+
+    async def ping(self) -> None:
+        raise BackendUnavailable("docker is gone", code="runner_unavailable")
+
+
+async def run_one(store: MemoryStore, reason: Reason) -> Execution:
+    created = utcnow()
+    record = Execution(execution_id=new_execution_id(), created_at=created)
+    await store.create(record, io.BytesIO(b""))
+    started = created + timedelta(seconds=0.3)
+    running = attrs.evolve(record, status=Status.RUNNING, started_at=started)
+    await store.update(running, expect={Status.PENDING})
+    outcome = RunOutcome(reason=reason, exit_code=0, finished_at=started + timedelta(seconds=2))
+    return await store.update(running.finished(outcome), expect={Status.RUNNING})
+
+
+def test_terminal_writes_count_by_status_and_reason() -> None:
+    """A write that ends an execution counts it once under its status and reason."""
+    metrics = Metrics()
+    store = metrics.store(MemoryStore())
+
+    async def scenario() -> None:
+        await run_one(store, Reason.EXITED)
+        await run_one(store, Reason.TIMEOUT)
+        await store.aclose()
+
+    asyncio.run(scenario())
+    total = "pyexec_executions_total"
+    assert sample(metrics, total, status="completed", reason="exited") == 1
+    assert sample(metrics, total, status="failed", reason="timeout") == 1
+    assert sample(metrics, total, status="killed", reason="killed") == 0
+
+
+def test_duration_and_queue_wait_are_observed() -> None:
+    """Duration (started->finished) and queue wait (created->started) land in their histograms."""
+    metrics = Metrics()
+    store = metrics.store(MemoryStore())
+
+    async def scenario() -> None:
+        await run_one(store, Reason.EXITED)
+        await store.aclose()
+
+    asyncio.run(scenario())
+    assert sample(metrics, "pyexec_execution_duration_seconds_count") == 1
+    assert sample(metrics, "pyexec_execution_duration_seconds_sum") == pytest.approx(2.0)
+    assert sample(metrics, "pyexec_queue_wait_seconds_count") == 1
+    assert sample(metrics, "pyexec_queue_wait_seconds_sum") == pytest.approx(0.3)
+    assert sample(metrics, "pyexec_queue_wait_seconds_bucket", le="0.5") == 1
+    assert sample(metrics, "pyexec_queue_wait_seconds_bucket", le="0.25") == 0
+
+
+def test_in_flight_follows_launch_and_collection() -> None:
+    """A launched run is in flight until its outcome is collected or it is killed."""
+    metrics = Metrics()
+    runner = metrics.runner(FlakyRunner())
+    one, two = (Execution(execution_id=new_execution_id()) for _ in range(2))
+
+    async def scenario() -> list[float]:
+        seen = []
+        await runner.start(one, None, None, None)
+        await runner.start(two, None, None, None)
+        seen.append(sample(metrics, "pyexec_executions_in_flight"))
+        await runner.wait(one.execution_id, 10)
+        seen.append(sample(metrics, "pyexec_executions_in_flight"))
+        await runner.kill(two.execution_id)
+        await runner.kill(two.execution_id)
+        seen.append(sample(metrics, "pyexec_executions_in_flight"))
+        return seen
+
+    assert asyncio.run(scenario()) == [2, 1, 0]
+
+
+def test_backend_errors_are_counted_and_reraised() -> None:
+    """A BackendError out of a seam is counted by backend and code, then raised unchanged."""
+    metrics = Metrics()
+    runner = metrics.runner(FlakyRunner())
+    with pytest.raises(BackendUnavailable) as caught:
+        asyncio.run(runner.ping())
+    assert caught.value.code == "runner_unavailable"
+    labels = {"backend": "runner", "code": "runner_unavailable"}
+    assert sample(metrics, "pyexec_backend_errors_total", **labels) == 1
+
+
+def test_each_instance_has_its_own_registry() -> None:
+    """Two Metrics never share a registry, and neither touches the global one."""
+    first, second = Metrics(), Metrics()
+    first.backend_error("store", BackendUnavailable("down", code="store_unavailable"))
+    labels = {"backend": "store", "code": "store_unavailable"}
+    assert sample(first, "pyexec_backend_errors_total", **labels) == 1
+    assert sample(second, "pyexec_backend_errors_total", **labels) == 0
+    assert REGISTRY.get_sample_value("pyexec_backend_errors_total", labels) is None
+
+
+def test_metrics_route_serves_prometheus_text() -> None:
+    """GET /metrics answers the text exposition format with every metric family."""
+    metrics = Metrics()
+    app = Starlette(routes=[metrics_route(metrics)])
+
+    async def fetch() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/metrics")
+
+    response = asyncio.run(fetch())
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    for family in (
+        "pyexec_executions_total",
+        "pyexec_execution_duration_seconds",
+        "pyexec_queue_wait_seconds",
+        "pyexec_executions_in_flight",
+        "pyexec_backend_errors_total",
+    ):
+        assert f"# TYPE {family.removesuffix('_total')}" in response.text
