@@ -233,7 +233,9 @@ class Execution:
         """This record once ``outcome`` is known (status, output, timings)."""
         started = outcome.started_at or self.started_at
         finished = outcome.finished_at or utcnow()
-        duration = None if started is None else max(0, int((finished - started).total_seconds() * 1000))
+        duration = (
+            None if started is None else max(0, int((finished - started).total_seconds() * 1000))
+        )
         known = {"result", "error_type", "error_line", "auto_requirements"}
         extra = {k: v for k, v in outcome.extra.items() if k in known}
         if "auto_requirements" in extra and extra["auto_requirements"] is not None:
@@ -257,12 +259,23 @@ class Execution:
 # --- Parsing the metadata JSON ----------------------------------------------------------
 
 _TOP_LEVEL = {
-    "entrypoint", "docker_image", "requirements_txt", "pre_commands", "stdin",
-    "env_vars", "script_args", "config",
+    "entrypoint",
+    "docker_image",
+    "requirements_txt",
+    "pre_commands",
+    "stdin",
+    "env_vars",
+    "script_args",
+    "config",
 }
 _CONFIG = {
-    "timeout_seconds", "network_disabled", "memory_mb", "disk_mb", "cpu_shares",
-    "pids_limit", "max_output_bytes",
+    "timeout_seconds",
+    "network_disabled",
+    "memory_mb",
+    "disk_mb",
+    "cpu_shares",
+    "pids_limit",
+    "max_output_bytes",
 }
 
 
@@ -276,11 +289,15 @@ def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> N
         )
 
 
-def _typed(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+def _typed(
+    data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = ""
+) -> Any:
     value = data[key]
     # bool is an int in Python; a JSON true is not a number of seconds.
     if isinstance(value, bool) and kind is int:
-        raise BadRequest(f"{where}{key} must be an integer", code="invalid_field", field=where + key)
+        raise BadRequest(
+            f"{where}{key} must be an integer", code="invalid_field", field=where + key
+        )
     if not isinstance(value, kind):
         name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise BadRequest(
@@ -330,7 +347,9 @@ def parse_config(raw: Mapping[str, Any], settings: Settings) -> ExecutionConfig:
             field="config.network_disabled",
         )
     return ExecutionConfig(
-        timeout_seconds=number("timeout_seconds", settings.default_timeout, 1, settings.max_timeout),
+        timeout_seconds=number(
+            "timeout_seconds", settings.default_timeout, 1, settings.max_timeout
+        ),
         memory_mb=number("memory_mb", settings.default_memory_mb, 16, settings.max_memory_mb),
         disk_mb=number("disk_mb", settings.default_disk_mb, 1, settings.max_disk_mb),
         cpu_shares=number("cpu_shares", settings.default_cpu_shares, 2, settings.max_cpu_shares),
@@ -373,7 +392,11 @@ def parse_env_vars(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 def check_image(image: str, settings: Settings) -> str:
-    allowed = {settings.default_image, *settings.allowed_images, *dict(settings.python_images).values()}
+    allowed = {
+        settings.default_image,
+        *settings.allowed_images,
+        *dict(settings.python_images).values(),
+    }
     if settings.allowed_images and image not in allowed:
         raise LimitExceeded(
             f"image {image!r} is not allowed on this server",
@@ -401,7 +424,9 @@ def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
         entrypoint=check_entrypoint(entrypoint),
         docker_image=check_image(image or settings.default_image, settings),
         config=parse_config(data.get("config") or {}, settings),
-        requirements_txt=_typed(data, "requirements_txt", str) if "requirements_txt" in data else "",
+        requirements_txt=_typed(data, "requirements_txt", str)
+        if "requirements_txt" in data
+        else "",
         pre_commands=_str_list(data, "pre_commands") if "pre_commands" in data else (),
         stdin=_typed(data, "stdin", str) if "stdin" in data else "",
         env_vars=parse_env_vars(_str_list(data, "env_vars")) if "env_vars" in data else (),

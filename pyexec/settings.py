@@ -78,7 +78,7 @@ def _resource_classes(raw: str) -> tuple[ResourceClass, ...]:
 def setting(
     default: Any,
     *env: str,
-    help: str,  # noqa: A002 - reads naturally at the call sites
+    help: str,
     parse: Callable[[str], Any] = str,
 ) -> Any:
     return attrs.field(default=default, metadata={"env": env, "help": help, "parse": parse})
@@ -95,16 +95,22 @@ class Settings:
     host: str = setting("0.0.0.0", "PYEXEC_HOST", help="Address `pyexec serve` binds to.")  # noqa: S104
     port: int = setting(8080, "PYEXEC_PORT", parse=int, help="Port `pyexec serve` listens on.")
     api_tokens: tuple[str, ...] = setting(
-        (), "PYEXEC_API_TOKENS", parse=_list,
+        (),
+        "PYEXEC_API_TOKENS",
+        parse=_list,
         help="Comma-separated bearer tokens; when set (or a token file), every endpoint but "
         "/health requires one.",
     )
     api_token_file: str | None = setting(
-        None, "PYEXEC_API_TOKEN_FILE", parse=_optional_str,
+        None,
+        "PYEXEC_API_TOKEN_FILE",
+        parse=_optional_str,
         help="File with one bearer token per line (blank lines and # comments ignored).",
     )
     shutdown_grace_seconds: float = setting(
-        30.0, "PYEXEC_SHUTDOWN_GRACE_SECONDS", parse=float,
+        30.0,
+        "PYEXEC_SHUTDOWN_GRACE_SECONDS",
+        parse=float,
         help="How long a shutdown lets in-flight sync requests finish.",
     )
     log_format: str = setting("json", "PYEXEC_LOG_FORMAT", help="`json` or `text`.")
@@ -127,7 +133,9 @@ class Settings:
         256, "PYEXEC_DEFAULT_PIDS_LIMIT", parse=int, help="Process/thread cap by default."
     )
     default_max_output_bytes: int = setting(
-        1 * MiB, "PYEXEC_DEFAULT_MAX_OUTPUT_BYTES", parse=int,
+        1 * MiB,
+        "PYEXEC_DEFAULT_MAX_OUTPUT_BYTES",
+        parse=int,
         help="Bytes of stdout and of stderr kept by default; more ends the run (output_limit).",
     )
     default_image: str = setting(
@@ -145,24 +153,34 @@ class Settings:
     max_cpu_shares: int = setting(
         8192, "PYEXEC_MAX_CPU_SHARES", parse=int, help="Largest CPU weight."
     )
-    max_pids_limit: int = setting(4096, "PYEXEC_MAX_PIDS_LIMIT", parse=int, help="Largest pids cap.")
+    max_pids_limit: int = setting(
+        4096, "PYEXEC_MAX_PIDS_LIMIT", parse=int, help="Largest pids cap."
+    )
     max_output_bytes: int = setting(
         64 * MiB, "PYEXEC_MAX_OUTPUT_BYTES", parse=int, help="Largest per-stream output cap."
     )
     allowed_images: tuple[str, ...] = setting(
-        (), "PYEXEC_ALLOWED_IMAGES", parse=_list,
+        (),
+        "PYEXEC_ALLOWED_IMAGES",
+        parse=_list,
         help="If set, the only images a request may name (the defaults are always allowed).",
     )
     allow_network: bool = setting(
-        True, "PYEXEC_ALLOW_NETWORK", parse=_bool,
+        True,
+        "PYEXEC_ALLOW_NETWORK",
+        parse=_bool,
         help="Whether a request may turn the network on for its run phase.",
     )
     setup_network: bool = setting(
-        True, "PYEXEC_SETUP_NETWORK", parse=_bool,
+        True,
+        "PYEXEC_SETUP_NETWORK",
+        parse=_bool,
         help="Whether the setup phase (requirements, pre_commands) gets the network.",
     )
     ca_bundle: str | None = setting(
-        None, "PYEXEC_CA_BUNDLE", parse=_optional_str,
+        None,
+        "PYEXEC_CA_BUNDLE",
+        parse=_optional_str,
         help="Host CA bundle mounted into setup containers, with SSL_CERT_FILE/PIP_CERT set "
         "(for TLS-intercepting proxies). Off by default.",
     )
@@ -175,11 +193,15 @@ class Settings:
         10_000, "PYEXEC_MAX_TAR_ENTRIES", parse=int, help="Most entries an uploaded tar may hold."
     )
     max_extracted_bytes: int = setting(
-        1024 * MiB, "PYEXEC_MAX_EXTRACTED_BYTES", parse=int,
+        1024 * MiB,
+        "PYEXEC_MAX_EXTRACTED_BYTES",
+        parse=int,
         help="Most bytes an uploaded tar may declare in its members.",
     )
     cleanup_ttl: int = setting(
-        300, "PYEXEC_CLEANUP_TTL", parse=int,
+        300,
+        "PYEXEC_CLEANUP_TTL",
+        parse=int,
         help="Seconds a finished execution (and its tar) is kept before the janitor deletes it.",
     )
 
@@ -191,14 +213,17 @@ class Settings:
             ("3.12", "python:3.12-slim"),
             ("3.13", "python:3.13-slim"),
         ),
-        "PYEXEC_PYTHON_IMAGES", parse=_mapping,
+        "PYEXEC_PYTHON_IMAGES",
+        parse=_mapping,
         help="Eval's python_version → image, as `3.12=python:3.12-slim,...`.",
     )
     default_python_version: str = setting(
         "3.12", "PYEXEC_DEFAULT_PYTHON_VERSION", help="Eval's python_version by default."
     )
     eval_auto_requirements: bool = setting(
-        True, "PYEXEC_EVAL_AUTO_REQUIREMENTS", parse=_bool,
+        True,
+        "PYEXEC_EVAL_AUTO_REQUIREMENTS",
+        parse=_bool,
         help="Whether eval installs detected third-party imports by default.",
     )
     max_eval_code_bytes: int = setting(
@@ -207,13 +232,19 @@ class Settings:
 
     # --- Docker (embedded runner) ----------------------------------------------------
     docker_host: str | None = setting(
-        None, "PYEXEC_DOCKER_HOST", "DOCKER_HOST", parse=_optional_str,
+        None,
+        "PYEXEC_DOCKER_HOST",
+        "DOCKER_HOST",
+        parse=_optional_str,
         help="Docker engine address; the SDK's default socket when unset.",
     )
 
     # --- Consul store --------------------------------------------------------------------
     consul_addr: str | None = setting(
-        None, "PYEXEC_CONSUL_ADDR", "CONSUL_HTTP_ADDR", parse=_optional_str,
+        None,
+        "PYEXEC_CONSUL_ADDR",
+        "CONSUL_HTTP_ADDR",
+        parse=_optional_str,
         help="Consul HTTP address (`host:port` or URL). Setting it selects the Consul store.",
     )
     consul_token: str | None = setting(
@@ -234,7 +265,10 @@ class Settings:
 
     # --- Nomad runner ------------------------------------------------------------------
     nomad_addr: str | None = setting(
-        None, "PYEXEC_NOMAD_ADDR", "NOMAD_ADDR", parse=_optional_str,
+        None,
+        "PYEXEC_NOMAD_ADDR",
+        "NOMAD_ADDR",
+        parse=_optional_str,
         help="Nomad HTTP address. Setting it (with Consul) selects the Nomad runner.",
     )
     nomad_token: str | None = setting(None, "NOMAD_TOKEN", parse=_optional_str, help="ACL token.")
@@ -260,7 +294,9 @@ class Settings:
         None, "PYEXEC_NOMAD_NODE_POOL", parse=_optional_str, help="Node pool of the runner jobs."
     )
     nomad_constraints: tuple[str, ...] = setting(
-        (), "PYEXEC_NOMAD_CONSTRAINTS", parse=_list,
+        (),
+        "PYEXEC_NOMAD_CONSTRAINTS",
+        parse=_list,
         help="Extra runner-job constraints as `attribute operator value`, comma-separated.",
     )
     nomad_job_prefix: str = setting(
@@ -272,15 +308,20 @@ class Settings:
             ResourceClass("medium", 1000, 2048, 4096),
             ResourceClass("large", 2000, 8192, 10240),
         ),
-        "PYEXEC_NOMAD_RESOURCE_CLASSES", parse=_resource_classes,
+        "PYEXEC_NOMAD_RESOURCE_CLASSES",
+        parse=_resource_classes,
         help="Runner job sizes as `name:cpu_mhz:memory_mb:disk_mb`, comma-separated.",
     )
     nomad_consul_addr: str | None = setting(
-        None, "PYEXEC_NOMAD_CONSUL_ADDR", parse=_optional_str,
+        None,
+        "PYEXEC_NOMAD_CONSUL_ADDR",
+        parse=_optional_str,
         help="Consul address as the runner tasks reach it (default: the service's own).",
     )
     nomad_placement_timeout: float = setting(
-        300.0, "PYEXEC_NOMAD_PLACEMENT_TIMEOUT", parse=float,
+        300.0,
+        "PYEXEC_NOMAD_PLACEMENT_TIMEOUT",
+        parse=float,
         help="Seconds an execution may wait for placement before it fails.",
     )
 

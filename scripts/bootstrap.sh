@@ -46,6 +46,11 @@ apt_install() {
 if ! command -v uv >/dev/null 2>&1 || ! command -v just >/dev/null 2>&1; then
   log "installing uv and just from PyPI"
   python3 -m pip install -q uv rust-just
+  hash -r
+  bindir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  for tool in uv just; do
+    command -v "$tool" >/dev/null 2>&1 || ln -sf "$bindir/$tool" "/usr/local/bin/$tool"
+  done
 fi
 log "uv sync (all extras, dev group)"
 (cd "$here" && uv sync --frozen --all-extras -q)

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Collection
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
-from ..errors import Conflict
-from ..models import TRANSITIONS, Execution, Status
+from pyexec.errors import Conflict
+from pyexec.models import TRANSITIONS, Execution, Status
 
 __all__ = ["CHUNK_SIZE", "Store", "check_transition"]
 

@@ -8,6 +8,7 @@ Nothing survives the process, which is what one machine with local Docker needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,8 +18,9 @@ from typing import BinaryIO
 
 from anyio import to_thread
 
-from ..errors import Conflict, NotFound
-from ..models import Execution, Status
+from pyexec.errors import Conflict, NotFound
+from pyexec.models import Execution, Status
+
 from . import CHUNK_SIZE, check_transition
 
 __all__ = ["MemoryStore"]
@@ -88,7 +90,8 @@ class MemoryStore:
         return [
             r.execution_id
             for r in list(self._records.values())
-            if r.terminal and r.finished_at is not None
+            if r.terminal
+            and r.finished_at is not None
             and (now - r.finished_at).total_seconds() > ttl
         ]
 
@@ -125,7 +128,5 @@ def _copy_to(src: BinaryIO, path: str) -> None:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -1,0 +1,1 @@
+"""The HTTP layer: thin handlers that parse, call the execution service, serialise."""

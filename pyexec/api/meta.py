@@ -1,0 +1,68 @@
+"""Service endpoints: health, version, the OpenAPI document and Swagger UI (local assets)."""
+
+from __future__ import annotations
+
+import os
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.staticfiles import StaticFiles
+
+from pyexec.__about__ import __version__
+
+from .openapi import openapi_document
+
+__all__ = ["docs_page", "health", "liveness", "openapi", "swagger_assets", "version"]
+
+
+async def health(request: Request) -> JSONResponse:
+    """Readiness: each backend checked separately; 503 when one is unreachable."""
+    checks = await request.app.state.service.health()
+    ok = all(value == "ok" for value in checks.values())
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks},
+        status_code=200 if ok else 503,
+    )
+
+
+async def liveness(request: Request) -> JSONResponse:
+    """Liveness: the process answers; backends are not consulted."""
+    return JSONResponse({"status": "ok"})
+
+
+async def version(request: Request) -> JSONResponse:
+    settings = request.app.state.service.settings
+    return JSONResponse({"version": __version__, "backend": settings.backend})
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(openapi_document())
+
+
+_DOCS_HTML = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>pyexec API</title>
+  <link rel="stylesheet" href="/docs/static/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/static/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});
+  </script>
+</body>
+</html>
+"""
+
+
+async def docs_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(_DOCS_HTML)
+
+
+def swagger_assets() -> StaticFiles:
+    """Swagger UI's files from the swagger-ui-py wheel: no CDN, works air-gapped."""
+    import swagger_ui
+
+    return StaticFiles(directory=os.path.join(os.path.dirname(swagger_ui.__file__), "static"))

@@ -1,0 +1,290 @@
+"""The OpenAPI 3.1 document of the HTTP API (validated in tests)."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pyexec.__about__ import __version__
+from pyexec.models import Reason, Status
+
+__all__ = ["openapi_document"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Invalid request (unknown field, bad value, rejected tar)",
+        401: "Missing or invalid bearer token",
+        404: "No such execution",
+        413: "Archive or code too large",
+        502: "A backend failed",
+        503: "A backend is unreachable or the service is shutting down",
+    }
+    return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+
+
+_CONFIG = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "timeout_seconds": {"type": "integer", "minimum": 1},
+        "network_disabled": {"type": "boolean", "default": True},
+        "memory_mb": {"type": "integer", "minimum": 16},
+        "disk_mb": {"type": "integer", "minimum": 1},
+        "cpu_shares": {"type": "integer", "minimum": 2},
+        "pids_limit": {"type": "integer", "minimum": 8},
+        "max_output_bytes": {"type": "integer", "minimum": 1},
+    },
+}
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+_METADATA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "entrypoint": {"type": "string", "default": "main.py"},
+        "docker_image": {"type": "string"},
+        "requirements_txt": {"type": "string"},
+        "pre_commands": _STRINGS,
+        "stdin": {"type": "string"},
+        "env_vars": {**_STRINGS, "description": "KEY=value entries"},
+        "script_args": _STRINGS,
+        "config": _ref("Config"),
+    },
+}
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+_EXECUTION = {
+    "type": "object",
+    "required": ["execution_id", "status", "stdout", "stderr", "exit_code", "reason"],
+    "properties": {
+        "execution_id": {"type": "string", "pattern": "^exe_"},
+        "status": {"type": "string", "enum": [s.value for s in Status]},
+        "stdout": {"type": "string"},
+        "stderr": {"type": "string"},
+        "exit_code": {"type": ["integer", "null"]},
+        "started_at": _NULLABLE_TIME,
+        "finished_at": _NULLABLE_TIME,
+        "created_at": {"type": "string", "format": "date-time"},
+        "duration_ms": {"type": ["integer", "null"]},
+        "error": _NULLABLE_STR,
+        "reason": {"type": ["string", "null"], "enum": [*(r.value for r in Reason), None]},
+        "output_truncated": {"type": "boolean"},
+        "result": {**_NULLABLE_STR, "description": "eval: repr of the last expression"},
+        "error_type": {**_NULLABLE_STR, "description": "eval: exception class name"},
+        "error_line": {"type": ["integer", "null"], "description": "eval: line in entrypoint"},
+        "auto_requirements": {**_STRINGS, "description": "eval: distributions auto-installed"},
+    },
+}
+
+_EVAL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "code": {"type": "string", "description": "Becomes main.py; exclusive with files"},
+        "files": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "content"],
+                "properties": {"name": {"type": "string"}, "content": {"type": "string"}},
+            },
+        },
+        "entrypoint": {"type": "string"},
+        "stdin": {"type": "string"},
+        "python_version": {"type": "string", "examples": ["3.12"]},
+        "eval_last_expr": {"type": "boolean", "default": False},
+        "auto_requirements": {"type": "boolean"},
+        "env_vars": _STRINGS,
+        "script_args": _STRINGS,
+        "requirements_txt": {"type": "string"},
+        "config": _ref("Config"),
+    },
+}
+
+_UPLOAD = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["tar"],
+                "properties": {
+                    "tar": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "uncompressed tar",
+                    },
+                    "metadata": {"type": "string", "description": "ExecutionMetadata as JSON"},
+                },
+            },
+            "encoding": {"metadata": {"contentType": "application/json"}},
+        }
+    },
+}
+
+_ID_PARAM = {"name": "execution_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    execution = _json(_ref("Execution"), "The execution record")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "pyexec",
+            "version": __version__,
+            "description": "Run untrusted Python in locked-down containers.",
+        },
+        "components": {
+            "schemas": {
+                "Config": _CONFIG,
+                "ExecutionMetadata": _METADATA,
+                "Execution": _EXECUTION,
+                "EvalRequest": _EVAL,
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "details": {"type": "object"},
+                            },
+                        }
+                    },
+                },
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/api/v1/exec/sync": {
+                "post": {
+                    "summary": "Run a tar and wait for the result",
+                    "operationId": "execSync",
+                    "requestBody": _UPLOAD,
+                    "responses": {"200": execution, **_errors(400, 401, 413, 502, 503)},
+                }
+            },
+            "/api/v1/exec/async": {
+                "post": {
+                    "summary": "Start a tar; poll the execution for the result",
+                    "operationId": "execAsync",
+                    "requestBody": _UPLOAD,
+                    "responses": {
+                        "202": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "execution_id": {"type": "string"},
+                                    "status": {"type": "string"},
+                                },
+                            },
+                            "Accepted",
+                        ),
+                        **_errors(400, 401, 413, 502, 503),
+                    },
+                }
+            },
+            "/api/v1/executions/{execution_id}": {
+                "get": {
+                    "summary": "Read an execution (optionally long-poll until it is finished)",
+                    "operationId": "getExecution",
+                    "parameters": [
+                        _ID_PARAM,
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "maximum": 60},
+                        },
+                    ],
+                    "responses": {"200": execution, **_errors(400, 401, 404, 503)},
+                },
+                "delete": {
+                    "summary": "Kill an execution (a finished one is returned unchanged)",
+                    "operationId": "killExecution",
+                    "parameters": [_ID_PARAM],
+                    "responses": {"200": execution, **_errors(401, 404, 502, 503)},
+                },
+            },
+            "/api/v1/executions/{execution_id}/logs": {
+                "get": {
+                    "summary": "Output so far",
+                    "operationId": "getLogs",
+                    "parameters": [_ID_PARAM],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "execution_id": {"type": "string"},
+                                    "status": {"type": "string"},
+                                    "stdout": {"type": "string"},
+                                    "stderr": {"type": "string"},
+                                    "output_truncated": {"type": "boolean"},
+                                },
+                            },
+                            "Output",
+                        ),
+                        **_errors(401, 404, 503),
+                    },
+                }
+            },
+            "/api/v1/eval": {
+                "post": {
+                    "summary": "Run code given as JSON and wait for the result",
+                    "operationId": "eval",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("EvalRequest")}},
+                    },
+                    "responses": {"200": execution, **_errors(400, 401, 413, 502, 503)},
+                }
+            },
+            "/api/v1/version": {
+                "get": {
+                    "summary": "Server version and backend",
+                    "operationId": "version",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "version": {"type": "string"},
+                                    "backend": {"type": "string"},
+                                },
+                            },
+                            "Version",
+                        )
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Readiness: store and runner reachability",
+                    "operationId": "health",
+                    "security": [{}],
+                    "responses": {
+                        "200": {"description": "All backends reachable"},
+                        "503": {"description": "A backend is unreachable"},
+                    },
+                }
+            },
+        },
+    }

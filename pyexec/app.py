@@ -1,0 +1,96 @@
+"""The app factory: backends are chosen here, once, from ``Settings``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Mount, Route
+
+from .api import executions, meta
+from .api.auth import BearerAuth
+from .api.errors import exception_handlers
+from .errors import BadRequest
+from .runner import Runner
+from .service import ExecutionService
+from .settings import Settings
+from .store import Store
+
+__all__ = ["build_backends", "create_app"]
+
+
+def build_backends(settings: Settings) -> tuple[Store, Runner]:
+    """The store and runner ``settings`` select (see ``Settings.backend``)."""
+    store: Store
+    runner: Runner
+    if settings.consul_addr:
+        from .store.consul import ConsulStore
+
+        store = ConsulStore.from_settings(settings)
+    else:
+        from .store.memory import MemoryStore
+
+        store = MemoryStore()
+    if settings.nomad_addr:
+        if not settings.consul_addr:
+            raise BadRequest(
+                "the Nomad runner keeps tars and state in Consul: set CONSUL_HTTP_ADDR too",
+                code="invalid_setting",
+            )
+        from .runner.nomad import NomadRunner
+
+        runner = NomadRunner.from_settings(settings, store)
+    else:
+        from .runner.docker import DockerRunner
+
+        runner = DockerRunner(settings)
+    return store, runner
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    runner: Runner | None = None,
+) -> Starlette:
+    """The pyexec ASGI app. ``store``/``runner`` override the configured backends (tests)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service = app.state.service
+        await service.startup()
+        try:
+            yield
+        finally:
+            await service.shutdown(grace=0)
+            await service.runner.aclose()
+            await service.store.aclose()
+
+    if store is None or runner is None:
+        default_store, default_runner = build_backends(settings)
+        store = store or default_store
+        runner = runner or default_runner
+
+    routes = [
+        Route("/api/v1/exec/sync", executions.exec_sync, methods=["POST"]),
+        Route("/api/v1/exec/async", executions.exec_async, methods=["POST"]),
+        Route("/api/v1/executions/{execution_id}", executions.execution_get, methods=["GET"]),
+        Route("/api/v1/executions/{execution_id}", executions.execution_kill, methods=["DELETE"]),
+        Route("/api/v1/executions/{execution_id}/logs", executions.execution_logs, methods=["GET"]),
+        Route("/api/v1/version", meta.version, methods=["GET"]),
+        Route("/health", meta.health, methods=["GET"]),
+        Route("/health/live", meta.liveness, methods=["GET"]),
+        Route("/openapi.json", meta.openapi, methods=["GET"]),
+        Route("/docs", meta.docs_page, methods=["GET"]),
+        Mount("/docs/static", app=meta.swagger_assets(), name="swagger"),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        middleware=[Middleware(BearerAuth, tokens=settings.tokens())],
+        lifespan=lifespan,
+    )
+    app.state.service = ExecutionService(settings, store, runner)
+    return app

@@ -1,0 +1,357 @@
+"""The execution service: owns an execution's lifecycle between the store and the runner.
+
+HTTP handlers call this and nothing else; it knows the store and runner only
+through their interfaces (``pyexec.store.Store``, ``pyexec.runner.Runner``).
+
+Lifecycle of one execution::
+
+    submit ── validate tar ── store.create (pending) ── runner.start
+                                                           │ on_running → running
+                                  drive task: runner.wait ─┴─ store.update (terminal, CAS)
+
+A kill marks the record ``killed`` first (CAS), then stops the run, so a run that
+dies from the kill can never be recorded as an ordinary failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, BinaryIO
+
+import attrs
+from anyio import to_thread
+
+from .errors import BackendError, BackendUnavailable, Conflict, PayloadTooLarge, PyexecError
+from .models import (
+    Execution,
+    ExecutionRequest,
+    Reason,
+    RunOutcome,
+    Status,
+    new_execution_id,
+    utcnow,
+)
+from .runner import Runner
+from .settings import Settings
+from .store import Store
+from .tarsafe import validate_tar
+
+__all__ = ["ExecutionService", "Postprocess"]
+
+log = logging.getLogger("pyexec.service")
+
+#: Maps a runner's outcome before it is stored (the eval API strips its result channel).
+Postprocess = Callable[[RunOutcome], RunOutcome]
+
+ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
+
+#: Slack on top of a run's own timeout before the service stops waiting for the runner.
+RUNNER_SLACK_SECONDS = 30.0
+#: Longest a client may long-poll one GET.
+MAX_POLL_SECONDS = 60.0
+
+
+@attrs.define
+class Hooks:
+    """Observers the operational layer (metrics, logs) attaches; all optional."""
+
+    on_finished: Callable[[Execution], None] | None = None
+    on_started: Callable[[Execution], None] | None = None
+    on_backend_error: Callable[[str, PyexecError], None] | None = None
+
+
+class ExecutionService:
+    def __init__(self, settings: Settings, store: Store, runner: Runner) -> None:
+        self.settings = settings
+        self.store = store
+        self.runner = runner
+        self.hooks = Hooks()
+        self._tasks: dict[str, asyncio.Task[Execution]] = {}
+        self._janitor: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- lifecycle of the service ----------------------------------------------------------
+    async def startup(self) -> None:
+        await self.runner.startup()
+        for record in await self.store.list_active():
+            await self._adopt(record)
+        self._janitor = asyncio.create_task(self._janitor_loop(), name="pyexec-janitor")
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop the janitor; give local runs ``grace`` seconds, then kill and record them."""
+        self._closing = True
+        if self._janitor is not None:
+            self._janitor.cancel()
+            await asyncio.gather(self._janitor, return_exceptions=True)
+        pending = [t for t in self._tasks.values() if not t.done()]
+        if pending and grace:
+            await asyncio.wait(pending, timeout=grace)
+        if not self.runner.survives_restart:
+            for execution_id in [i for i, t in self._tasks.items() if not t.done()]:
+                await self._quietly(
+                    self._kill(execution_id, error="the service shut down while it ran")
+                )
+        remaining = [t for t in self._tasks.values() if not t.done()]
+        for task in remaining:
+            task.cancel()
+        await asyncio.gather(*remaining, return_exceptions=True)
+
+    # --- the API --------------------------------------------------------------------------------
+    async def submit(
+        self,
+        request: ExecutionRequest,
+        tar: BinaryIO,
+        *,
+        initial: Mapping[str, Any] | None = None,
+        postprocess: Postprocess | None = None,
+    ) -> Execution:
+        """Store and launch an execution; returns its record once launched."""
+        if self._closing:
+            raise BackendUnavailable("the service is shutting down", code="shutting_down")
+        await to_thread.run_sync(self._check_tar, tar, request.entrypoint)
+        record = Execution(execution_id=new_execution_id(), request=request.to_dict())
+        if initial:
+            record = attrs.evolve(record, **initial)
+        await self._guard("store", self.store.create(record, tar))
+        try:
+            await self._guard(
+                "runner",
+                self.runner.start(
+                    record,
+                    request,
+                    self.store.open_tar(record.execution_id),
+                    self._on_running(record.execution_id),
+                ),
+            )
+        except PyexecError as exc:
+            # Nothing runs: record why, so the execution never sits in pending forever.
+            failed = record.finished(RunOutcome(reason=Reason.ERROR, error=exc.message))
+            await self._store_final(failed)
+            raise
+        self._spawn(record, request.config.timeout_seconds, request.needs_setup, postprocess)
+        return record
+
+    async def run(
+        self,
+        request: ExecutionRequest,
+        tar: BinaryIO,
+        *,
+        initial: Mapping[str, Any] | None = None,
+        postprocess: Postprocess | None = None,
+    ) -> Execution:
+        """Submit and wait until the execution is terminal (the sync API)."""
+        record = await self.submit(request, tar, initial=initial, postprocess=postprocess)
+        task = self._tasks.get(record.execution_id)
+        if task is not None:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not (task.cancelled() and self._closing):
+                    raise
+                raise BackendUnavailable(
+                    f"the service is shutting down; execution {record.execution_id} goes on: "
+                    f"read it with GET /api/v1/executions/{record.execution_id}",
+                    code="shutting_down",
+                    execution_id=record.execution_id,
+                ) from None
+        return await self.store.wait_terminal(record.execution_id, _budget(request))
+
+    def _check_tar(self, tar: BinaryIO, entrypoint: str) -> None:
+        size = tar.seek(0, os.SEEK_END)
+        tar.seek(0)
+        if size > self.settings.max_tar_bytes:
+            raise PayloadTooLarge(
+                f"the tar is {size} bytes; this server takes at most {self.settings.max_tar_bytes}",
+                code="tar_too_large",
+            )
+        validate_tar(
+            tar,
+            entrypoint=entrypoint,
+            max_entries=self.settings.max_tar_entries,
+            max_bytes=self.settings.max_extracted_bytes,
+        )
+        tar.seek(0)
+
+    async def get(self, execution_id: str, *, wait: float = 0) -> Execution:
+        wait = min(max(wait, 0.0), MAX_POLL_SECONDS)
+        if wait:
+            return await self._guard("store", self.store.wait_terminal(execution_id, wait))
+        return await self._guard("store", self.store.get(execution_id))
+
+    async def logs(self, execution_id: str) -> tuple[Execution, str, str]:
+        record = await self.get(execution_id)
+        if record.terminal:
+            return record, record.stdout, record.stderr
+        stdout, stderr = await self._guard("runner", self.runner.logs(execution_id))
+        return record, stdout, stderr
+
+    async def kill(self, execution_id: str) -> Execution:
+        """Kill a pending or running execution; a finished one is returned unchanged."""
+        record = await self.get(execution_id)
+        if record.terminal:
+            return record
+        return await self._kill(execution_id)
+
+    async def health(self) -> dict[str, str]:
+        checks = {}
+        for name, probe in (("store", self.store.ping), ("runner", self.runner.ping)):
+            try:
+                await asyncio.wait_for(probe(), timeout=5)
+                checks[name] = "ok"
+            except (PyexecError, TimeoutError) as exc:
+                checks[name] = getattr(exc, "message", None) or "timed out"
+        return checks
+
+    # --- internals ----------------------------------------------------------------------------
+    async def _kill(self, execution_id: str, *, error: str | None = None) -> Execution:
+        record = await self.store.get(execution_id)
+        killed = record.finished(
+            RunOutcome(
+                reason=Reason.KILLED,
+                exit_code=None,
+                stdout=record.stdout,
+                stderr=record.stderr,
+                error=error,
+            )
+        )
+        try:
+            stored = await self._guard("store", self.store.update(killed, expect=ACTIVE))
+        except Conflict:
+            # It finished (or was killed elsewhere) first: that record stands.
+            return await self.store.get(execution_id)
+        await self._guard("runner", self.runner.kill(execution_id))
+        self._notify_finished(stored)
+        return stored
+
+    def _on_running(self, execution_id: str) -> Callable[[datetime], Awaitable[None]]:
+        async def on_running(started_at: datetime) -> None:
+            record = await self.store.get(execution_id)
+            running = attrs.evolve(record, status=Status.RUNNING, started_at=started_at)
+            try:
+                stored = await self.store.update(running, expect={Status.PENDING})
+            except Conflict:
+                return  # already running or finished; nothing to do
+            if self.hooks.on_started:
+                self.hooks.on_started(stored)
+
+        return on_running
+
+    def _spawn(
+        self,
+        record: Execution,
+        timeout_seconds: float,
+        needs_setup: bool,
+        postprocess: Postprocess | None,
+    ) -> None:
+        budget = timeout_seconds * (2 if needs_setup else 1) + RUNNER_SLACK_SECONDS
+        if self.settings.backend == "nomad":
+            budget += self.settings.nomad_placement_timeout
+        task = asyncio.create_task(
+            self._drive(record.execution_id, budget, postprocess),
+            name=f"pyexec-drive-{record.execution_id}",
+        )
+        self._tasks[record.execution_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(record.execution_id, None))
+
+    async def _adopt(self, record: Execution) -> None:
+        """After a restart: keep driving what the runner can still see; fail what it lost."""
+        if await self.runner.resume(record):
+            request = record.request or {}
+            config = request.get("config") or {}
+            needs_setup = bool(request.get("requirements_txt") or request.get("pre_commands"))
+            timeout = float(config.get("timeout_seconds") or self.settings.default_timeout)
+            self._spawn(record, timeout, needs_setup, None)
+            return
+        lost = record.finished(
+            RunOutcome(reason=Reason.ERROR, error="lost: the service restarted while it ran")
+        )
+        await self._store_final(lost)
+
+    async def _drive(
+        self, execution_id: str, budget: float, postprocess: Postprocess | None
+    ) -> Execution:
+        try:
+            outcome = await self.runner.wait(execution_id, budget)
+        except TimeoutError:
+            await self._quietly(self.runner.kill(execution_id))
+            outcome = RunOutcome(
+                reason=Reason.TIMEOUT,
+                error=f"the runner gave no result within {budget:.0f} s; killed",
+            )
+        except PyexecError as exc:
+            self._backend_error("runner", exc)
+            outcome = RunOutcome(reason=Reason.ERROR, error=exc.message)
+        if postprocess is not None:
+            outcome = postprocess(outcome)
+        record = await self.store.get(execution_id)
+        return await self._store_final(record.finished(outcome))
+
+    async def _store_final(self, final: Execution) -> Execution:
+        try:
+            stored = await self.store.update(final, expect=ACTIVE)
+        except Conflict:
+            current = await self.store.get(final.execution_id)
+            if current.status is not Status.KILLED or current.stdout or current.stderr:
+                return current
+            # Killed while running: keep the verdict, attach the output it produced.
+            with_output = attrs.evolve(
+                current,
+                stdout=final.stdout,
+                stderr=final.stderr,
+                output_truncated=final.output_truncated,
+                exit_code=final.exit_code,
+            )
+            try:
+                return await self.store.update(with_output, expect={Status.KILLED})
+            except Conflict:
+                return await self.store.get(final.execution_id)
+        self._notify_finished(stored)
+        return stored
+
+    def _notify_finished(self, record: Execution) -> None:
+        if self.hooks.on_finished:
+            self.hooks.on_finished(record)
+
+    def _backend_error(self, backend: str, exc: PyexecError) -> None:
+        if self.hooks.on_backend_error:
+            self.hooks.on_backend_error(backend, exc)
+
+    async def _guard(self, backend: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except BackendError as exc:
+            self._backend_error(backend, exc)
+            raise
+
+    async def _quietly(self, call: Awaitable[Any]) -> None:
+        try:
+            await call
+        except PyexecError as exc:
+            log.warning("cleanup failed: %s", exc.message)
+
+    async def _janitor_loop(self) -> None:
+        interval = max(1.0, min(60.0, self.settings.cleanup_ttl / 2))
+        while True:
+            await asyncio.sleep(interval)
+            await self.sweep()
+
+    async def sweep(self) -> int:
+        """Delete expired executions once; safe to run on every replica at once."""
+        try:
+            expired = await self.store.list_expired(utcnow(), self.settings.cleanup_ttl)
+            for execution_id in expired:
+                await self.store.delete(execution_id)
+        except PyexecError as exc:
+            self._backend_error("store", exc)
+            log.warning("janitor: %s", exc.message)
+            return 0
+        return len(expired)
+
+
+def _budget(request: ExecutionRequest) -> float:
+    setup = request.config.timeout_seconds if request.needs_setup else 0
+    return request.config.timeout_seconds + setup + RUNNER_SLACK_SECONDS

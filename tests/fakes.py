@@ -1,0 +1,71 @@
+"""A runner that runs nothing: for API tests that pin HTTP behaviour, not sandboxing.
+
+It implements the real ``Runner`` seam; each run's outcome comes from a function of
+the request, and a run with ``hold`` in its stdin blocks until killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from pyexec.errors import BackendUnavailable
+from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
+from pyexec.runner import OnRunning
+
+
+def echo_outcome(request: ExecutionRequest) -> RunOutcome:
+    return RunOutcome(reason=Reason.EXITED, exit_code=0, stdout=request.stdin)
+
+
+class FakeRunner:
+    survives_restart = False
+
+    def __init__(self, outcome: Callable[[ExecutionRequest], RunOutcome] = echo_outcome) -> None:
+        self.outcome = outcome
+        self.started: list[str] = []
+        self.killed: list[str] = []
+        self.tars: dict[str, bytes] = {}
+        self.fail_start: BackendUnavailable | None = None
+        self._done: dict[str, asyncio.Future[RunOutcome]] = {}
+
+    async def startup(self) -> None:
+        return None
+
+    async def start(
+        self,
+        execution: Execution,
+        request: ExecutionRequest,
+        tar: AsyncIterator[bytes],
+        on_running: OnRunning,
+    ) -> None:
+        if self.fail_start is not None:
+            raise self.fail_start
+        self.tars[execution.execution_id] = b"".join([chunk async for chunk in tar])
+        self.started.append(execution.execution_id)
+        future: asyncio.Future[RunOutcome] = asyncio.get_running_loop().create_future()
+        self._done[execution.execution_id] = future
+        await on_running(utcnow())
+        if "hold" not in request.stdin:
+            future.set_result(self.outcome(request))
+
+    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
+        return await asyncio.wait_for(asyncio.shield(self._done[execution_id]), timeout)
+
+    async def logs(self, execution_id: str) -> tuple[str, str]:
+        return ("partial", "")
+
+    async def kill(self, execution_id: str) -> None:
+        self.killed.append(execution_id)
+        future = self._done.get(execution_id)
+        if future is not None and not future.done():
+            future.set_result(RunOutcome(reason=Reason.KILLED, exit_code=137, stdout="so far"))
+
+    async def resume(self, execution: Execution) -> bool:
+        return False
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None

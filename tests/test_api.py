@@ -1,0 +1,334 @@
+"""The HTTP API's contract, over a runner that runs nothing (sandboxing is tested elsewhere)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from pyexec.errors import BackendUnavailable
+from pyexec.store.memory import MemoryStore
+
+from .conftest import app_client, make_settings
+from .fakes import FakeRunner
+from .tarfiles import make_tar
+
+pytestmark = pytest.mark.anyio
+
+HELLO = make_tar({"main.py": "print('hello')\n"})
+
+
+def upload(tar: bytes = HELLO, metadata: Any = None) -> dict[str, Any]:
+    files: dict[str, Any] = {"tar": ("code.tar", tar, "application/x-tar")}
+    data = {} if metadata is None else {"metadata": json.dumps(metadata)}
+    return {"files": files, "data": data}
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+async def api(runner: FakeRunner) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:
+        yield client
+
+
+def error_code(response: httpx.Response) -> str:
+    code: str = response.json()["error"]["code"]
+    return code
+
+
+async def test_sync_returns_the_finished_record(api: httpx.AsyncClient) -> None:
+    """A sync run answers 200 with the terminal record in the established shape."""
+    response = await api.post("/api/v1/exec/sync", **upload(metadata={"stdin": "hi"}))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["execution_id"].startswith("exe_")
+    assert body["status"] == "completed"
+    assert body["reason"] == "exited"
+    assert body["exit_code"] == 0
+    assert body["stdout"] == "hi"
+    for key in ("stderr", "started_at", "finished_at", "duration_ms", "error", "output_truncated"):
+        assert key in body
+
+
+async def test_the_runner_receives_the_uploaded_tar(
+    api: httpx.AsyncClient, runner: FakeRunner
+) -> None:
+    """The runner streams back exactly the bytes that were uploaded."""
+    body = (await api.post("/api/v1/exec/sync", **upload())).json()
+    assert runner.tars[body["execution_id"]] == HELLO
+
+
+async def test_async_then_poll(api: httpx.AsyncClient) -> None:
+    """An async run answers 202 with a Location; polling with wait returns the result."""
+    response = await api.post("/api/v1/exec/async", **upload(metadata={"stdin": "later"}))
+    assert response.status_code == 202
+    execution_id = response.json()["execution_id"]
+    assert response.headers["location"] == f"/api/v1/executions/{execution_id}"
+    record = (await api.get(response.headers["location"], params={"wait": 5})).json()
+    assert record["status"] == "completed"
+    assert record["stdout"] == "later"
+
+
+async def test_kill_while_running(api: httpx.AsyncClient, runner: FakeRunner) -> None:
+    """DELETE on a running execution records it as killed, not failed."""
+    execution_id = (
+        await api.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
+    ).json()["execution_id"]
+    assert (await api.get(f"/api/v1/executions/{execution_id}")).json()["status"] == "running"
+    killed = await api.delete(f"/api/v1/executions/{execution_id}")
+    assert killed.status_code == 200
+    assert killed.json()["status"] == "killed"
+    assert killed.json()["reason"] == "killed"
+    assert runner.killed == [execution_id]
+    final = (await api.get(f"/api/v1/executions/{execution_id}", params={"wait": 5})).json()
+    assert final["status"] == "killed"
+
+
+async def test_killing_a_finished_execution_is_a_no_op(
+    api: httpx.AsyncClient, runner: FakeRunner
+) -> None:
+    """DELETE on a finished execution returns it unchanged and touches no runner."""
+    done = (await api.post("/api/v1/exec/sync", **upload())).json()
+    again = await api.delete(f"/api/v1/executions/{done['execution_id']}")
+    assert again.status_code == 200
+    assert again.json()["status"] == "completed"
+    assert runner.killed == []
+
+
+async def test_logs_of_a_running_execution(api: httpx.AsyncClient) -> None:
+    """The logs endpoint returns the runner's output so far while it runs."""
+    execution_id = (
+        await api.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
+    ).json()["execution_id"]
+    logs = (await api.get(f"/api/v1/executions/{execution_id}/logs")).json()
+    assert logs == {
+        "execution_id": execution_id,
+        "status": "running",
+        "stdout": "partial",
+        "stderr": "",
+        "output_truncated": False,
+    }
+    await api.delete(f"/api/v1/executions/{execution_id}")
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/executions/exe_00000000-0000-0000-0000-000000000000", "/api/v1/executions/x"]
+)
+async def test_unknown_execution_is_404(api: httpx.AsyncClient, path: str) -> None:
+    """Reading an unknown or malformed execution id answers 404 execution_not_found."""
+    for response in (await api.get(path), await api.delete(path), await api.get(path + "/logs")):
+        assert response.status_code == 404
+        assert error_code(response) == "execution_not_found"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code"),
+    [
+        ({"bogus": 1}, "unknown_field"),
+        ({"config": {"timeout": 5}}, "unknown_field"),
+        ({"config": {"timeout_seconds": "5"}}, "invalid_field"),
+        ({"config": {"timeout_seconds": True}}, "invalid_field"),
+        ({"config": {"timeout_seconds": 0}}, "invalid_field"),
+        ({"config": {"memory_mb": 10**6}}, "limit_exceeded"),
+        ({"env_vars": ["NOEQUALS"]}, "invalid_field"),
+        ({"env_vars": "A=1"}, "invalid_field"),
+        ({"entrypoint": "../main.py"}, "invalid_entrypoint"),
+        ({"entrypoint": "/main.py"}, "invalid_entrypoint"),
+        ({"entrypoint": "missing.py"}, "entrypoint_not_found"),
+        ([1, 2], "invalid_request"),
+    ],
+)
+async def test_bad_metadata_is_400_with_a_code(
+    api: httpx.AsyncClient, metadata: Any, code: str
+) -> None:
+    """Each kind of bad metadata answers 400 with its own stable code."""
+    response = await api.post("/api/v1/exec/sync", **upload(metadata=metadata))
+    assert response.status_code == 400, response.text
+    assert error_code(response) == code
+
+
+async def test_unknown_field_is_named(api: httpx.AsyncClient) -> None:
+    """The unknown-field error names the offending field."""
+    response = await api.post("/api/v1/exec/sync", **upload(metadata={"config": {"cpus": 2}}))
+    assert "config.cpus" in response.json()["error"]["message"]
+    assert response.json()["error"]["details"]["field"] == "config.cpus"
+
+
+async def test_metadata_that_is_not_json(api: httpx.AsyncClient) -> None:
+    """A metadata part that is not JSON answers 400 invalid_json."""
+    files = {"tar": ("code.tar", HELLO, "application/x-tar")}
+    response = await api.post("/api/v1/exec/sync", files=files, data={"metadata": "{nope"})
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_json"
+
+
+async def test_missing_tar_part(api: httpx.AsyncClient) -> None:
+    """A multipart body without a tar part answers 400 missing_tar."""
+    response = await api.post(
+        "/api/v1/exec/sync", files={"other": ("x", b"x")}, data={"metadata": "{}"}
+    )
+    assert response.status_code == 400
+    assert error_code(response) == "missing_tar"
+
+
+async def test_not_multipart(api: httpx.AsyncClient) -> None:
+    """A JSON body on the tar endpoints answers 400 unsupported_media_type."""
+    response = await api.post("/api/v1/exec/sync", json={"entrypoint": "main.py"})
+    assert response.status_code == 400
+    assert error_code(response) == "unsupported_media_type"
+
+
+async def test_tar_escaping_the_tree_is_rejected(api: httpx.AsyncClient) -> None:
+    """A tar with ../ in a member name answers 400 before anything is stored or run."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("main.py", "../evil.py"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+    response = await api.post("/api/v1/exec/sync", **upload(tar=buf.getvalue()))
+    assert response.status_code == 400
+    assert error_code(response) == "tar_path_traversal"
+
+
+async def test_garbage_instead_of_a_tar(api: httpx.AsyncClient) -> None:
+    """Bytes that are not a tar answer 400 tar_invalid."""
+    response = await api.post("/api/v1/exec/sync", **upload(tar=b"not a tar at all" * 100))
+    assert response.status_code == 400
+    assert error_code(response) == "tar_invalid"
+
+
+async def test_tar_over_the_size_limit_is_413(runner: FakeRunner) -> None:
+    """A tar larger than max_tar_bytes answers 413 tar_too_large."""
+    big = make_tar({"main.py": "x = 1\n", "blob.bin": b"\0" * 300_000})
+    async with app_client(
+        make_settings(max_tar_bytes=100_000), store=MemoryStore(), runner=runner
+    ) as client:
+        response = await client.post("/api/v1/exec/sync", **upload(tar=big))
+    assert response.status_code == 413
+    assert error_code(response) == "tar_too_large"
+
+
+async def test_runner_unreachable_is_503_and_recorded(runner: FakeRunner) -> None:
+    """A runner that cannot launch answers 503 with its code and leaves nothing pending."""
+    runner.fail_start = BackendUnavailable("docker is down", code="runner_unavailable")
+    store = MemoryStore()
+    async with app_client(make_settings(), store=store, runner=runner) as client:
+        response = await client.post("/api/v1/exec/async", **upload())
+        assert response.status_code == 503
+        assert error_code(response) == "runner_unavailable"
+        assert await store.list_active() == []
+
+
+async def test_unknown_route_and_method_use_the_error_shape(api: httpx.AsyncClient) -> None:
+    """404 and 405 from routing carry the same JSON error shape."""
+    missing = await api.get("/nope")
+    assert missing.status_code == 404
+    assert error_code(missing) == "not_found"
+    wrong = await api.put("/api/v1/exec/sync")
+    assert wrong.status_code == 405
+    assert error_code(wrong) == "method_not_allowed"
+
+
+async def test_health_and_version(api: httpx.AsyncClient) -> None:
+    """Health reports each backend; version names the package version and backend."""
+    health = await api.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "checks": {"store": "ok", "runner": "ok"}}
+    assert (await api.get("/health/live")).json() == {"status": "ok"}
+    version = (await api.get("/api/v1/version")).json()
+    assert version["backend"] == "embedded"
+    assert version["version"]
+
+
+async def test_health_reports_an_unreachable_runner(runner: FakeRunner) -> None:
+    """A runner whose ping fails turns /health into 503 naming that backend."""
+
+    async def down() -> None:
+        raise BackendUnavailable("docker is down", code="runner_unavailable")
+
+    runner.ping = down  # type: ignore[method-assign]
+    async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:
+        response = await client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["checks"] == {"store": "ok", "runner": "docker is down"}
+
+
+async def test_openapi_document_validates(api: httpx.AsyncClient) -> None:
+    """/openapi.json is a valid OpenAPI 3.1 document covering every route."""
+    document = (await api.get("/openapi.json")).json()
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    assert {
+        "/api/v1/exec/sync",
+        "/api/v1/exec/async",
+        "/api/v1/executions/{execution_id}",
+        "/api/v1/executions/{execution_id}/logs",
+        "/api/v1/eval",
+        "/health",
+    } <= set(document["paths"])
+
+
+async def test_swagger_ui_is_served_locally(api: httpx.AsyncClient) -> None:
+    """/docs loads Swagger UI from this server, never from a CDN."""
+    page = await api.get("/docs")
+    assert page.status_code == 200
+    assert "https://" not in page.text
+    asset = await api.get("/docs/static/swagger-ui-bundle.js")
+    assert asset.status_code == 200
+    assert len(asset.content) > 100_000
+
+
+class TestAuth:
+    @pytest.fixture
+    async def api(self, runner: FakeRunner) -> AsyncIterator[httpx.AsyncClient]:
+        settings = make_settings(api_tokens=("s3cret", "other"))
+        async with app_client(settings, store=MemoryStore(), runner=runner) as client:
+            yield client
+
+    async def test_requests_without_a_token_are_401(self, api: httpx.AsyncClient) -> None:
+        """With tokens configured, every endpoint but /health needs one."""
+        for response in (
+            await api.get("/api/v1/version"),
+            await api.get("/openapi.json"),
+            await api.post("/api/v1/exec/sync", **upload()),
+        ):
+            assert response.status_code == 401
+            assert error_code(response) == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert (await api.get("/health")).status_code == 200
+
+    async def test_a_wrong_token_is_401(self, api: httpx.AsyncClient) -> None:
+        """A token that is not configured is refused."""
+        response = await api.get("/api/v1/version", headers={"Authorization": "Bearer nope"})
+        assert response.status_code == 401
+
+    async def test_a_valid_token_passes(self, api: httpx.AsyncClient) -> None:
+        """Any configured token is accepted."""
+        for token in ("s3cret", "other"):
+            response = await api.post(
+                "/api/v1/exec/sync",
+                **upload(),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert response.status_code == 200
+
+
+async def test_token_file_is_read(tmp_path: Any, runner: FakeRunner) -> None:
+    """Tokens also come from a file, one per line, comments ignored."""
+    path = tmp_path / "tokens"
+    path.write_text("# ops\nfromfile\n\n")
+    settings = make_settings(api_token_file=str(path))
+    async with app_client(settings, store=MemoryStore(), runner=runner) as client:
+        assert (await client.get("/api/v1/version")).status_code == 401
+        ok = await client.get("/api/v1/version", headers={"Authorization": "Bearer fromfile"})
+        assert ok.status_code == 200
