@@ -1,0 +1,129 @@
+"""The asyncio client: ``BaseClient`` plus I/O over ``httpx.AsyncClient``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from ._base import (
+    DEFAULT_SERVER,
+    BaseClient,
+    Call,
+    RetryPolicy,
+    Source,
+    WaitPlan,
+    body_start,
+    retry_decision,
+    rewind,
+)
+from .models import Execution, Logs, RunOptions, ServerVersion, Submitted
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient(BaseClient):
+    """Talks to a pyexec server. Use as a context manager, or call ``aclose()``."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_SERVER,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, token=token, timeout=timeout, retry=retry)
+        self._http = httpx.AsyncClient(transport=transport, **self._http_options())
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: Call) -> httpx.Response:
+        delays = self.retry.delays()
+        start = body_start(call)
+        while True:
+            try:
+                response = await self._http.request(**self._request_args(call))
+            except httpx.HTTPError as exc:
+                delay = retry_decision(
+                    call, delays, exc=exc, can_rewind=start is not None, url=self.base_url
+                )
+            else:
+                delay = retry_decision(
+                    call, delays, response=response, can_rewind=start is not None
+                )
+                if delay is None:
+                    return response
+            await asyncio.sleep(delay or 0.0)
+            rewind(call, start)
+
+    async def run(
+        self, source: Source, options: RunOptions | None = None, *, wait: float | None = None
+    ) -> Execution:
+        """Run ``source`` and return the finished record (``wait``: longest to block, s)."""
+        return self.parse_execution(await self._send(self.run_call(source, options, wait)))
+
+    async def submit(self, source: Source, options: RunOptions | None = None) -> Submitted:
+        """Start running ``source``; returns at once with the execution id."""
+        return self.parse_submitted(await self._send(self.submit_call(source, options)))
+
+    async def get(self, execution_id: str) -> Execution:
+        return self.parse_execution(await self._send(self.get_call(execution_id)))
+
+    async def wait(self, execution_id: str, *, timeout: float = 300.0) -> Execution:
+        """The record once terminal; ``WaitTimeout`` after ``timeout`` seconds."""
+        plan = WaitPlan(self, execution_id, timeout)
+        while True:
+            record = self.parse_execution(await self._send(plan.call()))
+            delay = plan.after(record)
+            if delay is None:
+                return record
+            await asyncio.sleep(delay)
+
+    async def logs(self, execution_id: str) -> Logs:
+        return self.parse_logs(await self._send(self.logs_call(execution_id)))
+
+    async def kill(self, execution_id: str) -> Execution:
+        """Stop an execution; killing a finished one returns its record unchanged."""
+        return self.parse_execution(await self._send(self.kill_call(execution_id)))
+
+    async def version(self) -> ServerVersion:
+        return self.parse_version(await self._send(self.version_call()))
+
+    async def health(self) -> dict[str, Any]:
+        return self.parse_health(await self._send(self.health_call()))
+
+    async def eval(
+        self,
+        code: str | Mapping[str, str],
+        *,
+        python_version: str | None = None,
+        last_expr: bool | None = None,
+        auto_requirements: bool | None = None,
+        options: RunOptions | None = None,
+    ) -> Execution:
+        """Run Python source (or name → source files) and return the finished record."""
+        call = self.eval_call(
+            code,
+            python_version=python_version,
+            last_expr=last_expr,
+            auto_requirements=auto_requirements,
+            options=options,
+        )
+        return self.parse_execution(await self._send(call))

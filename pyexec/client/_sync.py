@@ -1,0 +1,129 @@
+"""The blocking client: ``BaseClient`` plus I/O over ``httpx.Client``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from ._base import (
+    DEFAULT_SERVER,
+    BaseClient,
+    Call,
+    RetryPolicy,
+    Source,
+    WaitPlan,
+    body_start,
+    retry_decision,
+    rewind,
+)
+from .models import Execution, Logs, RunOptions, ServerVersion, Submitted
+
+__all__ = ["Client"]
+
+
+class Client(BaseClient):
+    """Talks to a pyexec server. Use as a context manager, or call ``close()``."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_SERVER,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, token=token, timeout=timeout, retry=retry)
+        self._http = httpx.Client(transport=transport, **self._http_options())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: Call) -> httpx.Response:
+        delays = self.retry.delays()
+        start = body_start(call)
+        while True:
+            try:
+                response = self._http.request(**self._request_args(call))
+            except httpx.HTTPError as exc:
+                delay = retry_decision(
+                    call, delays, exc=exc, can_rewind=start is not None, url=self.base_url
+                )
+            else:
+                delay = retry_decision(
+                    call, delays, response=response, can_rewind=start is not None
+                )
+                if delay is None:
+                    return response
+            time.sleep(delay or 0.0)
+            rewind(call, start)
+
+    def run(
+        self, source: Source, options: RunOptions | None = None, *, wait: float | None = None
+    ) -> Execution:
+        """Run ``source`` and return the finished record (``wait``: longest to block, s)."""
+        return self.parse_execution(self._send(self.run_call(source, options, wait)))
+
+    def submit(self, source: Source, options: RunOptions | None = None) -> Submitted:
+        """Start running ``source``; returns at once with the execution id."""
+        return self.parse_submitted(self._send(self.submit_call(source, options)))
+
+    def get(self, execution_id: str) -> Execution:
+        return self.parse_execution(self._send(self.get_call(execution_id)))
+
+    def wait(self, execution_id: str, *, timeout: float = 300.0) -> Execution:
+        """The record once terminal; ``WaitTimeout`` after ``timeout`` seconds."""
+        plan = WaitPlan(self, execution_id, timeout)
+        while True:
+            record = self.parse_execution(self._send(plan.call()))
+            delay = plan.after(record)
+            if delay is None:
+                return record
+            time.sleep(delay)
+
+    def logs(self, execution_id: str) -> Logs:
+        return self.parse_logs(self._send(self.logs_call(execution_id)))
+
+    def kill(self, execution_id: str) -> Execution:
+        """Stop an execution; killing a finished one returns its record unchanged."""
+        return self.parse_execution(self._send(self.kill_call(execution_id)))
+
+    def version(self) -> ServerVersion:
+        return self.parse_version(self._send(self.version_call()))
+
+    def health(self) -> dict[str, Any]:
+        return self.parse_health(self._send(self.health_call()))
+
+    def eval(
+        self,
+        code: str | Mapping[str, str],
+        *,
+        python_version: str | None = None,
+        last_expr: bool | None = None,
+        auto_requirements: bool | None = None,
+        options: RunOptions | None = None,
+    ) -> Execution:
+        """Run Python source (or name → source files) and return the finished record."""
+        call = self.eval_call(
+            code,
+            python_version=python_version,
+            last_expr=last_expr,
+            auto_requirements=auto_requirements,
+            options=options,
+        )
+        return self.parse_execution(self._send(call))
