@@ -84,8 +84,10 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(settings: Settings) -> Iterator[LiveServer]:
-    """uvicorn serving the app on a loopback port in a thread, stopped on exit."""
+def live_server(settings: Settings, **app_kwargs: Any) -> Iterator[LiveServer]:
+    """uvicorn serving the app on a loopback port in a thread, stopped on exit.
+
+    ``app_kwargs`` go to ``create_app`` (e.g. ``runner=FakeRunner()``)."""
     import uvicorn
 
     from pyexec.app import create_app
@@ -93,7 +95,11 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
     port = free_port()
     settings = attrs.evolve(settings, host="127.0.0.1", port=port)
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        create_app(settings, **app_kwargs),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
