@@ -1,0 +1,3 @@
+from pyexec.cli import main
+
+main()

@@ -1,0 +1,231 @@
+"""The commands that talk to a pyexec server: run, submit, follow, logs, kill, version, eval."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+from cyclopts import Parameter
+
+from pyexec.__about__ import __version__
+from pyexec.client import Client, Execution, Logs, RunOptions, WaitTimeout
+
+from . import exitcodes
+from .inputs import gather
+from .options import ExecFlags, Globals, UsageError, current, env_pairs
+from .render import Progress, emit_execution, note, print_json, write
+
+__all__ = ["eval_", "follow", "kill", "logs", "run", "submit", "version"]
+
+PathArg = Annotated[
+    str | None,
+    Parameter(help="A script, a directory, a .tar, or - for stdin (default: stdin if piped)."),
+]
+FileOpt = Annotated[
+    list[Path] | None,
+    Parameter(help="A file to include, keeping its relative path (repeatable).", negative=""),
+]
+
+
+def _client() -> Client:
+    options = current()
+    return Client(options.server, token=options.token)
+
+
+def run(path: PathArg = None, /, *, file: FileOpt = None, flags: ExecFlags | None = None) -> int:
+    """Run a program and wait for it; exits with the script's exit code.
+
+    The script's stdout and stderr go to stdout and stderr. Arguments after ``--``
+    are passed to the script.
+    """
+    flags = flags or ExecFlags()
+    options = current()
+    program = gather(path, file, entrypoint=flags.entrypoint)
+    with program.archive, _client() as client:
+        run_options = flags.options(program.entrypoint)
+        with Progress(options, f"running {program.entrypoint}"):
+            record = client.run(program.archive, run_options)
+    emit_execution(options, record)
+    return exitcodes.for_execution(record)
+
+
+def submit(path: PathArg = None, /, *, file: FileOpt = None, flags: ExecFlags | None = None) -> int:
+    """Start a program without waiting; prints its execution id."""
+    flags = flags or ExecFlags()
+    program = gather(path, file, entrypoint=flags.entrypoint)
+    with program.archive, _client() as client:
+        submitted = client.submit(program.archive, flags.options(program.entrypoint))
+    if current().json:
+        print_json({"execution_id": submitted.execution_id, "status": submitted.status.value})
+    else:
+        write(sys.stdout, submitted.execution_id + "\n")
+    return 0
+
+
+def follow(
+    execution_id: str,
+    /,
+    *,
+    tail: Annotated[bool, Parameter(help="Print output as it arrives.", negative="")] = False,
+    timeout: Annotated[float, Parameter(help="Give up waiting after this many seconds.")] = 3600,
+) -> int:
+    """Wait for an execution, printing its status changes; exits like ``run``."""
+    options = current()
+    deadline = time.monotonic() + timeout
+    shown_out = shown_err = 0
+    last_status = None
+    delay = 0.2
+    with _client() as client, Progress(options, execution_id) as progress:
+        if tail:
+            progress.enabled = False  # output and a spinner would interleave
+        while True:
+            if tail:
+                logs = client.logs(execution_id)
+                status = logs.status
+                shown_out, shown_err = _print_new(options, logs, shown_out, shown_err)
+            else:
+                status = client.get(execution_id).status
+            if status is not last_status:
+                note(options, f"{execution_id} {status.value}")
+                progress.label(f"{execution_id} {status.value}")
+                last_status = status
+            if status.value in {"completed", "failed", "killed"}:
+                break
+            if time.monotonic() >= deadline:
+                record = client.get(execution_id)
+                raise WaitTimeout(
+                    f"{execution_id} is still {record.status.value} after {timeout:g}s; "
+                    f"run `pyexec follow {execution_id}` again to keep waiting",
+                    execution=record,
+                )
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(1.0, delay * 1.5)
+        record = client.get(execution_id)
+    emit_execution(options, record, skip_stdout=shown_out, skip_stderr=shown_err)
+    return exitcodes.for_execution(record)
+
+
+def _print_new(options: Globals, logs: Logs, shown_out: int, shown_err: int) -> tuple[int, int]:
+    """Print the output not shown yet; returns how much is shown now."""
+    if not options.json:
+        write(sys.stdout, logs.stdout[shown_out:])
+        if not options.quiet:
+            write(sys.stderr, logs.stderr[shown_err:])
+    return max(shown_out, len(logs.stdout)), max(shown_err, len(logs.stderr))
+
+
+def logs(execution_id: str, /) -> int:
+    """Print an execution's output so far (the final output once it is done)."""
+    options = current()
+    with _client() as client:
+        output = client.logs(execution_id)
+    if options.json:
+        print_json(
+            {
+                "execution_id": output.execution_id,
+                "status": output.status.value,
+                "stdout": output.stdout,
+                "stderr": output.stderr,
+                "output_truncated": output.output_truncated,
+            }
+        )
+        return 0
+    write(sys.stdout, output.stdout)
+    if not options.quiet:
+        write(sys.stderr, output.stderr)
+    note(options, f"{execution_id} {output.status.value}")
+    return 0
+
+
+def kill(execution_id: str, /) -> int:
+    """Stop an execution. Killing one that already finished is not an error."""
+    options = current()
+    with _client() as client:
+        record = client.kill(execution_id)
+    if options.json:
+        print_json(dict(record.raw))
+    elif record.status.value == "killed":
+        write(sys.stdout, f"{execution_id} killed\n")
+    else:
+        write(sys.stdout, f"{execution_id} had already finished ({record.status.value})\n")
+    return 0
+
+
+def version() -> int:
+    """Print the client's version and the server's version and backend."""
+    options = current()
+    with _client() as client:
+        if not options.json:
+            write(sys.stdout, f"client {__version__}\n")
+        server = client.version()
+    if options.json:
+        print_json({"client": __version__, "server": server.version, "backend": server.backend})
+    else:
+        write(sys.stdout, f"server {server.version} ({server.backend}) at {options.server}\n")
+    return 0
+
+
+def eval_(
+    path: Annotated[
+        str | None, Parameter(help="A Python file to evaluate, or - for stdin.")
+    ] = None,
+    /,
+    *,
+    code: Annotated[str | None, Parameter(name=["--code", "-c"], help="Code to evaluate.")] = None,
+    python: Annotated[str | None, Parameter(help="Python version, e.g. 3.12.")] = None,
+    last_expr: Annotated[
+        bool, Parameter(help="Print the value of the last expression, like a REPL.", negative="")
+    ] = False,
+    auto_requirements: Annotated[
+        bool | None, Parameter(help="Install third-party imports the code uses.")
+    ] = None,
+    requirements: Annotated[Path | None, Parameter(help="requirements.txt to install.")] = None,
+    env: Annotated[
+        list[str] | None,
+        Parameter(help="KEY=VALUE or KEY (local value) for the environment.", negative=""),
+    ] = None,
+    timeout: Annotated[int | None, Parameter(help="Time limit of the run, seconds.")] = None,
+    memory: Annotated[int | None, Parameter(help="Memory limit, MiB.")] = None,
+) -> int:
+    """Evaluate Python code (``-c CODE``, a FILE, or stdin); prints its output, exits like run."""
+    options = current()
+    source = _eval_source(path, code)
+    reqs = requirements.read_text(encoding="utf-8") if requirements else None
+    run_options = RunOptions(
+        requirements=reqs,
+        env=env_pairs(env, os.environ),
+        args=options.script_args,
+        timeout=timeout,
+        memory_mb=memory,
+    )
+    with _client() as client, Progress(options, "evaluating"):
+        record: Execution = client.eval(
+            source,
+            python_version=python,
+            last_expr=last_expr or None,
+            auto_requirements=auto_requirements,
+            options=run_options,
+        )
+    emit_execution(options, record)
+    return exitcodes.for_execution(record)
+
+
+def _eval_source(path: str | None, code: str | None) -> str:
+    if code is not None:
+        if path is not None:
+            raise UsageError("give either -c CODE or a FILE, not both")
+        return code
+    if path is None or path == "-":
+        if path is None and sys.stdin.isatty():
+            raise UsageError("no code given: pass -c CODE, a FILE, or pipe code on stdin")
+        text = sys.stdin.read()
+        if not text.strip():
+            raise UsageError("stdin is empty; pass -c CODE or a FILE")
+        return text
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
