@@ -30,3 +30,11 @@ bootstrap-test:
 # Benchmarks (each prints its ratios; see bench/).
 bench: bootstrap-test
     uv run --frozen python bench/api_overhead.py
+
+# A local Consul + Nomad dev cluster on loopback (says which binary is missing, if any).
+dev-cluster:
+    scripts/dev-cluster.sh start
+
+# Stop what `just dev-cluster` started.
+dev-cluster-stop:
+    scripts/dev-cluster.sh stop
