@@ -73,3 +73,10 @@ def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
     assert config_reference(target, check=True) == 1
     assert config_reference(target) == 0
     assert config_reference(target, check=True) == 0
+
+
+def test_cli_command_checks_the_committed_file() -> None:
+    """`pyexec config-reference --output docs/configuration.md --check` passes on the tree."""
+    from pyexec.cli import run_cli
+
+    assert run_cli(["config-reference", "--output", str(COMMITTED), "--check"]) == 0

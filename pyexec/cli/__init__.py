@@ -46,6 +46,7 @@ app.command(commands.kill)
 app.command(commands.version)
 app.command(commands.eval_, name="eval")
 app.command(serve)
+app.command("pyexec.configref:config_reference", name="config-reference")
 app.register_install_completion_command(add_to_startup=False)
 
 
