@@ -13,6 +13,8 @@ from .api import executions, meta
 from .api.auth import BearerAuth
 from .api.errors import exception_handlers
 from .errors import BadRequest
+from .logsetup import RequestIdMiddleware
+from .metrics import Metrics, metrics_route
 from .runner import Runner
 from .service import ExecutionService
 from .settings import Settings
@@ -72,6 +74,9 @@ def create_app(
         default_store, default_runner = build_backends(settings)
         store = store or default_store
         runner = runner or default_runner
+    # Counted at the seams: terminal writes, launches, backend errors (pyexec.metrics).
+    metrics = Metrics()
+    store, runner = metrics.store(store), metrics.runner(runner)
 
     routes = [
         Route("/api/v1/exec/sync", executions.exec_sync, methods=["POST"]),
@@ -85,12 +90,17 @@ def create_app(
         Route("/openapi.json", meta.openapi, methods=["GET"]),
         Route("/docs", meta.docs_page, methods=["GET"]),
         Mount("/docs/static", app=meta.swagger_assets(), name="swagger"),
+        metrics_route(metrics),
     ]
     app = Starlette(
         routes=routes,
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
-        middleware=[Middleware(BearerAuth, tokens=settings.tokens())],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(BearerAuth, tokens=settings.tokens()),
+        ],
         lifespan=lifespan,
     )
     app.state.service = ExecutionService(settings, store, runner)
+    app.state.metrics = metrics
     return app
