@@ -1,0 +1,55 @@
+"""Handler of ``POST /api/v1/eval``: JSON code in, the execution record out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pyexec.errors import BadRequest, PayloadTooLarge
+from pyexec.evaluate import parse_eval_request, prepare
+from pyexec.service import ExecutionService
+from pyexec.settings import Settings
+
+__all__ = ["eval_endpoint", "max_body_bytes"]
+
+#: Room for the fields besides the code (stdin above all) in a request body.
+BODY_OVERHEAD_BYTES = 16 * 1024 * 1024
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """Largest body read: the code limit with JSON's worst escaping (``\\uXXXX``, 6 bytes
+    per byte) plus room for the other fields. The code limit itself is checked after decoding."""
+    return 6 * settings.max_eval_code_bytes + BODY_OVERHEAD_BYTES
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(
+            f"request body of {length} bytes exceeds {limit}", code="code_too_large"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes", code="code_too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def eval_endpoint(request: Request) -> Response:
+    service: ExecutionService = request.app.state.service
+    settings = service.settings
+    raw = await _read_json(request, max_body_bytes(settings))
+    # Parsing up to max_eval_code_bytes of Python for imports is CPU work: off the loop.
+    job = await run_in_threadpool(lambda: prepare(parse_eval_request(raw, settings), settings))
+    record = await service.run(
+        job.request, job.tar, initial=job.initial, postprocess=job.postprocess
+    )
+    return JSONResponse(record.to_dict())
