@@ -1,0 +1,409 @@
+"""The Nomad runner: each execution is a dispatch of a parameterized runner job.
+
+``start`` dispatches ``<prefix>-<class>`` with the execution id in the meta (the tar
+is already in Consul, where the job's setup task fetches it) and an idempotency
+token, then returns. One ``EventWatcher`` follows every run in flight over a single
+event stream; when a run's allocation is over, the runner reads the run's output and
+the finish task's verdict through the logs API and resolves ``wait``. A server-side
+clock fails runs that cannot be placed within ``nomad_placement_timeout`` and stops
+runs that outlive their timeout (the task enforces it first; this is the backstop).
+
+Runs outlive the service: after a restart ``resume`` finds the dispatched job of an
+execution by its meta and the watcher covers it again. Nothing is dispatched twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+
+from pyexec import nomad_job
+from pyexec.errors import BackendError, BackendUnavailable, PyexecError
+from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
+from pyexec.runner import OnRunning
+from pyexec.runner import nomad_state as state
+from pyexec.runner.nomad_http import NomadAPI, NomadError
+from pyexec.runner.nomad_watch import EventWatcher
+from pyexec.settings import Settings
+from pyexec.store import Store
+
+__all__ = ["NomadRunner"]
+
+log = logging.getLogger("pyexec.runner.nomad")
+
+JSON = dict[str, Any]
+#: Slack on top of a run's own timeout before the server-side deadline stops it.
+DEADLINE_SLACK_SECONDS = 20.0
+#: How often the deadline clock looks at the runs in flight.
+TICK_SECONDS = 1.0
+#: Events of dispatched jobs not (yet) tracked, kept for a start that races its own events.
+UNCLAIMED_EVENTS = 4096
+FINISH_VERDICT_BYTES = 256 * 1024
+
+
+@attrs.define
+class _Run:
+    """One dispatched execution the runner follows."""
+
+    execution_id: str
+    job_id: str
+    timeout: float
+    needs_setup: bool
+    max_output: int
+    on_running: OnRunning | None
+    outcome: asyncio.Future[RunOutcome]
+    since: float = attrs.field(factory=time.monotonic)
+    alloc: JSON | None = None
+    placed_at: float | None = None
+    placement: str | None = None
+    job_stopped: bool = False
+    reported_running: bool = False
+    concluding: bool = False
+
+
+class NomadRunner:
+    survives_restart = True
+
+    def __init__(self, settings: Settings, api: NomadAPI, store: Store | None = None) -> None:
+        self.settings = settings
+        self.api = api
+        self.store = store
+        self._runs: dict[str, _Run] = {}  # by execution id
+        self._by_job: dict[str, _Run] = {}  # by dispatched job id
+        self._unclaimed: OrderedDict[str, list[JSON]] = OrderedDict()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._watcher = EventWatcher(
+            api,
+            on_event=self._on_event,
+            reconcile=self._reconcile,
+            index_prefix=settings.nomad_job_prefix,
+        )
+        self._clock: asyncio.Task[None] | None = None
+        self._parents = {nomad_job.job_id(settings, c) for c in settings.nomad_resource_classes}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store | None = None) -> NomadRunner:
+        return cls(settings, NomadAPI(settings), store)
+
+    # --- Runner ------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        """Register (or update) the runner jobs, then start watching."""
+        await self.register_jobs()
+        self._start_watching()
+
+    async def register_jobs(self) -> list[str]:
+        """Register every resource class's job; unchanged jobs stay as they are."""
+        registered = []
+        for job in nomad_job.runner_jobs(self.settings):
+            await self.api.register_job(job)
+            registered.append(job["ID"])
+        return registered
+
+    def _start_watching(self) -> None:
+        self._watcher.start()
+        if self._clock is None:
+            self._clock = asyncio.create_task(self._deadlines(), name="pyexec-nomad-deadlines")
+
+    async def start(
+        self,
+        execution: Execution,
+        request: ExecutionRequest,
+        tar: AsyncIterator[bytes],
+        on_running: OnRunning,
+    ) -> None:
+        # The tar is in Consul already; the job's setup task reads it from there.
+        resource_class = nomad_job.pick_class(self.settings, request.config)
+        parent = nomad_job.job_id(self.settings, resource_class)
+        meta = {"execution_id": execution.execution_id, "image": request.docker_image}
+        try:
+            answer = await self.api.dispatch(parent, meta, execution.execution_id)
+        except NomadError as exc:
+            hint = ""
+            if "not found" in exc.message:
+                hint = " (are the runner jobs registered? see `pyexec job register`)"
+            raise BackendError(
+                f"Nomad refused to dispatch {parent} for {execution.execution_id}: "
+                f"{exc.message}{hint}",
+                code="nomad_dispatch_failed",
+                nomad_status=exc.status,
+            ) from None
+        self._start_watching()
+        self._track(
+            execution.execution_id,
+            answer["DispatchedJobID"],
+            request.config.timeout_seconds,
+            request.needs_setup,
+            request.config.max_output_bytes,
+            on_running,
+        )
+
+    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
+        run = self._runs.get(execution_id)
+        if run is None:
+            raise BackendError(
+                f"the Nomad runner is not following {execution_id}", code="runner_error"
+            )
+        outcome = await asyncio.wait_for(asyncio.shield(run.outcome), timeout)
+        self._forget(run)
+        return outcome
+
+    async def logs(self, execution_id: str) -> tuple[str, str]:
+        run = self._runs.get(execution_id)
+        if run is None:
+            return "", ""
+        if run.alloc is None:
+            return "", f"pyexec: {run.placement}\n" if run.placement else ""
+        stdout, stderr, _ = await self._read_output(run)
+        return stdout, stderr
+
+    async def kill(self, execution_id: str) -> None:
+        run = self._runs.get(execution_id)
+        job_id = run.job_id if run is not None else await self._find_job(execution_id)
+        if job_id is not None:
+            await self.api.stop_job(job_id)
+
+    async def resume(self, execution: Execution) -> bool:
+        job_id = await self._find_job(execution.execution_id)
+        if job_id is None:
+            return False
+        request = execution.request or {}
+        config = request.get("config") or {}
+        self._start_watching()
+        run = self._track(
+            execution.execution_id,
+            job_id,
+            float(config.get("timeout_seconds") or self.settings.default_timeout),
+            bool(request.get("requirements_txt") or request.get("pre_commands")),
+            int(config.get("max_output_bytes") or self.settings.default_max_output_bytes),
+            None,
+        )
+        await self._refresh(run)
+        return True
+
+    async def ping(self) -> None:
+        try:
+            await self.api.leader()
+        except NomadError as exc:
+            raise BackendUnavailable(exc.message, code="runner_unavailable") from None
+
+    async def aclose(self) -> None:
+        clock, self._clock = self._clock, None
+        if clock is not None:
+            clock.cancel()
+            await asyncio.gather(clock, return_exceptions=True)
+        await self._watcher.aclose()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.api.aclose()
+
+    # --- following runs ----------------------------------------------------------------------
+    def _track(
+        self,
+        execution_id: str,
+        job_id: str,
+        timeout: float,
+        needs_setup: bool,
+        max_output: int,
+        on_running: OnRunning | None,
+    ) -> _Run:
+        run = _Run(
+            execution_id=execution_id,
+            job_id=job_id,
+            timeout=timeout,
+            needs_setup=needs_setup,
+            max_output=max_output,
+            on_running=on_running,
+            outcome=asyncio.get_running_loop().create_future(),
+        )
+        self._runs[execution_id] = run
+        self._by_job[job_id] = run
+        for event in self._unclaimed.pop(job_id, []):
+            self._apply(run, event)
+        return run
+
+    def _forget(self, run: _Run) -> None:
+        self._runs.pop(run.execution_id, None)
+        self._by_job.pop(run.job_id, None)
+
+    def _on_event(self, event: JSON) -> None:
+        try:
+            payload = event.get("Payload") or {}
+            body = payload.get(event.get("Topic", ""))
+            if not isinstance(body, dict):
+                return
+            job_id = body.get("JobID") if event.get("Topic") != "Job" else body.get("ID")
+            if not isinstance(job_id, str):
+                return
+            run = self._by_job.get(job_id)
+            if run is not None:
+                self._apply(run, event)
+            elif job_id.split("/", 1)[0] in self._parents and "/" in job_id:
+                self._unclaimed.setdefault(job_id, []).append(event)
+                while len(self._unclaimed) > UNCLAIMED_EVENTS:
+                    self._unclaimed.popitem(last=False)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring a Nomad event pyexec cannot read: %r", exc)
+
+    def _apply(self, run: _Run, event: JSON) -> None:
+        topic = event.get("Topic")
+        payload = event.get("Payload") or {}
+        if topic == "Allocation":
+            self._on_alloc(run, payload["Allocation"])
+        elif topic == "Evaluation":
+            self._on_eval(run, payload["Evaluation"])
+        elif topic == "Job":
+            job = payload.get("Job") or {}
+            if event.get("Type") == "JobDeregistered" or job.get("Stop"):
+                run.job_stopped = True
+                self._maybe_conclude(run)
+
+    def _on_alloc(self, run: _Run, alloc: JSON) -> None:
+        held = run.alloc
+        if (
+            held is not None
+            and held.get("ID") == alloc.get("ID")
+            and int(alloc.get("ModifyIndex") or 0) < int(held.get("ModifyIndex") or 0)
+        ):
+            return  # an older view than the one we hold
+        run.alloc = alloc
+        run.placement = None
+        if run.placed_at is None:
+            run.placed_at = time.monotonic()
+        started = state.run_started(alloc)
+        if started is not None and not run.reported_running:
+            run.reported_running = True
+            if run.on_running is not None:
+                self._spawn(run.on_running(started))
+        self._maybe_conclude(run)
+
+    def _on_eval(self, run: _Run, evaluation: JSON) -> None:
+        if run.alloc is not None:
+            return
+        reason = state.placement_failure(evaluation)
+        if reason is not None and reason != run.placement:
+            run.placement = reason
+            log.warning("execution %s %s", run.execution_id, reason)
+
+    def _maybe_conclude(self, run: _Run) -> None:
+        if run.concluding or run.outcome.done():
+            return
+        if run.alloc is not None and state.alloc_over(run.alloc):
+            run.concluding = True
+            self._spawn(self._conclude(run))
+        elif run.alloc is None and run.job_stopped:
+            # Stopped before anything was placed: nothing ran.
+            self._resolve(run, RunOutcome(reason=Reason.KILLED, error="stopped before it ran"))
+
+    async def _conclude(self, run: _Run) -> None:
+        assert run.alloc is not None
+        try:
+            stdout, stderr, truncated = await self._read_output(run)
+            finish, _ = await self.api.read_log(
+                run.alloc["ID"], nomad_job.TASKS["finish"], "stdout", FINISH_VERDICT_BYTES
+            )
+            outcome = state.outcome(
+                run.alloc, state.parse_verdict(finish), stdout, stderr, truncated
+            )
+        except PyexecError as exc:
+            # The run is over but its output cannot be read (e.g. the alloc was collected).
+            outcome = state.outcome(run.alloc, None, "", "", False)
+            outcome = attrs.evolve(outcome, error=outcome.error or exc.message)
+        self._resolve(run, outcome)
+
+    async def _read_output(self, run: _Run) -> tuple[str, str, bool]:
+        assert run.alloc is not None
+        alloc_id, task = run.alloc["ID"], nomad_job.TASKS["run"]
+        out, out_cut = await self.api.read_log(alloc_id, task, "stdout", run.max_output)
+        err, err_cut = await self.api.read_log(alloc_id, task, "stderr", run.max_output)
+        return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), out_cut or err_cut
+
+    def _resolve(self, run: _Run, outcome: RunOutcome) -> None:
+        if not run.outcome.done():
+            run.outcome.set_result(outcome)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh(self, run: _Run) -> None:
+        """Read a run's allocations and evaluations afresh (after a gap in the events)."""
+        allocs = await self.api.job_allocations(run.job_id)
+        if allocs:
+            latest = max(allocs, key=lambda a: int(a.get("CreateIndex") or 0))
+            self._on_alloc(run, await self.api.allocation(latest["ID"]))
+            return
+        job = await self.api.get_job(run.job_id)
+        if job is None:  # collected or purged: nothing will change any more
+            self._resolve(
+                run,
+                RunOutcome(
+                    reason=Reason.ERROR,
+                    error=f"Nomad no longer has the dispatched job {run.job_id}",
+                ),
+            )
+            return
+        run.job_stopped = bool(job.get("Stop"))
+        for evaluation in await self.api.job_evaluations(run.job_id):
+            self._on_eval(run, evaluation)
+        self._maybe_conclude(run)
+
+    async def _reconcile(self) -> None:
+        for run in list(self._runs.values()):
+            if not run.outcome.done():
+                await self._refresh(run)
+
+    async def _deadlines(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            now = time.monotonic()
+            for run in list(self._runs.values()):
+                if run.outcome.done() or run.concluding:
+                    continue
+                if run.placed_at is None:
+                    if now - run.since > self.settings.nomad_placement_timeout:
+                        why = run.placement or "no allocation was created"
+                        await self._expire(
+                            run,
+                            Reason.ERROR,
+                            (
+                                f"not placed within {self.settings.nomad_placement_timeout:.0f} s: "
+                                f"{why}"
+                            ),
+                        )
+                    continue
+                budget = run.timeout * (2 if run.needs_setup else 1) + DEADLINE_SLACK_SECONDS
+                if now - run.placed_at > budget:
+                    await self._expire(
+                        run, Reason.TIMEOUT, f"stopped by the server-side deadline ({budget:.0f} s)"
+                    )
+
+    async def _expire(self, run: _Run, reason: Reason, error: str) -> None:
+        try:
+            await self.api.stop_job(run.job_id)
+        except PyexecError as exc:
+            log.warning("could not stop %s: %s", run.job_id, exc.message)
+            return  # try again on the next tick
+        self._resolve(run, RunOutcome(reason=reason, error=error))
+
+    async def _find_job(self, execution_id: str) -> str | None:
+        """The dispatched job carrying ``execution_id`` in its meta, if Nomad still has it."""
+        stubs = await self.api.list_jobs(self.settings.nomad_job_prefix)
+        for stub in stubs:
+            if stub.get("ParentID") not in self._parents:
+                continue
+            meta = stub.get("Meta")
+            if meta is None:  # an agent that does not list meta: read the job
+                job = await self.api.get_job(stub["ID"])
+                meta = (job or {}).get("Meta") or {}
+            if meta.get("execution_id") == execution_id:
+                job_id: str = stub["ID"]
+                return job_id
+        return None
