@@ -89,7 +89,8 @@ async def test_create_then_get_returns_the_record_with_its_request(store: Store)
     record = await created(store)
     got = await store.get(record.execution_id)
     assert got.to_dict(include_request=True) == record.to_dict(include_request=True)
-    assert got.request is not None and got.request["entrypoint"] == "app/main.py"
+    assert got.request is not None
+    assert got.request["entrypoint"] == "app/main.py"
 
 
 async def test_create_twice_conflicts_and_keeps_the_first_tar(store: Store) -> None:
@@ -148,27 +149,33 @@ async def test_update_of_unknown_is_not_found(store: Store) -> None:
         await store.update(moved_to(new_record(), Status.RUNNING), expect={Status.PENDING})
 
 
-@pytest.mark.parametrize("rounds", [6])
-async def test_concurrent_updates_from_pending_have_one_winner(store: Store, rounds: int) -> None:
+async def race(
+    store: Store, record: Execution, targets: list[Status], expect: Status
+) -> dict[Status, Execution | Conflict]:
+    """Start one update per target at once; what each writer got back."""
+    results: dict[Status, Execution | Conflict] = {}
+
+    async def attempt(target: Status) -> None:
+        try:
+            results[target] = await store.update(moved_to(record, target), expect={expect})
+        except Conflict as exc:
+            results[target] = exc
+
+    async with anyio.create_task_group() as tg:
+        for target in targets:
+            tg.start_soon(attempt, target)
+    return results
+
+
+async def test_concurrent_updates_from_pending_have_one_winner(store: Store) -> None:
     """Two writers racing from pending: exactly one wins, the other gets invalid_transition."""
-    for _ in range(rounds):
+    for _ in range(6):
         record = await at_status(store, Status.PENDING)
-        results: dict[Status, Execution | Conflict] = {}
-
-        async def attempt(target: Status, record: Execution = record) -> None:
-            try:
-                results[target] = await store.update(
-                    moved_to(record, target), expect={Status.PENDING}
-                )
-            except Conflict as exc:
-                results[target] = exc
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(attempt, Status.RUNNING)
-            tg.start_soon(attempt, Status.KILLED)
+        results = await race(store, record, [Status.RUNNING, Status.KILLED], Status.PENDING)
         winners = [s for s, r in results.items() if isinstance(r, Execution)]
         losers = [r for r in results.values() if isinstance(r, Conflict)]
-        assert len(winners) == 1 and len(losers) == 1
+        assert len(winners) == 1
+        assert len(losers) == 1
         assert losers[0].code == "invalid_transition"
         assert (await store.get(record.execution_id)).status is winners[0]
 
@@ -176,19 +183,8 @@ async def test_concurrent_updates_from_pending_have_one_winner(store: Store, rou
 async def test_racing_terminal_updates_store_exactly_one(store: Store) -> None:
     """Three writers racing from running to different ends: one ending sticks."""
     record = await at_status(store, Status.RUNNING)
-    outcomes: list[Status | None] = []
-
-    async def attempt(target: Status) -> None:
-        try:
-            stored = await store.update(moved_to(record, target), expect={Status.RUNNING})
-            outcomes.append(stored.status)
-        except Conflict:
-            outcomes.append(None)
-
-    async with anyio.create_task_group() as tg:
-        for target in TERMINAL:
-            tg.start_soon(attempt, target)
-    winners = [s for s in outcomes if s is not None]
+    results = await race(store, record, sorted(TERMINAL), Status.RUNNING)
+    winners = [s for s, r in results.items() if isinstance(r, Execution)]
     assert len(winners) == 1
     assert (await store.get(record.execution_id)).status is winners[0]
 
