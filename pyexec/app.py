@@ -16,7 +16,7 @@ from .errors import BadRequest
 from .logsetup import RequestIdMiddleware
 from .metrics import Metrics, metrics_route
 from .runner import Runner
-from .service import ExecutionService
+from .service import ExecutionService, Hooks
 from .settings import Settings
 from .store import Store
 
@@ -74,7 +74,7 @@ def create_app(
         default_store, default_runner = build_backends(settings)
         store = store or default_store
         runner = runner or default_runner
-    # Counted at the seams: terminal writes, launches, backend errors (pyexec.metrics).
+    # Backend errors and runs in flight are counted at the seams (pyexec.metrics).
     metrics = Metrics()
     store, runner = metrics.store(store), metrics.runner(runner)
 
@@ -102,5 +102,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = ExecutionService(settings, store, runner)
+    app.state.service.hooks = Hooks(
+        on_started=metrics.execution_started, on_finished=metrics.execution_finished
+    )
     app.state.metrics = metrics
     return app

@@ -2,27 +2,25 @@
 
 Each app owns a ``Metrics`` with its own ``CollectorRegistry`` (never the
 process-global one), so two apps in one process -- as in the tests -- count
-separately. The service does not call these counters by hand: the app factory
-wraps its store and runner once (``metrics.store(store)``,
-``metrics.runner(runner)``) and the wrappers observe what passes through the
-seams:
+separately. The app factory attaches it in two ways:
 
-- a store ``update`` that makes a record terminal counts it in
-  ``pyexec_executions_total{status,reason}`` and observes its duration; one
-  that makes it ``running`` observes its queue wait (created -> started). The
-  store's check-and-set guarantees one writer per transition, so with several
-  replicas each execution is counted exactly once across them;
-- a runner ``start`` that succeeds puts the execution in flight until ``wait``
-  returns its outcome or ``kill`` releases it;
-- any ``BackendError`` out of either seam is counted in
-  ``pyexec_backend_errors_total{backend,code}`` and re-raised unchanged.
+- the service's hooks call ``execution_started`` when a record becomes
+  ``running`` (queue wait, created -> started) and ``execution_finished`` when
+  this replica writes a record's final status (``pyexec_executions_total
+  {status,reason}`` and the duration). The store's check-and-set lets one writer
+  win each transition, so with several replicas each execution counts once;
+- the store and runner are wrapped once (``metrics.store(store)``,
+  ``metrics.runner(runner)``): any ``BackendError`` out of either seam is
+  counted in ``pyexec_backend_errors_total{backend,code}`` and re-raised
+  unchanged, and a runner ``start`` that succeeds puts the execution in flight
+  until ``wait`` returns its outcome or ``kill`` releases it.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -32,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .errors import BackendError
-from .models import Execution, Status
+from .models import Execution
 
 __all__ = ["Metrics", "metrics_route"]
 
@@ -81,25 +79,22 @@ class Metrics:
         )
         self.in_flight.set_function(lambda: len(self._in_flight))
 
-    # --- what the wrappers report ------------------------------------------------------
+    # --- the service's hooks -------------------------------------------------------------
 
-    def record_written(self, record: Execution, expect: Collection[Status]) -> None:
-        """A store write succeeded: observe the transition it made."""
-        if record.status is Status.RUNNING:
-            self._observe_queue_wait(record)
-        elif record.terminal:
-            if Status.RUNNING not in expect:
-                # pending -> terminal in one write: the start was never written on its own.
-                self._observe_queue_wait(record)
-            reason = "" if record.reason is None else record.reason.value
-            self.executions.labels(status=record.status.value, reason=reason).inc()
-            if record.duration_ms is not None:
-                self.duration.observe(record.duration_ms / 1000)
-
-    def _observe_queue_wait(self, record: Execution) -> None:
+    def execution_started(self, record: Execution) -> None:
+        """``record`` just became running: observe how long it queued."""
         if record.started_at is not None:
             wait = (record.started_at - record.created_at).total_seconds()
             self.queue_wait.observe(max(0.0, wait))
+
+    def execution_finished(self, record: Execution) -> None:
+        """This replica wrote ``record``'s final status: count it, observe its run time."""
+        reason = "" if record.reason is None else record.reason.value
+        self.executions.labels(status=record.status.value, reason=reason).inc()
+        if record.duration_ms is not None:
+            self.duration.observe(record.duration_ms / 1000)
+
+    # --- what the wrappers report ------------------------------------------------------
 
     def launched(self, execution_id: str) -> None:
         self._in_flight.add(execution_id)
@@ -113,7 +108,7 @@ class Metrics:
     # --- the seams ---------------------------------------------------------------------
 
     def store(self, store: T) -> T:
-        """``store`` with its writes observed and its backend errors counted."""
+        """``store`` with its backend errors counted."""
         return cast(T, _Metered(store, "store", self))
 
     def runner(self, runner: T) -> T:
@@ -148,29 +143,25 @@ class _Metered:
             except BackendError as exc:
                 metrics.backend_error(backend, exc)
                 raise
-            _after(metrics, backend, name, args, kwargs, result)
+            if backend == "runner":
+                _track(metrics, name, args, kwargs, result)
             return result
 
         return observed
 
 
-def _after(
-    metrics: Metrics,
-    backend: str,
-    name: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    result: Any,
+def _track(
+    metrics: Metrics, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
 ) -> None:
-    if backend == "store" and name == "update" and isinstance(result, Execution):
-        metrics.record_written(result, kwargs.get("expect", ()))
-    elif backend == "runner":
-        first = args[0] if args else kwargs.get("execution") or kwargs.get("execution_id")
-        execution_id = str(first.execution_id if isinstance(first, Execution) else first)
-        if name == "start" or (name == "resume" and result is True):
-            metrics.launched(execution_id)
-        elif name in {"wait", "kill"}:
-            metrics.released(execution_id)
+    """Keep the in-flight set from a runner call that just succeeded."""
+    if name not in {"start", "resume", "wait", "kill"}:
+        return
+    first = args[0] if args else kwargs.get("execution") or kwargs.get("execution_id")
+    execution_id = str(first.execution_id if isinstance(first, Execution) else first)
+    if name == "start" or (name == "resume" and result is True):
+        metrics.launched(execution_id)
+    elif name in {"wait", "kill"}:
+        metrics.released(execution_id)
 
 
 def metrics_route(metrics: Metrics, path: str = "/metrics") -> Route:

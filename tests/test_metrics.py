@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from datetime import timedelta
 
-import attrs
 import httpx
 import pytest
 from prometheus_client import REGISTRY
@@ -14,8 +12,12 @@ from starlette.applications import Starlette
 
 from pyexec.errors import BackendUnavailable
 from pyexec.metrics import Metrics, metrics_route
-from pyexec.models import Execution, Reason, RunOutcome, Status, new_execution_id, utcnow
+from pyexec.models import Execution, Reason, RunOutcome, new_execution_id, utcnow
 from pyexec.store.memory import MemoryStore
+
+from .conftest import app_client, make_settings
+from .fakes import FakeRunner
+from .tarfiles import make_tar
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -39,28 +41,19 @@ class FlakyRunner:
         raise BackendUnavailable("docker is gone", code="runner_unavailable")
 
 
-async def run_one(store: MemoryStore, reason: Reason) -> Execution:
+def finished_record(reason: Reason) -> Execution:
     created = utcnow()
-    record = Execution(execution_id=new_execution_id(), created_at=created)
-    await store.create(record, io.BytesIO(b""))
     started = created + timedelta(seconds=0.3)
-    running = attrs.evolve(record, status=Status.RUNNING, started_at=started)
-    await store.update(running, expect={Status.PENDING})
+    record = Execution(execution_id=new_execution_id(), created_at=created, started_at=started)
     outcome = RunOutcome(reason=reason, exit_code=0, finished_at=started + timedelta(seconds=2))
-    return await store.update(running.finished(outcome), expect={Status.RUNNING})
+    return record.finished(outcome)
 
 
-def test_terminal_writes_count_by_status_and_reason() -> None:
-    """A write that ends an execution counts it once under its status and reason."""
+def test_finished_executions_count_by_status_and_reason() -> None:
+    """Each final write counts once under its status and reason."""
     metrics = Metrics()
-    store = metrics.store(MemoryStore())
-
-    async def scenario() -> None:
-        await run_one(store, Reason.EXITED)
-        await run_one(store, Reason.TIMEOUT)
-        await store.aclose()
-
-    asyncio.run(scenario())
+    metrics.execution_finished(finished_record(Reason.EXITED))
+    metrics.execution_finished(finished_record(Reason.TIMEOUT))
     total = "pyexec_executions_total"
     assert sample(metrics, total, status="completed", reason="exited") == 1
     assert sample(metrics, total, status="failed", reason="timeout") == 1
@@ -70,13 +63,9 @@ def test_terminal_writes_count_by_status_and_reason() -> None:
 def test_duration_and_queue_wait_are_observed() -> None:
     """Duration (started->finished) and queue wait (created->started) land in their histograms."""
     metrics = Metrics()
-    store = metrics.store(MemoryStore())
-
-    async def scenario() -> None:
-        await run_one(store, Reason.EXITED)
-        await store.aclose()
-
-    asyncio.run(scenario())
+    record = finished_record(Reason.EXITED)
+    metrics.execution_started(record)
+    metrics.execution_finished(record)
     assert sample(metrics, "pyexec_execution_duration_seconds_count") == 1
     assert sample(metrics, "pyexec_execution_duration_seconds_sum") == pytest.approx(2.0)
     assert sample(metrics, "pyexec_queue_wait_seconds_count") == 1
@@ -148,3 +137,50 @@ def test_metrics_route_serves_prometheus_text() -> None:
         "pyexec_backend_errors_total",
     ):
         assert f"# TYPE {family.removesuffix('_total')}" in response.text
+
+
+async def metrics_text(api: httpx.AsyncClient) -> str:
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+def value(text: str, line_prefix: str) -> float:
+    """The value of the one exposition line that starts with ``line_prefix``."""
+    (line,) = [line for line in text.splitlines() if line.startswith(line_prefix)]
+    return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.mark.anyio
+async def test_app_metrics_move_after_an_execution() -> None:
+    """After a sync run through the real app, /metrics shows it counted, timed and not in flight."""
+    tar = make_tar({"main.py": "print('hi')\n"})
+    async with app_client(make_settings(), store=MemoryStore(), runner=FakeRunner()) as api:
+        before = await metrics_text(api)
+        response = await api.post(
+            "/api/v1/exec/sync", files={"tar": ("code.tar", tar, "application/x-tar")}
+        )
+        assert response.status_code == 200
+        after = await metrics_text(api)
+    counted = 'pyexec_executions_total{reason="exited",status="completed"}'
+    assert counted not in before
+    assert value(after, counted) == 1
+    assert value(after, "pyexec_execution_duration_seconds_count") == 1
+    assert value(after, "pyexec_queue_wait_seconds_count") == 1
+    assert value(after, "pyexec_executions_in_flight") == 0
+
+
+@pytest.mark.anyio
+async def test_app_counts_a_runner_failure_as_a_backend_error() -> None:
+    """A runner that cannot launch shows up by backend and code, and as a failed execution."""
+    runner = FakeRunner()
+    runner.fail_start = BackendUnavailable("docker is gone", code="runner_unavailable")
+    tar = make_tar({"main.py": "print('hi')\n"})
+    async with app_client(make_settings(), store=MemoryStore(), runner=runner) as api:
+        response = await api.post(
+            "/api/v1/exec/sync", files={"tar": ("code.tar", tar, "application/x-tar")}
+        )
+        assert response.status_code == 503
+        text = await metrics_text(api)
+    assert value(text, 'pyexec_backend_errors_total{backend="runner",code="runner_unavailable"}') == 1
+    assert value(text, 'pyexec_executions_total{reason="error",status="failed"}') == 1
