@@ -1,0 +1,137 @@
+"""nomadsim: a test double of Nomad's HTTP API that runs dispatched task groups on real Docker.
+
+Start it from a fixture::
+
+    sim = NomadSim(docker_client=docker.from_env())
+    addr = sim.start()          # "http://127.0.0.1:<port>"
+    ...
+    sim.stop()                  # kills tasks, removes containers and alloc dirs
+
+Test switches: ``sim.hold = True`` (placements fail as on a full cluster;
+``sim.release(n)`` places the next n), ``NomadSim(node_memory_mb=...)``
+(demands bigger than the node never place), ``sim.fail_dispatch(text)``
+(dispatch answers 500), ``sim.set_reachable(False)`` (stop listening),
+``NomadSim(token=...)`` (ACLs on), ``sim.gc()`` (system GC).
+
+The same tests are meant to run against a real agent
+(``PYEXEC_TEST_NOMAD_ADDR``), so the sim speaks Nomad's wire format. All
+sources are files in github.com/hashicorp/nomad (main, 2026) unless a URL is
+given; Go structs are serialised with their Go field names (PascalCase).
+
+Faithful (with the source of each behaviour)
+-------------------------------------------
+- ``PUT/POST /v1/jobs`` and ``/v1/job/<id>``: body ``{"Job": ...}``, 400 texts
+  "Job must be specified" / "Job ID hasn't been provided" / "Job ID does not
+  match name"; answer ``{EvalID, EvalCreateIndex, JobModifyIndex, Warnings,
+  Index, ...}``; parameterized jobs get no evaluation
+  (command/agent/job_endpoint.go, nomad/job_endpoint.go, api/jobs.go).
+- ``GET /v1/job/<id>``: 404 with text body "job not found"; ``GET /v1/jobs?prefix=``
+  gives ``JobListStub`` rows (api/jobs.go).
+- Dispatch: checks and texts of ``Job.Dispatch`` / ``validateDispatchRequest``
+  in nomad/job_endpoint.go, all answered as HTTP 500 (plain errors become 500
+  in ``HTTPServer.wrap``, command/agent/http.go): "parameterized job not
+  found" (unknown job is 500, not 404), "Specified job %q is not a
+  parameterized job", "Specified job %q is stopped", payload required /
+  forbidden, "Payload exceeds maximum size; N > 16384", "Dispatch request
+  included unpermitted metadata keys: [a b]", "Dispatch did not provide
+  required meta keys: [a]". ``?idempotency_token=`` (``parseIdempotencyToken``)
+  returns the existing child while it exists. Child IDs from
+  ``structs.DispatchedID``: ``<parent>/dispatch-[<prefix>-]<unix>-<8 hex>``.
+  Answer ``{DispatchedJobID, EvalID, EvalCreateIndex, JobCreateIndex, Index}``.
+- ``DELETE /v1/job/<id>[?purge=true]``: job ``Stop``, an evaluation triggered
+  by "job-deregister", allocs ``DesiredStatus=stop``; a missing job is a 200
+  with an empty ``EvalID`` (``Job.Deregister`` returns nil).
+- Job ``Status`` from ``getJobStatus`` (nomad/state/state_store.go):
+  parameterized parents are "running"; children pending → running → dead; an
+  alloc counts as terminal once its ``DesiredStatus`` is stop.
+- Allocations: ``AllocListStub`` rows for ``/v1/job/<id>/allocations``, full
+  ``Allocation`` for ``/v1/allocation/<id>`` (api/allocations.go); 404
+  "alloc not found". ``ClientStatus`` from ``getClientStatus``
+  (client/allocrunner/alloc_runner.go): any failed task → failed (even while
+  poststop still runs), else running, else pending, else complete.
+- Task states/events (nomad/structs/structs.go ``TaskEvent`` setters and
+  ``PopulateEventDisplayMessage``; taskrunner/task_runner.go;
+  restarts/restarts.go): Received, Task Setup ("Building Task Directory"),
+  Started, Terminated with ``Details`` exit_code / signal / oom_killed as
+  strings (+ exit_message), "Not Restarting" with "Policy allows no restarts"
+  and ``FailsTask``, Restarting when attempts > 0, Killing ("Sent interrupt.
+  Waiting 5s before force killing", ``Details.kill_timeout``), Killed,
+  "Sibling Task Failed", "Main Tasks Dead". Docker exit results
+  (drivers/docker/handle.go): signal is always 0, non-zero exit message
+  "Docker container exited with non-zero exit code: N", OOM → "OOM Killed".
+  ``Time`` is unix nanoseconds; ``StartedAt``/``FinishedAt`` are RFC 3339
+  with Go's zero time "0001-01-01T00:00:00Z" before they happen.
+- Lifecycle (alloc_runner.go ``handleTaskStateUpdates``, lifecycle docs
+  https://developer.hashicorp.com/nomad/docs/job-specification/lifecycle):
+  prestart non-sidecar tasks must exit 0 before main tasks start; a failed
+  task kills its live siblings; poststop runs once all other tasks are dead,
+  after failures and after a job stop.
+- Docker task config (drivers/docker/driver.go, config.go): image, command +
+  args, entrypoint, network_mode, readonly_rootfs, cap_drop/cap_add,
+  security_opt, pids_limit, tmpfs ``mount`` with ``tmpfs_options``, work_dir,
+  labels, task ``user``; memory limit = MemoryMaxMB or MemoryMB with
+  MemoryMB as reservation when MemoryMaxMB is set (``memoryLimits``), swap =
+  limit, cpu shares = CPU. Kill: ``kill_signal`` (default SIGTERM) then SIGKILL
+  after ``kill_timeout`` (capped by the client's max_kill_timeout, 30s).
+- Alloc dir (client/allocdir): ``alloc/`` shared and mounted at /alloc,
+  ``<task>/local`` at /local, ``<task>/secrets`` at /secrets; logs in
+  ``alloc/logs/<task>.stdout.0``; ``dispatch_payload.File`` lands in
+  ``local/<file>``; env from client/taskenv/env.go (NOMAD_ALLOC_DIR,
+  NOMAD_TASK_DIR, NOMAD_SECRETS_DIR, NOMAD_ALLOC_ID, NOMAD_JOB_ID,
+  NOMAD_JOB_PARENT_ID, NOMAD_META_<key> in both cases, optional meta as "",
+  NOMAD_DC, ...); ``${...}`` interpolation in config/env/template dest leaves
+  unknown names verbatim (``ReplaceEnv``).
+- Logs (command/agent/fs_endpoint.go, client/fs_endpoint.go): 400 texts for
+  missing task/type, 400 "unknown task name", 404 "task %q not started yet.
+  No logs available", 404 'Unknown allocation "<id>"'; ``plain=true`` raw
+  bytes, else ``StreamFrame`` JSON objects ``{Offset, Data, File}``
+  (omitempty, ``Offset`` = file offset after the frame, ≤64 KiB per frame)
+  written back to back with no separator, ``{}`` heartbeats when following.
+- Blocking queries (nomad/rpc.go ``blockingRPC``, structs ``TimeToBlock``):
+  ``?index=N&wait=D``; answer when the *table* index (jobs / allocs / evals,
+  as ``state.Index("allocs")``) exceeds N and the watched rows changed, or
+  when wait (+ up to wait/16 jitter, default and cap 5m) runs out; headers
+  X-Nomad-Index / X-Nomad-KnownLeader / X-Nomad-LastContact; "Invalid wait
+  time" 400.
+- Event stream (command/agent/event_endpoint.go, nomad/stream/ndjson.go,
+  nomad/state/events.go, event_buffer.go): ``topic=Topic:Key`` (repeatable,
+  bare topic = ``*``); key matches ``Key`` or any ``FilterKeys`` (allocs and
+  evals carry ``[JobID, DeploymentID]``); one ndjson line ``{Index, Events}``
+  per raft index; ``{}`` first and every 30 s; alloc payloads drop ``Job``;
+  ``index=N`` replays the buffer from the first entry ≥ N, ``index=0`` replays
+  the whole buffer (default 100 entries, ``event_buffer_size``).
+- Placement failure (scheduler/generic_sched.go, api/evaluations.go): the
+  evaluation completes with ``FailedTGAllocs{tg: AllocationMetric}``
+  (NodesEvaluated, NodesExhausted, DimensionExhausted) and a ``BlockedEval``
+  whose status is "blocked"; the job stays pending.
+- ACLs (command/agent/http.go, nomad/structs/errors.go): X-Nomad-Token or
+  ``Authorization: Bearer``; none → 403 "Permission denied", unknown → 403
+  "ACL token not found".
+
+Simplified (and why it is fine for pyexec's tests)
+--------------------------------------------------
+- One node, one region, any namespace accepted; no deployments, no services,
+  no ports, no constraints evaluation, no system/service scheduling beyond
+  starting the group once per count.
+- Only action-free templates render (no consul-template engine): a template
+  containing its delimiters fails the task with "Setup Failure".
+- Reschedule policies are recorded but never act (nothing is re-placed);
+  restart policies with attempts > 0 do re-run the container.
+- Logs never rotate (one ``.0`` file per stream); a followed log ends once its
+  task is dead and fully read; the log copier is joined before the
+  Terminated event, so logs are complete when a task shows dead (Nomad's
+  logmon may lag a little).
+- The stored child job keeps ``Payload`` raw (Nomad snappy-compresses it).
+- Capacity: ``hold`` reports the memory dimension exhausted for every new
+  placement; otherwise only a group bigger than the whole node fails.
+- No automatic GC: allocs, logs and dead jobs stay until ``PUT
+  /v1/system/gc`` (``sim.gc()``) or ``sim.stop()``; containers are removed as
+  soon as their task is dead (the docker driver removes them on task destroy).
+- A poststop task is not killed by a job stop that arrives while it runs.
+"""
+
+from __future__ import annotations
+
+from .server import NomadSim
+
+__all__ = ["NomadSim"]

@@ -1,0 +1,666 @@
+"""The sim's server + client logic: register, dispatch, schedule, stop, GC.
+
+HTTP-free: ``server.py`` parses requests and calls these methods; they raise
+:class:`ApiError` carrying the status code and text real Nomad would answer.
+Sources: ``nomad/job_endpoint.go`` (Register, Dispatch, Deregister),
+``nomad/state/state_store.go`` (``getJobStatus``), ``scheduler/`` (failed
+placements: ``FailedTGAllocs``, blocked evals), ``api/evaluations.go``.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from .allocrunner import ZERO_TIME, AllocRunner
+from .jobspec import (
+    DispatchError,
+    canonicalize,
+    dispatched_id,
+    group_demand,
+    validate_dispatch,
+    validate_register,
+)
+from .state import Change, State
+
+__all__ = ["ApiError", "Cluster"]
+
+JSON = dict[str, Any]
+TERMINAL_CLIENT = {"complete", "failed", "lost"}
+TERMINAL_EVAL = {"complete", "failed", "cancelled"}
+
+STUB_FIELDS = (
+    "ID",
+    "EvalID",
+    "Name",
+    "Namespace",
+    "NodeID",
+    "NodeName",
+    "JobID",
+    "JobType",
+    "JobVersion",
+    "TaskGroup",
+    "DesiredStatus",
+    "DesiredDescription",
+    "ClientStatus",
+    "ClientDescription",
+    "TaskStates",
+    "DeploymentStatus",
+    "FollowupEvalID",
+    "NextAllocation",
+    "RescheduleTracker",
+    "PreemptedAllocations",
+    "PreemptedByAllocation",
+    "CreateIndex",
+    "ModifyIndex",
+    "CreateTime",
+    "ModifyTime",
+)
+JOB_STUB_FIELDS = (
+    "ID",
+    "ParentID",
+    "Name",
+    "Namespace",
+    "Datacenters",
+    "NodePool",
+    "Type",
+    "Priority",
+    "Periodic",
+    "ParameterizedJob",
+    "Stop",
+    "Status",
+    "StatusDescription",
+    "JobSummary",
+    "CreateIndex",
+    "ModifyIndex",
+    "JobModifyIndex",
+    "SubmitTime",
+    "Meta",
+)
+
+
+class ApiError(Exception):
+    """An HTTP error answer: Nomad writes ``text`` as a text/plain body."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def alloc_terminal(alloc: JSON) -> bool:
+    """``Allocation.TerminalStatus``: desired stop/evict, or a terminal client status."""
+    return alloc["DesiredStatus"] in ("stop", "evict") or alloc["ClientStatus"] in TERMINAL_CLIENT
+
+
+class Cluster:
+    """One server and one client node, in memory, with real Docker tasks."""
+
+    def __init__(
+        self,
+        docker_client: Any,
+        data_dir: str,
+        *,
+        node_cpu_mhz: int = 4000,
+        node_memory_mb: int = 8192,
+        event_buffer: int = 100,
+        max_kill_timeout_s: float = 30.0,
+    ) -> None:
+        self.docker = docker_client
+        self.data_dir = data_dir
+        self.sim_id = uuid.uuid4().hex[:12]
+        self.state = State(event_buffer)
+        self.node_cpu_mhz = node_cpu_mhz
+        self.node_memory_mb = node_memory_mb
+        self.max_kill_timeout_ns = int(max_kill_timeout_s * 1e9)
+        node_id = str(uuid.uuid4())
+        self.node: JSON = {
+            "ID": node_id,
+            "Name": "nomadsim-node",
+            "Datacenter": "dc1",
+            "NodeClass": "",
+            "NodePool": "default",
+            "Attributes": {
+                "kernel.name": "linux",
+                "cpu.arch": "amd64",
+                "driver.docker": "1",
+                "unique.hostname": "nomadsim-node",
+                "os.name": "debian",
+                "nomad.version": "1.10.0",  # guessed: the version the sim imitates
+            },
+        }
+        self.hold = False
+        self.closing = False
+        self.dispatch_failure: str | None = None
+        self.held: deque[tuple[str, str, str]] = deque()
+        self.runners: dict[str, AllocRunner] = {}
+        self.payloads: dict[tuple[str, str], bytes] = {}
+        self._evals: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
+        self._scheduler = threading.Thread(
+            target=self._schedule_loop, name="nomadsim-sched", daemon=True
+        )
+        self._scheduler.start()
+
+    # -- helpers -------------------------------------------------------------
+    def _new_eval(self, job: JSON, index: int, triggered_by: str, status: str = "pending") -> JSON:
+        now = time.time_ns()
+        return {
+            "ID": str(uuid.uuid4()),
+            "Namespace": job["Namespace"],
+            "Priority": job["Priority"],
+            "Type": job["Type"],
+            "TriggeredBy": triggered_by,
+            "JobID": job["ID"],
+            "JobModifyIndex": job.get("JobModifyIndex", index),
+            "NodeID": "",
+            "NodeModifyIndex": 0,
+            "DeploymentID": "",
+            "Status": status,
+            "StatusDescription": "",
+            "Wait": 0,
+            "WaitUntil": ZERO_TIME,
+            "NextEval": "",
+            "PreviousEval": "",
+            "BlockedEval": "",
+            "RelatedEvals": None,
+            "FailedTGAllocs": None,
+            "ClassEligibility": None,
+            "EscapedComputedClass": False,
+            "QuotaLimitReached": "",
+            "AnnotatePlan": False,
+            "QueuedAllocations": None,
+            "SnapshotIndex": 0,
+            "CreateIndex": index,
+            "ModifyIndex": index,
+            "CreateTime": now,
+            "ModifyTime": now,
+        }
+
+    def _job_status(self, job: JSON) -> str:
+        """``getJobStatus`` in nomad/state/state_store.go."""
+        if job["Type"] == "system" or (job.get("ParameterizedJob") and not job.get("Dispatched")):
+            return "dead" if job["Stop"] else "running"
+        ns, job_id = job["Namespace"], job["ID"]
+        allocs = self.state.allocs_of_job(ns, job_id)
+        if any(not alloc_terminal(a) for a in allocs):
+            return "running"
+        evals = self.state.evals_of_job(ns, job_id)
+        if any(e["Status"] not in TERMINAL_EVAL for e in evals):
+            return "pending"
+        if evals or allocs or job["Stop"]:
+            return "dead"
+        return "pending"
+
+    def _refresh_job(self, ns: str, job_id: str, changes: list[Change]) -> None:
+        job = self.state.jobs.get((ns, job_id))
+        if job is None:
+            return
+        status = self._job_status(job)
+        if status != job["Status"]:
+            job["Status"] = status
+            changes.append(Change("jobs", (ns, job_id), [("jobs_list",)]))
+
+    @staticmethod
+    def _alloc_change(alloc: JSON) -> Change:
+        return Change("allocs", alloc["ID"], [("job_allocs", alloc["Namespace"], alloc["JobID"])])
+
+    @staticmethod
+    def _eval_change(ev: JSON) -> Change:
+        return Change("evals", ev["ID"], [("job_evals", ev["Namespace"], ev["JobID"])])
+
+    # -- jobs ----------------------------------------------------------------
+    def register(self, ns: str, job: JSON) -> JSON:
+        job = copy.deepcopy(job)
+        job["Namespace"] = job.get("Namespace") or ns
+        canonicalize(job)
+        problem = validate_register(job)
+        if problem is not None:
+            # guessed: multierror wording; Job.Register errors are plain RPC errors, so 500.
+            raise ApiError(500, f"1 error occurred:\n\t* {problem}\n\n")
+        key = (job["Namespace"], job["ID"])
+        out: JSON = {}
+
+        def write(index: int) -> list[Change]:
+            old = self.state.jobs.get(key)
+            job["CreateIndex"] = old["CreateIndex"] if old else index
+            job["Version"] = old["Version"] + 1 if old else 0
+            job["JobModifyIndex"] = index
+            job["ModifyIndex"] = index
+            job["SubmitTime"] = time.time_ns()
+            job["Status"] = "pending"
+            job["StatusDescription"] = ""
+            self.state.jobs[key] = job
+            changes = [Change("jobs", key, [("jobs_list",)])]
+            out.update(EvalID="", EvalCreateIndex=0, JobModifyIndex=index)
+            if not job.get("ParameterizedJob") and not job.get("Periodic"):
+                ev = self._new_eval(job, index, "job-register")
+                self.state.evals[ev["ID"]] = ev
+                changes.append(self._eval_change(ev))
+                out.update(EvalID=ev["ID"], EvalCreateIndex=index)
+                self._evals.put((key[0], key[1], ev["ID"]))
+            job["Status"] = self._job_status(job)
+            return changes
+
+        index = self.state.commit(write)
+        return {**out, "Warnings": "", "Index": index, "LastContact": 0, "KnownLeader": False}
+
+    def get_job(self, ns: str, job_id: str) -> JSON:
+        with self.state.lock:
+            job = self.state.jobs.get((ns, job_id))
+            if job is None:
+                raise ApiError(404, "job not found")
+            return copy.deepcopy(job)
+
+    def list_jobs(self, ns: str, prefix: str) -> list[JSON]:
+        with self.state.lock:
+            jobs = sorted(
+                (
+                    j
+                    for (n, i), j in self.state.jobs.items()
+                    if (ns == "*" or n == ns) and i.startswith(prefix)
+                ),
+                key=lambda j: j["ID"],
+            )
+            stubs = []
+            for job in jobs:
+                stub = {f: copy.deepcopy(job.get(f)) for f in JOB_STUB_FIELDS}
+                stub["ParameterizedJob"] = job.get("ParameterizedJob") is not None
+                stub["Periodic"] = job.get("Periodic") is not None
+                stubs.append(stub)
+            return stubs
+
+    def dispatch(
+        self,
+        ns: str,
+        job_id: str,
+        payload: bytes,
+        meta: dict[str, str],
+        prefix_template: str,
+        token: str,
+    ) -> JSON:
+        if self.dispatch_failure is not None:
+            raise ApiError(500, self.dispatch_failure)
+        out: JSON = {}
+
+        def write(index: int) -> list[Change]:
+            parent = self.state.jobs.get((ns, job_id))
+            try:
+                validate_dispatch(parent, job_id, payload, meta)
+            except DispatchError as exc:
+                raise ApiError(500, str(exc)) from None
+            assert parent is not None
+            if token:
+                for (n, _), child in self.state.jobs.items():
+                    if (
+                        n == ns
+                        and child.get("ParentID") == job_id
+                        and child.get("DispatchIdempotencyToken") == token
+                    ):
+                        out.update(
+                            DispatchedJobID=child["ID"],
+                            EvalID="",
+                            EvalCreateIndex=0,
+                            JobCreateIndex=child["CreateIndex"],
+                            Index=child["ModifyIndex"],
+                        )
+                        return []
+            child = copy.deepcopy(parent)
+            child["ID"] = dispatched_id(job_id, prefix_template)
+            child["Name"] = child["ID"]
+            child["ParentID"] = job_id
+            child["Dispatched"] = True
+            child["DispatchIdempotencyToken"] = token
+            child["Meta"] = {**(parent.get("Meta") or {}), **meta} or None
+            # simplified: Nomad stores the payload snappy-compressed; the sim keeps it raw.
+            child["Payload"] = base64.b64encode(payload).decode() if payload else None
+            child["CreateIndex"] = child["ModifyIndex"] = child["JobModifyIndex"] = index
+            child["SubmitTime"] = time.time_ns()
+            child["Version"] = 0
+            child["Status"] = "pending"
+            key = (ns, child["ID"])
+            self.state.jobs[key] = child
+            self.payloads[key] = payload
+            ev = self._new_eval(child, index, "job-register")
+            self.state.evals[ev["ID"]] = ev
+            self._evals.put((ns, child["ID"], ev["ID"]))
+            out.update(
+                DispatchedJobID=child["ID"],
+                EvalID=ev["ID"],
+                EvalCreateIndex=index,
+                JobCreateIndex=index,
+                Index=index,
+            )
+            return [Change("jobs", key, [("jobs_list",)]), self._eval_change(ev)]
+
+        self.state.commit(write)
+        return out
+
+    def stop_job(self, ns: str, job_id: str, purge: bool) -> JSON:
+        out: JSON = {"EvalID": "", "EvalCreateIndex": 0, "JobModifyIndex": 0}
+        to_stop: list[AllocRunner] = []
+
+        def write(index: int) -> list[Change]:
+            key = (ns, job_id)
+            job = self.state.jobs.get(key)
+            if job is None:
+                return []
+            changes: list[Change] = []
+            job["Stop"] = True
+            job["JobModifyIndex"] = index
+            ev = self._new_eval(job, index, "job-deregister", status="complete")
+            self.state.evals[ev["ID"]] = ev
+            changes.append(self._eval_change(ev))
+            for other in self.state.evals_of_job(ns, job_id):
+                if other["Status"] in ("blocked", "pending"):
+                    other["Status"] = "cancelled"
+                    other["StatusDescription"] = "canceled after more relevant eval"  # guessed
+                    changes.append(self._eval_change(other))
+            for alloc in self.state.allocs_of_job(ns, job_id):
+                if not alloc_terminal(alloc):
+                    alloc["DesiredStatus"] = "stop"
+                    alloc["DesiredDescription"] = "alloc not needed due to job update"  # guessed
+                    alloc["AllocModifyIndex"] = index
+                    changes.append(self._alloc_change(alloc))
+                    runner = self.runners.get(alloc["ID"])
+                    if runner is not None:
+                        to_stop.append(runner)
+            if purge:
+                del self.state.jobs[key]
+                self.payloads.pop(key, None)
+                changes.append(Change("jobs", key, [("jobs_list",)]))
+            else:
+                job["Status"] = self._job_status(job)
+                changes.append(Change("jobs", key, [("jobs_list",)]))
+            out.update(EvalID=ev["ID"], EvalCreateIndex=index, JobModifyIndex=index)
+            return changes
+
+        index = self.state.commit(write)
+        for runner in to_stop:
+            runner.stop()
+        return {**out, "Index": index, "LastContact": 0, "KnownLeader": False}
+
+    # -- scheduling ------------------------------------------------------------
+    def _schedule_loop(self) -> None:
+        while True:
+            item = self._evals.get()
+            if item is None:
+                return
+            self._schedule(*item)
+
+    def _metric(self, dimension: str) -> JSON:
+        """``AllocationMetric`` for one exhausted node (scheduler/rank.go wording)."""
+        return {
+            "NodesEvaluated": 1,
+            "NodesFiltered": 0,
+            "NodesInPool": 1,
+            "NodePool": "default",
+            "NodesAvailable": {self.node["Datacenter"]: 1},
+            "ClassFiltered": None,
+            "ConstraintFiltered": None,
+            "NodesExhausted": 1,
+            "ClassExhausted": None,
+            "DimensionExhausted": {dimension: 1},
+            "QuotaExhausted": None,
+            "ResourcesExhausted": None,
+            "Scores": None,
+            "ScoreMetaData": None,
+            "AllocationTime": 10_000,
+            "CoalescedFailures": 0,
+        }
+
+    def _schedule(self, ns: str, job_id: str, eval_id: str) -> None:
+        placed: list[AllocRunner] = []
+
+        def write(index: int) -> list[Change]:
+            ev = self.state.evals.get(eval_id)
+            job = self.state.jobs.get((ns, job_id))
+            if ev is None or ev["Status"] != "pending":
+                return []
+            changes: list[Change] = [self._eval_change(ev)]
+            ev["Status"] = "complete"
+            if job is None or job["Stop"]:
+                return changes
+            failed: JSON = {}
+            queued: JSON = {}
+            for group in job["TaskGroups"]:
+                cpu, mem = group_demand(group)
+                if mem > self.node_memory_mb:
+                    failed[group["Name"]] = self._metric("memory")
+                elif cpu > self.node_cpu_mhz:
+                    failed[group["Name"]] = self._metric("cpu")
+                elif self.hold:
+                    # guessed: a full node is reported as exhausted memory.
+                    failed[group["Name"]] = self._metric("memory")
+                queued[group["Name"]] = 1 if group["Name"] in failed else 0
+            ev["QueuedAllocations"] = queued
+            if failed:
+                ev["FailedTGAllocs"] = failed
+                blocked = self._new_eval(job, index, "queued-allocs", status="blocked")
+                blocked["PreviousEval"] = ev["ID"]
+                blocked["StatusDescription"] = "created to place remaining allocations"
+                blocked["FailedTGAllocs"] = None
+                ev["BlockedEval"] = blocked["ID"]
+                self.state.evals[blocked["ID"]] = blocked
+                changes.append(self._eval_change(blocked))
+                if self.hold and all(
+                    group_demand(g)[1] <= self.node_memory_mb
+                    and group_demand(g)[0] <= self.node_cpu_mhz
+                    for g in job["TaskGroups"]
+                ):
+                    self.held.append((ns, job_id, blocked["ID"]))
+            else:
+                changes += self._place(job, ev, index, placed)
+            self._refresh_job(ns, job_id, changes)
+            return changes
+
+        self.state.commit(write)
+        for runner in placed:
+            runner.start()
+
+    def _place(self, job: JSON, ev: JSON, index: int, placed: list[AllocRunner]) -> list[Change]:
+        changes = []
+        now = time.time_ns()
+        for group in job["TaskGroups"]:
+            tasks = {
+                t["Name"]: {
+                    "Cpu": {"CpuShares": t["Resources"]["CPU"], "ReservedCores": None},
+                    "Memory": {
+                        "MemoryMB": t["Resources"]["MemoryMB"],
+                        "MemoryMaxMB": t["Resources"].get("MemoryMaxMB", 0),
+                    },
+                    "Networks": None,
+                    "Devices": None,
+                }
+                for t in group["Tasks"]
+            }
+            for i in range(int(group.get("Count", 1))):
+                alloc: JSON = {
+                    "ID": str(uuid.uuid4()),
+                    "Namespace": job["Namespace"],
+                    "EvalID": ev["ID"],
+                    "Name": f"{job['ID']}.{group['Name']}[{i}]",
+                    "NodeID": self.node["ID"],
+                    "NodeName": self.node["Name"],
+                    "JobID": job["ID"],
+                    "JobType": job["Type"],
+                    "JobVersion": job["Version"],
+                    "Job": copy.deepcopy(job),
+                    "TaskGroup": group["Name"],
+                    "AllocatedResources": {
+                        "Tasks": tasks,
+                        "TaskLifecycles": {t["Name"]: t.get("Lifecycle") for t in group["Tasks"]},
+                        "Shared": {
+                            "DiskMB": group["EphemeralDisk"]["SizeMB"],
+                            "Networks": None,
+                            "Ports": None,
+                        },
+                    },
+                    "Metrics": {
+                        **self._metric("memory"),
+                        "NodesExhausted": 0,
+                        "DimensionExhausted": None,
+                    },
+                    "DesiredStatus": "run",
+                    "DesiredDescription": "",
+                    "DesiredTransition": {
+                        "Migrate": None,
+                        "Reschedule": None,
+                        "ForceReschedule": None,
+                        "NoShutdownDelay": None,
+                    },
+                    "ClientStatus": "pending",
+                    "ClientDescription": "",
+                    "TaskStates": None,
+                    "DeploymentID": "",
+                    "DeploymentStatus": None,
+                    "FollowupEvalID": "",
+                    "PreviousAllocation": "",
+                    "NextAllocation": "",
+                    "RescheduleTracker": None,
+                    "NetworkStatus": None,
+                    "PreemptedAllocations": None,
+                    "PreemptedByAllocation": "",
+                    "CreateIndex": index,
+                    "ModifyIndex": index,
+                    "AllocModifyIndex": index,
+                    "CreateTime": now,
+                    "ModifyTime": now,
+                }
+                self.state.allocs[alloc["ID"]] = alloc
+                changes.append(self._alloc_change(alloc))
+                payload = self.payloads.get((job["Namespace"], job["ID"]), b"")
+                runner = AllocRunner(self, alloc, alloc["Job"], payload)
+                self.runners[alloc["ID"]] = runner
+                placed.append(runner)
+        return changes
+
+    def release(self, n: int) -> int:
+        """Place the next ``n`` held dispatches (their blocked evals get unblocked)."""
+        released = 0
+        while released < n:
+            try:
+                ns, job_id, blocked_id = self.held.popleft()
+            except IndexError:
+                break
+            placed: list[AllocRunner] = []
+
+            def write(
+                index: int,
+                ns: str = ns,
+                job_id: str = job_id,
+                blocked_id: str = blocked_id,
+                placed: list[AllocRunner] = placed,
+            ) -> list[Change]:
+                ev = self.state.evals.get(blocked_id)
+                job = self.state.jobs.get((ns, job_id))
+                if ev is None or ev["Status"] != "blocked" or job is None or job["Stop"]:
+                    return []
+                ev["Status"] = "complete"
+                ev["QueuedAllocations"] = {g["Name"]: 0 for g in job["TaskGroups"]}
+                changes = [self._eval_change(ev), *self._place(job, ev, index, placed)]
+                self._refresh_job(ns, job_id, changes)
+                return changes
+
+            self.state.commit(write)
+            for runner in placed:
+                runner.start()
+            if placed:
+                released += 1
+        return released
+
+    # -- client updates ----------------------------------------------------------
+    def update_task_states(
+        self, alloc_id: str, states: dict[str, JSON], client_status: str, description: str
+    ) -> None:
+        def write(index: int) -> list[Change]:
+            alloc = self.state.allocs.get(alloc_id)
+            if alloc is None:
+                return []
+            alloc["TaskStates"] = copy.deepcopy(states)
+            alloc["ClientStatus"] = client_status
+            alloc["ClientDescription"] = description
+            changes = [self._alloc_change(alloc)]
+            self._refresh_job(alloc["Namespace"], alloc["JobID"], changes)
+            return changes
+
+        self.state.commit(write)
+
+    # -- reads --------------------------------------------------------------------
+    def alloc_stubs(self, ns: str, job_id: str) -> list[JSON]:
+        with self.state.lock:
+            allocs = sorted(self.state.allocs_of_job(ns, job_id), key=lambda a: -a["CreateIndex"])
+            return [{f: copy.deepcopy(a.get(f)) for f in STUB_FIELDS} for a in allocs]
+
+    def get_alloc(self, alloc_id: str) -> JSON:
+        with self.state.lock:
+            alloc = self.state.allocs.get(alloc_id)
+            if alloc is None:
+                matches = [a for i, a in self.state.allocs.items() if i.startswith(alloc_id)]
+                if len(matches) != 1 or len(alloc_id) < 2:
+                    raise ApiError(404, "alloc not found")
+                alloc = matches[0]
+            return copy.deepcopy(alloc)
+
+    def get_eval(self, eval_id: str) -> JSON:
+        with self.state.lock:
+            ev = self.state.evals.get(eval_id)
+            if ev is None:
+                raise ApiError(404, "eval not found")
+            return copy.deepcopy(ev)
+
+    def job_evals(self, ns: str, job_id: str) -> list[JSON]:
+        with self.state.lock:
+            evals = sorted(self.state.evals_of_job(ns, job_id), key=lambda e: -e["CreateIndex"])
+            return copy.deepcopy(evals)
+
+    # -- GC and shutdown ---------------------------------------------------------
+    def gc(self) -> None:
+        """``PUT /v1/system/gc``: drop dead dispatched jobs, terminal allocs and their dirs."""
+        doomed: list[AllocRunner] = []
+
+        def write(index: int) -> list[Change]:
+            changes: list[Change] = []
+            for alloc_id, alloc in list(self.state.allocs.items()):
+                runner = self.runners.get(alloc_id)
+                if alloc["ClientStatus"] in TERMINAL_CLIENT and (
+                    runner is None or not runner.is_alive()
+                ):
+                    del self.state.allocs[alloc_id]
+                    changes.append(self._alloc_change(alloc))
+                    if runner is not None:
+                        doomed.append(self.runners.pop(alloc_id))
+            for key, job in list(self.state.jobs.items()):
+                if job["Status"] == "dead" and not self.state.allocs_of_job(*key):
+                    del self.state.jobs[key]
+                    self.payloads.pop(key, None)
+                    changes.append(Change("jobs", key, [("jobs_list",)]))
+                    for ev in self.state.evals_of_job(*key):
+                        del self.state.evals[ev["ID"]]
+                        changes.append(self._eval_change(ev))
+            return changes
+
+        self.state.commit(write)
+        for runner in doomed:
+            runner.destroy()
+
+    def shutdown(self) -> None:
+        """Stop the scheduler, kill every task, remove every container and alloc dir."""
+        self.closing = True
+        self._evals.put(None)
+        for runner in list(self.runners.values()):
+            runner.stop()
+            for tr in runner.tasks.values():
+                tr.kill_requested.set()
+                tr.gate.set()
+                if tr.container is not None:
+                    runner.remove_container(tr.container)
+        for runner in list(self.runners.values()):
+            runner.join(timeout=10)
+            runner.destroy()
+        self.runners.clear()
