@@ -31,7 +31,7 @@ class FlakyRunner:
     async def start(self, execution: Execution, *args: object) -> None:
         return None
 
-    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:  # noqa: ASYNC109
+    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
         return RunOutcome(reason=Reason.EXITED, exit_code=0)
 
     async def kill(self, execution_id: str) -> None:
@@ -182,5 +182,6 @@ async def test_app_counts_a_runner_failure_as_a_backend_error() -> None:
         )
         assert response.status_code == 503
         text = await metrics_text(api)
-    assert value(text, 'pyexec_backend_errors_total{backend="runner",code="runner_unavailable"}') == 1
+    errors = 'pyexec_backend_errors_total{backend="runner",code="runner_unavailable"}'
+    assert value(text, errors) == 1
     assert value(text, 'pyexec_executions_total{reason="error",status="failed"}') == 1
