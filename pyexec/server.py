@@ -14,6 +14,7 @@ import types
 import uvicorn
 
 from .app import create_app
+from .logsetup import configure_logging
 from .service import ExecutionService
 from .settings import Settings
 
@@ -35,6 +36,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    configure_logging(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -43,6 +45,10 @@ def serve(settings: Settings) -> None:
         # Long enough for the drain to kill and record what is left, and answer.
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 15,
         log_level=settings.log_level.lower(),
+        # Our JSON handler (pyexec.logsetup) formats uvicorn's lines too; the request-id
+        # middleware writes the access line, with the request id on it.
+        log_config=None,
+        access_log=False,
         proxy_headers=True,
     )
     _DrainingServer(config, app.state.service, settings.shutdown_grace_seconds).run()
