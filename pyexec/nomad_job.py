@@ -164,7 +164,7 @@ def _task(
 
 def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, Any]:
     """The runner job of one resource class, as the body of ``PUT /v1/jobs`` wants ``Job``."""
-    script = _template(task_script(), SCRIPT_DEST)
+    script = task_script()
     consul_env = {
         "PYEXEC_CONSUL_ADDR": consul_url(settings),
         "PYEXEC_CONSUL_PREFIX": settings.consul_prefix,
@@ -187,7 +187,7 @@ def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, A
         resource_class.memory_mb,
     )
     setup["Env"] = dict(consul_env)
-    setup["Templates"] = [script]
+    setup["Templates"] = [_template(script, SCRIPT_DEST)]
     ca = _ca_bundle(settings)
     if ca is not None:
         setup["Templates"].append(_template(ca, CA_DEST))
@@ -211,11 +211,11 @@ def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, A
         resource_class.cpu_mhz,
         resource_class.memory_mb,
     )
-    run["Templates"] = [script]
+    run["Templates"] = [_template(script, SCRIPT_DEST)]
 
     finish = _task(TASKS["finish"], "poststop", dict(networked), FINISH_CPU_MHZ, FINISH_MEMORY_MB)
     finish["Env"] = dict(consul_env)
-    finish["Templates"] = [script]
+    finish["Templates"] = [_template(script, SCRIPT_DEST)]
 
     job: dict[str, Any] = {
         "ID": job_id(settings, resource_class),
@@ -241,7 +241,7 @@ def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, A
                     "Delay": 15 * SECOND,
                     "Mode": "fail",
                 },
-                "ReschedulePolicy": {"Attempts": 0, "Interval": 0, "Unlimited": False},
+                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
                 "EphemeralDisk": {"SizeMB": resource_class.disk_mb},
                 "Tasks": [setup, run, finish],
             }

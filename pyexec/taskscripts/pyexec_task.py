@@ -353,7 +353,13 @@ def run() -> int:
     timeout = float(config.get("timeout_seconds") or 300)
     cap = int(config.get("max_output_bytes") or 1024 * 1024)
     try:
-        shutil.copytree(SRC, WORK, dirs_exist_ok=True)
+        # Entry by entry: /work itself is a tmpfs root this user may not chmod.
+        for name in os.listdir(SRC):
+            source = os.path.join(SRC, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(WORK, name))
+            else:
+                shutil.copy2(source, os.path.join(WORK, name))
     except (OSError, shutil.Error) as exc:
         write_json(
             RESULT,
