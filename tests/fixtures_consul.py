@@ -60,6 +60,10 @@ def kv_put(key: str, value: bytes, addr: str = CONSUL_ADDR) -> None:
     httpx.put(f"{consul_url(addr)}/v1/kv/{key}", content=value).raise_for_status()
 
 
+def kv_delete(key: str, addr: str = CONSUL_ADDR) -> None:
+    httpx.delete(f"{consul_url(addr)}/v1/kv/{key}").raise_for_status()
+
+
 def kv_delete_tree(prefix: str, addr: str = CONSUL_ADDR) -> None:
     httpx.delete(f"{consul_url(addr)}/v1/kv/{prefix}/", params={"recurse": ""}).raise_for_status()
 

@@ -28,8 +28,13 @@ from pyexec.store import Store
 from pyexec.store.consul import ConsulStore
 from pyexec.store.memory import MemoryStore
 
+from . import fixtures_consul
+
 pytestmark = pytest.mark.anyio
-pytest_plugins = ["tests.fixtures_consul"]
+
+# The shared fixtures, by name (tests/conftest.py may register the module instead).
+consul_prefix = fixtures_consul.consul_prefix
+consul_settings = fixtures_consul.consul_settings
 
 REASON_FOR = {Status.COMPLETED: Reason.EXITED, Status.FAILED: Reason.TIMEOUT,
               Status.KILLED: Reason.KILLED}  # fmt: skip
