@@ -23,10 +23,12 @@ from pyexec.client import (
     APIError,
     AuthenticationError,
     ClientError,
+    NotFoundError,
     WaitTimeout,
 )
 
 from . import commands, exitcodes
+from .inputs import STDIN
 from .options import Globals, UsageError, activate
 from .serve import serve
 
@@ -84,16 +86,17 @@ def _launcher(
 
 
 def _split_script_args(tokens: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
-    if "--" not in tokens:
-        return list(tokens), ()
-    cut = tokens.index("--")
-    return list(tokens[:cut]), tuple(tokens[cut + 1 :])
+    """The command's tokens (a bare ``-`` meaning stdin) and the script's, after ``--``."""
+    cut = tokens.index("--") if "--" in tokens else len(tokens)
+    command = [STDIN if word == "-" else word for word in tokens[:cut]]
+    return command, tuple(tokens[cut + 1 :])
 
 
 def _explain(exc: ClientError, server: str) -> str:
     if isinstance(exc, AuthenticationError):
         return f"{exc} - pass --token or set PYEXEC_TOKEN"
-    if isinstance(exc, APIError) and exc.code.startswith("http_"):
+    wrong_place = isinstance(exc, NotFoundError) and exc.code != "execution_not_found"
+    if wrong_place or (isinstance(exc, APIError) and exc.code.startswith("http_")):
         return f"{exc} - is {server} a pyexec server?"
     return str(exc)
 

@@ -14,7 +14,7 @@ from pyexec.__about__ import __version__
 from pyexec.client import Client, Execution, Logs, RunOptions, WaitTimeout
 
 from . import exitcodes
-from .inputs import gather
+from .inputs import STDIN, gather
 from .options import ExecFlags, Globals, UsageError, current, env_pairs
 from .render import Progress, emit_execution, note, print_json, write
 
@@ -218,7 +218,7 @@ def _eval_source(path: str | None, code: str | None) -> str:
         if path is not None:
             raise UsageError("give either -c CODE or a FILE, not both")
         return code
-    if path is None or path == "-":
+    if path is None or path == STDIN:
         if path is None and sys.stdin.isatty():
             raise UsageError("no code given: pass -c CODE, a FILE, or pipe code on stdin")
         text = sys.stdin.read()

@@ -24,7 +24,11 @@ from pyexec.client import (
 
 from .options import UsageError
 
-__all__ = ["Program", "gather", "pick_entrypoint"]
+__all__ = ["STDIN", "Program", "gather", "pick_entrypoint"]
+
+#: How a ``-`` argument reaches the commands (the meta app rewrites it: cyclopts would
+#: take a bare ``-`` for an option).
+STDIN = "/dev/stdin"
 
 NO_INPUT = (
     "no program given: pass a script, a directory, a .tar, --file PATH, or pipe a script "
@@ -68,7 +72,7 @@ def _archive_for(
         return tar_from_files(files)
     if path is None and stdin_is_tty:
         raise UsageError(NO_INPUT)
-    if path is None or path == "-":
+    if path is None or path in ("-", STDIN):
         try:
             return tar_from_stream(stdin, name=stdin_name)
         except ArchiveError as exc:
@@ -79,6 +83,8 @@ def _archive_for(
     if target.is_dir():
         return tar_from_directory(target)
     if not target.exists():
+        if path.startswith("-"):
+            raise UsageError(f"unknown option {path} (see --help)")
         raise UsageError(f"{path}: no such file or directory")
     if target.suffix == ".tar":
         archive = target.open("rb")
