@@ -403,7 +403,7 @@ def test_parse_traceback_without_a_traceback() -> None:
 
 
 def test_postprocess_falls_back_to_the_traceback_text() -> None:
-    """Without a report (os._exit, cut output), a failing run's traceback is parsed."""
+    """Without a report (os._exit, fd 2 closed), a failing run's traceback is parsed."""
     postprocess = make_postprocess("t1", "main.py", eval_last_expr=True)
     stderr = (
         "Traceback (most recent call last):\n"

@@ -3,9 +3,10 @@
 The wrapper (``sandbox.py``) ends stderr with one report line,
 ``\\n\\x1epyexec-eval:<tag> {...}\\n``, where ``<tag>`` is random per run. The
 report is taken out of stderr, so the user sees only their own output, and its
-fields become ``RunOutcome.extra``. When there is no report (the program ended
-through ``os._exit``, a signal, or its output was cut at the limit), the error
-fields are read from the traceback text instead, if there is one.
+fields become ``RunOutcome.extra``. When a program that exited with a non-zero
+code left no report (it ended through ``os._exit`` or closed fd 2), the error
+fields are read from the traceback text instead, if there is one. A run ended
+by a limit (timeout, memory, output) gets no error fields.
 """
 
 from __future__ import annotations
