@@ -1,0 +1,105 @@
+"""Checking and extracting uploaded tars without trusting them.
+
+``validate_tar`` walks an uploaded (uncompressed) archive header by header and
+rejects anything that could write outside the extraction directory, any special
+file, and archives that are too big once unpacked; it never reads the archive
+into memory. ``safe_extract`` unpacks with the same rules checked member by member
+before anything of that member is written. The rules themselves live in
+``pyexec.sandbox.tarcheck`` because the in-container bootstrap applies them again.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import BinaryIO
+
+import attrs
+
+from .errors import PayloadTooLarge, TarRejected
+from .sandbox.tarcheck import (
+    FILE,
+    HARDLINK,
+    SYMLINK,
+    TarChecker,
+    TarProblem,
+    extract_checked,
+    member_kind,
+)
+
+__all__ = ["TarSummary", "safe_extract", "validate_tar"]
+
+#: Read size when the archive has to be streamed (not seekable).
+_STREAM_BUFSIZE = 1024 * 1024
+_TOO_LARGE = {"tar_too_many_entries", "tar_too_much_data"}
+
+
+@attrs.frozen
+class TarSummary:
+    entries: int
+    total_bytes: int
+
+
+def _rejected(problem: TarProblem) -> TarRejected | PayloadTooLarge:
+    if problem.code in _TOO_LARGE:
+        return PayloadTooLarge(problem.message, code=problem.code)
+    return TarRejected(problem.message, code=problem.code)
+
+
+def _open(fileobj: BinaryIO) -> tarfile.TarFile:
+    # A seekable upload (a spooled temporary file) lets tarfile hop from header to
+    # header; otherwise it has to read the data between them.
+    if fileobj.seekable():
+        return tarfile.open(fileobj=fileobj, mode="r:")
+    return tarfile.open(fileobj=fileobj, mode="r|", bufsize=_STREAM_BUFSIZE)
+
+
+def validate_tar(
+    fileobj: BinaryIO, *, entrypoint: str | None, max_entries: int, max_bytes: int
+) -> TarSummary:
+    """Check every member of the tar in ``fileobj``; raise ``TarRejected``/``PayloadTooLarge``.
+
+    ``entrypoint`` (a relative path) must name a file in the archive unless it is ``None``.
+    A seekable ``fileobj`` is left rewound to where it started.
+    """
+    start = fileobj.tell() if fileobj.seekable() else None
+    checker = TarChecker(max_entries, max_bytes)
+    try:
+        with _open(fileobj) as archive:
+            while (member := archive.next()) is not None:
+                checker.add(member.name, member_kind(member), member.size, member.linkname)
+                # tarfile keeps every member it has read; a summary needs none of them.
+                archive.members.clear()  # type: ignore[attr-defined]  # missing from typeshed
+    except TarProblem as problem:
+        raise _rejected(problem) from None
+    except (tarfile.TarError, EOFError, UnicodeError) as exc:
+        raise TarRejected(f"not a readable uncompressed tar: {exc}", code="tar_invalid") from None
+    finally:
+        if start is not None:
+            fileobj.seek(start)
+    if entrypoint is not None and checker.kinds.get(entrypoint) not in {FILE, HARDLINK, SYMLINK}:
+        raise TarRejected(
+            f"the entrypoint {entrypoint!r} is not a file in the archive",
+            code="entrypoint_not_found",
+            entrypoint=entrypoint,
+        )
+    return TarSummary(entries=checker.entries, total_bytes=checker.total_bytes)
+
+
+def safe_extract(
+    fileobj: BinaryIO, dest: str | os.PathLike[str], *, max_entries: int, max_bytes: int
+) -> TarSummary:
+    """Extract the tar in ``fileobj`` into the existing directory ``dest``.
+
+    Each member is checked (with every member before it) before it is written, so a
+    rejected archive may leave earlier members in ``dest`` but never anything outside it.
+    """
+    checker = TarChecker(max_entries, max_bytes)
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|", bufsize=_STREAM_BUFSIZE) as archive:
+            extract_checked(archive, os.fspath(dest), checker)
+    except TarProblem as problem:
+        raise _rejected(problem) from None
+    except (tarfile.TarError, EOFError, UnicodeError) as exc:
+        raise TarRejected(f"the tar cannot be extracted: {exc}", code="tar_invalid") from None
+    return TarSummary(entries=checker.entries, total_bytes=checker.total_bytes)
