@@ -39,6 +39,7 @@ __all__ = [
     "TASKS",
     "consul_url",
     "job_id",
+    "job_id_for",
     "pick_class",
     "runner_job",
     "runner_jobs",
@@ -69,7 +70,12 @@ def task_script() -> str:
 
 
 def job_id(settings: Settings, resource_class: ResourceClass) -> str:
-    return f"{settings.nomad_job_prefix}-{resource_class.name}"
+    return job_id_for(settings, resource_class.name)
+
+
+def job_id_for(settings: Settings, class_name: str) -> str:
+    """The runner job ID of the resource class called ``class_name``."""
+    return f"{settings.nomad_job_prefix}-{class_name}"
 
 
 def consul_url(settings: Settings) -> str:
