@@ -49,6 +49,8 @@ app.command(commands.version)
 app.command(commands.eval_, name="eval")
 app.command(serve)
 app.command("pyexec.configref:config_reference", name="config-reference")
+app.command("pyexec.cli.nomad_cmds:job_app", name="job")
+app.command("pyexec.cli.nomad_cmds:bundle_app", name="bundle")
 app.register_install_completion_command(add_to_startup=False)
 
 
