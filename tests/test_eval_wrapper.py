@@ -15,12 +15,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from pyexec.evaluate import parse_eval_request, prepare
-from pyexec.evaluate.outcome import make_postprocess, parse_traceback, split_report
+from pyexec.evaluate.archive import WRAPPER_PATH
+from pyexec.evaluate.outcome import finish_outcome, finish_record, parse_traceback, split_report
 from pyexec.evaluate.sandbox import REPORT_MARK
-from pyexec.models import Reason, RunOutcome
+from pyexec.models import Execution, Reason, RunOutcome, new_execution_id
 from pyexec.settings import Settings
 
 SETTINGS = Settings(
@@ -358,22 +360,40 @@ def test_wrapper_runs_on_other_versions(local: Local, python: str) -> None:
 # --- the report channel and the traceback parser ------------------------------------------
 
 
-def test_split_report_takes_the_last_report_with_the_right_tag() -> None:
-    """Only a line with this run's tag is the report; a forged one with another tag stays."""
-    stderr = f"a\n\n{REPORT_MARK}other {{'result': 'x'}}\nb\n{REPORT_MARK}t1 {{'result': '1'}}\nc"
-    rest, report = split_report(stderr, "t1")
+def test_os_exit_falls_back_to_the_printed_traceback(local: Local) -> None:
+    """A program that prints a traceback and leaves through os._exit still gets error fields."""
+    code = textwrap.dedent(
+        """\
+        import os, traceback
+        try:
+            {}["k"]
+        except KeyError:
+            traceback.print_exc()
+            os._exit(4)
+        """
+    )
+    outcome = local.run({"code": code, "eval_last_expr": True})
+    assert outcome.exit_code == 4
+    assert (outcome.extra["error_type"], outcome.extra["error_line"]) == ("KeyError", 3)
+
+
+def test_split_report_takes_the_last_report() -> None:
+    """The last report line is taken out; the text around it is kept as it was."""
+    first = f"{REPORT_MARK}{{'result': 'x'}}"
+    stderr = f"a\n\n{first}\nb\n{REPORT_MARK}{{'result': '1', 'error_line': True}}\nc"
+    rest, report = split_report(stderr)
     assert report == {"result": "1", "error_type": None, "error_line": None}
-    assert rest == f"a\n\n{REPORT_MARK}other {{'result': 'x'}}\nbc"
+    assert rest == f"a\n\n{first}\nbc"
 
 
 def test_garbled_report_is_ignored() -> None:
     """A report that is not a literal dict leaves stderr as it was."""
-    stderr = f"x\n{REPORT_MARK}t1 __import__('os')\n"
-    assert split_report(stderr, "t1") == (stderr, None)
+    stderr = f"x\n{REPORT_MARK}__import__('os')\n"
+    assert split_report(stderr) == (stderr, None)
 
 
 def test_parse_traceback_finds_type_and_innermost_entrypoint_line() -> None:
-    """From a printed traceback: the exception type and the deepest entrypoint line."""
+    """From a printed traceback: the exception type and the deepest line of the first file."""
     stderr = textwrap.dedent(
         """\
         Traceback (most recent call last):
@@ -386,7 +406,7 @@ def test_parse_traceback_finds_type_and_innermost_entrypoint_line() -> None:
         errors.Custom: x: y
         """
     )
-    assert parse_traceback(stderr, "main.py") == ("Custom", 4)
+    assert parse_traceback(stderr) == ("Custom", 4)
 
 
 def test_parse_traceback_of_a_syntax_error() -> None:
@@ -394,29 +414,49 @@ def test_parse_traceback_of_a_syntax_error() -> None:
     stderr = (
         "  File \"/work/main.py\", line 2\n    if True\n           ^\nSyntaxError: expected ':'\n"
     )
-    assert parse_traceback(stderr, "main.py") == ("SyntaxError", 2)
+    assert parse_traceback(stderr) == ("SyntaxError", 2)
 
 
 def test_parse_traceback_without_a_traceback() -> None:
     """Plain stderr yields no error fields."""
-    assert parse_traceback("just a warning\n", "main.py") == (None, None)
+    assert parse_traceback("just a warning\n") == (None, None)
 
 
-def test_postprocess_falls_back_to_the_traceback_text() -> None:
-    """Without a report (os._exit, fd 2 closed), a failing run's traceback is parsed."""
-    postprocess = make_postprocess("t1", "main.py", eval_last_expr=True)
+def test_finish_outcome_falls_back_to_the_traceback_text() -> None:
+    """Without a report, a failing run's traceback is parsed."""
     stderr = (
         "Traceback (most recent call last):\n"
         '  File "/work/main.py", line 3, in <module>\n'
         "OSError: x\n"
     )
-    outcome = postprocess(RunOutcome(reason=Reason.EXITED, exit_code=1, stderr=stderr))
+    outcome = finish_outcome(RunOutcome(reason=Reason.EXITED, exit_code=1, stderr=stderr))
     assert outcome.extra == {"result": None, "error_type": "OSError", "error_line": 3}
     assert outcome.stderr == stderr
 
 
-def test_postprocess_leaves_timeouts_without_error_fields() -> None:
+def test_finish_outcome_leaves_timeouts_without_error_fields() -> None:
     """A run that did not exit by itself gets no error_type."""
-    postprocess = make_postprocess("t1", "main.py", eval_last_expr=False)
-    outcome = postprocess(RunOutcome(reason=Reason.TIMEOUT, stderr="Traceback...\nX: y\n"))
+    outcome = finish_outcome(RunOutcome(reason=Reason.TIMEOUT, stderr="Traceback...\nX: y\n"))
     assert outcome.extra == {"result": None, "error_type": None, "error_line": None}
+
+
+def eval_record(stderr: str, **fields: Any) -> Execution:
+    record = Execution(execution_id=new_execution_id(), request={"entrypoint": WRAPPER_PATH})
+    outcome = RunOutcome(reason=Reason.EXITED, exit_code=0, stderr=stderr)
+    return attrs.evolve(record.finished(outcome), **fields)
+
+
+def test_finish_record_applies_a_report_left_in_a_stored_record() -> None:
+    """A record finished without postprocess (Nomad task, restart) is fixed from stderr alone."""
+    record = eval_record(f"warn\n{REPORT_MARK}{{'result': '4'}}\n")
+    finished = finish_record(record)
+    assert (finished.stderr, finished.result) == ("warn", "4")
+    assert finish_record(finished) == finished
+
+
+def test_finish_record_leaves_other_records_alone() -> None:
+    """Records of the tar API, or not yet terminal, are returned unchanged."""
+    tar_run = attrs.evolve(eval_record(f"\n{REPORT_MARK}{{}}\n"), request={"entrypoint": "x.py"})
+    assert finish_record(tar_run) is tar_run
+    running = Execution(execution_id=new_execution_id(), request={"entrypoint": WRAPPER_PATH})
+    assert finish_record(running) is running

@@ -10,6 +10,15 @@
 from __future__ import annotations
 
 from .job import EvalJob, prepare
+from .outcome import finish_outcome, finish_record, is_eval_request
 from .request import EvalRequest, parse_eval_request
 
-__all__ = ["EvalJob", "EvalRequest", "parse_eval_request", "prepare"]
+__all__ = [
+    "EvalJob",
+    "EvalRequest",
+    "finish_outcome",
+    "finish_record",
+    "is_eval_request",
+    "parse_eval_request",
+    "prepare",
+]

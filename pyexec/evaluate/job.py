@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,7 +14,7 @@ from pyexec.settings import Settings
 from .archive import WRAPPER_PATH, build_archive, wrapper_source
 from .distributions import distributions_for, merge_requirements
 from .imports import third_party_imports
-from .outcome import make_postprocess
+from .outcome import finish_outcome
 from .request import EvalRequest
 
 __all__ = ["MAX_RESULT_CHARS", "EvalJob", "detected_requirements", "prepare"]
@@ -48,7 +47,6 @@ def detected_requirements(job: EvalRequest, settings: Settings) -> tuple[str, ..
 
 def prepare(job: EvalRequest, settings: Settings) -> EvalJob:
     """Detect requirements, build the archive with the wrapper, and the post-processing."""
-    tag = secrets.token_hex(8)
     detected = detected_requirements(job, settings)
     requirements, added = merge_requirements(job.execution.requirements_txt, detected or ())
     result_limit = min(MAX_RESULT_CHARS, job.execution.config.max_output_bytes // 2)
@@ -56,7 +54,6 @@ def prepare(job: EvalRequest, settings: Settings) -> EvalJob:
         {
             "entrypoint": job.entrypoint,
             "eval_last_expr": job.eval_last_expr,
-            "tag": tag,
             "result_limit": max(result_limit, 1),
         }
     )
@@ -65,5 +62,5 @@ def prepare(job: EvalRequest, settings: Settings) -> EvalJob:
         request=request,
         tar=build_archive(job.files, wrapper),
         initial={} if detected is None else {"auto_requirements": added},
-        postprocess=make_postprocess(tag, job.entrypoint, eval_last_expr=job.eval_last_expr),
+        postprocess=finish_outcome,
     )

@@ -1,39 +1,55 @@
-"""Turning the runner's outcome of an eval run into eval's answer.
+"""Turning the outcome of an eval run into eval's answer.
 
 The wrapper (``sandbox.py``) ends stderr with one report line,
-``\\n\\x1epyexec-eval:<tag> {...}\\n``, where ``<tag>`` is random per run. The
-report is taken out of stderr, so the user sees only their own output, and its
-fields become ``RunOutcome.extra``. When a program that exited with a non-zero
-code left no report (it ended through ``os._exit`` or closed fd 2), the error
-fields are read from the traceback text instead, if there is one. A run ended
-by a limit (timeout, memory, output) gets no error fields.
+``\\n\\x1epyexec-eval-report {...}\\n``. The report is taken out of stderr, so
+the user sees only their own output, and its fields (``result``,
+``error_type``, ``error_line``) become ``RunOutcome.extra``. When a program that
+exited with a non-zero code left no report (it ended through ``os._exit`` or
+closed fd 2), the error fields are read from the traceback text instead, if
+there is one. A run ended by a limit (timeout, memory, output) gets no error
+fields.
+
+Everything here is a pure function of the outcome or of the stored record, so
+it can be applied wherever a final outcome is stored: ``finish_outcome`` as the
+``postprocess`` of ``ExecutionService.run``, ``finish_record`` on a record some
+other writer finished (a Nomad task) or that a restarted service adopted.
 """
 
 from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from pyexec.models import Reason, RunOutcome
+from pyexec.models import Execution, Reason, RunOutcome
 
+from .archive import WRAPPER_PATH
 from .sandbox import REPORT_MARK
 
-__all__ = ["make_postprocess", "parse_traceback", "split_report"]
-
-#: A report line is small; anything longer than this after the mark is not one.
-MAX_REPORT_CHARS = 4 * 1024 * 1024
+__all__ = [
+    "finish_outcome",
+    "finish_record",
+    "is_eval_request",
+    "parse_traceback",
+    "split_report",
+]
 
 _FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+)', re.MULTILINE)
 _EXCEPTION = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::|$)")
+_FIELDS = ("result", "error_type", "error_line")
 
 
-def split_report(stderr: str, tag: str) -> tuple[str, dict[str, Any] | None]:
-    """``stderr`` without the report line, and the report (``None`` if absent or garbled)."""
-    mark = f"\n{REPORT_MARK}{tag} "
+def is_eval_request(request: Mapping[str, Any] | None) -> bool:
+    """Whether a stored request (metadata form) is an eval run."""
+    return request is not None and request.get("entrypoint") == WRAPPER_PATH
+
+
+def split_report(stderr: str) -> tuple[str, dict[str, Any] | None]:
+    """``stderr`` without the last report line, and that report (``None`` if absent or garbled)."""
+    mark = f"\n{REPORT_MARK}"
     start = stderr.rfind(mark)
     if start < 0:
         return stderr, None
@@ -42,7 +58,7 @@ def split_report(stderr: str, tag: str) -> tuple[str, dict[str, Any] | None]:
         return stderr, None
     try:
         report = ast.literal_eval(stderr[start + len(mark) : end])
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return stderr, None
     if not isinstance(report, dict):
         return stderr, None
@@ -50,25 +66,20 @@ def split_report(stderr: str, tag: str) -> tuple[str, dict[str, Any] | None]:
 
 
 def _checked(report: dict[Any, Any]) -> dict[str, Any]:
-    result, error_type, error_line = (
-        report.get("result"),
-        report.get("error_type"),
-        report.get("error_line"),
-    )
+    result, error_type, line = (report.get(name) for name in _FIELDS)
     return {
         "result": result if isinstance(result, str) else None,
         "error_type": error_type if isinstance(error_type, str) else None,
-        "error_line": error_line
-        if isinstance(error_line, int) and not isinstance(error_line, bool)
-        else None,
+        "error_line": line if isinstance(line, int) and not isinstance(line, bool) else None,
     }
 
 
-def parse_traceback(stderr: str, entrypoint: str) -> tuple[str | None, int | None]:
+def parse_traceback(stderr: str) -> tuple[str | None, int | None]:
     """``(error_type, error_line)`` from the last traceback Python printed in ``stderr``.
 
-    ``error_line`` is the innermost frame in a file whose path ends with
-    ``entrypoint``; a syntax error's own ``File ..., line N`` header counts as one.
+    The line is the innermost one in the file of the traceback's first frame (the
+    user's entrypoint, as the wrapper prints it); a syntax error's own
+    ``File ..., line N`` header counts as a frame.
     """
     start = max(stderr.rfind("Traceback (most recent call last):"), 0)
     text = stderr[start:]
@@ -80,28 +91,39 @@ def parse_traceback(stderr: str, entrypoint: str) -> tuple[str | None, int | Non
             break
     if error_type is None:
         return None, None
-    error_line = None
-    for frame in _FRAME.finditer(text):
-        path = frame["file"]
-        if path == entrypoint or path.endswith("/" + entrypoint):
-            error_line = int(frame["line"])
-    return error_type, error_line
+    frames = [(frame["file"], int(frame["line"])) for frame in _FRAME.finditer(text)]
+    if not frames:
+        return error_type, None
+    first_file = frames[0][0]
+    return error_type, [line for path, line in frames if path == first_file][-1]
 
 
-def make_postprocess(
-    tag: str, entrypoint: str, *, eval_last_expr: bool
-) -> Callable[[RunOutcome], RunOutcome]:
-    """The ``postprocess`` for ``ExecutionService.run`` of one eval run."""
+def _fallback(reason: Reason | None, exit_code: int | None, stderr: str) -> dict[str, Any]:
+    error_type, error_line = None, None
+    if reason is Reason.EXITED and exit_code:
+        error_type, error_line = parse_traceback(stderr)
+    return {"result": None, "error_type": error_type, "error_line": error_line}
 
-    def postprocess(outcome: RunOutcome) -> RunOutcome:
-        stderr, report = split_report(outcome.stderr, tag)
-        if report is None:
-            report = {"result": None, "error_type": None, "error_line": None}
-            if outcome.reason is Reason.EXITED and outcome.exit_code:
-                report["error_type"], report["error_line"] = parse_traceback(stderr, entrypoint)
-        if not eval_last_expr:
-            report["result"] = None
-        extra = {**outcome.extra, **report}
-        return attrs.evolve(outcome, stderr=stderr, extra=extra)
 
-    return postprocess
+def finish_outcome(outcome: RunOutcome) -> RunOutcome:
+    """The ``postprocess`` of an eval run: report out of stderr, its fields into ``extra``."""
+    stderr, report = split_report(outcome.stderr)
+    if report is None:
+        report = _fallback(outcome.reason, outcome.exit_code, stderr)
+    return attrs.evolve(outcome, stderr=stderr, extra={**outcome.extra, **report})
+
+
+def finish_record(record: Execution) -> Execution:
+    """``finish_outcome`` for a terminal eval record finished without it; idempotent.
+
+    Fields already set are kept unless the record still carries a report.
+    """
+    if not (record.terminal and is_eval_request(record.request)):
+        return record
+    stderr, report = split_report(record.stderr)
+    if report is None:
+        if record.error_type is not None:
+            return record
+        report = _fallback(record.reason, record.exit_code, stderr)
+        report["result"] = record.result
+    return attrs.evolve(record, stderr=stderr, **report)

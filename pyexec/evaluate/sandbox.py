@@ -20,9 +20,10 @@ What it does, in order:
    evaluates the final expression in the same namespace and takes its ``repr``;
 4. on an uncaught exception prints the traceback from the user's first frame on
    (this file's frames hidden) through ``sys.excepthook`` and exits 1;
-5. reports ``{"result", "error_type", "error_line"}`` as one line on file
-   descriptor 2, marked with a tag only this run knows; the service strips
-   that line again (``pyexec.evaluate.outcome``).
+5. reports ``{"result", "error_type", "error_line"}`` as one marked line on file
+   descriptor 2; the service strips that line again (``pyexec.evaluate.outcome``).
+   The mark is fixed, so the service can read the report from a stored record
+   alone; a program that forges one only changes its own record.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 CO_COROUTINE = 0x0080
-#: The marker that opens the report line; the tag that follows it is random per run.
-REPORT_MARK = "\x1epyexec-eval:"
+#: Opens the report line (the record separator control character keeps it out of the way).
+REPORT_MARK = "\x1epyexec-eval-report "
 
 
 def main(config: dict[str, Any]) -> None:
@@ -65,15 +66,15 @@ def main(config: dict[str, Any]) -> None:
             report["result"] = _bounded_repr(value, int(config.get("result_limit") or 0))
     except SystemExit:
         # An intentional exit (sys.exit, exit()) is the program's own verdict, not an error.
-        _report(config["tag"], report)
+        _report(report)
         raise
     except BaseException as exc:  # noqa: BLE001 - reported like Python would, then exit 1
         report["error_type"] = type(exc).__name__
         report["error_line"] = _error_line(exc, path, final_line)
         _show(exc, path)
-        _report(config["tag"], report)
+        _report(report)
         raise SystemExit(1) from None
-    _report(config["tag"], report)
+    _report(report)
 
 
 def _compile(source: bytes, path: str, split_last: bool) -> tuple[CodeType, CodeType | None]:
@@ -180,12 +181,12 @@ def _flush() -> None:
             pass
 
 
-def _report(tag: str, report: dict[str, Any]) -> None:
+def _report(report: dict[str, Any]) -> None:
     """Write the report line to fd 2 (below any replaced sys.stderr)."""
     _flush()
     # repr of a dict of str/int/None is a Python literal; the service reads it with
     # ast.literal_eval. (Importing json here could pick up the user's own json.py.)
-    data = f"\n{REPORT_MARK}{tag} {report!r}\n".encode("utf-8", "backslashreplace")
+    data = f"\n{REPORT_MARK}{report!r}\n".encode("utf-8", "backslashreplace")
     try:
         while data:
             data = data[os.write(2, data) :]
