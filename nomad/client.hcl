@@ -11,7 +11,7 @@ client {
     "driver.allowlist" = "docker"
   }
 
-  meta {
+  meta = {
     "pyexec.runner" = "true"
   }
 }
@@ -50,6 +50,6 @@ consul {
   auto_advertise      = true
   server_auto_join    = true
   client_auto_join    = true
-  # The service registers its own checks (jobs/pyexec-server.nomad.hcl); none for Nomad's.
+  # Nomad's own agent checks use the advertised (loopback) address.
   checks_use_advertise = true
 }

@@ -50,10 +50,12 @@ _execution_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 #: Attributes every LogRecord has; anything else came from ``extra=`` and is logged as a field.
+#: (uvicorn adds ``color_message``, the message with terminal colour codes: not for JSON.)
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",
 }
 
 _logger = logging.getLogger("pyexec.http")
