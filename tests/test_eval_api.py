@@ -141,6 +141,22 @@ async def test_repl_results_in_the_sandbox(
 
 
 @pytest.mark.docker
+async def test_top_level_await_in_the_sandbox(docker_api: httpx.AsyncClient) -> None:
+    """Top-level await runs, and the final expression may await on the same loop."""
+    code = textwrap.dedent(
+        """\
+        import asyncio
+        lock = asyncio.Lock()
+        async with lock:
+            n = 20
+        await asyncio.sleep(0, n + 1)
+        """
+    )
+    record = await evaluate(docker_api, code=code, eval_last_expr=True)
+    assert (record["status"], record.get("result")) == ("completed", "21"), record
+
+
+@pytest.mark.docker
 async def test_name_error_in_the_sandbox(docker_api: httpx.AsyncClient) -> None:
     """A NameError comes back as error_type/error_line, traceback without wrapper frames."""
     record = await evaluate(docker_api, code="a = 1\nprint(a)\nprint(b)\n", eval_last_expr=True)

@@ -325,6 +325,24 @@ def test_error_in_the_final_expression(local: Local) -> None:
     assert outcome.extra["result"] is None
 
 
+def test_error_in_the_results_repr(local: Local) -> None:
+    """A __repr__ that raises fails the run at the raise site, as the REPL would show it."""
+    code = "class A:\n    def __repr__(self):\n        raise RuntimeError('no')\n\nA()\n"
+    outcome = local.run({"code": code, "eval_last_expr": True})
+    assert (outcome.extra["error_type"], outcome.extra["error_line"]) == ("RuntimeError", 3)
+    assert outcome.extra["result"] is None
+
+
+def test_error_inside_an_awaited_coroutine(local: Local) -> None:
+    """With top-level await, asyncio's and the wrapper's frames are hidden alike."""
+    code = "import asyncio\nasync def f():\n    raise ValueError('x')\n\nawait f()\n"
+    outcome = local.run({"code": code})
+    assert (outcome.extra["error_type"], outcome.extra["error_line"]) == ("ValueError", 3)
+    frames = [line for line in outcome.stderr.splitlines() if line.startswith("  File ")]
+    assert len(frames) == 2
+    assert all("main.py" in frame for frame in frames)
+
+
 def test_chained_exceptions_keep_their_context(local: Local) -> None:
     """`raise ... from ...` prints both tracebacks, as Python does."""
     code = (
