@@ -434,3 +434,47 @@ def test_serve_without_server_extra(
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert run_cli(["serve"]) == 1
     assert "pip install 'pyexec[server]'" in capsys.readouterr().err
+
+
+# --- Terminal niceties ----------------------------------------------------------------------
+
+
+class TtyText(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_only_on_a_terminal() -> None:
+    """The spinner draws on a terminal, is wiped at the end, and stays off for pipes or -q."""
+    import threading
+
+    from pyexec.cli.options import Globals
+    from pyexec.cli.render import Progress
+
+    tty = TtyText()
+    drawn = threading.Event()
+    original_flush = tty.flush
+
+    def flush() -> None:
+        original_flush()
+        if "running" in tty.getvalue():
+            drawn.set()
+
+    tty.flush = flush  # type: ignore[method-assign]
+    with Progress(Globals(), "running", stream=tty, interval=0.01):
+        assert drawn.wait(10)
+    assert tty.getvalue().endswith("\r\x1b[K")
+
+    for stream, options in ((io.StringIO(), Globals()), (TtyText(), Globals(quiet=True))):
+        with Progress(options, "running", stream=stream, interval=0.01) as progress:
+            assert not progress.enabled
+        assert stream.getvalue() == ""
+
+
+def test_shell_completion_is_available() -> None:
+    """cyclopts generates a completion script that knows the commands."""
+    from pyexec.cli import app
+
+    script = app.generate_completion(prog_name="pyexec", shell="bash")  # noqa: S604 - a cyclopts option, no shell runs
+    assert "pyexec" in script
+    assert "follow" in script

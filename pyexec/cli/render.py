@@ -93,8 +93,15 @@ class Progress:
 
     FRAMES = "|/-\\"
 
-    def __init__(self, options: Globals, label: str, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        options: Globals,
+        label: str,
+        stream: IO[str] | None = None,
+        interval: float = 0.2,
+    ) -> None:
         self._stream = stream or sys.stderr
+        self._interval = interval
         self._label = label
         self.enabled = options.chatty and self._stream.isatty()
         self._stop = threading.Event()
@@ -106,7 +113,7 @@ class Progress:
 
     def _draw(self) -> None:
         frame = 0
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(self._interval):
             elapsed = time.monotonic() - self._started
             self._stream.write(f"\r{self.FRAMES[frame % 4]} {self._label} {elapsed:.0f}s\x1b[K")
             self._stream.flush()
