@@ -234,9 +234,9 @@ def test_unparseable_code_falls_back_to_a_line_scan() -> None:
     assert detect(source) == ("numpy", "requests", "rich.console")
 
 
-def test_private_modules_are_never_installed() -> None:
-    """A name starting with an underscore is no distribution."""
-    assert detect("import _private_thing\n") == ()
+def test_private_and_non_ascii_modules_are_never_installed() -> None:
+    """A name starting with an underscore, or not ASCII, is no distribution."""
+    assert detect("import _private_thing\nimport données\n") == ()
 
 
 # --- import → distribution --------------------------------------------------------------------

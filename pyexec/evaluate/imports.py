@@ -162,4 +162,7 @@ def third_party_imports(
 
 def _third_party(module: str, stdlib: frozenset[str], local: frozenset[str]) -> bool:
     top = module.partition(".")[0]
-    return bool(top) and top not in stdlib and top not in local and not top.startswith("_")
+    # Only ASCII identifiers can name a distribution (and never start a pip option).
+    if not (top.isascii() and top.isidentifier()) or top.startswith("_"):
+        return False
+    return top not in stdlib and top not in local
