@@ -369,3 +369,17 @@ def test_importing_the_client_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_health_reports_a_down_backend_without_raising(twin: Twin) -> None:
+    """health returns the report for 200 and for 503 alike, asking only once."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        checks = {"store": "ok", "runner": "unavailable"}
+        return httpx.Response(503, json={"status": "unavailable", "checks": checks})
+
+    report = twin(handler, "health")
+    assert report["checks"]["runner"] == "unavailable"
+    assert len(calls) == 1

@@ -156,7 +156,6 @@ class WaitPlan:
         self._delay = 0.1
         self._asked = 0
         self._sent_at = 0.0
-        self.last: Execution | None = None
 
     def call(self) -> Call:
         remaining = self._deadline - self._clock()
@@ -169,7 +168,6 @@ class WaitPlan:
 
         Raises ``WaitTimeout`` once the deadline has passed.
         """
-        self.last = record
         if record.terminal:
             return None
         now = self._clock()
@@ -283,7 +281,8 @@ class BaseClient:
         return Call(method="GET", path=f"{API}/version", idempotent=True)
 
     def health_call(self) -> Call:
-        return Call(method="GET", path="/health", idempotent=True)
+        # Not retried on 503: that answer is the report.
+        return Call(method="GET", path="/health")
 
     def eval_call(
         self,
@@ -348,8 +347,13 @@ class BaseClient:
         )
 
     def parse_health(self, response: httpx.Response) -> dict[str, Any]:
-        data = response.json() if response.status_code in (200, 503) else _json(response)
-        return dict(data)
+        """The health report; a 503 is a report too (a backend is down), not an error."""
+        if response.status_code == 503:
+            try:
+                return dict(response.json())
+            except ValueError:
+                pass
+        return dict(_json(response))
 
 
 def _parsed(response: httpx.Response, build: Callable[[Any], T]) -> T:
