@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pyexec.errors import BadRequest, PayloadTooLarge
-from pyexec.evaluate import parse_eval_request, prepare
+from pyexec.evaluate import EvalJob, parse_eval_request, prepare
 from pyexec.service import ExecutionService
 from pyexec.settings import Settings
 
@@ -26,7 +26,7 @@ def max_body_bytes(settings: Settings) -> int:
     return 6 * settings.max_eval_code_bytes + BODY_OVERHEAD_BYTES
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(
@@ -37,18 +37,26 @@ async def _read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds {limit} bytes", code="code_too_large")
+    return bytes(body)
+
+
+def _decode(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
+def _prepare(body: bytes, settings: Settings) -> EvalJob:
+    return prepare(parse_eval_request(_decode(body), settings), settings)
+
+
 async def eval_endpoint(request: Request) -> Response:
     service: ExecutionService = request.app.state.service
     settings = service.settings
-    raw = await _read_json(request, max_body_bytes(settings))
-    # Parsing up to max_eval_code_bytes of Python for imports is CPU work: off the loop.
-    job = await run_in_threadpool(lambda: prepare(parse_eval_request(raw, settings), settings))
+    body = await _read_body(request, max_body_bytes(settings))
+    # Decoding the JSON and parsing the code for imports is CPU work: off the event loop.
+    job = await run_in_threadpool(_prepare, body, settings)
     record = await service.run(
         job.request, job.tar, initial=job.initial, postprocess=job.postprocess
     )
