@@ -221,8 +221,10 @@ class TaskRunner(threading.Thread):
                 return
             self.container = container
             self.exited.clear()
+            # Attach before start (no log replay), so no output is lost or doubled.
+            stream = container.attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
             logger = threading.Thread(
-                target=self.alloc.copy_logs, args=(self.name_, container), daemon=True
+                target=self.alloc.copy_logs, args=(self.name_, stream), daemon=True
             )
             logger.start()
             container.start()
@@ -572,16 +574,13 @@ class AllocRunner(threading.Thread):
             kwargs.pop("entrypoint")
         return self.sim.docker.containers.create(**kwargs)
 
-    def copy_logs(self, task: str, container: Any) -> None:
+    def copy_logs(self, task: str, stream: Any) -> None:
         """Demultiplex the container's output into ``alloc/logs/<task>.{stdout,stderr}.0``."""
         with (
             self.log_path(task, "stdout").open("ab") as out,
             self.log_path(task, "stderr").open("ab") as err,
         ):
             try:
-                stream = container.attach(
-                    stdout=True, stderr=True, stream=True, logs=True, demux=True
-                )
                 for chunk_out, chunk_err in stream:
                     if chunk_out:
                         out.write(chunk_out)
@@ -591,6 +590,12 @@ class AllocRunner(threading.Thread):
                         err.flush()
             except docker.errors.APIError:
                 return
+            finally:
+                # CancellableStream.close shuts the socket but leaves http.client's reader
+                # holding it (a ResourceWarning); closing that reader too releases it.
+                stream.close()
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    stream._response.raw._fp.close()
 
     def remove_container(self, container: Any) -> None:
         with contextlib.suppress(docker.errors.APIError):
