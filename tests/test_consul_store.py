@@ -127,14 +127,17 @@ async def test_upload_filling_one_transaction_exactly_is_one_transaction(
 async def test_one_chunk_more_splits_into_two_transactions(
     recording_store: tuple[ConsulStore, RecordingTransport],
 ) -> None:
-    """One chunk over the single-transaction size: a claim transaction, then the commit."""
+    """One chunk over the single-transaction size: claim txn, one raw PUT, commit txn."""
     store, transport = recording_store
     data = os.urandom(1024 * (MAX_TXN_OPS - COMMIT_OPS + 1))
     record = new_record()
     await store.create(record, io.BytesIO(data))
     txns = transport.txns()
-    assert len(txns) == 2
-    assert all(len(ops) <= MAX_TXN_OPS for ops in txns)
+    assert [len(ops) for ops in txns] == [2 + MAX_TXN_OPS - COMMIT_OPS, COMMIT_OPS]
+    last = tar_chunk_key(store.prefix, record.execution_id, MAX_TXN_OPS - COMMIT_OPS)
+    assert [r.url.path for r in transport.requests if r.url.path.startswith("/v1/kv/")] == [
+        f"/v1/kv/{last}"
+    ]
     # The completion marker and the record come last, in the last transaction.
     last_keys = [op["KV"]["Key"] for op in txns[1]]
     assert manifest_key(store.prefix, record.execution_id) in last_keys
@@ -146,19 +149,23 @@ async def test_one_chunk_more_splits_into_two_transactions(
 
 
 @pytest.mark.consul
-async def test_no_transaction_body_exceeds_512_kib(
+async def test_large_tar_goes_as_raw_chunks_between_claim_and_commit(
     consul_settings: Settings,
 ) -> None:
-    """Base64-inflated chunks are packed so every transaction body stays within 512 KiB."""
+    """Past the first transaction, chunks travel as raw create-only PUTs; txns stay <= 512 KiB."""
     transport = RecordingTransport()
     store = ConsulStore.from_settings(consul_settings, transport=transport)
     try:
         data = os.urandom(3 * MiB + 123)
         record = new_record()
         await store.create(record, io.BytesIO(data))
-        bodies = [len(r.content) for r in transport.requests if r.url.path == "/v1/txn"]
-        assert len(bodies) >= 12
-        assert max(bodies) <= 512 * 1024
+        txns = [r for r in transport.requests if r.url.path == "/v1/txn"]
+        puts = [r for r in transport.requests if r.method == "PUT" and r not in txns]
+        assert len(txns) == 2  # claim (with the first chunk), commit
+        assert max(len(r.content) for r in txns) <= 512 * 1024
+        assert len(puts) == 3 * MiB // CHUNK_SIZE  # every other chunk, plus the short last one
+        assert all(r.url.params["cas"] == "0" for r in puts)
+        assert sum(len(r.content) for r in puts) == len(data) - CHUNK_SIZE
         assert await read_tar(store, record.execution_id) == data
     finally:
         await store.aclose()

@@ -6,17 +6,17 @@ Layout (``consul_keys`` has the key functions, ``docs/consul-layout.md`` the pro
 
 How the guarantees are met:
 
-- **All or nothing.** Every write is a ``/v1/txn``. A tar that fits one transaction
-  (64 ops, 512 KiB of body on Consul 1.8) goes in one, with its record. A larger one
-  first takes a claim (``upload``, created with check-not-exists), streams its chunks
-  in further transactions that each check the claim, and commits ``manifest`` +
-  ``record`` + ``status`` in a last one. Readers look at ``record``/``manifest`` only,
-  so they never see half a bundle; a failed upload is deleted on the way out, and
-  what a crash leaves (a claim, some chunks) is an incomplete leftover that
+- **All or nothing.** A new execution is written so that ``record`` and ``manifest``
+  (the completion marker) appear in the same, last transaction; see ``consul_upload``.
+  A failed upload is deleted on the way out; what a crash leaves is an incomplete
+  leftover (a claim, some chunks, no record) that readers never see and
   ``list_expired`` reports once it is older than the TTL.
 - **State changes** are check-and-set on the record's ModifyIndex, retried while the
   transition stays legal (``check_transition``), so two replicas racing from
   ``pending`` get exactly one winner and a terminal record never changes.
+- **Large output** goes to ``output/<rev>/`` chunks written before the record that
+  points at them, under a fresh revision, so a losing writer never overwrites the
+  winner's output; the winner's transaction deletes the previous revision.
 - **Waiting** is a Consul blocking query on ``status`` per waiter: a coroutine on an
   httpx connection of a separate pool (``max_watches``), never a worker thread.
 """
@@ -24,23 +24,18 @@ How the guarantees are met:
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Collection, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, BinaryIO
 
 import anyio
-import attrs
-import consul.base
-import consul.callback
 import httpx
-from anyio import to_thread
 
 from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PayloadTooLarge
-from pyexec.models import TERMINAL, Execution, Status, utcnow
+from pyexec.models import TERMINAL, Execution, Status
 from pyexec.settings import Settings
 from pyexec.store import CHUNK_SIZE, check_transition
 from pyexec.store.consul_http import AsyncConsul
@@ -60,80 +55,19 @@ from pyexec.store.consul_keys import (
     tar_chunk_key,
     upload_key,
 )
+from pyexec.store.consul_kv import MAX_TXN_BYTES, MAX_TXN_OPS, ConsulKV, kv_op
+from pyexec.store.consul_upload import COMMIT_OPS, upload
 
 __all__ = ["COMMIT_OPS", "MAX_TXN_BYTES", "MAX_TXN_OPS", "ConsulStore"]
 
-#: Operations per transaction Consul 1.8 accepts (1.14 and later: 128).
-MAX_TXN_OPS = 64
-#: Body bytes per transaction (``txn_max_req_len``); values travel base64 inside it.
-MAX_TXN_BYTES = 512 * 1024
-#: Operations of the last transaction of an upload besides its chunks: two checks (or
-#: check + claim delete), manifest, record, status.
-COMMIT_OPS = 5
-#: A record is one KV value; keep it well below the 512 KiB value cap.
+#: A record is one KV value (at most 512 KiB) and must fit a transaction base64-encoded.
 MAX_RECORD_BYTES = 256 * 1024
+#: Largest chunk: Consul's default cap on one value.
+MAX_CHUNK_SIZE = 512 * 1024
 #: How often ``update`` re-reads and retries when another writer got in between.
 CAS_ATTEMPTS = 16
-#: Seconds the best-effort cleanup after a failed write may take.
-CLEANUP_SECONDS = 5.0
 #: Longest single blocking query (Consul caps ``wait`` at 10 minutes).
 MAX_BLOCK_SECONDS = 300.0
-
-
-def _op(verb: str, key: str, value: bytes | None = None, index: int | None = None) -> str:
-    """One txn operation, serialised once (its length counts against the body budget)."""
-    kv: dict[str, Any] = {"Verb": verb, "Key": key}
-    if value is not None:
-        kv["Value"] = base64.b64encode(value).decode("ascii")
-    if index is not None:
-        kv["Index"] = index
-    return json.dumps({"KV": kv}, separators=(",", ":"))
-
-
-@attrs.define
-class _Batch:
-    """Operations for one transaction, within the op and body limits."""
-
-    max_ops: int
-    max_bytes: int
-    ops: list[str] = attrs.field(factory=list)
-    size: int = 2  # the brackets
-
-    def fits(self, *ops: str) -> bool:
-        extra = sum(len(op) + 1 for op in ops)
-        return len(self.ops) + len(ops) <= self.max_ops and self.size + extra <= self.max_bytes
-
-    def add(self, *ops: str) -> None:
-        self.ops.extend(ops)
-        self.size += sum(len(op) + 1 for op in ops)
-
-
-@attrs.frozen
-class _TxnResult:
-    ok: bool
-    entries: list[dict[str, Any]]
-    failed_ops: frozenset[int]
-
-
-def _txn_answer(response: consul.base.Response) -> _TxnResult:
-    if response.code == 409:
-        errors = json.loads(response.body).get("Errors") or []
-        return _TxnResult(False, [], frozenset(int(e.get("OpIndex", -1)) for e in errors))
-    consul.callback.CB._status(response)
-    results = json.loads(response.body).get("Results") or []
-    return _TxnResult(True, [r["KV"] for r in results if "KV" in r], frozenset())
-
-
-def _raw_answer(response: consul.base.Response) -> bytes | None:
-    if response.code == 404:
-        return None
-    consul.callback.CB._status(response)
-    body: bytes = response.body
-    return body
-
-
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _pieces(data: bytes, size: int) -> Iterator[bytes]:
@@ -144,28 +78,21 @@ def _pieces(data: bytes, size: int) -> Iterator[bytes]:
 class ConsulStore:
     def __init__(
         self,
-        client: AsyncConsul,
-        watch_client: AsyncConsul,
+        kv: ConsulKV,
         *,
         prefix: str = "pyexec",
         max_tar_bytes: int = 256 * 1024 * 1024,
         chunk_size: int = CHUNK_SIZE,
-        max_txn_ops: int = MAX_TXN_OPS,
-        max_txn_bytes: int = MAX_TXN_BYTES,
     ) -> None:
         if not prefix.strip("/"):
             raise ValueError("the Consul prefix must not be empty")
-        self._consul = client
-        self._watch = watch_client
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE or kv.max_txn_ops < COMMIT_OPS + 2:
+            raise ValueError("chunk_size or the transaction limits are out of range")
+        self._kv = kv
         self._prefix = prefix.strip("/")
         self._max_tar_bytes = max_tar_bytes
         self._chunk_size = chunk_size
-        self._max_ops = max_txn_ops
-        self._max_bytes = max_txn_bytes
         self._closed = False
-        # One chunk, base64 in a txn body, must fit beside a claim check.
-        if 4 * -(-chunk_size // 3) + 1024 > max_txn_bytes or max_txn_ops < COMMIT_OPS + 1:
-            raise ValueError("chunk_size does not fit a transaction")
 
     @classmethod
     def from_settings(
@@ -175,83 +102,38 @@ class ConsulStore:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 32,
         max_watches: int = 128,
-        **options: Any,
+        max_txn_ops: int = MAX_TXN_OPS,
+        max_txn_bytes: int = MAX_TXN_BYTES,
+        chunk_size: int = CHUNK_SIZE,
     ) -> ConsulStore:
         """The store ``settings`` describe. Opens no connection yet (``ping`` checks).
 
-        ``max_connections + max_watches`` stays below Consul's default
+        Blocking queries get their own pool of ``max_watches`` connections so parked
+        waiters never starve uploads; both pools together stay below Consul's default
         ``http_max_conns_per_client`` (200).
         """
-        client = AsyncConsul.from_settings(
-            settings, max_connections=max_connections, transport=transport
-        )
-        watch = AsyncConsul.from_settings(
-            settings, max_connections=max_watches, transport=transport
+
+        def client(connections: int) -> AsyncConsul:
+            return AsyncConsul.from_settings(
+                settings, max_connections=connections, transport=transport
+            )
+
+        kv = ConsulKV(
+            client(max_connections),
+            client(max_watches),
+            max_txn_ops=max_txn_ops,
+            max_txn_bytes=max_txn_bytes,
         )
         return cls(
-            client,
-            watch,
+            kv,
             prefix=settings.consul_prefix,
             max_tar_bytes=settings.max_tar_bytes,
-            **options,
+            chunk_size=chunk_size,
         )
 
     @property
     def prefix(self) -> str:
         return self._prefix
-
-    # --- Low-level calls ------------------------------------------------------------------
-
-    def _new_batch(self) -> _Batch:
-        return _Batch(self._max_ops, self._max_bytes)
-
-    async def _txn(self, ops: list[str]) -> _TxnResult:
-        if len(ops) > self._max_ops:
-            raise BackendError(f"transaction of {len(ops)} ops planned", code="store_error")
-        body = "[" + ",".join(ops) + "]"
-        result: _TxnResult = await self._consul.http.put(_txn_answer, "/v1/txn", data=body)
-        return result
-
-    async def _get(self, key: str) -> tuple[int, dict[str, Any] | None]:
-        index, item = await self._consul.kv.get(key)
-        return int(index), item
-
-    async def _get_raw(self, key: str) -> bytes | None:
-        data: bytes | None = await self._consul.http.get(
-            _raw_answer, f"/v1/kv/{key}", params=[("raw", "1")], raw=True
-        )
-        return data
-
-    async def _delete_tree(self, folder: str) -> None:
-        await self._consul.kv.delete(folder, recurse=True)
-
-    async def _cleanup(self, folder: str) -> None:
-        """Best effort, even while being cancelled: the janitor gets whatever stays."""
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(CLEANUP_SECONDS),
-            contextlib.suppress(BackendError),
-        ):
-            await self._delete_tree(folder)
-
-    async def _write_all(self, ops: list[str], guard: list[str]) -> None:
-        """Write ``ops`` in as many transactions as the limits need, each led by ``guard``."""
-        batch = self._new_batch()
-        batch.add(*guard)
-        for op in ops:
-            if not batch.fits(op):
-                await self._commit(batch.ops)
-                batch = self._new_batch()
-                batch.add(*guard)
-            batch.add(op)
-        if len(batch.ops) > len(guard):
-            await self._commit(batch.ops)
-
-    async def _commit(self, ops: list[str]) -> _TxnResult:
-        result = await self._txn(ops)
-        if not result.ok:
-            raise Conflict("a concurrent change got in the way", code="invalid_transition")
-        return result
 
     # --- Records -------------------------------------------------------------------------
 
@@ -291,7 +173,7 @@ class ConsulStore:
             parts = []
             for i in range(int(info["chunks"])):
                 key = output_chunk_key(self._prefix, execution_id, output["rev"], stream, i)
-                piece = await self._get_raw(key)
+                piece = await self._kv.get_raw(key)
                 if piece is None:
                     raise _OutputMoved
                 parts.append(piece)
@@ -304,7 +186,7 @@ class ConsulStore:
     async def _read(self, execution_id: str) -> tuple[Execution, int, str | None]:
         """The record, its ModifyIndex and its output revision; ``NotFound`` if none."""
         for _ in range(CAS_ATTEMPTS):
-            _, item = await self._get(record_key(self._prefix, execution_id))
+            item = await self._kv.get(record_key(self._prefix, execution_id))
             if item is None or item.get("Value") is None:
                 raise NotFound(f"no execution {execution_id}")
             raw: bytes = item["Value"]
@@ -323,109 +205,37 @@ class ConsulStore:
         return record
 
     async def create(self, record: Execution, tar: BinaryIO) -> None:
-        eid = record.execution_id
         raw, output_chunks = self._encode(record, secrets.token_hex(4))
-        folder = execution_folder(self._prefix, eid)
-        rkey, ukey = record_key(self._prefix, eid), upload_key(self._prefix, eid)
-        status_op = _op("set", status_key(self._prefix, eid), record.status.value.encode())
-        record_op = _op("cas", rkey, raw, index=0)
-        widest = Manifest(chunks=999_999, size=10**15, sha256="0" * 64, chunk_size=10**9)
-        reserve = [
-            _op("check-index", ukey, index=10**18),
-            _op("delete", ukey),
-            _op("set", manifest_key(self._prefix, eid), widest.to_json().encode()),
-            record_op,
-            status_op,
-        ]
-        assert len(reserve) == COMMIT_OPS
-        claim = UploadClaim(started_at=_iso(utcnow()), owner=secrets.token_hex(8))
-        claim_index: int | None = None
-        hasher, size, count = hashlib.sha256(), 0, 0
-        pending = self._new_batch()
-
-        async def flush() -> None:
-            # Chunks that no longer fit beside the commit ops go ahead, under the claim.
-            nonlocal claim_index, pending
-            if claim_index is None:
-                guard = [
-                    _op("check-not-exists", rkey),
-                    _op("cas", ukey, claim.to_json().encode(), 0),
-                ]
-            else:
-                guard = [_op("check-index", ukey, index=claim_index)]
-            result = await self._txn(guard + pending.ops)
-            if not result.ok:
-                if claim_index is None:
-                    raise Conflict(f"execution {eid} exists", code="already_exists")
-                raise BackendError(f"the upload of {eid} was removed meanwhile", code="store_error")
-            if claim_index is None:
-                claim_index = next(
-                    int(e["ModifyIndex"]) for e in result.entries if e["Key"] == ukey
-                )
-            pending = self._new_batch()
-
-        async def add(op: str) -> None:
-            if pending.fits(op, *reserve):
-                pending.add(op)
-                return
-            if pending.ops or claim_index is None:
-                await flush()
-            pending.add(op)
-            if not pending.fits(*reserve):
-                await flush()  # this chunk cannot share a transaction with the commit
-
-        try:
-            for key, piece in output_chunks:
-                await add(_op("set", key, piece))
-            while chunk := await to_thread.run_sync(tar.read, self._chunk_size):
-                size += len(chunk)
-                if size > self._max_tar_bytes:
-                    raise PayloadTooLarge(
-                        f"the tar is larger than {self._max_tar_bytes} bytes",
-                        code="tar_too_large",
-                        maximum=self._max_tar_bytes,
-                    )
-                hasher.update(chunk)
-                await add(_op("set", tar_chunk_key(self._prefix, eid, count), chunk))
-                count += 1
-            manifest = Manifest(
-                chunks=count, size=size, sha256=hasher.hexdigest(), chunk_size=self._chunk_size
-            )
-            commit = [_op("set", manifest_key(self._prefix, eid), manifest.to_json().encode())]
-            commit += [record_op, status_op]
-            if claim_index is None:
-                lead = [_op("check-not-exists", rkey), _op("check-not-exists", ukey)]
-                result = await self._txn(lead + pending.ops + commit)
-                if not result.ok:
-                    raise Conflict(f"execution {eid} exists", code="already_exists")
-                return
-            lead = [_op("check-index", ukey, index=claim_index)]
-            result = await self._txn(lead + pending.ops + commit + [_op("delete", ukey)])
-            if not result.ok:
-                raise BackendError(f"the upload of {eid} was removed meanwhile", code="store_error")
-        except BaseException:
-            if claim_index is not None:
-                await self._cleanup(folder)
-            raise
+        await upload(
+            self._kv,
+            self._prefix,
+            record.execution_id,
+            record=raw,
+            status=record.status.value,
+            extra_chunks=output_chunks,
+            tar=tar,
+            chunk_size=self._chunk_size,
+            max_tar_bytes=self._max_tar_bytes,
+        )
 
     async def update(self, record: Execution, *, expect: Collection[Status]) -> Execution:
         eid = record.execution_id
         rev = secrets.token_hex(4)
         raw, output_chunks = self._encode(record, rev)
         rkey = record_key(self._prefix, eid)
-        chunk_ops = [_op("set", key, piece) for key, piece in output_chunks]
+        chunk_ops = [kv_op("set", key, piece) for key, piece in output_chunks]
         written = False
         try:
             for _ in range(CAS_ATTEMPTS):
                 current, index, old_rev = await self._read(eid)
                 check_transition(current, record, expect)
                 ops = [
-                    _op("cas", rkey, raw, index=index),
-                    _op("set", status_key(self._prefix, eid), record.status.value.encode()),
+                    kv_op("cas", rkey, raw, index=index),
+                    kv_op("set", status_key(self._prefix, eid), record.status.value.encode()),
                 ]
                 if old_rev is not None:
-                    ops.append(_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
-                batch = self._new_batch()
+                    ops.append(kv_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
+                batch = self._kv.batch()
                 batch.add(*ops)
                 if chunk_ops and not written:
                     if batch.fits(*chunk_ops):
@@ -433,29 +243,29 @@ class ConsulStore:
                     else:
                         # Too big for one transaction: the chunks go first, under a fresh
                         # revision nobody reads until the record below points at it.
-                        await self._write_all(chunk_ops, guard=[])
+                        await self._kv.write_all(chunk_ops)
                         written = True
-                if (await self._txn(batch.ops)).ok:
+                if (await self._kv.txn(batch.ops)).ok:
                     written = False
                     return record
             raise Conflict(f"execution {eid} changed too often", code="invalid_transition")
         finally:
             if written:
-                await self._cleanup(output_folder(self._prefix, eid, rev))
+                await self._kv.cleanup(output_folder(self._prefix, eid, rev))
 
     # --- Tars -----------------------------------------------------------------------------
 
     async def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:
-        _, item = await self._get(manifest_key(self._prefix, execution_id))
+        item = await self._kv.get(manifest_key(self._prefix, execution_id))
         if item is None or item.get("Value") is None:
             await self.get(execution_id)  # NotFound(execution_not_found) when all is gone
             raise NotFound(f"the tar of {execution_id} is gone", code="tar_not_found")
         manifest = Manifest.from_json(item["Value"])
         hasher, total = hashlib.sha256(), 0
         for i in range(manifest.chunks):
-            chunk = await self._get_raw(tar_chunk_key(self._prefix, execution_id, i))
+            chunk = await self._kv.get_raw(tar_chunk_key(self._prefix, execution_id, i))
             if chunk is None:
-                _, still = await self._get(manifest_key(self._prefix, execution_id))
+                still = await self._kv.get(manifest_key(self._prefix, execution_id))
                 if still is None:
                     raise NotFound(f"the tar of {execution_id} is gone", code="tar_not_found")
                 raise BackendError(
@@ -477,27 +287,27 @@ class ConsulStore:
     # --- Cleanup and listing ------------------------------------------------------------
 
     async def delete(self, execution_id: str) -> None:
-        await self._delete_tree(execution_folder(self._prefix, execution_id))
+        await self._kv.delete_tree(execution_folder(self._prefix, execution_id))
 
     async def _ids(self) -> list[str]:
-        _, keys = await self._consul.kv.get(executions_root(self._prefix), keys=True, separator="/")
-        ids = (id_from_folder(self._prefix, key) for key in keys or ())
+        keys = await self._kv.folders(executions_root(self._prefix))
+        ids = (id_from_folder(self._prefix, key) for key in keys)
         return [eid for eid in ids if eid is not None]
 
     async def _heads(self) -> dict[str, tuple[bytes | None, bytes | None]]:
         """Per execution folder: its record and its upload claim (raw), read atomically."""
         heads: dict[str, tuple[bytes | None, bytes | None]] = {}
         ids = await self._ids()
-        step = self._max_ops // 2
+        step = self._kv.max_txn_ops // 2
         for start in range(0, len(ids), step):
             batch = ids[start : start + step]
             ops = []
             for eid in batch:
                 ops += [
-                    _op("get-tree", record_key(self._prefix, eid)),
-                    _op("get-tree", upload_key(self._prefix, eid)),
+                    kv_op("get-tree", record_key(self._prefix, eid)),
+                    kv_op("get-tree", upload_key(self._prefix, eid)),
                 ]
-            result = await self._txn(ops)
+            result = await self._kv.txn(ops)
             values = {e["Key"]: base64.b64decode(e["Value"] or "") for e in result.entries}
             for eid in batch:
                 heads[eid] = (
@@ -549,19 +359,17 @@ class ConsulStore:
             if remaining <= 0:
                 break
             wait_ms = max(1, int(min(remaining, MAX_BLOCK_SECONDS) * 1000))
-            new_index, item = None, None
+            answer: tuple[int, bytes | None] | None = None
             with anyio.move_on_after(remaining):
-                new_index, item = await self._watch.kv.get(
-                    key, index=index or None, wait=f"{wait_ms}ms"
-                )
-            if new_index is None:  # the deadline cancelled the query
+                answer = await self._kv.block(key, index, wait_ms)
+            if answer is None:  # the deadline cancelled the query
                 break
-            if item is None:
+            new_index, status = answer
+            if status is None:
                 raise NotFound(f"no execution {execution_id}")
-            new_index = int(new_index)
             # An index that goes backwards (snapshot restore, leader change) starts over.
             index = 0 if new_index < index else new_index
-            if Status((item["Value"] or b"").decode() or "pending") in TERMINAL:
+            if Status(status.decode() or "pending") in TERMINAL:
                 record = await self.get(execution_id)
         if record.terminal:
             return record
@@ -570,7 +378,7 @@ class ConsulStore:
     # --- Health -------------------------------------------------------------------------
 
     async def ping(self) -> None:
-        leader = await self._consul.status.leader()
+        leader = await self._kv.leader()
         if not leader:
             raise BackendUnavailable("Consul has no leader", code="store_unavailable")
 
@@ -578,8 +386,7 @@ class ConsulStore:
         if self._closed:
             return
         self._closed = True
-        await self._consul.http.close()
-        await self._watch.http.close()
+        await self._kv.aclose()
 
 
 class _OutputMoved(Exception):
