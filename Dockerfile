@@ -6,11 +6,14 @@ ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE} AS build
 COPY build/image/wheels/ /wheels/
 # --no-deps: the wheel set is the lock, resolved on the host; `pip check` proves it complete.
+# /docs serves Swagger UI only: the bundled Swagger Editor and source maps are 20 MB of dead weight.
 RUN python3 -m venv /opt/pyexec \
  && /opt/pyexec/bin/python3 -m pip install -q --no-index --no-deps --no-cache-dir \
       --disable-pip-version-check /wheels/*.whl \
  && /opt/pyexec/bin/python3 -m pip check --disable-pip-version-check \
  && /opt/pyexec/bin/python3 -m pip uninstall -q -y --disable-pip-version-check pip setuptools \
+ && find /opt/pyexec -path '*/swagger_ui/static/*' \( -name 'swagger-editor*' -o -name '*.map' \) \
+      -delete \
  && /opt/pyexec/bin/python3 -c "import pyexec.server"
 
 FROM ${BASE_IMAGE}

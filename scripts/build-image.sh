@@ -36,7 +36,8 @@ mkdir -p "$out/wheels"
   -o "$out/requirements.txt")
 platforms=()
 for glibc in 2_17 2_28 2_31 2_34; do platforms+=(--platform "manylinux_${glibc}_${arch}"); done
-python3 -m pip download -q --disable-pip-version-check --no-deps --require-hashes \
+# pip from uv's tool cache: the project venv has no pip, and the host's python3 may not either.
+uvx --quiet --from pip pip download -q --disable-pip-version-check --no-deps --require-hashes \
   --only-binary=:all: --implementation cp --python-version "$pyver" \
   --platform "manylinux2014_${arch}" "${platforms[@]}" \
   -r "$out/requirements.txt" -d "$out/wheels"
