@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import socket
 import ssl
 import struct
@@ -52,6 +53,8 @@ T = TypeVar("T")
 
 LABEL_MANAGED = "pyexec.managed"
 LABEL_EXECUTION = "pyexec.execution_id"
+#: ``host:pid`` of the service process that pumps the container.
+LABEL_OWNER = "pyexec.owner"
 SANDBOX_USER = "1000:1000"
 WORKDIR = "/work"
 CA_TARGET = "/usr/local/share/pyexec/ca.crt"
@@ -68,6 +71,7 @@ _SETUP_GRACE = 5.0
 #: Bound on waiting for a killed container to be gone.
 _KILL_WAIT = 30.0
 _DONE_KEPT = 1024
+_REMOVE_ATTEMPTS = 3
 _THREADS = 64
 
 
@@ -100,6 +104,7 @@ def container_args(
     execution_id: str,
     phase: Phase,
     volume: str | None = None,
+    owner: str = "",
 ) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
     arguments of ``create_host_config`` (a pure function: shown and tested as data)."""
@@ -142,6 +147,7 @@ def container_args(
         "labels": {
             LABEL_MANAGED: "1",
             LABEL_EXECUTION: execution_id,
+            LABEL_OWNER: owner,
             "pyexec.phase": "run" if phase.run else "setup",
         },
         "stdin_open": True,
@@ -378,11 +384,12 @@ class DockerRunner:
         self._done: OrderedDict[str, _Run] = OrderedDict()
         self._limiter = anyio.CapacityLimiter(_THREADS)
         self._closed = False
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
 
     # --- Runner protocol ---------------------------------------------------------------
 
     async def startup(self) -> None:
-        await self._sweep({LABEL_MANAGED: "1"})
+        await self._sweep({LABEL_MANAGED: "1"}, spare_live_owners=True)
 
     async def start(
         self,
@@ -522,7 +529,9 @@ class DockerRunner:
         contents lost, as soon as no running container uses it.
         """
         request = run.request
-        args = container_args(self._settings, request, run.execution_id, phase, run.volume)
+        args = container_args(
+            self._settings, request, run.execution_id, phase, run.volume, self._owner
+        )
         spec = json.dumps(bootstrap_spec(self._settings, request, phase)).encode()
         container = await self._create(args)
         run.containers.append(container)
@@ -749,7 +758,11 @@ class DockerRunner:
                     "device": "tmpfs",
                     "o": f"size={size}m,uid=1000,gid=1000,mode=0755",
                 },
-                labels={LABEL_MANAGED: "1", LABEL_EXECUTION: run.execution_id},
+                labels={
+                    LABEL_MANAGED: "1",
+                    LABEL_EXECUTION: run.execution_id,
+                    LABEL_OWNER: self._owner,
+                },
             )
         )
         return str(volume["Name"])
@@ -781,8 +794,20 @@ class DockerRunner:
                 raise
 
     async def _remove_container(self, run: _Run, container: str) -> None:
-        with contextlib.suppress(docker.errors.NotFound):
-            await self._call(partial(_remove_container, container))
+        for attempt in range(_REMOVE_ATTEMPTS):
+            try:
+                await self._call(partial(_remove_container, container))
+            except docker.errors.NotFound:
+                break
+            except BackendError as exc:
+                if "already in progress" in exc.message:
+                    break  # someone else's removal finishes the job
+                if attempt + 1 == _REMOVE_ATTEMPTS:
+                    raise
+                # The engine sometimes refuses while the container is still dying.
+                await anyio.sleep(0.2 * 2**attempt)
+            else:
+                break
         if container in run.containers:
             run.containers.remove(container)
 
@@ -796,17 +821,25 @@ class DockerRunner:
                 await self._call(partial(_remove_volume, run.volume))
             run.volume = None
 
-    async def _sweep(self, labels: dict[str, str]) -> None:
-        """Remove every container and volume carrying ``labels`` (leftovers, or a late kill)."""
+    async def _sweep(self, labels: dict[str, str], *, spare_live_owners: bool = False) -> None:
+        """Remove every container and volume carrying ``labels`` (leftovers, or a late kill).
+
+        With ``spare_live_owners``, what a live pyexec process on this host still pumps
+        is left alone: nothing else can read its output, but that process can.
+        """
         selector = [f"{key}={value}" for key, value in labels.items()]
         containers = await self._call(
-            lambda api: api.containers(all=True, quiet=True, filters={"label": selector})
+            lambda api: api.containers(all=True, filters={"label": selector})
         )
         for item in containers:
+            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
+                continue
             with contextlib.suppress(docker.errors.NotFound):
                 await self._call(partial(_remove_container, item["Id"]))
         volumes = await self._call(lambda api: api.volumes(filters={"label": selector}))
         for item in (volumes or {}).get("Volumes") or []:
+            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
+                continue
             with contextlib.suppress(docker.errors.NotFound):
                 await self._call(partial(_remove_volume, item["Name"]))
 
@@ -820,3 +853,17 @@ def _remove_container(container: str, api: docker.APIClient) -> None:
 
 def _remove_volume(volume: str, api: docker.APIClient) -> None:
     api.remove_volume(volume, force=True)
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether ``host:pid`` names a live process on this host (so not a crash's leftover)."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,543 @@
+"""DockerRunner against the real engine: the sandbox's walls, the limits, setup, cleanup."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import os
+import socket
+import tarfile
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import attrs
+import docker
+import psutil
+import pytest
+
+from pyexec.errors import BackendError, BackendUnavailable
+from pyexec.models import Execution, Reason, Status, new_execution_id, parse_request
+from pyexec.runner.docker import (
+    LABEL_EXECUTION,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    DockerRunner,
+    Phase,
+    container_args,
+    plan,
+)
+from pyexec.settings import Settings
+
+from .conftest import CA_BUNDLE, TEST_IMAGE, make_settings
+from .fixtures_docker import docker_client, execute, leftovers, start, tar_chunks
+
+__all__ = ["docker_client"]  # a fixture, imported to be found by pytest
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings(default_timeout=20, default_memory_mb=128, default_disk_mb=32)
+
+
+@pytest.fixture
+async def runner(
+    settings: Settings, docker_client: docker.DockerClient
+) -> AsyncIterator[DockerRunner]:
+    runner = DockerRunner(settings, docker_client)
+    try:
+        yield runner
+    finally:
+        await runner.aclose()
+
+
+def request_for(settings: Settings, **metadata: Any) -> Any:
+    return parse_request(metadata, settings)
+
+
+# --- The container spec, as data ----------------------------------------------------------
+
+
+def test_plan_uses_one_container_unless_setup_needs_another_network(settings: Settings) -> None:
+    """No setup, or setup with the run's network policy: one container; else setup + run."""
+    plain = request_for(settings)
+    assert plan(plain, settings) == (Phase(extract=True, setup=False, run=True, network=False),)
+    with_setup = request_for(settings, pre_commands=["true"])
+    assert [p.network for p in plan(with_setup, settings)] == [True, False]
+    offline = attrs.evolve(settings, setup_network=False)
+    assert plan(with_setup, offline) == (Phase(extract=True, setup=True, run=True, network=False),)
+    online = request_for(settings, pre_commands=["true"], config={"network_disabled": False})
+    assert len(plan(online, settings)) == 1
+
+
+def test_container_args_lock_the_sandbox_down(settings: Settings) -> None:
+    """The run container: uid 1000, no network, read-only root, capped tmpfs, no swap, no logs."""
+    request = request_for(settings, config={"memory_mb": 64, "disk_mb": 8, "pids_limit": 50})
+    phase = plan(request, settings)[0]
+    args = container_args(settings, request, "exe_x", phase, owner="h:1")
+    host = args["host_config"]
+    assert args["user"] == "1000:1000"
+    assert args["working_dir"] == "/work"
+    assert "HOME=/work" in args["environment"]
+    assert args["labels"] == {
+        LABEL_MANAGED: "1",
+        LABEL_EXECUTION: "exe_x",
+        LABEL_OWNER: "h:1",
+        "pyexec.phase": "run",
+    }
+    assert host["network_mode"] == "none"
+    assert host["read_only"] is True
+    assert host["mem_limit"] == host["memswap_limit"] == 64 * MiB
+    assert host["pids_limit"] == 50
+    assert host["cap_drop"] == ["ALL"]
+    assert host["security_opt"] == ["no-new-privileges"]
+    assert host["log_config"]["Type"] == "none"
+    assert "size=8m" in host["tmpfs"]["/work"]
+    assert "uid=1000" in host["tmpfs"]["/work"]
+
+
+def test_ca_bundle_is_mounted_into_setup_containers_only(settings: Settings) -> None:
+    """With a CA bundle set, the setup container mounts it read-only; the run container does not."""
+    with_ca = attrs.evolve(settings, ca_bundle=CA_BUNDLE)
+    request = request_for(with_ca, requirements_txt="six")
+    setup, run = plan(request, with_ca)
+    mounts = container_args(with_ca, request, "exe_x", setup, "vol")["host_config"]["mounts"]
+    assert {(m["Source"], m["ReadOnly"]) for m in mounts} == {("vol", False), (CA_BUNDLE, True)}
+    run_mounts = container_args(with_ca, request, "exe_x", run, "vol")["host_config"]["mounts"]
+    assert [m["Source"] for m in run_mounts] == ["vol"]
+
+
+# --- Running for real -------------------------------------------------------------------------
+
+
+PROBE = """
+import json, os
+facts = {"uid": os.getuid(), "gid": os.getgid(), "cwd": os.getcwd(),
+         "home": os.environ.get("HOME"), "net": sorted(os.listdir("/sys/class/net"))}
+for path in ("/etc/pyexec-probe", "/usr/pyexec-probe", "/pyexec-probe"):
+    try:
+        open(path, "w").write("x")
+        facts[path] = "written"
+    except OSError as exc:
+        facts[path] = exc.errno
+open("/work/probe.txt", "w").write("ok")
+facts["work"] = open("/work/probe.txt").read()
+print(json.dumps(facts))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_sandbox_walls(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """uid 1000, only loopback, read-only root, writable /work as cwd and HOME."""
+    outcome = await execute(runner, docker_client, settings, {"main.py": PROBE})
+    assert outcome.reason is Reason.EXITED, outcome
+    facts = json.loads(outcome.stdout)
+    assert facts["uid"] == 1000
+    assert facts["gid"] == 1000
+    assert facts["net"] == ["lo"]
+    assert facts["cwd"] == "/work"
+    assert facts["home"] == "/work"
+    assert facts["work"] == "ok"
+    erofs = 30
+    assert [facts[p] for p in ("/etc/pyexec-probe", "/usr/pyexec-probe", "/pyexec-probe")] == [
+        erofs
+    ] * 3
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_work_is_capped_by_disk_mb(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """Writing more than disk_mb into /work fails with ENOSPC."""
+    code = """
+import errno
+try:
+    with open("big", "wb") as fh:
+        for _ in range(40):
+            fh.write(b"x" * 1024 * 1024)
+    print("wrote all")
+except OSError as exc:
+    print("ENOSPC" if exc.errno == errno.ENOSPC else exc)
+"""
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": code}, config={"disk_mb": 8}
+    )
+    assert outcome.stdout.strip() == "ENOSPC", outcome
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_stdin_env_args_and_exit_code_arrive(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """The program reads the request's stdin, sees env vars and args; its exit code passes."""
+    code = """
+import os, sys
+print(repr(sys.stdin.read()), sys.argv[1:], os.environ["GREETING"])
+print("to stderr", file=sys.stderr)
+sys.exit(7)
+"""
+    outcome = await execute(
+        runner,
+        docker_client,
+        settings,
+        {"main.py": code},
+        stdin="line one\nline two\n",
+        env_vars=["GREETING=héllo"],
+        script_args=["a b", "--c"],
+    )
+    assert outcome.reason is Reason.EXITED
+    assert outcome.reason.status is Status.COMPLETED
+    assert outcome.exit_code == 7
+    assert outcome.stdout == "'line one\\nline two\\n' ['a b', '--c'] héllo\n"
+    assert outcome.stderr == "to stderr\n"
+    assert outcome.started_at is not None
+    assert outcome.finished_at is not None
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_nested_entrypoint_runs_in_work_with_its_package(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A nested entrypoint imports its sibling modules; cwd is /work."""
+    files = {
+        "app/main.py": "import helper, os\nprint(helper.X, os.getcwd())\n",
+        "app/helper.py": "X = 42\n",
+    }
+    outcome = await execute(runner, docker_client, settings, files, entrypoint="app/main.py")
+    assert outcome.stdout == "42 /work\n", outcome
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_memory_hog_is_oom(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """Allocating past memory_mb ends as oom, not as an ordinary exit 137."""
+    code = "blocks = []\nwhile True:\n    blocks.append(bytearray(16 * 1024 * 1024))\n"
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": code}, config={"memory_mb": 64}
+    )
+    assert outcome.reason is Reason.OOM, outcome
+    assert outcome.reason.status is Status.FAILED
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_exit_137_by_itself_is_not_oom(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A program that SIGKILLs itself exits 137 and is reported as exited."""
+    code = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    outcome = await execute(runner, docker_client, settings, {"main.py": code})
+    assert (outcome.reason, outcome.exit_code) == (Reason.EXITED, 137)
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_busy_loop_times_out_on_time(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """`while True: pass` with a 2 s timeout ends as timeout within 2 s plus a small slack."""
+    before = time.monotonic()
+    outcome = await execute(
+        runner,
+        docker_client,
+        settings,
+        {"main.py": "print('spinning', flush=True)\nwhile True: pass\n"},
+        config={"timeout_seconds": 2},
+    )
+    elapsed = time.monotonic() - before
+    assert outcome.reason is Reason.TIMEOUT, outcome
+    assert outcome.stdout == "spinning\n"
+    assert outcome.started_at is not None
+    assert outcome.finished_at is not None
+    ran = (outcome.finished_at - outcome.started_at).total_seconds()
+    assert 2.0 <= ran < 3.0
+    assert elapsed < 4.5
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_closing_stdout_does_not_escape_the_timeout(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A program that closes its output and keeps running still times out."""
+    code = "import os\nos.close(1)\nos.close(2)\nwhile True: pass\n"
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": code}, config={"timeout_seconds": 2}
+    )
+    assert outcome.reason is Reason.TIMEOUT, outcome
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_fork_bomb_is_contained_and_the_next_run_is_fine(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """Forking stops at pids_limit; the following execution runs normally."""
+    code = """
+import os, time
+children = 0
+try:
+    while True:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        children += 1
+except OSError as exc:
+    print("stopped after", children, exc.errno)
+"""
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": code}, config={"pids_limit": 16}
+    )
+    assert outcome.reason is Reason.EXITED, outcome
+    words = outcome.stdout.split()
+    assert words[:2] == ["stopped", "after"]
+    assert int(words[2]) < 16
+    after = await execute(runner, docker_client, settings, {"main.py": "print('fine')"})
+    assert (after.reason, after.stdout) == (Reason.EXITED, "fine\n")
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_huge_output_is_cut_and_memory_stays_bounded(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """50 MB on stdout against a 1 MiB cap: output_limit, truncated, little memory used here."""
+    code = "import sys\nchunk = 'x' * 65536\nfor _ in range(800):\n    sys.stdout.write(chunk)\n"
+    gc.collect()
+    process = psutil.Process()
+    before = process.memory_info().rss
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": code}, config={"max_output_bytes": MiB}
+    )
+    grown = process.memory_info().rss - before
+    assert outcome.reason is Reason.OUTPUT_LIMIT, outcome.error
+    assert outcome.output_truncated
+    assert len(outcome.stdout) == MiB
+    assert grown < 16 * MiB, grown
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_output_cap_never_splits_a_character(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """Cut mid-way through a two-byte character, the kept text ends on a whole character."""
+    outcome = await execute(
+        runner,
+        docker_client,
+        settings,
+        {"main.py": "print('é' * 5000)"},
+        config={"max_output_bytes": 1001},
+    )
+    assert outcome.reason is Reason.OUTPUT_LIMIT
+    assert outcome.stdout == "é" * 500
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+@pytest.mark.parametrize("setup_network", [True, False], ids=["two-containers", "one-container"])
+async def test_pre_commands_run_before_the_script(
+    docker_client: docker.DockerClient, settings: Settings, setup_network: bool
+) -> None:
+    """pre_commands run in /work first; the run phase still has no network."""
+    settings = attrs.evolve(settings, setup_network=setup_network)
+    runner = DockerRunner(settings, docker_client)
+    try:
+        code = "import os\nprint(open('made.txt').read().strip(), os.listdir('/sys/class/net'))\n"
+        outcome = await execute(
+            runner,
+            docker_client,
+            settings,
+            {"main.py": code},
+            pre_commands=["echo made-by-setup > made.txt", "test -f main.py"],
+            stdin="unused",
+        )
+    finally:
+        await runner.aclose()
+    assert outcome.reason is Reason.EXITED, outcome
+    assert outcome.stdout == "made-by-setup ['lo']\n"
+    assert outcome.stderr == ""
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_setup_failure_reports_setup_output(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A failing pre_command ends as setup_failed with its output; the script never runs."""
+    started = await start(
+        runner,
+        settings,
+        {"main.py": "print('should not run')"},
+        pre_commands=["echo preparing; echo broken >&2; exit 3", "echo never"],
+    )
+    outcome = await started.wait()
+    assert outcome.reason is Reason.SETUP_FAILED, outcome
+    assert outcome.reason.status is Status.FAILED
+    assert outcome.stdout == "preparing\n"
+    assert outcome.stderr == "broken\n"
+    assert "exited with 3" in (outcome.error or "")
+    assert started.running == []
+    assert leftovers(docker_client, started.execution_id) == []
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_kill_while_running(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """Killing a running execution ends it as killed with its output so far; again is a no-op."""
+    code = "import time\nprint('first', flush=True)\ntime.sleep(60)\n"
+    started = await start(runner, settings, {"main.py": code})
+    await started.running_event.wait()
+    deadline = time.monotonic() + 20
+    while (await runner.logs(started.execution_id))[0] != "first\n":
+        assert time.monotonic() < deadline, "the first line never arrived"
+        await _tick()
+    before = time.monotonic()
+    await runner.kill(started.execution_id)
+    outcome = await started.wait(timeout=10)
+    assert time.monotonic() - before < 5
+    assert outcome.reason is Reason.KILLED
+    assert outcome.reason.status is Status.KILLED
+    assert outcome.stdout == "first\n"
+    assert leftovers(docker_client, started.execution_id) == []
+    await runner.kill(started.execution_id)
+    await runner.kill(new_execution_id())
+
+
+async def _tick() -> None:
+    await anyio.sleep(0.05)  # bounded poll of logs(); the output has no other signal
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_aclose_removes_running_containers(
+    settings: Settings, docker_client: docker.DockerClient
+) -> None:
+    """Shutting the runner down stops and removes what it runs."""
+    runner = DockerRunner(settings, docker_client)
+    started = await start(runner, settings, {"main.py": "import time\ntime.sleep(60)"})
+    await started.running_event.wait()
+    await runner.aclose()
+    outcome = await started.wait(timeout=5)
+    assert outcome.reason is Reason.ERROR
+    assert leftovers(docker_client, started.execution_id) == []
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_unsafe_tar_is_refused_inside_the_sandbox_too(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A tar that skipped validation is still refused by the bootstrap: error, nothing runs."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("main.py")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"1\n"))
+        link = tarfile.TarInfo("etc")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc"
+        tar.addfile(link)
+    outcome = await execute(runner, docker_client, settings, buf.getvalue())
+    assert outcome.reason is Reason.ERROR
+    assert "could not unpack" in (outcome.error or "")
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_missing_image_is_a_clear_error(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """An image that is not here and cannot be pulled fails start with image_unavailable."""
+    image = "127.0.0.1:9/pyexec-missing:never"  # a registry on loopback that refuses at once
+    request = attrs.evolve(request_for(settings), docker_image=image)
+    execution = Execution(execution_id=new_execution_id())
+
+    async def on_running(_: object) -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(BackendError) as info:
+        await runner.start(execution, request, tar_chunks(b""), on_running)
+    assert info.value.code == "image_unavailable"
+    assert image in info.value.message
+    assert leftovers(docker_client, execution.execution_id) == []
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_startup_sweeps_leftovers_of_dead_processes_only(
+    runner: DockerRunner, docker_client: docker.DockerClient
+) -> None:
+    """startup removes managed containers of a gone process, not those of a live one."""
+    live = f"{socket.gethostname()}:{os.getpid()}"
+    made = {}
+    for owner in ("elsewhere:1", live):
+        execution_id = new_execution_id()
+        docker_client.containers.create(
+            TEST_IMAGE,
+            ["true"],
+            labels={LABEL_MANAGED: "1", LABEL_EXECUTION: execution_id, LABEL_OWNER: owner},
+        )
+        made[owner] = execution_id
+    try:
+        await runner.startup()
+        assert leftovers(docker_client, made["elsewhere:1"]) == []
+        assert len(leftovers(docker_client, made[live])) == 1
+    finally:
+        for container in docker_client.containers.list(
+            all=True, filters={"label": f"{LABEL_EXECUTION}={made[live]}"}
+        ):
+            container.remove(force=True)
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_ping(runner: DockerRunner, settings: Settings) -> None:
+    """ping succeeds against the engine and says runner_unavailable without one."""
+    await runner.ping()
+    nowhere = DockerRunner(attrs.evolve(settings, docker_host="unix:///nonexistent/docker.sock"))
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            await nowhere.ping()
+        assert info.value.code == "runner_unavailable"
+    finally:
+        await nowhere.aclose()
+
+
+@pytest.mark.docker
+@pytest.mark.network
+@pytest.mark.anyio
+async def test_requirements_install_from_the_index(
+    docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """requirements_txt is installed with the network (via the CA bundle); the run has none."""
+    settings = attrs.evolve(settings, ca_bundle=CA_BUNDLE)
+    runner = DockerRunner(settings, docker_client)
+    code = "import os, six\nprint(six.__name__, os.listdir('/sys/class/net'))\n"
+    try:
+        outcome = await execute(
+            runner,
+            docker_client,
+            settings,
+            {"main.py": code},
+            requirements_txt="six\n",
+            config={"timeout_seconds": 120},
+        )
+    finally:
+        await runner.aclose()
+    assert outcome.reason is Reason.EXITED, (outcome.error, outcome.stderr[-2000:])
+    assert outcome.stdout == "six ['lo']\n"
