@@ -283,7 +283,7 @@ def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> N
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise BadRequest(
-            f"unknown field {where}{unknown[0]!r}; allowed: {', '.join(sorted(allowed))}",
+            f"unknown field '{where}{unknown[0]}'; allowed: {', '.join(sorted(allowed))}",
             code="unknown_field",
             field=f"{where}{unknown[0]}",
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -23,7 +25,9 @@ def _service(request: Request) -> ExecutionService:
     return service
 
 
-async def _upload(request: Request) -> tuple[ExecutionRequest, UploadFile]:
+@contextlib.asynccontextmanager
+async def _upload(request: Request) -> AsyncIterator[tuple[ExecutionRequest, BinaryIO]]:
+    """The parsed metadata and the spooled tar; the spool is closed on exit."""
     settings = _service(request).settings
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > settings.max_tar_bytes + MAX_METADATA_BYTES:
@@ -36,14 +40,14 @@ async def _upload(request: Request) -> tuple[ExecutionRequest, UploadFile]:
             "expected multipart/form-data with parts 'tar' and 'metadata'",
             code="unsupported_media_type",
         )
-    form = await request.form(max_files=2, max_fields=8, max_part_size=MAX_METADATA_BYTES)
-    tar = form.get("tar")
-    if not isinstance(tar, UploadFile):
-        raise BadRequest("the multipart part 'tar' (a file) is missing", code="missing_tar")
-    raw: Any = form.get("metadata") or "{}"
-    if isinstance(raw, UploadFile):
-        raw = await raw.read()
-    return parse_request(raw, settings), tar
+    async with request.form(max_files=2, max_fields=8, max_part_size=MAX_METADATA_BYTES) as form:
+        tar = form.get("tar")
+        if not isinstance(tar, UploadFile):
+            raise BadRequest("the multipart part 'tar' (a file) is missing", code="missing_tar")
+        raw: Any = form.get("metadata") or "{}"
+        if isinstance(raw, UploadFile):
+            raw = await raw.read()
+        yield parse_request(raw, settings), tar.file
 
 
 def _execution_id(request: Request) -> str:
@@ -54,16 +58,14 @@ def _execution_id(request: Request) -> str:
 
 
 async def exec_sync(request: Request) -> JSONResponse:
-    exec_request, tar = await _upload(request)
-    async with tar:
-        record = await _service(request).run(exec_request, tar.file)
+    async with _upload(request) as (exec_request, tar):
+        record = await _service(request).run(exec_request, tar)
     return JSONResponse(record.to_dict())
 
 
 async def exec_async(request: Request) -> JSONResponse:
-    exec_request, tar = await _upload(request)
-    async with tar:
-        record = await _service(request).submit(exec_request, tar.file)
+    async with _upload(request) as (exec_request, tar):
+        record = await _service(request).submit(exec_request, tar)
     return JSONResponse(
         {"execution_id": record.execution_id, "status": record.status.value},
         status_code=202,
