@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -13,8 +13,9 @@ from .api import executions, meta
 from .api.auth import BearerAuth
 from .api.errors import exception_handlers
 from .errors import BadRequest
-from .logsetup import RequestIdMiddleware
+from .logsetup import RequestIdMiddleware, log_finished, log_started
 from .metrics import Metrics, metrics_route
+from .models import Execution
 from .runner import Runner
 from .service import ExecutionService, Hooks
 from .settings import Settings
@@ -103,7 +104,18 @@ def create_app(
     )
     app.state.service = ExecutionService(settings, store, runner)
     app.state.service.hooks = Hooks(
-        on_started=metrics.execution_started, on_finished=metrics.execution_finished
+        on_started=_each(metrics.execution_started, log_started),
+        on_finished=_each(metrics.execution_finished, log_finished),
     )
     app.state.metrics = metrics
     return app
+
+
+def _each(*observers: Callable[[Execution], None]) -> Callable[[Execution], None]:
+    """One hook that calls every observer in turn."""
+
+    def observe(record: Execution) -> None:
+        for observer in observers:
+            observer(record)
+
+    return observe

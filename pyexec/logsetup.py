@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .models import Execution
 from .settings import Settings
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "configure_logging",
     "current_execution_id",
     "current_request_id",
+    "log_finished",
+    "log_started",
 ]
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -59,6 +62,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 }
 
 _logger = logging.getLogger("pyexec.http")
+_executions = logging.getLogger("pyexec.execution")
 
 
 def current_request_id() -> str | None:
@@ -77,6 +81,34 @@ def bind_execution(execution_id: str) -> Iterator[None]:
         yield
     finally:
         _execution_id.reset(token)
+
+
+def log_started(record: Execution) -> None:
+    """One line when an execution's process starts (a service hook)."""
+    _executions.info(
+        "execution %s running",
+        record.execution_id,
+        extra={"execution_id": record.execution_id, "status": record.status.value},
+    )
+
+
+def log_finished(record: Execution) -> None:
+    """One line when this replica records an execution's final status (a service hook)."""
+    reason = None if record.reason is None else record.reason.value
+    _executions.info(
+        "execution %s %s (%s)",
+        record.execution_id,
+        record.status.value,
+        reason,
+        extra={
+            "execution_id": record.execution_id,
+            "status": record.status.value,
+            "reason": reason,
+            "exit_code": record.exit_code,
+            "duration_ms": record.duration_ms,
+            "error": record.error,
+        },
+    )
 
 
 class _ContextFilter(logging.Filter):

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Iterator
 
+import attrs
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -15,7 +16,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from pyexec.logsetup import RequestIdMiddleware, bind_execution, configure_logging
+from pyexec.logsetup import (
+    RequestIdMiddleware,
+    bind_execution,
+    configure_logging,
+    log_finished,
+    log_started,
+)
+from pyexec.models import Execution, Reason, RunOutcome, Status, utcnow
 from pyexec.settings import Settings
 
 log = logging.getLogger("pyexec.test")
@@ -133,3 +141,15 @@ def test_uvicorn_colour_copies_are_dropped(stream: io.StringIO) -> None:
     (line,) = lines(stream)
     assert line["message"] == "Started x"
     assert "color_message" not in line
+
+
+def test_execution_hooks_log_one_line_each_with_the_verdict(stream: io.StringIO) -> None:
+    """The start and finish hooks log the execution id, status, reason and duration."""
+    record = Execution(execution_id="exe_3", started_at=utcnow())
+    log_started(attrs.evolve(record, status=Status.RUNNING))
+    log_finished(record.finished(RunOutcome(reason=Reason.OOM, exit_code=137)))
+    started, finished = lines(stream)
+    assert (started["execution_id"], started["status"]) == ("exe_3", "running")
+    assert finished["execution_id"] == "exe_3"
+    assert (finished["status"], finished["reason"], finished["exit_code"]) == ("failed", "oom", 137)
+    assert isinstance(finished["duration_ms"], int)
