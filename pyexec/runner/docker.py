@@ -375,6 +375,9 @@ class _Ended(Exception):
 class DockerRunner:
     """The ``Runner`` for one machine with a local Docker engine."""
 
+    #: A local run is pumped by this process; it cannot outlive it.
+    survives_restart = False
+
     def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
         self._settings = settings
         self._client = client
