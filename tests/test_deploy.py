@@ -383,6 +383,10 @@ def test_sigterm_lets_a_sync_run_finish_and_refuses_new_connections(tmp_path: Pa
         if line.get("logger") == "pyexec.http" and line.get("path") == "/api/v1/exec/sync"
     ]
     assert [line["request_id"] for line in access] == ["drain-test"]
+    about_it = [line for line in lines if line.get("logger") == "pyexec.execution"]
+    assert [line["status"] for line in about_it] == ["running", "completed"]
+    for line in about_it:
+        assert (line["execution_id"], line["request_id"]) == (body["execution_id"], "drain-test")
 
 
 @pytest.mark.docker
@@ -399,4 +403,4 @@ def test_sigterm_past_the_grace_period_kills_and_records_the_run(tmp_path: Path)
     body = response.json()
     assert (body["status"], body["reason"]) == ("killed", "killed")
     assert "shut down" in body["error"]
-    assert result["at"] - signalled < 20
+    assert result["at"] - signalled < 10
