@@ -16,7 +16,7 @@ import attrs
 import httpx
 import pytest
 
-from pyexec.errors import BackendError, BackendUnavailable, NotFound, PayloadTooLarge
+from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PayloadTooLarge
 from pyexec.models import Execution, Reason, RunOutcome, Status, new_execution_id, utcnow
 from pyexec.settings import Settings, SettingsError
 from pyexec.store import CHUNK_SIZE
@@ -499,3 +499,24 @@ async def test_token_comes_from_settings_not_the_environment(
         await store.aclose()
     assert tokens
     assert set(tokens) == {sent}
+
+
+# --- Releasing a tar once it was fetched ------------------------------------------------
+
+
+@pytest.mark.consul
+async def test_release_tar_waits_until_the_run_fetched_it(consul_store: ConsulStore) -> None:
+    """A pending execution keeps its tar; once running, release_tar drops tar and manifest."""
+    record = new_record()
+    await consul_store.create(record, io.BytesIO(os.urandom(3 * CHUNK_SIZE)))
+    with pytest.raises(Conflict):
+        await consul_store.release_tar(record.execution_id)
+    running = attrs.evolve(record, status=Status.RUNNING, started_at=utcnow())
+    await consul_store.update(running, expect={Status.PENDING})
+    await consul_store.release_tar(record.execution_id)
+    await consul_store.release_tar(record.execution_id)
+    assert sorted(folder_keys(consul_store, record.execution_id)) == ["record", "status"]
+    with pytest.raises(NotFound) as caught:
+        await read_tar(consul_store, record.execution_id)
+    assert caught.value.code == "tar_not_found"
+    assert (await consul_store.get(record.execution_id)).status is Status.RUNNING

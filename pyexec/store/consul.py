@@ -183,26 +183,33 @@ class ConsulStore:
             data[stream] = blob.decode("utf-8", errors="replace")
         return Execution.from_dict(data)
 
-    async def _read(self, execution_id: str) -> tuple[Execution, int, str | None]:
-        """The record, its ModifyIndex and its output revision; ``NotFound`` if none."""
+    async def _read(self, execution_id: str) -> Execution:
+        """The whole record, output included; ``NotFound`` if none."""
         for _ in range(CAS_ATTEMPTS):
             item = await self._kv.get(record_key(self._prefix, execution_id))
             if item is None or item.get("Value") is None:
                 raise NotFound(f"no execution {execution_id}")
             raw: bytes = item["Value"]
             try:
-                record = await self._decode(execution_id, raw)
+                return await self._decode(execution_id, raw)
             except _OutputMoved:
                 continue  # an update replaced the output between our reads; read again
-            rev = (json.loads(raw).get("output") or {}).get("rev")
-            return record, int(item["ModifyIndex"]), rev
         raise BackendUnavailable(
             f"execution {execution_id} keeps changing", code="store_unavailable"
         )
 
+    async def _head(self, execution_id: str) -> tuple[Execution, int, str | None]:
+        """The record without its chunked output (enough to check a transition), its
+        ModifyIndex and its output revision; ``NotFound`` if none."""
+        item = await self._kv.get(record_key(self._prefix, execution_id))
+        if item is None or item.get("Value") is None:
+            raise NotFound(f"no execution {execution_id}")
+        data = json.loads(item["Value"])
+        rev = (data.pop("output", None) or {}).get("rev")
+        return Execution.from_dict(data), int(item["ModifyIndex"]), rev
+
     async def get(self, execution_id: str) -> Execution:
-        record, _, _ = await self._read(execution_id)
-        return record
+        return await self._read(execution_id)
 
     async def create(self, record: Execution, tar: BinaryIO) -> None:
         raw, output_chunks = self._encode(record, secrets.token_hex(4))
@@ -227,7 +234,7 @@ class ConsulStore:
         written = False
         try:
             for _ in range(CAS_ATTEMPTS):
-                current, index, old_rev = await self._read(eid)
+                current, index, old_rev = await self._head(eid)
                 check_transition(current, record, expect)
                 ops = [
                     kv_op("cas", rkey, raw, index=index),
@@ -288,6 +295,24 @@ class ConsulStore:
 
     async def delete(self, execution_id: str) -> None:
         await self._kv.delete_tree(execution_folder(self._prefix, execution_id))
+
+    async def release_tar(self, execution_id: str) -> None:
+        """Delete the tar (manifest first, in the same transaction) once the execution is no
+        longer pending, i.e. its run has fetched it. Idempotent; refused while pending."""
+        current, _, _ = await self._head(execution_id)
+        if current.status is Status.PENDING:
+            raise Conflict(
+                f"execution {execution_id} is pending: its tar is still needed",
+                code="invalid_transition",
+                status=current.status.value,
+            )
+        folder = execution_folder(self._prefix, execution_id)
+        await self._kv.write_all(
+            [
+                kv_op("delete", manifest_key(self._prefix, execution_id)),
+                kv_op("delete-tree", folder + "tar/"),
+            ]
+        )
 
     async def _ids(self) -> list[str]:
         keys = await self._kv.folders(executions_root(self._prefix))
