@@ -4,7 +4,7 @@
 # state change is a check-and-set, so any replica can answer for any execution. The service
 # dispatches the runner jobs (pyexec-runner-<class>) that it registers itself at start-up.
 #
-#   nomad var put nomad/jobs/pyexec-server nomad_token=... consul_token=... api_tokens=...
+#   nomad var put nomad/jobs/pyexec-server NOMAD_TOKEN=... CONSUL_HTTP_TOKEN=... PYEXEC_API_TOKENS=...
 #   nomad job run -var image=registry.example/pyexec:0.1.0 jobs/pyexec-server.nomad.hcl
 #
 # No secret is written here: tokens come from the Nomad variable above (readable by this
@@ -158,19 +158,20 @@ job "pyexec-server" {
       }
 
       # Secrets from the job's Nomad variable, rendered into the secrets directory (never
-      # in the job spec, never in the image) and exported as environment variables.
-      # With Vault instead, replace `nomadVar` with `secret "kv/data/pyexec"` and add a
-      # `vault {}` block.
+      # in the job spec, never in the image) and exported as environment variables: each
+      # item of the variable becomes one variable of the same name (NOMAD_TOKEN,
+      # CONSUL_HTTP_TOKEN, PYEXEC_API_TOKENS, ...), and an item left out is simply unset.
+      # With Vault instead, read a `secret` here and add a `vault {}` block.
       template {
         destination = "${NOMAD_SECRETS_DIR}/pyexec.env"
         env         = true
         change_mode = "restart"
         splay       = "10s"
         data        = <<-EOT
-        {{- with nomadVar "nomad/jobs/pyexec-server" }}
-        NOMAD_TOKEN={{ .nomad_token }}
-        CONSUL_HTTP_TOKEN={{ .consul_token }}
-        PYEXEC_API_TOKENS={{ .api_tokens }}
+        {{- with nomadVar "nomad/jobs/pyexec-server" -}}
+        {{- range .Tuples }}
+        {{ .K }}={{ .V }}
+        {{- end }}
         {{- end }}
         EOT
       }
