@@ -154,7 +154,7 @@ def terminated(alloc: dict[str, Any], task_name: str) -> dict[str, Any]:
 
 
 MAIN_CODE = r"""
-import json, os, sys
+import errno, json, os, sys
 facts = {
     "meta": os.environ["NOMAD_META_who"],
     "meta_upper": os.environ["NOMAD_META_WHO"],
@@ -167,10 +167,10 @@ facts = {
     "uid": os.getuid(), "nets": sorted(os.listdir("/sys/class/net")),
 }
 try:
-    open("/rootfs-probe", "w")
+    open("/tmp/rootfs-probe", "w")
     facts["rootfs"] = "writable"
-except OSError:
-    facts["rootfs"] = "read-only"
+except OSError as exc:
+    facts["rootfs"] = errno.errorcode[exc.errno]
 open("/scratch/x", "w").write("tmpfs ok")
 open("/alloc/data/exit", "w").write("3")
 print(json.dumps(facts))
@@ -250,7 +250,7 @@ def test_dispatch_runs_the_group_and_reports_exit_code_logs_and_poststop(
         "arg": "ada",
         "uid": 65534,
         "nets": ["lo"],
-        "rootfs": "read-only",
+        "rootfs": "EROFS",
     }
     assert logs(client, alloc["ID"], "main", type="stderr", plain="true").text == "to stderr\n"
     framed = logs(client, alloc["ID"], "main", type="stdout").text
@@ -469,6 +469,9 @@ def test_held_dispatches_stay_pending_until_released(
     child = first["DispatchedJobID"]
     assert client.get(f"/v1/job/{jid(child)}").json()["Status"] == "pending"
     assert client.get(f"/v1/job/{jid(child)}/allocations").json() == []
+    summary = client.get(f"/v1/job/{jid(child)}/summary").json()
+    assert summary["Summary"]["run"]["Queued"] == 1
+    assert client.get(f"/v1/job/{jid(job_id)}/summary").json()["Children"]["Pending"] == 2
 
     assert only_sim.release(1) == 1
     assert wait_done(client, child)["ClientStatus"] == "complete"

@@ -257,6 +257,76 @@ class Cluster:
                 raise ApiError(404, "job not found")
             return copy.deepcopy(job)
 
+    def _summaries(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], JSON]:
+        """``JobSummary`` rows (api/jobs.go) for ``keys``, from one pass over the tables."""
+        want = set(keys)
+        groups: dict[tuple[str, str], dict[str, JSON]] = {}
+        children: dict[tuple[str, str], JSON] = {}
+        for key in want:
+            job = self.state.jobs[key]
+            groups[key] = {
+                g["Name"]: dict.fromkeys(
+                    ("Queued", "Complete", "Failed", "Running", "Starting", "Lost", "Unknown"), 0
+                )
+                for g in job["TaskGroups"]
+            }
+            if job.get("ParameterizedJob") and not job.get("Dispatched"):
+                children[key] = {"Pending": 0, "Running": 0, "Dead": 0}
+        column = {
+            "pending": "Starting",
+            "running": "Running",
+            "complete": "Complete",
+            "failed": "Failed",
+            "lost": "Lost",
+            "unknown": "Unknown",
+        }
+        for alloc in self.state.allocs.values():
+            rows = groups.get((alloc["Namespace"], alloc["JobID"]))
+            if rows is not None and alloc["TaskGroup"] in rows:
+                rows[alloc["TaskGroup"]][column[alloc["ClientStatus"]]] += 1
+        for ev in self.state.evals.values():
+            rows = groups.get((ev["Namespace"], ev["JobID"]))
+            if rows is None or ev["Status"] != "blocked":
+                continue
+            previous = self.state.evals.get(ev["PreviousEval"]) or {}
+            for name in previous.get("FailedTGAllocs") or {}:
+                if name in rows:
+                    rows[name]["Queued"] += 1
+        for (n, _), job in self.state.jobs.items():
+            counts = children.get((n, job.get("ParentID") or ""))
+            if counts is not None and job.get("Dispatched"):
+                counts[job["Status"].capitalize()] += 1
+        out = {}
+        for key in want:
+            job = self.state.jobs[key]
+            out[key] = {
+                "JobID": job["ID"],
+                "Namespace": job["Namespace"],
+                "Summary": groups[key],
+                "Children": children.get(key, {"Pending": 0, "Running": 0, "Dead": 0}),
+                "CreateIndex": job["CreateIndex"],
+                "ModifyIndex": job["ModifyIndex"],
+            }
+        return out
+
+    def job_summary(self, ns: str, job_id: str) -> JSON:
+        with self.state.lock:
+            if (ns, job_id) not in self.state.jobs:
+                raise ApiError(404, "job not found")
+            return self._summaries([(ns, job_id)])[(ns, job_id)]
+
+    def list_allocs(self, ns: str, prefix: str) -> list[JSON]:
+        with self.state.lock:
+            allocs = sorted(
+                (
+                    a
+                    for a in self.state.allocs.values()
+                    if (ns == "*" or a["Namespace"] == ns) and a["ID"].startswith(prefix)
+                ),
+                key=lambda a: a["ID"],
+            )
+            return [{f: copy.deepcopy(a.get(f)) for f in STUB_FIELDS} for a in allocs]
+
     def list_jobs(self, ns: str, prefix: str) -> list[JSON]:
         with self.state.lock:
             jobs = sorted(
@@ -267,9 +337,11 @@ class Cluster:
                 ),
                 key=lambda j: j["ID"],
             )
+            summaries = self._summaries([(j["Namespace"], j["ID"]) for j in jobs])
             stubs = []
             for job in jobs:
                 stub = {f: copy.deepcopy(job.get(f)) for f in JOB_STUB_FIELDS}
+                stub["JobSummary"] = summaries[(job["Namespace"], job["ID"])]
                 stub["ParameterizedJob"] = job.get("ParameterizedJob") is not None
                 stub["Periodic"] = job.get("Periodic") is not None
                 stubs.append(stub)

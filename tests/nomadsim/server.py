@@ -136,6 +136,8 @@ class Api:
             Route("/v1/job/{job_id:path}/dispatch", self.dispatch, methods=["PUT", "POST"]),
             Route("/v1/job/{job_id:path}/allocations", self.job_allocs, methods=["GET"]),
             Route("/v1/job/{job_id:path}/evaluations", self.job_evals, methods=["GET"]),
+            Route("/v1/job/{job_id:path}/summary", self.job_summary, methods=["GET"]),
+            Route("/v1/allocations", self.allocs, methods=["GET"]),
             Route("/v1/job/{job_id:path}", self.job, methods=["GET", "PUT", "POST", "DELETE"]),
             Route("/v1/allocation/{alloc_id}", self.alloc, methods=["GET"]),
             Route("/v1/evaluation/{eval_id}", self.evaluation, methods=["GET"]),
@@ -288,6 +290,23 @@ class Api:
         job_id = request.path_params["job_id"]
         return await self._blocking(
             request, ("job_evals", ns, job_id), "evals", lambda: self.cluster.job_evals(ns, job_id)
+        )
+
+    async def job_summary(self, request: Request) -> Response:
+        ns = self._ns(request)
+        job_id = request.path_params["job_id"]
+        return await self._blocking(
+            request,
+            ("job_allocs", ns, job_id),
+            "allocs",
+            lambda: self.cluster.job_summary(ns, job_id),
+        )
+
+    async def allocs(self, request: Request) -> Response:
+        ns = self._ns(request)
+        prefix = request.query_params.get("prefix", "")
+        return await self._blocking(
+            request, ("table", "allocs"), "allocs", lambda: self.cluster.list_allocs(ns, prefix)
         )
 
     async def alloc(self, request: Request) -> Response:
@@ -602,7 +621,8 @@ class NomadSim:
         """Listen (again) on the loopback port; returns ``http://host:port``."""
         if self._server is not None:
             return self.address
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto must say TCP, or asyncio skips TCP_NODELAY on accepted sockets (40 ms stalls).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
