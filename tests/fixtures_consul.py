@@ -131,12 +131,46 @@ class ConsulServer:
     stop Consul in the middle of a write and look at what really stayed behind.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
         self.data_dir = tempfile.mkdtemp(prefix="pyexec-consul-")
         self.http_port = free_port()
         self.ports = [free_port() for _ in range(3)]  # server, serf lan, serf wan
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = os.path.join(self.data_dir, "agent.log")
+        self.https_port: int | None = None
+        self.extra: list[str] = []
+        if tls:
+            self._make_tls()
+
+    def tls_file(self, name: str) -> str:
+        """``ca``, ``client`` or ``client-key``: PEM files made by ``consul tls``."""
+        files = {
+            "ca": "consul-agent-ca.pem",
+            "client": "dc1-client-consul-0.pem",
+            "client-key": "dc1-client-consul-0-key.pem",
+        }
+        return os.path.join(self.data_dir, files[name])
+
+    def _make_tls(self) -> None:
+        """A private CA, a server cert (SANs localhost, 127.0.0.1) and a client cert; an
+        https port that demands client certificates."""
+        for args in (
+            ["ca", "create"],
+            ["cert", "create", "-server"],
+            ["cert", "create", "-client"],
+        ):
+            subprocess.run(
+                ["consul", "tls", *args], cwd=self.data_dir, check=True, capture_output=True
+            )
+        self.https_port = free_port()
+        d = self.data_dir
+        self.extra = [
+            "-hcl", f"ports {{ https = {self.https_port} }}",
+            "-hcl", f'ca_file = "{d}/consul-agent-ca.pem"',
+            "-hcl", f'cert_file = "{d}/dc1-server-consul-0.pem"',
+            "-hcl", f'key_file = "{d}/dc1-server-consul-0-key.pem"',
+            "-hcl", "verify_incoming_https = true",
+        ]  # fmt: skip
 
     @property
     def addr(self) -> str:
@@ -149,7 +183,7 @@ class ConsulServer:
             f"-data-dir={self.data_dir}/data", "-bind=127.0.0.1", "-client=127.0.0.1",
             f"-http-port={self.http_port}", "-dns-port=-1", "-grpc-port=-1",
             f"-server-port={server}", f"-serf-lan-port={lan}", f"-serf-wan-port={wan}",
-            "-log-level=warn", "-hcl", "performance { raft_multiplier = 1 }",
+            "-log-level=warn", "-hcl", "performance { raft_multiplier = 1 }", *self.extra,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -190,6 +224,19 @@ def consul_server() -> Iterator[ConsulServer]:
     if shutil.which("consul") is None:
         pytest.skip("the consul binary is not on PATH (scripts/bootstrap.sh --consul)")
     server = ConsulServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def consul_tls_server() -> Iterator[ConsulServer]:
+    """A private Consul server with an https port that requires client certificates."""
+    if shutil.which("consul") is None:
+        pytest.skip("the consul binary is not on PATH (scripts/bootstrap.sh --consul)")
+    server = ConsulServer(tls=True)
     try:
         server.start()
         yield server

@@ -52,6 +52,7 @@ consul_prefix = fixtures_consul.consul_prefix
 consul_settings = fixtures_consul.consul_settings
 consul_store = fixtures_consul.consul_store
 consul_server = fixtures_consul.consul_server
+consul_tls_server = fixtures_consul.consul_tls_server
 
 MiB = 1024 * 1024
 
@@ -520,3 +521,56 @@ async def test_release_tar_waits_until_the_run_fetched_it(consul_store: ConsulSt
         await read_tar(consul_store, record.execution_id)
     assert caught.value.code == "tar_not_found"
     assert (await consul_store.get(record.execution_id)).status is Status.RUNNING
+
+
+# --- TLS against a real agent -----------------------------------------------------------
+
+
+def tls_settings(server: ConsulServer, addr: str, **overrides: Any) -> Settings:
+    files = {
+        "consul_cacert": server.tls_file("ca"),
+        "consul_client_cert": server.tls_file("client"),
+        "consul_client_key": server.tls_file("client-key"),
+    }
+    files.update(overrides)
+    return Settings(consul_addr=addr, consul_prefix="pyexec-tls", **files)
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize("form", ["https://127.0.0.1:{port}", "127.0.0.1:{port}"])
+async def test_mutual_tls_round_trip(consul_tls_server: ConsulServer, form: str) -> None:
+    """With CA and client certificate the store works over https (TLS files imply https)."""
+    addr = form.format(port=consul_tls_server.https_port)
+    store = ConsulStore.from_settings(tls_settings(consul_tls_server, addr))
+    try:
+        await store.ping()
+        record = new_record()
+        data = os.urandom(CHUNK_SIZE + 5)
+        await store.create(record, io.BytesIO(data))
+        assert await read_tar(store, record.execution_id) == data
+        await store.delete(record.execution_id)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize(
+    "missing",
+    [
+        {"consul_cacert": None},  # the system store does not know this private CA
+        {"consul_client_cert": None, "consul_client_key": None},  # the agent demands one
+    ],
+    ids=["unknown-ca", "no-client-cert"],
+)
+async def test_tls_failures_are_errors_not_downgrades(
+    consul_tls_server: ConsulServer, missing: dict[str, None]
+) -> None:
+    """An untrusted server or a missing client certificate fails; nothing falls back to http."""
+    addr = f"https://127.0.0.1:{consul_tls_server.https_port}"
+    store = ConsulStore.from_settings(tls_settings(consul_tls_server, addr, **missing))
+    try:
+        with pytest.raises(BackendUnavailable) as caught:
+            await store.ping()
+        assert caught.value.code == "store_unavailable"
+    finally:
+        await store.aclose()

@@ -70,6 +70,9 @@ CAS_ATTEMPTS = 16
 MAX_BLOCK_SECONDS = 300.0
 
 
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+
+
 def _pieces(data: bytes, size: int) -> Iterator[bytes]:
     for start in range(0, len(data), size):
         yield data[start : start + size]
@@ -394,7 +397,7 @@ class ConsulStore:
                 raise NotFound(f"no execution {execution_id}")
             # An index that goes backwards (snapshot restore, leader change) starts over.
             index = 0 if new_index < index else new_index
-            if Status(status.decode() or "pending") in TERMINAL:
+            if status.decode(errors="replace") in _TERMINAL_VALUES:
                 record = await self.get(execution_id)
         if record.terminal:
             return record

@@ -122,7 +122,10 @@ def consul_error(exc: consul.exceptions.ConsulException) -> PyexecError:
     """One of ours for what py-consul's response callbacks raised."""
     if isinstance(exc, consul.exceptions.ACLPermissionDenied | consul.exceptions.ACLDisabled):
         return BackendError(f"Consul refused the request (ACL): {exc}", code="store_error")
-    if isinstance(exc, consul.exceptions.BadRequest | consul.exceptions.ClientError):
+    if isinstance(
+        exc,
+        consul.exceptions.BadRequest | consul.exceptions.ClientError | consul.exceptions.NotFound,
+    ):
         return BackendError(f"Consul rejected a request: {exc}", code="store_error")
     return BackendUnavailable(f"Consul failed: {exc}", code="store_unavailable")
 
@@ -182,7 +185,9 @@ class HttpxConsulClient(consul.base.HTTPClient):  # type: ignore[misc]
                 content=data,
                 timeout=timeout,
             )
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, OSError) as exc:
+            # OSError: httpcore lets some socket and TLS errors through unwrapped (a client
+            # certificate the server rejects surfaces as ssl.SSLError on the first read).
             raise BackendUnavailable(
                 f"Consul at {self.base_uri} is unreachable: {exc!r}", code="store_unavailable"
             ) from exc
