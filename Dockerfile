@@ -4,6 +4,8 @@
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS build
+# Lets scripts/build-image.sh remove this stage's leftovers, and nothing else.
+LABEL pyexec.build-stage=true
 COPY build/image/wheels/ /wheels/
 # --no-deps: the wheel set is the lock, resolved on the host; `pip check` proves it complete.
 # /docs serves Swagger UI only: the bundled Swagger Editor and source maps are 20 MB of dead weight.

@@ -43,7 +43,15 @@ uvx --quiet --from pip pip download -q --disable-pip-version-check --no-deps --r
   -r "$out/requirements.txt" -d "$out/wheels"
 log "$(find "$out/wheels" -name '*.whl' | wc -l) wheels in build/image/wheels"
 
-docker build -q --build-arg "BASE_IMAGE=$base" -t "$tag" "$here" >/dev/null
+previous=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+docker build -q --force-rm --build-arg "BASE_IMAGE=$base" -t "$tag" "$here" >/dev/null
+# Release what this build superseded: the image the tag named before (if nothing uses it)
+# and the build stage, which carries a label so that nothing else is touched.
+current=$(docker image inspect --format '{{.Id}}' "$tag")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
+docker image prune -f --filter label=pyexec.build-stage=true >/dev/null
 size=$(docker image inspect --format '{{.Size}}' "$tag")
 base_size=$(docker image inspect --format '{{.Size}}' "$base")
 log "built $tag: $((size / 1000000)) MB ($(((size - base_size) / 1000000)) MB over the base)"
