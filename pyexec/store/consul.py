@@ -233,28 +233,31 @@ class ConsulStore:
         rev = secrets.token_hex(4)
         raw, output_chunks = self._encode(record, rev)
         rkey = record_key(self._prefix, eid)
-        chunk_ops = [kv_op("set", key, piece) for key, piece in output_chunks]
+        # Output that fits rides in the record's transaction (base64); more goes first, as
+        # raw create-only PUTs under the fresh revision nobody reads until the record
+        # written below points at it.
+        inline = sum(len(piece) for _, piece in output_chunks) <= self._kv.max_txn_bytes // 2
+        chunk_ops = [kv_op("set", key, piece) for key, piece in output_chunks] if inline else []
         written = False
         try:
             for _ in range(CAS_ATTEMPTS):
                 current, index, old_rev = await self._head(eid)
                 check_transition(current, record, expect)
-                ops = [
+                batch = self._kv.batch()
+                batch.add(
                     kv_op("cas", rkey, raw, index=index),
                     kv_op("set", status_key(self._prefix, eid), record.status.value.encode()),
-                ]
+                )
                 if old_rev is not None:
-                    ops.append(kv_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
-                batch = self._kv.batch()
-                batch.add(*ops)
-                if chunk_ops and not written:
-                    if batch.fits(*chunk_ops):
+                    batch.add(kv_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
+                if output_chunks and not written:
+                    if chunk_ops and batch.fits(*chunk_ops):
                         batch.add(*chunk_ops)
                     else:
-                        # Too big for one transaction: the chunks go first, under a fresh
-                        # revision nobody reads until the record below points at it.
-                        await self._kv.write_all(chunk_ops)
-                        written = True
+                        written = True  # from the first PUT on, a failure must clean up
+                        for key, piece in output_chunks:
+                            if not await self._kv.put_new(key, piece):
+                                raise BackendError(f"{key} exists already", code="store_error")
                 if (await self._kv.txn(batch.ops)).ok:
                     written = False
                     return record
