@@ -329,7 +329,10 @@ def in_flight(url: str) -> float:
     return float(line.split()[1])
 
 
-def run_in_background(url: str, seconds_: float) -> tuple[threading.Thread, dict[str, Any]]:
+def run_in_background(
+    url: str, seconds_: float, in_flight_before: int = 0
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """A sync run in a thread, returned once it is launched (``in_flight_before`` + 1 runs)."""
     result: dict[str, Any] = {}
 
     def call() -> None:
@@ -343,7 +346,7 @@ def run_in_background(url: str, seconds_: float) -> tuple[threading.Thread, dict
     thread.start()
     # Bounded poll of the in-flight gauge: SIGTERM must land while the run is going.
     deadline = time.monotonic() + 60
-    while in_flight(url) < 1:
+    while in_flight(url) < in_flight_before + 1:
         assert thread.is_alive(), result
         assert time.monotonic() < deadline, "the run never started"
         time.sleep(0.05)
@@ -390,9 +393,18 @@ def test_sigterm_lets_a_sync_run_finish_and_refuses_new_connections(tmp_path: Pa
 
 @pytest.mark.docker
 def test_sigterm_past_the_grace_period_kills_and_records_the_run(tmp_path: Path) -> None:
-    """A sync run outlasting the grace period is killed, and its caller gets the killed record."""
-    with serve_process(grace=1, log=tmp_path / "serve.log") as (proc, url):
-        thread, result = run_in_background(url, 30)
+    """Past the grace period local runs are killed and recorded: the sync caller gets the
+    killed record, and an async run is logged as killed."""
+    log = tmp_path / "serve.log"
+    with serve_process(grace=1, log=log) as (proc, url):
+        submitted = httpx.post(
+            f"{url}/api/v1/exec/async",
+            files={"tar": ("code.tar", SLEEPER, "application/x-tar")},
+            data={"metadata": json.dumps({"script_args": ["30"]})},
+            timeout=60,
+        )
+        assert submitted.status_code == 202, submitted.text
+        thread, result = run_in_background(url, 30, in_flight_before=1)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         thread.join(timeout=60)
@@ -403,3 +415,11 @@ def test_sigterm_past_the_grace_period_kills_and_records_the_run(tmp_path: Path)
     assert (body["status"], body["reason"]) == ("killed", "killed")
     assert "shut down" in body["error"]
     assert result["at"] - signalled < 10
+    finished = {
+        line["execution_id"]: line
+        for line in map(json.loads, log.read_text(encoding="utf-8").splitlines())
+        if line.get("logger") == "pyexec.execution" and line["status"] != "running"
+    }
+    async_line = finished[submitted.json()["execution_id"]]
+    assert (async_line["status"], async_line["reason"]) == ("killed", "killed")
+    assert "shut down" in async_line["error"]
