@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import anyio
 import attrs
 import httpx
 import pytest
@@ -574,3 +575,40 @@ async def test_tls_failures_are_errors_not_downgrades(
         assert caught.value.code == "store_unavailable"
     finally:
         await store.aclose()
+
+
+@pytest.mark.consul
+async def test_two_store_instances_racing_to_terminal_have_one_winner(
+    consul_settings: Settings,
+) -> None:
+    """Two replicas (separate clients) ending the same run differently: one verdict stands."""
+    first = ConsulStore.from_settings(consul_settings)
+    second = ConsulStore.from_settings(consul_settings)
+    try:
+        for _ in range(5):
+            record = new_record()
+            await first.create(record, io.BytesIO(b"t"))
+            outcomes: list[Status | None] = []
+
+            async def end(
+                store: ConsulStore,
+                reason: Reason,
+                record: Execution = record,
+                outcomes: list[Status | None] = outcomes,
+            ) -> None:
+                try:
+                    done = record.finished(RunOutcome(reason=reason))
+                    outcomes.append((await store.update(done, expect={Status.PENDING})).status)
+                except Conflict:
+                    outcomes.append(None)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(end, first, Reason.EXITED)
+                tg.start_soon(end, second, Reason.KILLED)
+            winners = [s for s in outcomes if s is not None]
+            assert len(winners) == 1
+            assert (await second.get(record.execution_id)).status is winners[0]
+            assert (await first.get(record.execution_id)).status is winners[0]
+    finally:
+        await first.aclose()
+        await second.aclose()
