@@ -65,6 +65,9 @@ class _Run:
     job_stopped: bool = False
     reported_running: bool = False
     concluding: bool = False
+    #: Set when the service itself stops the run (deadlines): this verdict wins over
+    #: the "stopped" that Nomad then reports.
+    expired: RunOutcome | None = None
 
 
 class NomadRunner:
@@ -325,8 +328,18 @@ class NomadRunner:
         return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), out_cut or err_cut
 
     def _resolve(self, run: _Run, outcome: RunOutcome) -> None:
-        if not run.outcome.done():
-            run.outcome.set_result(outcome)
+        if run.outcome.done():
+            return
+        if run.expired is not None:
+            outcome = attrs.evolve(
+                run.expired,
+                stdout=outcome.stdout,
+                stderr=outcome.stderr,
+                output_truncated=outcome.output_truncated,
+                started_at=outcome.started_at,
+                finished_at=outcome.finished_at,
+            )
+        run.outcome.set_result(outcome)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -386,12 +399,16 @@ class NomadRunner:
                     )
 
     async def _expire(self, run: _Run, reason: Reason, error: str) -> None:
+        run.expired = RunOutcome(reason=reason, error=error)
         try:
             await self.api.stop_job(run.job_id)
         except PyexecError as exc:
+            run.expired = None
             log.warning("could not stop %s: %s", run.job_id, exc.message)
             return  # try again on the next tick
-        self._resolve(run, RunOutcome(reason=reason, error=error))
+        if run.alloc is None:
+            self._resolve(run, RunOutcome(reason=reason, error=error))
+        # else: the stopped allocation concludes with its output, under this verdict.
 
     async def _find_job(self, execution_id: str) -> str | None:
         """The dispatched job carrying ``execution_id`` in its meta, if Nomad still has it."""

@@ -4,7 +4,7 @@ Pure functions, so the mapping from Nomad's vocabulary to pyexec's verdicts is
 tested without an agent:
 
 - the ``run`` task's ``StartedAt`` is when the sandboxed process started;
-- an allocation is over when every task is dead (or Nomad marks it terminal);
+- an allocation is over when every task is dead (or Nomad lost it);
 - ``DesiredStatus=stop`` means it was stopped: killed, not completed;
 - ``ClientStatus=lost`` means the node went away: a failure;
 - the finish task prints a verdict line; without one, the ``run`` task's
@@ -63,15 +63,15 @@ def run_started(alloc: JSON) -> datetime | None:
 
 
 def alloc_over(alloc: JSON) -> bool:
-    """Whether nothing of the allocation runs any more (so the finish task is done too)."""
-    if alloc.get("ClientStatus") in {"complete", "failed", "lost"}:
+    """Whether nothing of the allocation runs any more, the finish task included.
+
+    ``ClientStatus`` alone will not do: it turns ``failed`` as soon as the run task
+    fails, while the finish task is still to run.
+    """
+    if alloc.get("ClientStatus") == "lost":
         return True
     states: JSON = alloc.get("TaskStates") or {}
-    return (
-        bool(states)
-        and all(s.get("State") == "dead" for s in states.values())
-        and (alloc.get("DesiredStatus") != "run")
-    )
+    return bool(states) and all(s.get("State") == "dead" for s in states.values())
 
 
 def terminated_event(alloc: JSON, task: str = RUN_TASK) -> JSON | None:

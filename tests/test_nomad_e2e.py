@@ -1,0 +1,462 @@
+"""The Nomad backend end to end: the API, NomadRunner, the runner job's tasks, Consul.
+
+Runs against nomadsim (tests/nomadsim, real Docker containers) by default, and unchanged
+against a real agent when PYEXEC_TEST_NOMAD_ADDR is set (PYEXEC_TEST_CONSUL_ADDR names
+the Consul the service uses, PYEXEC_TEST_NOMAD_CONSUL_ADDR the one the tasks reach);
+tests of the double's fault switches skip there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pyexec.cli import run_cli
+from pyexec.models import Status
+from pyexec.settings import Settings
+from pyexec.store.consul import ConsulStore
+
+from .conftest import CA_BUNDLE, app_client, make_settings
+from .fixtures_consul import CONSUL_ADDR, consul_url, kv_delete_tree, kv_raw, new_prefix
+from .nomadsim import NomadSim
+from .tarfiles import make_tar
+
+REAL_NOMAD = os.environ.get("PYEXEC_TEST_NOMAD_ADDR")
+TASK_CONSUL = os.environ.get("PYEXEC_TEST_NOMAD_CONSUL_ADDR") or consul_url(CONSUL_ADDR)
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.nomad,
+    pytest.mark.consul,
+    pytest.mark.docker,
+    # The double's docker SDK drops attach streams on unix sockets for the GC to close;
+    # nothing here opens a unix socket itself.
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <socket.socket \[closed\] fd=\d+, family=1"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[NomadSim | None]:
+    if REAL_NOMAD:
+        yield None
+        return
+    double = NomadSim(heartbeat_s=1.0)
+    double.start()
+    try:
+        yield double
+    finally:
+        double.stop()
+
+
+@pytest.fixture
+def only_sim(sim: NomadSim | None) -> NomadSim:
+    if sim is None:
+        pytest.skip("needs a fault switch of the double; a real agent has none")
+    return sim
+
+
+@pytest.fixture(scope="module")
+def job_prefix(sim: NomadSim | None) -> Iterator[str]:
+    """Runner jobs of this module get their own names; purged afterwards on a real agent."""
+    prefix = f"pyexec-test-{secrets.token_hex(3)}"
+    yield prefix
+    if REAL_NOMAD:
+        with httpx.Client(base_url=REAL_NOMAD, timeout=30) as nomad:
+            for stub in nomad.get("/v1/jobs", params={"prefix": prefix}).json():
+                nomad.delete(f"/v1/job/{stub['ID']}", params={"purge": "true"})
+
+
+@pytest.fixture
+def settings(sim: NomadSim | None, job_prefix: str) -> Iterator[Settings]:
+    prefix = new_prefix()
+    yield make_settings(
+        nomad_addr=REAL_NOMAD or (sim.address if sim else None),
+        consul_addr=CONSUL_ADDR,
+        consul_prefix=prefix,
+        nomad_consul_addr=TASK_CONSUL,
+        nomad_job_prefix=job_prefix,
+        nomad_placement_timeout=60.0,
+    )
+    with contextlib.suppress(httpx.HTTPError):
+        kv_delete_tree(prefix)
+
+
+@contextlib.asynccontextmanager
+async def pyexec_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(settings) as client:
+        yield client
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with pyexec_api(settings) as client:
+        yield client
+
+
+def program(code: str, **metadata: Any) -> dict[str, Any]:
+    return {
+        "files": {"tar": ("bundle.tar", make_tar({"main.py": code}), "application/x-tar")},
+        "data": {"metadata": json.dumps(metadata)},
+    }
+
+
+async def run_sync(api: httpx.AsyncClient, code: str, **metadata: Any) -> dict[str, Any]:
+    response = await api.post("/api/v1/exec/sync", **program(code, **metadata))
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def submit(api: httpx.AsyncClient, code: str, **metadata: Any) -> str:
+    response = await api.post("/api/v1/exec/async", **program(code, **metadata))
+    assert response.status_code == 202, response.text
+    execution_id: str = response.json()["execution_id"]
+    return execution_id
+
+
+async def final(api: httpx.AsyncClient, execution_id: str, timeout: float = 120) -> dict[str, Any]:
+    """Long-poll until the execution is terminal (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = await api.get(f"/api/v1/executions/{execution_id}", params={"wait": 30})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        if body["status"] in {"completed", "failed", "killed"}:
+            return body
+    raise AssertionError(f"{execution_id} did not finish within {timeout} s")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
+    """Poll ``check`` until it holds, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.2)
+
+
+def nomad(settings: Settings) -> httpx.Client:
+    assert settings.nomad_addr
+    return httpx.Client(base_url=settings.nomad_addr, timeout=30)
+
+
+def children_of(settings: Settings, execution_id: str) -> list[dict[str, Any]]:
+    """Dispatched runner jobs that carry ``execution_id``."""
+    with nomad(settings) as client:
+        stubs = client.get("/v1/jobs", params={"prefix": settings.nomad_job_prefix}).json()
+    return [s for s in stubs if (s.get("Meta") or {}).get("execution_id") == execution_id]
+
+
+# --- runs through the API ------------------------------------------------------------------
+
+
+async def test_sync_run_returns_output_exit_code_and_timings(api: httpx.AsyncClient) -> None:
+    """A sync run gets stdin, env and args, and returns stdout, stderr and the exit code."""
+    code = (
+        "import os, sys\n"
+        "print('in:', sys.stdin.read(), 'env:', os.environ['GREETING'], 'args:', sys.argv[1:])\n"
+        "print('oops', file=sys.stderr)\n"
+        "sys.exit(3)\n"
+    )
+    body = await run_sync(
+        api, code, stdin="hello", env_vars=["GREETING=hi"], script_args=["a", "b c"]
+    )
+    assert body["status"] == "completed"
+    assert body["reason"] == "exited"
+    assert body["exit_code"] == 3
+    assert body["stdout"] == "in: hello env: hi args: ['a', 'b c']\n"
+    assert body["stderr"] == "oops\n"
+    assert body["started_at"] is not None
+    assert body["duration_ms"] >= 0
+
+
+async def test_sandbox_has_no_network_and_runs_as_uid_1000(api: httpx.AsyncClient) -> None:
+    """The run task sees only the loopback interface, runs as uid 1000, on a read-only root."""
+    code = (
+        "import os\n"
+        "root = [m.split()[3] for m in open('/proc/self/mounts') if m.split()[1] == '/']\n"
+        "print(sorted(os.listdir('/sys/class/net')), os.getuid(), root[0].split(',')[0])\n"
+        "open('/work/scratch', 'w').write('ok')\n"
+    )
+    body = await run_sync(api, code)
+    assert body["stdout"] == "['lo'] 1000 ro\n", body
+
+
+async def test_async_run_and_logs(api: httpx.AsyncClient) -> None:
+    """An async run answers 202 at once; GET ?wait returns the record once terminal."""
+    execution_id = await submit(api, "print('async ok')")
+    body = await final(api, execution_id)
+    assert (body["status"], body["stdout"]) == ("completed", "async ok\n")
+    logs = (await api.get(f"/api/v1/executions/{execution_id}/logs")).json()
+    assert logs["stdout"] == "async ok\n"
+
+
+async def test_large_output_is_kept_whole(api: httpx.AsyncClient) -> None:
+    """Output larger than a Consul value is stored in chunks and comes back whole."""
+    body = await run_sync(api, "print('x' * 700_000)")
+    assert body["stdout"] == "x" * 700_000 + "\n"
+
+
+async def test_kill_while_running(api: httpx.AsyncClient, settings: Settings) -> None:
+    """DELETE stops the dispatched job; the record says killed, and stays killed."""
+    execution_id = await submit(api, "import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+
+    async def running() -> bool:
+        record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+        return bool(record["status"] == "running")
+
+    await eventually(running)
+    killed = (await api.delete(f"/api/v1/executions/{execution_id}")).json()
+    assert killed["status"] == "killed"
+    (child,) = children_of(settings, execution_id)
+
+    def stopped() -> bool:
+        with nomad(settings) as client:
+            allocs = client.get(f"/v1/job/{child['ID']}/allocations").json()
+        return bool(allocs) and all(a["ClientStatus"] != "running" for a in allocs)
+
+    await eventually(lambda: asyncio.to_thread(stopped))
+    body = await final(api, execution_id)
+    assert body["status"] == "killed"
+    again = (await api.delete(f"/api/v1/executions/{execution_id}")).json()
+    assert again["status"] == "killed"
+
+
+async def test_timeout_inside_the_task(api: httpx.AsyncClient) -> None:
+    """A run past its timeout is stopped by the task and reported as timeout."""
+    body = await run_sync(
+        api,
+        "import time\nprint('before', flush=True)\ntime.sleep(60)\n",
+        config={"timeout_seconds": 2},
+    )
+    assert (body["status"], body["reason"]) == ("failed", "timeout")
+    assert body["stdout"] == "before\n"
+    assert body["duration_ms"] < 30_000
+
+
+async def test_out_of_memory(api: httpx.AsyncClient) -> None:
+    """A run that exceeds the class's memory is reported as oom, not as exit 137."""
+    body = await run_sync(api, "x = b'1' * (1536 * 1024 ** 2)\nprint(len(x))\n")
+    assert (body["status"], body["reason"]) == ("failed", "oom")
+
+
+async def test_output_limit(api: httpx.AsyncClient) -> None:
+    """Output beyond max_output_bytes ends the run with output_limit and truncated output."""
+    body = await run_sync(
+        api,
+        "import sys\nfor _ in range(1000):\n    sys.stdout.write('y' * 1000)\n",
+        config={"max_output_bytes": 5000},
+    )
+    assert (body["status"], body["reason"]) == ("failed", "output_limit")
+    assert body["output_truncated"] is True
+    assert body["stdout"] == "y" * 5000
+
+
+async def test_setup_failure(api: httpx.AsyncClient) -> None:
+    """A failing pre-command fails the run as setup_failed, with its output."""
+    body = await run_sync(api, "print('never')", pre_commands=["echo preparing; exit 3"])
+    assert (body["status"], body["reason"]) == ("failed", "setup_failed")
+    assert "exit code 3" in body["error"]
+    assert "preparing" in body["stderr"]
+    assert body["stdout"] == ""
+
+
+async def test_pre_commands_prepare_the_files(api: httpx.AsyncClient) -> None:
+    """Pre-commands run in the bundle's directory before the entrypoint."""
+    body = await run_sync(
+        api, "print(open('made.txt').read())", pre_commands=["echo prepared > made.txt"]
+    )
+    assert body["stdout"] == "prepared\n\n"
+
+
+async def test_no_class_fits_is_a_clear_400(api: httpx.AsyncClient) -> None:
+    """A request no resource class can hold is refused with no_resource_class."""
+    response = await api.post(
+        "/api/v1/exec/sync", **program("print(1)", config={"pids_limit": 1000})
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "no_resource_class"
+
+
+@pytest.mark.network
+async def test_requirements_are_installed(settings: Settings) -> None:
+    """requirements_txt is installed by the setup task (through the CA bundle setting)."""
+    import attrs
+
+    with_ca = attrs.evolve(settings, ca_bundle=CA_BUNDLE)
+    async with pyexec_api(with_ca) as api:
+        body = await run_sync(api, "import six\nprint(six.__name__)\n", requirements_txt="six\n")
+    assert (body["status"], body["stdout"]) == ("completed", "six\n"), body
+
+
+# --- service restart, direct dispatch ----------------------------------------------------------
+
+
+async def test_restart_mid_flight_loses_nothing_and_runs_nothing_twice(
+    settings: Settings,
+) -> None:
+    """A run in flight when the service stops is picked up by the next service, once."""
+    async with pyexec_api(settings) as api:
+        execution_id = await submit(
+            api, "import time\nprint('begin', flush=True)\ntime.sleep(4)\nprint('end')\n"
+        )
+
+        async def dispatched() -> bool:
+            return bool(children_of(settings, execution_id))
+
+        await eventually(dispatched)
+    async with pyexec_api(settings) as api:
+        body = await final(api, execution_id)
+    assert (body["status"], body["stdout"]) == ("completed", "begin\nend\n")
+    assert len(children_of(settings, execution_id)) == 1
+
+
+def dispatch_directly(settings: Settings, execution_id: str) -> str:
+    """What an operator's `nomad job dispatch -meta execution_id=...` sends."""
+    with nomad(settings) as client:
+        response = client.post(
+            f"/v1/job/{settings.nomad_job_prefix}-small/dispatch",
+            json={"Meta": {"execution_id": execution_id, "image": settings.default_image}},
+        )
+    response.raise_for_status()
+    job_id: str = response.json()["DispatchedJobID"]
+    return job_id
+
+
+async def test_direct_dispatch_without_the_server(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+) -> None:
+    """`pyexec bundle upload` + a plain dispatch run the code; the result lands in Consul."""
+    async with pyexec_api(settings):
+        pass  # registers the runner jobs, as the service does at start-up
+    for name, value in {
+        "CONSUL_HTTP_ADDR": settings.consul_addr,
+        "PYEXEC_CONSUL_PREFIX": settings.consul_prefix,
+        "PYEXEC_DEFAULT_IMAGE": settings.default_image,
+        "PYEXEC_DEFAULT_MEMORY_MB": str(settings.default_memory_mb),
+        "PYEXEC_DEFAULT_DISK_MB": str(settings.default_disk_mb),
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("NOMAD_ADDR", raising=False)
+    bundle = io.BytesIO(
+        make_tar(
+            {
+                "main.py": "import sys\nprint('direct', sys.stdin.read())\n"
+                "print('z' * 40000, file=sys.stderr)\n"
+            }
+        )
+    )
+    path = tmp_path / "bundle.tar"
+    path.write_bytes(bundle.getvalue())
+    code = await asyncio.to_thread(
+        run_cli, ["bundle", "upload", str(path), "--metadata", json.dumps({"stdin": "input"})]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    execution_id = out.strip()
+    assert f"execution_id={execution_id}" in err
+    await asyncio.to_thread(dispatch_directly, settings, execution_id)
+    store = ConsulStore.from_settings(settings)
+    try:
+        record = await store.wait_terminal(execution_id, 90)
+        deadline = time.monotonic() + 90
+        while not record.terminal and time.monotonic() < deadline:
+            record = await store.wait_terminal(execution_id, 30)
+    finally:
+        await store.aclose()
+    assert record.status is Status.COMPLETED
+    assert record.stdout == "direct input\n"
+    assert record.stderr == "z" * 40000 + "\n"
+    status = kv_raw(f"{settings.consul_prefix}/executions/{execution_id}/status")
+    assert status == b"completed"
+    async with pyexec_api(settings) as api:
+        body = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+    assert (body["status"], body["exit_code"], body["stdout"]) == ("completed", 0, "direct input\n")
+
+
+async def test_finish_never_overwrites_a_terminal_record(settings: Settings) -> None:
+    """A record already terminal (killed before the run ended) keeps its verdict."""
+    async with pyexec_api(settings) as api:
+        execution_id = await submit(api, "import time\ntime.sleep(2)\nprint('late')\n")
+        killed = (await api.delete(f"/api/v1/executions/{execution_id}")).json()
+        assert killed["status"] == "killed"
+        (child,) = children_of(settings, execution_id)
+
+        def dead() -> bool:
+            with nomad(settings) as client:
+                return bool(client.get(f"/v1/job/{child['ID']}").json()["Status"] == "dead")
+
+        await eventually(lambda: asyncio.to_thread(dead))
+        body = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+    assert body["status"] == "killed"
+
+
+# --- faults (the double only) --------------------------------------------------------------------
+
+
+async def test_dispatch_500_is_a_clear_502(api: httpx.AsyncClient, only_sim: NomadSim) -> None:
+    """Nomad refusing a dispatch (HTTP 500) answers 502 nomad_dispatch_failed with its text."""
+    only_sim.fail_dispatch("rpc error: No cluster leader")
+    try:
+        response = await api.post("/api/v1/exec/sync", **program("print(1)"))
+    finally:
+        only_sim.fail_dispatch(None)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "nomad_dispatch_failed"
+    assert "No cluster leader" in error["message"]
+
+
+async def test_nomad_unreachable_is_503(api: httpx.AsyncClient, only_sim: NomadSim) -> None:
+    """With Nomad unreachable, runs answer 503 runner_unavailable and /health says so."""
+    only_sim.set_reachable(False)
+    try:
+        response = await api.post("/api/v1/exec/sync", **program("print(1)"))
+        health = await api.get("/health")
+    finally:
+        only_sim.set_reachable(True)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "runner_unavailable"
+    assert health.status_code == 503
+    assert (await run_sync(api, "print('back')"))["stdout"] == "back\n"
+
+
+async def test_unplaceable_run_fails_with_the_reason(
+    settings: Settings, only_sim: NomadSim
+) -> None:
+    """A run that cannot be placed before the placement deadline fails with Nomad's reason."""
+    import attrs
+
+    short = attrs.evolve(settings, nomad_placement_timeout=3.0)
+    only_sim.hold = True
+    try:
+        async with pyexec_api(short) as api:
+            execution_id = await submit(api, "print('never')")
+
+            async def waiting_reason() -> bool:
+                logs = (await api.get(f"/api/v1/executions/{execution_id}/logs")).json()
+                return "cannot be placed" in logs["stderr"]
+
+            await eventually(waiting_reason, timeout=20)
+            body = await final(api, execution_id, timeout=60)
+    finally:
+        only_sim.hold = False
+    assert (body["status"], body["reason"]) == ("failed", "error")
+    assert "not placed within 3 s" in body["error"]
+    assert "memory" in body["error"]
