@@ -138,30 +138,40 @@ class _Metered:
 
         @functools.wraps(method)
         async def observed(*args: Any, **kwargs: Any) -> Any:
+            ok, result = False, None
             try:
                 result = await method(*args, **kwargs)
+                ok = True
             except BackendError as exc:
                 metrics.backend_error(backend, exc)
                 raise
-            if backend == "runner":
-                _track(metrics, name, args, kwargs, result)
+            finally:
+                if backend == "runner":
+                    _track(metrics, name, args, kwargs, ok=ok, result=result)
             return result
 
         return observed
 
 
 def _track(
-    metrics: Metrics, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    metrics: Metrics,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    ok: bool,
+    result: Any,
 ) -> None:
-    """Keep the in-flight set from a runner call that just succeeded."""
+    """Keep the in-flight set: a launch counts once it succeeded; once ``wait`` or
+    ``kill`` returns, by any outcome, the service is done with the run or kills it next."""
     if name not in {"start", "resume", "wait", "kill"}:
         return
     first = args[0] if args else kwargs.get("execution") or kwargs.get("execution_id")
     execution_id = str(first.execution_id if isinstance(first, Execution) else first)
-    if name == "start" or (name == "resume" and result is True):
-        metrics.launched(execution_id)
-    elif name in {"wait", "kill"}:
+    if name in {"wait", "kill"}:
         metrics.released(execution_id)
+    elif ok and (name == "start" or (name == "resume" and result is True)):
+        metrics.launched(execution_id)
 
 
 def metrics_route(metrics: Metrics, path: str = "/metrics") -> Route:

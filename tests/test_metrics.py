@@ -41,6 +41,16 @@ class FlakyRunner:
         raise BackendUnavailable("docker is gone", code="runner_unavailable")
 
 
+class BrokenRunner:
+    """A runner double whose every call fails as if Docker were gone."""
+
+    async def start(self, execution: Execution, *args: object) -> None:
+        raise BackendUnavailable("docker is gone", code="runner_unavailable")
+
+    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
+        raise BackendUnavailable("docker is gone", code="runner_unavailable")
+
+
 def finished_record(reason: Reason) -> Execution:
     created = utcnow()
     started = created + timedelta(seconds=0.3)
@@ -93,6 +103,28 @@ def test_in_flight_follows_launch_and_collection() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [2, 1, 0]
+
+
+def test_a_failed_wait_or_launch_leaves_nothing_in_flight() -> None:
+    """A wait that raises still ends the run's time in flight; a failed launch never starts it."""
+    metrics = Metrics()
+    runner = metrics.runner(BrokenRunner())
+    record = Execution(execution_id=new_execution_id())
+
+    async def scenario() -> list[float]:
+        seen = []
+        with pytest.raises(BackendUnavailable):
+            await runner.start(record, None, None, None)
+        seen.append(sample(metrics, "pyexec_executions_in_flight"))
+        metrics.launched(record.execution_id)
+        with pytest.raises(BackendUnavailable):
+            await runner.wait(record.execution_id, 10)
+        seen.append(sample(metrics, "pyexec_executions_in_flight"))
+        return seen
+
+    assert asyncio.run(scenario()) == [0, 0]
+    labels = {"backend": "runner", "code": "runner_unavailable"}
+    assert sample(metrics, "pyexec_backend_errors_total", **labels) == 2
 
 
 def test_backend_errors_are_counted_and_reraised() -> None:
