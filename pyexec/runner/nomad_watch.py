@@ -5,7 +5,6 @@ each event to a callback; the runner decides which events matter. When the strea
 breaks it reconnects with capped exponential backoff (with jitter) from the last
 index it saw, and once subscribed asks the runner to reconcile: events that fell
 out of Nomad's buffer while it was away are replaced by a fresh read of each run.
-If Nomad's index went backwards (a rebuilt cluster), it starts from the new head.
 """
 
 from __future__ import annotations
@@ -63,9 +62,9 @@ class EventWatcher:
         delay = MIN_BACKOFF
         while True:
             try:
-                head = await self._api.current_index(self._index_prefix)
-                if head < self.index or not self.index:
-                    self.index = head
+                if not self.index:
+                    # Start from now: what happened before is read by reconciling.
+                    self.index = await self._api.current_index(self._index_prefix)
                 async for batch in self._api.events(self._topics, self.index):
                     if not batch:
                         await self._reconcile()

@@ -1,0 +1,221 @@
+"""NomadRunner against a scripted Nomad (httpx.MockTransport): dispatch, watch, reconnect."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from pyexec.errors import BackendError, BackendUnavailable
+from pyexec.models import Execution, Reason, new_execution_id, parse_request
+from pyexec.runner.nomad import NomadRunner
+from pyexec.runner.nomad_http import NomadAPI
+from pyexec.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+CHILD = "pyexec-runner-small/dispatch-1700000000-0a1b2c3d"
+STARTED = "2026-01-02T03:04:05.000000001Z"
+
+
+def alloc(*, dead: bool) -> dict[str, Any]:
+    state = "dead" if dead else "running"
+    return {
+        "ID": "alloc-1",
+        "JobID": CHILD,
+        "ClientStatus": "complete" if dead else "running",
+        "DesiredStatus": "run",
+        "ModifyIndex": 9 if dead else 7,
+        "CreateIndex": 6,
+        "TaskStates": {
+            "setup": {"State": "dead", "StartedAt": STARTED},
+            "run": {"State": state, "StartedAt": STARTED},
+            "finish": {"State": state, "StartedAt": STARTED if dead else "0001-01-01T00:00:00Z"},
+        },
+    }
+
+
+class ScriptedNomad:
+    """Answers the calls NomadRunner makes; the event stream breaks after its first batch."""
+
+    def __init__(self) -> None:
+        self.streams: list[httpx.Request] = []
+        self.dispatches: list[httpx.Request] = []
+        self.fail_dispatch: tuple[int, str] | None = None
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/jobs" and request.method == "GET":
+            return httpx.Response(200, json=[], headers={"X-Nomad-Index": "5"})
+        if path.endswith("/dispatch"):
+            self.dispatches.append(request)
+            if self.fail_dispatch:
+                return httpx.Response(self.fail_dispatch[0], text=self.fail_dispatch[1])
+            return httpx.Response(200, json={"DispatchedJobID": CHILD, "EvalID": "e1"})
+        if path == "/v1/event/stream":
+            self.streams.append(request)
+            lines = [{}]
+            if len(self.streams) == 1:
+                event = {
+                    "Topic": "Allocation",
+                    "Type": "PlanResult",
+                    "Key": "alloc-1",
+                    "Payload": {"Allocation": alloc(dead=False)},
+                }
+                lines.append({"Index": 7, "Events": [event]})
+            # The stream then ends, as when an agent restarts.
+            return httpx.Response(200, content="".join(json.dumps(x) + "\n" for x in lines))
+        if path == f"/v1/job/{CHILD}/allocations":
+            # Nothing placed until the first stream broke; finished by the second.
+            placed = len(self.streams) > 1
+            return httpx.Response(200, json=[{"ID": "alloc-1", "CreateIndex": 6}] if placed else [])
+        if path == f"/v1/job/{CHILD}":
+            return httpx.Response(200, json={"ID": CHILD, "Stop": False})
+        if path == f"/v1/job/{CHILD}/evaluations":
+            return httpx.Response(200, json=[])
+        if path == "/v1/allocation/alloc-1":
+            return httpx.Response(200, json=alloc(dead=True))
+        if path == "/v1/client/fs/logs/alloc-1":
+            task, kind = request.url.params["task"], request.url.params["type"]
+            body = {
+                ("run", "stdout"): "hello\n",
+                ("run", "stderr"): "",
+                ("finish", "stdout"): 'pyexec-verdict {"reason": "exited", "exit_code": 0}\n',
+            }.get((task, kind), "")
+            return httpx.Response(200, text=body)
+        return httpx.Response(404, text=f"no route {path}")
+
+
+def make_runner(nomad: ScriptedNomad) -> NomadRunner:
+    settings = Settings(
+        nomad_addr="http://nomad.test:4646",
+        default_image="img:1",
+        default_memory_mb=256,
+        default_disk_mb=64,
+    )
+    return NomadRunner(settings, NomadAPI(settings, transport=httpx.MockTransport(nomad)))
+
+
+async def test_dispatch_sends_the_idempotency_token_in_the_query() -> None:
+    """Dispatch carries the execution id in the meta and as the query's idempotency token."""
+    nomad = ScriptedNomad()
+    runner = make_runner(nomad)
+    settings = runner.settings
+    record = Execution(execution_id=new_execution_id())
+    started: list[datetime] = []
+
+    async def on_running(at: datetime) -> None:
+        started.append(at)
+
+    try:
+        await runner.start(record, parse_request({}, settings), _no_tar(), on_running)
+        outcome = await runner.wait(record.execution_id, 10)
+    finally:
+        await runner.aclose()
+    (dispatch,) = nomad.dispatches
+    assert dispatch.url.path == "/v1/job/pyexec-runner-small/dispatch"
+    assert dispatch.url.params["idempotency_token"] == record.execution_id
+    body = json.loads(dispatch.content)
+    assert body["Meta"] == {"execution_id": record.execution_id, "image": "img:1"}
+    assert "IdempotencyToken" not in body
+    assert (outcome.reason, outcome.exit_code, outcome.stdout) == (Reason.EXITED, 0, "hello\n")
+    assert len(started) == 1
+
+
+async def test_watcher_resumes_from_the_last_index_and_reconciles() -> None:
+    """After the stream breaks, one new stream resumes at the last index; a re-read of the
+    run catches what happened in between."""
+    nomad = ScriptedNomad()
+    runner = make_runner(nomad)
+    record = Execution(execution_id=new_execution_id())
+
+    async def on_running(at: datetime) -> None:
+        return None
+
+    try:
+        await runner.start(record, parse_request({}, runner.settings), _no_tar(), on_running)
+        outcome = await runner.wait(record.execution_id, 10)
+    finally:
+        await runner.aclose()
+    assert outcome.reason is Reason.EXITED
+    indexes = [int(r.url.params["index"]) for r in nomad.streams]
+    assert indexes[:2] == [5, 7]
+    topics = nomad.streams[0].url.params.get_list("topic")
+    assert topics == ["Allocation:*", "Evaluation:*", "Job:*"]
+
+
+async def test_dispatch_refused_is_a_backend_error_with_nomads_text() -> None:
+    """A dispatch Nomad answers with 500 raises nomad_dispatch_failed carrying its message."""
+    nomad = ScriptedNomad()
+    nomad.fail_dispatch = (500, "Dispatch did not provide required meta keys: [execution_id]")
+    runner = make_runner(nomad)
+    try:
+        with pytest.raises(BackendError) as caught:
+            await runner.start(
+                Execution(execution_id=new_execution_id()),
+                parse_request({}, runner.settings),
+                _no_tar(),
+                _ignore,
+            )
+    finally:
+        await runner.aclose()
+    assert caught.value.code == "nomad_dispatch_failed"
+    assert "required meta keys" in caught.value.message
+
+
+async def test_unreachable_nomad_is_runner_unavailable() -> None:
+    """A connection failure raises BackendUnavailable with code runner_unavailable."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    settings = Settings(nomad_addr="http://nomad.test:4646")
+    runner = NomadRunner(settings, NomadAPI(settings, transport=httpx.MockTransport(refuse)))
+    try:
+        with pytest.raises(BackendUnavailable) as caught:
+            await runner.ping()
+    finally:
+        await runner.aclose()
+    assert caught.value.code == "runner_unavailable"
+
+
+async def test_killing_what_nomad_no_longer_has_succeeds() -> None:
+    """Stopping a dispatched job that is gone (404) is not an error."""
+    seen: list[str] = []
+
+    def gone(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if request.method == "DELETE":
+            return httpx.Response(404, text="job not found")
+        return httpx.Response(
+            200,
+            json=[{"ID": CHILD, "ParentID": "pyexec-runner-small", "Meta": {"execution_id": "x"}}],
+        )
+
+    settings = Settings(nomad_addr="http://nomad.test:4646")
+    runner = NomadRunner(settings, NomadAPI(settings, transport=httpx.MockTransport(gone)))
+    try:
+        await runner.kill("x")
+        await runner.kill("not-dispatched")
+    finally:
+        await runner.aclose()
+    assert f"DELETE /v1/job/{CHILD}" in seen
+
+
+def test_tls_is_verified_with_the_configured_ca(tmp_path: Any) -> None:
+    """An https Nomad address verifies TLS; a CA file that cannot be read is an error."""
+    settings = Settings(nomad_addr="https://nomad.test:4646", nomad_cacert=str(tmp_path / "no.pem"))
+    with pytest.raises(OSError, match=r"No such file|no\.pem"):
+        NomadAPI(settings)
+
+
+async def _ignore(at: datetime) -> None:
+    return None
+
+
+async def _no_tar() -> Any:
+    raise AssertionError("the Nomad runner must not read the tar")
+    yield b""  # pragma: no cover - makes this an async generator
