@@ -95,7 +95,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        exception_handlers=exception_handlers,
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(BearerAuth, tokens=settings.tokens()),

@@ -20,12 +20,13 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import attrs
 from anyio import to_thread
 
 from .errors import BackendError, BackendUnavailable, Conflict, PayloadTooLarge, PyexecError
+from .logsetup import bind_execution
 from .models import (
     Execution,
     ExecutionRequest,
@@ -41,6 +42,8 @@ from .store import Store
 from .tarsafe import validate_tar
 
 __all__ = ["ExecutionService", "Postprocess"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("pyexec.service")
 
@@ -116,23 +119,24 @@ class ExecutionService:
         record = Execution(execution_id=new_execution_id(), request=request.to_dict())
         if initial:
             record = attrs.evolve(record, **initial)
-        await self._guard("store", self.store.create(record, tar))
-        try:
-            await self._guard(
-                "runner",
-                self.runner.start(
-                    record,
-                    request,
-                    self.store.open_tar(record.execution_id),
-                    self._on_running(record.execution_id),
-                ),
-            )
-        except PyexecError as exc:
-            # Nothing runs: record why, so the execution never sits in pending forever.
-            failed = record.finished(RunOutcome(reason=Reason.ERROR, error=exc.message))
-            await self._store_final(failed)
-            raise
-        self._spawn(record, request.config.timeout_seconds, request.needs_setup, postprocess)
+        with bind_execution(record.execution_id):
+            await self._guard("store", self.store.create(record, tar))
+            try:
+                await self._guard(
+                    "runner",
+                    self.runner.start(
+                        record,
+                        request,
+                        self.store.open_tar(record.execution_id),
+                        self._on_running(record.execution_id),
+                    ),
+                )
+            except PyexecError as exc:
+                # Nothing runs: record why, so the execution never sits in pending forever.
+                failed = record.finished(RunOutcome(reason=Reason.ERROR, error=exc.message))
+                await self._store_final(failed)
+                raise
+            self._spawn(record, request.config.timeout_seconds, request.needs_setup, postprocess)
         return record
 
     async def run(
@@ -250,10 +254,12 @@ class ExecutionService:
         budget = timeout_seconds * (2 if needs_setup else 1) + RUNNER_SLACK_SECONDS
         if self.settings.backend == "nomad":
             budget += self.settings.nomad_placement_timeout
-        task = asyncio.create_task(
-            self._drive(record.execution_id, budget, postprocess),
-            name=f"pyexec-drive-{record.execution_id}",
-        )
+        # The task copies the context: its log lines carry the execution id.
+        with bind_execution(record.execution_id):
+            task = asyncio.create_task(
+                self._drive(record.execution_id, budget, postprocess),
+                name=f"pyexec-drive-{record.execution_id}",
+            )
         self._tasks[record.execution_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(record.execution_id, None))
 
@@ -320,7 +326,7 @@ class ExecutionService:
         if self.hooks.on_backend_error:
             self.hooks.on_backend_error(backend, exc)
 
-    async def _guard(self, backend: str, call: Awaitable[Any]) -> Any:
+    async def _guard(self, backend: str, call: Awaitable[T]) -> T:
         try:
             return await call
         except BackendError as exc:
