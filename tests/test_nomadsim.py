@@ -454,11 +454,12 @@ def test_held_dispatches_stay_pending_until_released(
     try:
         first = dispatch(client, job_id).json()
         second = dispatch(client, job_id).json()
+        # hold applies when the scheduler takes the evaluation up, so keep it on till then.
+        deadline = time.monotonic() + 10
+        while only_sim.held < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         only_sim.hold = False
-    deadline = time.monotonic() + 10
-    while only_sim.held < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
     ev = client.get(f"/v1/evaluation/{first['EvalID']}").json()
     assert ev["Status"] == "complete"
     metric = ev["FailedTGAllocs"]["run"]
@@ -543,3 +544,16 @@ def test_node_and_agent_endpoints_describe_one_docker_node(client: httpx.Client)
     assert client.get("/v1/agent/self").status_code == 200
     missing = client.get(f"/v1/allocation/{uuid.uuid4()}")
     assert (missing.status_code, missing.text) == (404, "alloc not found")
+
+
+@pytest.mark.docker
+def test_docker_option_the_double_cannot_honour_fails_the_task(
+    client: httpx.Client, only_sim: NomadSim
+) -> None:
+    """A docker option the double does not carry out fails the task instead of being ignored."""
+    job_id = register(client, [task("main", "pass", config={"privileged": True})])
+    alloc = wait_done(client, dispatch(client, job_id).json()["DispatchedJobID"])
+    assert alloc["ClientStatus"] == "failed"
+    assert events(alloc, "main")[-2:] == ["Driver Failure", "Not Restarting"]
+    failure = alloc["TaskStates"]["main"]["Events"][-2]
+    assert "privileged" in failure["Details"]["driver_error"]

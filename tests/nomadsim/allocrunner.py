@@ -20,8 +20,8 @@ from typing import Any
 
 import docker
 import docker.errors
-import docker.types
 
+from .dockerconfig import ConfigError, blocks, container_kwargs
 from .jobspec import interpolate, interpolate_deep, lifecycle_of, task_env
 
 __all__ = ["ZERO_TIME", "AllocRunner", "fmt_time"]
@@ -128,13 +128,15 @@ class TaskRunner(threading.Thread):
         return self.dead and bool(self.state["Failed"])
 
     def emit(self, event: JSON, **state: Any) -> None:
-        self.state["Events"] = [*self.state["Events"], event]
-        self.state.update(state)
-        self.alloc.task_changed(self)
+        with self.alloc.state_lock:
+            self.state["Events"] = [*self.state["Events"], event]
+            self.state.update(state)
+            self.alloc.task_changed(self)
 
     def set_state(self, **state: Any) -> None:
-        self.state.update(state)
-        self.alloc.task_changed(self)
+        with self.alloc.state_lock:
+            self.state.update(state)
+            self.alloc.task_changed(self)
 
     # -- control -----------------------------------------------------------
     def kill(self, reason: JSON | None) -> None:
@@ -207,6 +209,18 @@ class TaskRunner(threading.Thread):
         while True:
             try:
                 container = self.alloc.create_container(self.task, env)
+            except ConfigError as exc:
+                msg = str(exc)
+                self.emit(
+                    new_event(
+                        "Driver Failure",
+                        DriverError=msg,
+                        display=msg,
+                        details={"driver_error": msg},
+                    )
+                )
+                self._not_restarting("Error was unrecoverable")
+                return
             except docker.errors.DockerException as exc:
                 msg = f"failed to create container: {exc}"
                 self.emit(
@@ -372,14 +386,17 @@ class AllocRunner(threading.Thread):
         self.payload = payload
         self.root = Path(sim.data_dir) / self.alloc_id
         self.changed = threading.Condition()
+        # Task threads and kill threads both write task states; one writer at a time.
+        self.state_lock = threading.RLock()
         self.stop_requested = False
         self.tasks = {t["Name"]: TaskRunner(self, t) for t in self.group["Tasks"]}
         self.on_done: Callable[[str], None] | None = None
 
     # -- reporting ---------------------------------------------------------
     def task_changed(self, runner: TaskRunner) -> None:
-        states = {name: tr.state for name, tr in self.tasks.items()}
-        self.sim.update_task_states(self.alloc_id, states, *client_status(states))
+        with self.state_lock:
+            states = {name: tr.state for name, tr in self.tasks.items()}
+            self.sim.update_task_states(self.alloc_id, states, *client_status(states))
         with self.changed:
             self.changed.notify_all()
 
@@ -503,12 +520,9 @@ class AllocRunner(threading.Thread):
     # -- docker --------------------------------------------------------------
     def create_container(self, task: JSON, env: dict[str, str]) -> Any:
         cfg = interpolate_deep(task.get("Config") or {}, env, self.sim.node)
-        res = task.get("Resources") or {}
-        mem_mb = int(res.get("MemoryMB") or 0)
-        max_mb = int(res.get("MemoryMaxMB") or 0)
-        limit_mb = max(max_mb, 0) or mem_mb
+        kwargs = container_kwargs(task, cfg, env, self.root / "alloc", self.root / task["Name"])
         labels: dict[str, str] = {}
-        for item in _blocks(cfg.get("labels")):
+        for item in blocks(cfg.get("labels")):
             labels.update({str(k): str(v) for k, v in item.items()})
         labels |= {
             SIM_LABEL: "1",
@@ -519,60 +533,9 @@ class AllocRunner(threading.Thread):
             "com.hashicorp.nomad.task_group_name": self.group["Name"],
             "com.hashicorp.nomad.namespace": self.job["Namespace"],
         }
-        mounts = [
-            docker.types.Mount("/alloc", str(self.root / "alloc"), type="bind"),
-            docker.types.Mount("/local", str(self.root / task["Name"] / "local"), type="bind"),
-            docker.types.Mount("/secrets", str(self.root / task["Name"] / "secrets"), type="bind"),
-        ]
-        for m in _blocks(cfg.get("mount")):
-            kind = m.get("type", "volume")
-            if kind != "tmpfs":
-                raise docker.errors.InvalidArgument(
-                    f"nomadsim supports tmpfs mounts only, not {kind}"
-                )
-            opts: JSON = {}
-            for o in _blocks(m.get("tmpfs_options")):
-                opts |= o
-            mounts.append(
-                docker.types.Mount(
-                    m["target"],
-                    None,
-                    type="tmpfs",
-                    read_only=bool(m.get("readonly", False)),
-                    tmpfs_size=opts.get("size"),
-                    tmpfs_mode=opts.get("mode"),
-                )
-            )
-        command: list[str] | None = None
-        if cfg.get("command"):
-            command = [cfg["command"], *(cfg.get("args") or [])]
-        elif cfg.get("args"):
-            command = list(cfg["args"])
-        kwargs: JSON = {
-            "image": cfg["image"],
-            "command": command,
-            "environment": env,
-            "labels": labels,
-            "name": f"{task['Name']}-{self.alloc_id}",
-            "detach": True,
-            "network_mode": cfg.get("network_mode") or "bridge",
-            "read_only": bool(cfg.get("readonly_rootfs", False)),
-            "cap_drop": cfg.get("cap_drop") or None,
-            "cap_add": cfg.get("cap_add") or None,
-            "security_opt": cfg.get("security_opt") or None,
-            "pids_limit": int(cfg["pids_limit"]) if cfg.get("pids_limit") else None,
-            "mounts": mounts,
-            "working_dir": cfg.get("work_dir") or None,
-            "user": task.get("User") or None,
-            "mem_limit": limit_mb * 1024 * 1024 if limit_mb else None,
-            "memswap_limit": limit_mb * 1024 * 1024 if limit_mb else None,
-            "mem_reservation": mem_mb * 1024 * 1024 if max_mb else None,
-            "cpu_shares": max(int(res.get("CPU") or 0), 2),
-            "entrypoint": cfg.get("entrypoint") or None,
-        }
-        if cfg.get("entrypoint") is None:
-            kwargs.pop("entrypoint")
-        return self.sim.docker.containers.create(**kwargs)
+        # drivers/docker/driver.go names containers <task>-<alloc id>.
+        name = f"{task['Name']}-{self.alloc_id}"
+        return self.sim.docker.containers.create(name=name, labels=labels, **kwargs)
 
     def copy_logs(self, task: str, stream: Any) -> None:
         """Demultiplex the container's output into ``alloc/logs/<task>.{stdout,stderr}.0``."""
@@ -607,12 +570,3 @@ class AllocRunner(threading.Thread):
             if tr.container is not None:
                 self.remove_container(tr.container)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _blocks(value: Any) -> list[JSON]:
-    """An HCL block arrives as an object or a list of objects in API JSON."""
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return [value]
-    return [v for v in value if isinstance(v, dict)]

@@ -705,7 +705,11 @@ class NomadSim:
     # -- test switches --------------------------------------------------------------------
     @property
     def hold(self) -> bool:
-        """When true, new placements fail as if the cluster were full (blocked evals)."""
+        """When true, new placements fail as if the cluster were full (blocked evals).
+
+        It applies when the scheduler thread takes an evaluation up, a moment after the
+        dispatch answers: keep it on until ``held`` has counted the dispatches.
+        """
         return self.cluster.hold
 
     @hold.setter
