@@ -42,8 +42,11 @@ JSON = dict[str, Any]
 DEADLINE_SLACK_SECONDS = 20.0
 #: How often the deadline clock looks at the runs in flight.
 TICK_SECONDS = 1.0
-#: Events of dispatched jobs not (yet) tracked, kept for a start that races its own events.
-UNCLAIMED_EVENTS = 4096
+#: Dispatched jobs whose latest events are kept until ``start`` tracks them (a dispatch
+#: races its own first events); only a handful are ever in that window at once.
+UNCLAIMED_JOBS = 256
+#: How long one listing of dispatched jobs answers ``resume``/``kill`` lookups.
+LISTING_TTL_SECONDS = 5.0
 FINISH_VERDICT_BYTES = 256 * 1024
 
 
@@ -79,7 +82,9 @@ class NomadRunner:
         self.store = store
         self._runs: dict[str, _Run] = {}  # by execution id
         self._by_job: dict[str, _Run] = {}  # by dispatched job id
-        self._unclaimed: OrderedDict[str, list[JSON]] = OrderedDict()
+        self._unclaimed: OrderedDict[str, dict[str, JSON]] = OrderedDict()
+        self._children: dict[str, str] = {}  # execution id -> dispatched job id
+        self._children_at = -LISTING_TTL_SECONDS
         self._background: set[asyncio.Task[Any]] = set()
         self._watcher = EventWatcher(
             api,
@@ -227,7 +232,7 @@ class NomadRunner:
         )
         self._runs[execution_id] = run
         self._by_job[job_id] = run
-        for event in self._unclaimed.pop(job_id, []):
+        for event in self._unclaimed.pop(job_id, {}).values():
             self._apply(run, event)
         return run
 
@@ -248,8 +253,10 @@ class NomadRunner:
             if run is not None:
                 self._apply(run, event)
             elif job_id.split("/", 1)[0] in self._parents and "/" in job_id:
-                self._unclaimed.setdefault(job_id, []).append(event)
-                while len(self._unclaimed) > UNCLAIMED_EVENTS:
+                # Only the latest event per topic matters (each carries the whole object).
+                self._unclaimed.setdefault(job_id, {})[str(event.get("Topic"))] = event
+                self._unclaimed.move_to_end(job_id)
+                while len(self._unclaimed) > UNCLAIMED_JOBS:
                     self._unclaimed.popitem(last=False)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("ignoring a Nomad event pyexec cannot read: %r", exc)
@@ -411,16 +418,26 @@ class NomadRunner:
         # else: the stopped allocation concludes with its output, under this verdict.
 
     async def _find_job(self, execution_id: str) -> str | None:
-        """The dispatched job carrying ``execution_id`` in its meta, if Nomad still has it."""
-        stubs = await self.api.list_jobs(self.settings.nomad_job_prefix)
-        for stub in stubs:
+        """The dispatched job carrying ``execution_id`` in its meta, if Nomad still has it.
+
+        One listing answers every lookup for a few seconds, so a restart that resumes
+        many executions lists the jobs once, not once per execution.
+        """
+        fresh = time.monotonic() - self._children_at < LISTING_TTL_SECONDS
+        if execution_id not in self._children and not fresh:
+            await self._list_children()
+        return self._children.get(execution_id)
+
+    async def _list_children(self) -> None:
+        children: dict[str, str] = {}
+        for stub in await self.api.list_jobs(self.settings.nomad_job_prefix):
             if stub.get("ParentID") not in self._parents:
                 continue
             meta = stub.get("Meta")
             if meta is None:  # an agent that does not list meta: read the job
                 job = await self.api.get_job(stub["ID"])
                 meta = (job or {}).get("Meta") or {}
-            if meta.get("execution_id") == execution_id:
-                job_id: str = stub["ID"]
-                return job_id
-        return None
+            if meta.get("execution_id"):
+                children[str(meta["execution_id"])] = str(stub["ID"])
+        self._children = children
+        self._children_at = time.monotonic()
