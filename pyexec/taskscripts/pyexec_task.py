@@ -34,7 +34,8 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 ALLOC = os.environ.get("NOMAD_ALLOC_DIR", "/alloc")
-STATE = os.path.join(ALLOC, "pyexec")
+#: Nomad makes alloc/data writable for every task user; all three tasks run as uid 1000.
+STATE = os.path.join(ALLOC, "data", "pyexec")
 SRC = os.path.join(STATE, "src")
 SITE = os.path.join(STATE, "site")
 TAR = os.path.join(STATE, "bundle.tar")
@@ -231,8 +232,6 @@ def run_setup_step(argv: list[str], deadline: float, env: dict[str, str], log: l
 
 def setup() -> int:
     os.makedirs(STATE, exist_ok=True)
-    # Every task runs as uid 1000, but the directory may have been created by Nomad.
-    os.chmod(STATE, 0o777)  # noqa: S103
     eid = execution_id()
     consul = Consul()
     log: list[bytes] = []
