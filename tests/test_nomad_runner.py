@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pyexec.errors import BackendError, BackendUnavailable
+from pyexec.errors import BackendError, BackendUnavailable, LimitExceeded
 from pyexec.models import Execution, Reason, new_execution_id, parse_request
 from pyexec.runner.nomad import NomadRunner
 from pyexec.runner.nomad_http import NomadAPI
@@ -164,6 +164,25 @@ async def test_dispatch_refused_is_a_backend_error_with_nomads_text() -> None:
         await runner.aclose()
     assert caught.value.code == "nomad_dispatch_failed"
     assert "required meta keys" in caught.value.message
+
+
+async def test_setup_without_network_is_refused_before_dispatch() -> None:
+    """With PYEXEC_SETUP_NETWORK off, a request needing setup is refused, nothing dispatched."""
+    import attrs
+
+    nomad = ScriptedNomad()
+    runner = make_runner(nomad)
+    runner.settings = attrs.evolve(runner.settings, setup_network=False)
+    request = parse_request({"pre_commands": ["true"]}, runner.settings)
+    try:
+        with pytest.raises(LimitExceeded) as caught:
+            await runner.start(
+                Execution(execution_id=new_execution_id()), request, _no_tar(), _ignore
+            )
+    finally:
+        await runner.aclose()
+    assert caught.value.code == "setup_network_unavailable"
+    assert nomad.dispatches == []
 
 
 async def test_unreachable_nomad_is_runner_unavailable() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from pyexec import nomad_job
-from pyexec.errors import BackendError, BackendUnavailable, PyexecError
+from pyexec.errors import BackendError, BackendUnavailable, LimitExceeded, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
 from pyexec.runner import OnRunning
 from pyexec.runner import nomad_state as state
@@ -127,6 +127,14 @@ class NomadRunner:
     ) -> None:
         # The tar is in Consul already; the job's setup task reads it from there.
         resource_class = nomad_job.pick_class(self.settings, request.config)
+        if request.needs_setup and not self.settings.setup_network:
+            raise LimitExceeded(
+                "this server runs setup without the network, which the Nomad runner's setup "
+                "task needs (it fetches the code from Consul): requirements_txt and "
+                "pre_commands are not available",
+                code="setup_network_unavailable",
+                field="requirements_txt" if request.requirements_txt.strip() else "pre_commands",
+            )
         parent = nomad_job.job_id(self.settings, resource_class)
         meta = {"execution_id": execution.execution_id, "image": request.docker_image}
         try:
