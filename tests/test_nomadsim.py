@@ -7,6 +7,7 @@ double's own switches (hold/release, faults, ACL token) then skip.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -557,3 +558,89 @@ def test_docker_option_the_double_cannot_honour_fails_the_task(
     assert events(alloc, "main")[-2:] == ["Driver Failure", "Not Restarting"]
     failure = alloc["TaskStates"]["main"]["Events"][-2]
     assert "privileged" in failure["Details"]["driver_error"]
+
+
+@pytest.mark.docker
+def test_a_lost_node_leaves_the_alloc_lost_without_poststop(
+    client: httpx.Client, only_sim: NomadSim
+) -> None:
+    """fail_dispatch(times=1) fails one dispatch; lose() marks a running alloc lost."""
+    main = task("main", "import time; time.sleep(120)")
+    post = task("post", "print('never')", "poststop")
+    job_id = register(client, [main, post])
+    only_sim.fail_dispatch("rpc error: EOF", times=1)
+    assert dispatch(client, job_id).status_code == 500
+    child = dispatch(client, job_id).json()["DispatchedJobID"]
+    stub = wait_running(client, child, "main")
+    only_sim.lose(stub["ID"])
+    alloc = client.get(f"/v1/allocation/{stub['ID']}").json()
+    assert (alloc["ClientStatus"], alloc["DesiredStatus"]) == ("lost", "stop")
+    assert alloc["TaskStates"]["main"]["State"] == "running"
+    assert alloc["TaskStates"]["post"]["State"] == "pending"
+    assert client.get(f"/v1/job/{jid(child)}").json()["Status"] == "dead"
+
+
+def test_many_long_polls_and_one_stream_follow_hundreds_of_jobs(
+    client: httpx.Client, only_sim: NomadSim
+) -> None:
+    """200 held dispatches: 200 concurrent long-polls and one event stream all see the stops."""
+    n = 200
+    job_id = register(client, [task("main", "pass")])
+    only_sim.hold = True
+    try:
+        children = [dispatch(client, job_id).json()["DispatchedJobID"] for _ in range(n)]
+        deadline = time.monotonic() + 30
+        while only_sim.held < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        only_sim.hold = False
+    # Each list answers with its own table's index: take the evaluations one.
+    evals = client.get(f"/v1/job/{jid(children[0])}/evaluations")
+    index = int(evals.headers["X-Nomad-Index"])
+
+    async def scenario() -> tuple[int, int]:
+        limits = httpx.Limits(max_connections=n + 10)
+        async with httpx.AsyncClient(base_url=only_sim.address, timeout=60, limits=limits) as ac:
+            cancelled: set[str] = set()
+
+            async def stream() -> None:
+                params = {"topic": "Evaluation", "index": str(index + 1)}
+                async with ac.stream("GET", "/v1/event/stream", params=params) as r:
+                    async for line in r.aiter_lines():
+                        for event in json.loads(line).get("Events", []):
+                            ev = event["Payload"]["Evaluation"]
+                            if ev["Status"] == "cancelled":
+                                cancelled.add(ev["JobID"])
+                        if len(cancelled) >= n:
+                            return
+
+            async def poll(child: str) -> int:
+                # The index is the whole evals table's: other jobs' stops wake us too.
+                idx, polls = index, 0
+                while polls < 2 * n:
+                    r = await ac.get(
+                        f"/v1/job/{jid(child)}/evaluations", params={"index": idx, "wait": "60s"}
+                    )
+                    idx, polls = int(r.headers["X-Nomad-Index"]), polls + 1
+                    if any(e["Status"] == "cancelled" for e in r.json()):
+                        return 1
+                return 0
+
+            watcher = asyncio.create_task(stream())
+            polls = [asyncio.create_task(poll(child)) for child in children]
+            await asyncio.sleep(0.5)
+
+            # The stops go through the sync client: one asyncio client juggling 200 open
+            # connections is slower than the double it is measuring.
+            def stop_all() -> None:
+                for child in children:
+                    client.delete(f"/v1/job/{jid(child)}")
+
+            await asyncio.to_thread(stop_all)
+            woke = sum(await asyncio.wait_for(asyncio.gather(*polls), 90))
+            await asyncio.wait_for(watcher, 90)
+            return woke, len(cancelled)
+
+    started = time.monotonic()
+    assert asyncio.run(scenario()) == (n, n)
+    assert time.monotonic() - started < 120  # generous: CI shares two cores

@@ -389,6 +389,7 @@ class AllocRunner(threading.Thread):
         # Task threads and kill threads both write task states; one writer at a time.
         self.state_lock = threading.RLock()
         self.stop_requested = False
+        self.lost = False
         self.tasks = {t["Name"]: TaskRunner(self, t) for t in self.group["Tasks"]}
         self.on_done: Callable[[str], None] | None = None
 
@@ -399,6 +400,18 @@ class AllocRunner(threading.Thread):
             self.sim.update_task_states(self.alloc_id, states, *client_status(states))
         with self.changed:
             self.changed.notify_all()
+
+    def lose(self) -> None:
+        """The node died: containers vanish at once, nothing else runs."""
+        with self.changed:
+            self.lost = True
+            self.stop_requested = True
+            self.changed.notify_all()
+        for tr in self.tasks.values():
+            tr.kill_requested.set()
+            tr.gate.set()
+            if tr.container is not None:
+                self.remove_container(tr.container)
 
     def stop(self) -> None:
         """Operator stop (job deregister): kill the tasks, then run poststop."""
@@ -459,6 +472,8 @@ class AllocRunner(threading.Thread):
         self._wait(lambda: all(t.dead for t in nonpost))
         # poststop runs once every other task is dead, failed or not, stop or not.
         for tr in post:
+            if self.lost:
+                tr.kill(None)
             tr.gate.set()
         self._wait(lambda: all(t.dead for t in post))
         for tr in runners:

@@ -138,6 +138,7 @@ class Cluster:
         self.hold = False
         self.closing = False
         self.dispatch_failure: str | None = None
+        self.dispatch_failures_left: int | None = None
         self.held: deque[tuple[str, str, str]] = deque()
         self.runners: dict[str, AllocRunner] = {}
         self.payloads: dict[tuple[str, str], bytes] = {}
@@ -356,8 +357,13 @@ class Cluster:
         prefix_template: str,
         token: str,
     ) -> JSON:
-        if self.dispatch_failure is not None:
-            raise ApiError(500, self.dispatch_failure)
+        failure = self.dispatch_failure
+        if failure is not None:
+            if self.dispatch_failures_left is not None:
+                self.dispatch_failures_left -= 1
+                if self.dispatch_failures_left <= 0:
+                    self.dispatch_failure = self.dispatch_failures_left = None
+            raise ApiError(500, failure)
         out: JSON = {}
 
         def write(index: int) -> list[Change]:
@@ -652,8 +658,8 @@ class Cluster:
     ) -> None:
         def write(index: int) -> list[Change]:
             alloc = self.state.allocs.get(alloc_id)
-            if alloc is None:
-                return []
+            if alloc is None or alloc["ClientStatus"] == "lost":
+                return []  # a lost node's client reports nothing more
             alloc["TaskStates"] = copy.deepcopy(states)
             alloc["ClientStatus"] = client_status
             alloc["ClientDescription"] = description
@@ -662,6 +668,32 @@ class Cluster:
             return changes
 
         self.state.commit(write)
+
+    def lose(self, alloc_id: str) -> None:
+        """Fault: the node running ``alloc_id`` goes down.
+
+        The server marks the alloc ``ClientStatus=lost``, ``DesiredStatus=stop``
+        (scheduler/reconcile_util.go: "alloc is lost since its node is down");
+        ``TaskStates`` keep what the client last reported; poststop never runs.
+        """
+        runner = self.runners.get(alloc_id)
+
+        def write(index: int) -> list[Change]:
+            alloc = self.state.allocs.get(alloc_id)
+            if alloc is None or alloc["ClientStatus"] in TERMINAL_CLIENT:
+                return []
+            alloc["ClientStatus"] = "lost"
+            alloc["ClientDescription"] = ""
+            alloc["DesiredStatus"] = "stop"
+            alloc["DesiredDescription"] = "alloc is lost since its node is down"
+            alloc["AllocModifyIndex"] = index
+            changes = [self._alloc_change(alloc)]
+            self._refresh_job(alloc["Namespace"], alloc["JobID"], changes)
+            return changes
+
+        self.state.commit(write)
+        if runner is not None:
+            runner.lose()
 
     # -- reads --------------------------------------------------------------------
     def alloc_stubs(self, ns: str, job_id: str) -> list[JSON]:

@@ -724,9 +724,17 @@ class NomadSim:
         """Place the next ``n`` held dispatches; returns how many were placed."""
         return self.cluster.release(n)
 
-    def fail_dispatch(self, text: str | None = "rpc error: No cluster leader") -> None:
-        """Make every dispatch answer 500 with ``text`` (None restores normal dispatch)."""
+    def fail_dispatch(
+        self, text: str | None = "rpc error: No cluster leader", times: int | None = None
+    ) -> None:
+        """Make dispatches answer 500 with ``text``: the next ``times`` ones, or all of them
+        until called with None."""
         self.cluster.dispatch_failure = text
+        self.cluster.dispatch_failures_left = times
+
+    def lose(self, alloc_id: str) -> None:
+        """Fault: the node under ``alloc_id`` dies (ClientStatus lost, no poststop)."""
+        self.cluster.lose(alloc_id)
 
     def gc(self) -> None:
         self.cluster.gc()
