@@ -8,9 +8,13 @@ Start it from a fixture::
     sim.stop()                  # kills tasks, removes containers and alloc dirs
 
 Test switches: ``sim.hold = True`` (placements fail as on a full cluster;
-``sim.release(n)`` places the next n), ``NomadSim(node_memory_mb=...)``
-(demands bigger than the node never place), ``sim.fail_dispatch(text)``
-(dispatch answers 500), ``sim.set_reachable(False)`` (stop listening),
+it applies when the scheduler thread takes the evaluation up, so keep it on
+until ``sim.held`` counts the dispatches; ``sim.release(n)`` places the next
+n), ``NomadSim(node_memory_mb=...)`` (demands bigger than the node never
+place), ``sim.fail_dispatch(text, times=None)`` (dispatch answers 500, for
+the next ``times`` calls or until ``fail_dispatch(None)``),
+``sim.set_reachable(False)`` (stop listening; ``True`` listens again on the
+same port), ``sim.lose(alloc_id)`` (the node under an alloc dies),
 ``NomadSim(token=...)`` (ACLs on), ``sim.gc()`` (system GC).
 
 The same tests are meant to run against a real agent
@@ -26,7 +30,10 @@ Faithful (with the source of each behaviour)
   Index, ...}``; parameterized jobs get no evaluation
   (command/agent/job_endpoint.go, nomad/job_endpoint.go, api/jobs.go).
 - ``GET /v1/job/<id>``: 404 with text body "job not found"; ``GET /v1/jobs?prefix=``
-  gives ``JobListStub`` rows (api/jobs.go).
+  gives ``JobListStub`` rows (api/jobs.go) with a ``JobSummary``;
+  ``GET /v1/job/<id>/summary`` (``Summary[tg]`` Queued/Starting/Running/
+  Complete/Failed/Lost, ``Children`` Pending/Running/Dead of a parameterized
+  parent); ``GET /v1/allocations?prefix=``.
 - Dispatch: checks and texts of ``Job.Dispatch`` / ``validateDispatchRequest``
   in nomad/job_endpoint.go, all answered as HTTP 500 (plain errors become 500
   in ``HTTPServer.wrap``, command/agent/http.go): "parameterized job not
@@ -66,13 +73,21 @@ Faithful (with the source of each behaviour)
   prestart non-sidecar tasks must exit 0 before main tasks start; a failed
   task kills its live siblings; poststop runs once all other tasks are dead,
   after failures and after a job stop.
-- Docker task config (drivers/docker/driver.go, config.go): image, command +
-  args, entrypoint, network_mode, readonly_rootfs, cap_drop/cap_add,
-  security_opt, pids_limit, tmpfs ``mount`` with ``tmpfs_options``, work_dir,
-  labels, task ``user``; memory limit = MemoryMaxMB or MemoryMB with
-  MemoryMB as reservation when MemoryMaxMB is set (``memoryLimits``), swap =
-  limit, cpu shares = CPU. Kill: ``kill_signal`` (default SIGTERM) then SIGKILL
-  after ``kill_timeout`` (capped by the client's max_kill_timeout, 30s).
+- Docker task config (drivers/docker/driver.go, config.go; see
+  dockerconfig.py): image, command + args, entrypoint, network_mode,
+  readonly_rootfs, cap_drop/cap_add, security_opt, pids_limit, tmpfs
+  ``mount`` with ``tmpfs_options``, work_dir, labels, init, hostname,
+  dns_servers, extra_hosts, shm_size, sysctl, ulimit, oom_score_adj,
+  memory_hard_limit, task ``user``; memory limit = max(MemoryMaxMB,
+  memory_hard_limit) or MemoryMB, with MemoryMB as reservation then
+  (``memoryLimits``), swap = limit, cpu shares = CPU. An unknown option, or a
+  known one the sim does not carry out (volumes, ports, privileged, ...),
+  fails the task with "Driver Failure" instead of being ignored. Containers
+  are named ``<task>-<alloc id>``. Kill: ``kill_signal`` (default SIGTERM)
+  then SIGKILL after ``kill_timeout`` (capped by the client's
+  max_kill_timeout, 30s).
+- Lost node (``sim.lose``): ``ClientStatus=lost``, ``DesiredStatus=stop``,
+  ``TaskStates`` frozen at the last client report, no poststop.
 - Alloc dir (client/allocdir): ``alloc/`` shared and mounted at /alloc,
   ``<task>/local`` at /local, ``<task>/secrets`` at /secrets; logs in
   ``alloc/logs/<task>.stdout.0``; ``dispatch_payload.File`` lands in
@@ -88,11 +103,13 @@ Faithful (with the source of each behaviour)
   (omitempty, ``Offset`` = file offset after the frame, ≤64 KiB per frame)
   written back to back with no separator, ``{}`` heartbeats when following.
 - Blocking queries (nomad/rpc.go ``blockingRPC``, structs ``TimeToBlock``):
-  ``?index=N&wait=D``; answer when the *table* index (jobs / allocs / evals,
-  as ``state.Index("allocs")``) exceeds N and the watched rows changed, or
-  when wait (+ up to wait/16 jitter, default and cap 5m) runs out; headers
-  X-Nomad-Index / X-Nomad-KnownLeader / X-Nomad-LastContact; "Invalid wait
-  time" 400.
+  ``?index=N&wait=D``; the answer's index is the *table* index (jobs /
+  allocs / evals, as ``state.Index("allocs")``), so a query whose N is below
+  it answers at once even if its own rows did not change (clients must loop
+  with the new index, as against Nomad); otherwise it waits until the
+  watched rows change or wait (+ up to wait/16 jitter, default and cap 5m)
+  runs out; headers X-Nomad-Index / X-Nomad-KnownLeader /
+  X-Nomad-LastContact; "Invalid wait time" 400.
 - Event stream (command/agent/event_endpoint.go, nomad/stream/ndjson.go,
   nomad/state/events.go, event_buffer.go): ``topic=Topic:Key`` (repeatable,
   bare topic = ``*``); key matches ``Key`` or any ``FilterKeys`` (allocs and
