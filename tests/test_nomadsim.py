@@ -644,3 +644,19 @@ def test_many_long_polls_and_one_stream_follow_hundreds_of_jobs(
     started = time.monotonic()
     assert asyncio.run(scenario()) == (n, n)
     assert time.monotonic() - started < 120  # generous: CI shares two cores
+
+
+def test_invalid_job_registration_answers_500_with_the_validation_error(
+    client: httpx.Client,
+) -> None:
+    """Register refuses a parameterized service job (500, Job.Validate's text)."""
+    body = {
+        "ID": f"nomadsim-bad-{uuid.uuid4().hex[:6]}",
+        "Type": "service",
+        "ParameterizedJob": {},
+        "TaskGroups": [{"Name": "g", "Tasks": [task("main", "pass")]}],
+    }
+    r = client.put("/v1/jobs", json={"Job": body})
+    assert r.status_code == 500
+    assert 'Parameterized job can only be used with "batch" or "sysbatch" scheduler' in r.text
+    assert client.put("/v1/jobs", json={}).status_code == 400

@@ -437,12 +437,14 @@ class Cluster:
             for other in self.state.evals_of_job(ns, job_id):
                 if other["Status"] in ("blocked", "pending"):
                     other["Status"] = "cancelled"
-                    other["StatusDescription"] = "canceled after more relevant eval"  # guessed
+                    # nomad/leader.go reapCancelableEvaluations wording; done there, later.
+                    other["StatusDescription"] = "canceled after more recent eval was processed"
                     changes.append(self._eval_change(other))
             for alloc in self.state.allocs_of_job(ns, job_id):
                 if not alloc_terminal(alloc):
                     alloc["DesiredStatus"] = "stop"
-                    alloc["DesiredDescription"] = "alloc not needed due to job update"  # guessed
+                    # scheduler/structs/const.go StatusAllocNotNeeded
+                    alloc["DesiredDescription"] = "alloc not needed due to job update"
                     alloc["AllocModifyIndex"] = index
                     changes.append(self._alloc_change(alloc))
                     runner = self.runners.get(alloc["ID"])

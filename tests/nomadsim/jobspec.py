@@ -71,7 +71,7 @@ def canonicalize(job: JSON) -> JSON:
                 "Mode": "fail",
             }
         group["RestartPolicy"] = {**restart, **(group.get("RestartPolicy") or {})}
-        # guessed: batch reschedule default (1 attempt / 24h) per the facts file.
+        # api/tasks.go NewDefaultReschedulePolicy("batch").
         resched = {
             "Attempts": 1,
             "Interval": 24 * HOUR_NS,
@@ -109,12 +109,13 @@ def validate_register(job: JSON) -> str | None:
         payload = pj.get("Payload") or "optional"
         pj["Payload"] = payload
         if payload not in ("optional", "required", "forbidden"):
-            return f"Unknown payload requirement: {payload!r}"  # guessed: wording
+            return f'Unknown payload requirement: "{payload}"'
         overlap = set(pj.get("MetaRequired") or []) & set(pj.get("MetaOptional") or [])
         if overlap:
-            # guessed: wording of ParameterizedJobConfig.Validate
+            # ParameterizedJobConfig.Validate
             return (
-                f"Required and optional meta keys should be disjoint: {_go_list(sorted(overlap))}"
+                "Required and optional meta keys should be disjoint."
+                f" Following keys exist in both: {_go_list(sorted(overlap))}"
             )
     if not job.get("TaskGroups"):
         return "Missing job task groups"
