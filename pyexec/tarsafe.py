@@ -17,17 +17,9 @@ from typing import BinaryIO
 import attrs
 
 from .errors import PayloadTooLarge, TarRejected
-from .sandbox.tarcheck import (
-    FILE,
-    HARDLINK,
-    SYMLINK,
-    TarChecker,
-    TarProblem,
-    extract_checked,
-    member_kind,
-)
+from .sandbox.tarcheck import DIR, FILE, HARDLINK, SPECIAL, SYMLINK, TarChecker, TarProblem
 
-__all__ = ["TarSummary", "safe_extract", "validate_tar"]
+__all__ = ["TarSummary", "member_kind", "safe_extract", "validate_tar"]
 
 #: Read size when the archive has to be streamed (not seekable).
 _STREAM_BUFSIZE = 1024 * 1024
@@ -103,3 +95,31 @@ def safe_extract(
     except (tarfile.TarError, EOFError, UnicodeError) as exc:
         raise TarRejected(f"the tar cannot be extracted: {exc}", code="tar_invalid") from None
     return TarSummary(entries=checker.entries, total_bytes=checker.total_bytes)
+
+
+def member_kind(member: tarfile.TarInfo) -> str:
+    """The ``tarcheck`` kind of a tar member."""
+    if member.isreg():  # includes contiguous and sparse files
+        return FILE
+    if member.isdir():
+        return DIR
+    if member.issym():
+        return SYMLINK
+    if member.islnk():
+        return HARDLINK
+    return SPECIAL  # character/block devices, fifos, anything else
+
+
+def extract_checked(archive: tarfile.TarFile, dest: str, checker: TarChecker) -> None:
+    """Extract ``archive`` (stream mode is fine) into ``dest``, each member checked before
+    anything of it is written; modes are tamed and owners never taken from the tar."""
+    for member in archive:
+        path = checker.add(member.name, member_kind(member), member.size, member.linkname)
+        if path is None:
+            continue
+        member.name = path
+        if member.islnk():
+            member.linkname = checker.normalize(member.linkname)
+        keep = 0o700 if member.isdir() else 0o600
+        member.mode = (member.mode & 0o755) | keep
+        archive.extract(member, dest, filter="data")

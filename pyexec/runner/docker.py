@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import marshal
 import math
 import os
 import socket
 import ssl
 import struct
+import tarfile
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,7 +38,7 @@ import attrs
 import docker
 import docker.errors
 import requests
-from anyio import to_thread
+from anyio import from_thread, to_thread
 from docker.types import LogConfig, Mount
 from docker.utils import parse_repository_tag
 
@@ -45,7 +46,9 @@ from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, 
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
 from pyexec.runner import OnRunning
 from pyexec.sandbox import bootstrap_source
+from pyexec.sandbox.tarcheck import FILE
 from pyexec.settings import Settings
+from pyexec.tarsafe import member_kind
 
 __all__ = ["LABEL_EXECUTION", "LABEL_MANAGED", "DockerRunner", "Phase", "container_args", "plan"]
 
@@ -65,6 +68,7 @@ _MUX_HEADER = struct.Struct(">BxxxL")  # stream (1 stdout, 2 stderr), 3 pad byte
 _FRAME = struct.Struct(">I")
 _CONTROL = b"\0pyexec "
 _CONTROL_MAX = 64 * 1024
+_ARCHIVE_CHUNK = 256 * 1024
 #: How long the host lets a setup overrun its budget before it steps in; the
 #: bootstrap enforces the budget itself and reports the setup output when it can.
 _SETUP_GRACE = 5.0
@@ -258,38 +262,79 @@ class _Demux:
 
 
 class _Control:
-    """The bootstrap's control line at the start of stdout."""
+    """The bootstrap's control line at the start of stdout: ``\\0pyexec <status> <message>``."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self.fields: dict[str, Any] | None = None
+        self.status: str | None = None
+        self.message = ""
 
     @property
-    def status(self) -> str | None:
-        return None if self.fields is None else str(self.fields.get("status"))
+    def done(self) -> bool:
+        return self.status is not None
 
     def feed(self, data: bytes) -> bytes:
         """Consume the control line from ``data``; returns what follows it."""
-        if self.fields is not None:
+        if self.done:
             return data
         end = data.find(b"\n")
         if end < 0:
             self._buf += data
             if len(self._buf) > _CONTROL_MAX:
-                self.fields = {"status": "error", "error": "the sandbox bootstrap misbehaved"}
+                self.status, self.message = "error", "the sandbox bootstrap misbehaved"
             return b""
         self._buf += data[:end]
         line = bytes(self._buf)
-        try:
-            if not line.startswith(_CONTROL):
-                raise ValueError(line[:80])
-            fields = json.loads(line[len(_CONTROL) :])
-            if not isinstance(fields, dict):
-                raise ValueError(line[:80])
-            self.fields = fields
-        except ValueError:
-            self.fields = {"status": "error", "error": "the sandbox bootstrap misbehaved"}
+        if line.startswith(_CONTROL):
+            status, _, message = line[len(_CONTROL) :].decode("utf-8", "replace").partition(" ")
+            self.status, self.message = status, message
+        else:
+            self.status, self.message = "error", "the sandbox bootstrap misbehaved"
         return data[end + 1 :]
+
+
+class _ChunkReader:
+    """The stored tar's async chunks as a file object for tarfile, read in a worker thread."""
+
+    def __init__(self, next_chunk: Callable[[], bytes]) -> None:
+        self._next = next_chunk
+        self._buf = b""
+        self._eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buf and not self._eof:
+            self._buf = self._next()
+            self._eof = not self._buf
+        if size < 0:
+            size = len(self._buf)
+        out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+
+def _encode_archive(next_chunk: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
+    """Parse the tar (stream mode) and send its members in the bootstrap's frame format."""
+    out = bytearray()
+
+    def frame(data: bytes) -> None:
+        out.extend(_FRAME.pack(len(data)))
+        out.extend(data)
+        if len(out) >= _ARCHIVE_CHUNK:
+            send(bytes(out))
+            out.clear()
+
+    reader = _ChunkReader(next_chunk)
+    # Stream mode only ever calls read(); typeshed asks for a full file object.
+    with tarfile.open(fileobj=reader, mode="r|", bufsize=_RECV) as archive:  # type: ignore[call-overload]
+        while (member := archive.next()) is not None:
+            kind = member_kind(member)
+            size = member.size if kind == FILE else 0
+            frame(marshal.dumps((kind, member.name, member.mode, member.linkname, size)))
+            data = archive.extractfile(member) if size else None
+            while data is not None and (chunk := data.read(_ARCHIVE_CHUNK)):
+                frame(chunk)
+            archive.members.clear()  # tarfile keeps every member it read; we need none
+    if out:
+        send(bytes(out))
 
 
 class _Socket:
@@ -535,7 +580,7 @@ class DockerRunner:
         args = container_args(
             self._settings, request, run.execution_id, phase, run.volume, self._owner
         )
-        spec = json.dumps(bootstrap_spec(self._settings, request, phase)).encode()
+        spec = marshal.dumps(bootstrap_spec(self._settings, request, phase))
         container = await self._create(args)
         run.containers.append(container)
         if run.killed:
@@ -601,7 +646,7 @@ class DockerRunner:
         if run.killed:
             raise _Ended(run.outcome(Reason.KILLED))
         if status == "setup_failed":
-            error = (control.fields or {}).get("error")
+            error = control.message
             raise _Ended(run.outcome(Reason.SETUP_FAILED, str(error or "setup failed")))
         if oom:
             limit = run.request.config.memory_mb
@@ -609,7 +654,7 @@ class DockerRunner:
                 run.outcome(Reason.OOM, f"killed for using more than {limit} MiB of memory")
             )
         if status == "error" or status is None:
-            detail = (control.fields or {}).get("error") or f"exit {exited} before the program ran"
+            detail = control.message or f"exit {exited} before the program ran"
             raise _Ended(run.outcome(Reason.ERROR, f"the sandbox could not start: {detail}"))
         if status == "setup_ok" and not phase.run:
             run.exit_code = None
@@ -633,9 +678,7 @@ class DockerRunner:
         try:
             await conn.send(_FRAME.pack(len(spec)) + spec)
             if tar is not None:
-                async for chunk in tar:
-                    if chunk:
-                        await conn.send(_FRAME.pack(len(chunk)) + chunk)
+                await self._send_archive(conn, tar)
             await conn.send(_FRAME.pack(0))
             launched.set()
             if stdin is not None:
@@ -645,6 +688,24 @@ class DockerRunner:
             pass  # the container ended without reading all its input; its outcome says why
         finally:
             launched.set()
+
+    async def _send_archive(self, conn: _Socket, tar: AsyncIterator[bytes]) -> None:
+        """Unpack the tar's framing here, member by member, so the sandbox needs no tarfile."""
+        chunks = aiter(tar)
+
+        async def next_chunk() -> bytes:
+            async for chunk in chunks:
+                if chunk:
+                    return chunk
+            return b""
+
+        def work() -> None:
+            _encode_archive(
+                lambda: from_thread.run(next_chunk),
+                lambda data: from_thread.run(conn.send, data),
+            )
+
+        await to_thread.run_sync(work, limiter=self._limiter)
 
     async def _pump(
         self,
@@ -661,7 +722,7 @@ class DockerRunner:
         with anyio.CancelScope(deadline=deadline) as scope:
             while data := await conn.recv():
                 for stream, payload in demux.feed(data):
-                    if stream == 1 and control.fields is None:
+                    if stream == 1 and not control.done:
                         payload = control.feed(payload)
                         if control.status == "ready" and phase.setup:
                             await self._begin(run, on_running)

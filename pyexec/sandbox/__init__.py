@@ -1,8 +1,9 @@
 """Code that runs inside sandbox containers, shipped as package data.
 
-``bootstrap_source()`` is what a runner passes to ``python3 -I -S -c``: the tar
-rules (``tarcheck.py``) followed by the bootstrap (``bootstrap.py``), both standard
-library only, so any image with Python 3.8+ can run them unchanged.
+``bootstrap_source()`` is what a runner passes to ``python3 -I -S -c``: the
+bootstrap (``bootstrap.py``), the tar rules (``tarcheck.py``) and a call to
+``main()``; built-in modules only, so any image with Python 3.8+ runs them
+unchanged and fast.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from importlib import resources
 
 __all__ = ["bootstrap_source"]
 
+# bootstrap.py first: its ``from __future__ import annotations`` must open the source.
+_PARTS = ("bootstrap.py", "tarcheck.py")
+
 
 @cache
 def bootstrap_source() -> str:
     here = resources.files(__name__)
-    parts = (
-        here.joinpath(name).read_text(encoding="utf-8") for name in ("tarcheck.py", "bootstrap.py")
-    )
-    return "\n\n".join(parts)
+    parts = [here.joinpath(name).read_text(encoding="utf-8") for name in _PARTS]
+    return "\n\n".join([*parts, "main()\n"])

@@ -1,31 +1,40 @@
 """The first process in a sandbox container: unpack the project, set it up, run it.
 
-Runs as ``python3 -I -S -c <tarcheck.py + this file>`` (see ``pyexec.sandbox.bootstrap_source``)
-in whatever Python the image has (3.8+), standard library only. It reads from
-stdin, with exact counts so that nothing past its own input is consumed:
+Runs as ``python3 -I -S -c <this file + tarcheck.py + "main()">`` (see
+``pyexec.sandbox.bootstrap_source``) in whatever Python the image has (3.8+).
+It imports only built-in modules, so it costs a few milliseconds before the
+user's program starts. It reads from stdin, with exact counts so that nothing
+past its own input is consumed, a stream of frames (4-byte big-endian length,
+then that many bytes):
 
-    4-byte big-endian length + JSON spec
-    (4-byte length + tar bytes)* then a zero length
-    the request's stdin, untouched, until EOF
+    the spec (a marshalled dict)
+    per archive member: a marshalled (kind, name, mode, linkname, size) header,
+        then, for a file, frames carrying exactly ``size`` bytes
+    an empty frame (end of the archive)
+    then the request's stdin, untouched, until EOF
 
-then reports on stdout with one control line, ``\\0pyexec {json}\\n``, which the
-runner strips: ``ready`` (the user's program follows), ``setup_ok`` (a setup-only
-container is done), ``setup_failed`` (the setup output follows) or ``error``.
-After ``ready`` it execs ``python3 <entrypoint> <args>`` in /work, so the rest of
-stdin is the user program's stdin.
+The runner parses the uploaded tar on the host; here every member passes the
+same ``TarChecker`` rules again before anything of it is written. The bootstrap
+then reports with one control line on stdout, ``\\0pyexec <status> <message>\\n``,
+which the runner strips: ``ready`` (the user's program follows), ``setup_ok``
+(a setup-only container is done), ``setup_failed`` (the setup output follows)
+or ``error``. After ``ready`` it execs ``python3 <entrypoint> <args>`` in /work,
+so the rest of stdin is the user program's stdin.
 """
 
-import contextlib
-import json
+from __future__ import annotations
+
+import marshal
 import os
 import struct
 import sys
-import tarfile
-from typing import Any, NoReturn
 
-# Inside the container tarcheck.py's source runs just before this file instead.
-with contextlib.suppress(ImportError):
-    from .tarcheck import TarChecker, extract_checked
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+    # Inside the container tarcheck.py's source follows this file's.
+    from .tarcheck import DIR, HARDLINK, SYMLINK, TarChecker
 
 WORK = "/work"
 STATE = WORK + "/.pyexec"
@@ -48,43 +57,57 @@ def read_frame() -> bytes:
     return read_exact(length) if length else b""
 
 
-class FrameReader:
-    """The tar frames as a file object for tarfile's stream mode."""
-
-    def __init__(self) -> None:
-        self.pending = b""
-        self.done = False
-
-    def read(self, size: int | None = -1) -> bytes:
-        while not self.pending and not self.done:
-            self.pending = read_frame()
-            self.done = not self.pending
-        if size is None or size < 0:
-            size = len(self.pending)
-        out, self.pending = self.pending[:size], self.pending[size:]
-        return out
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
-def control(status: str, **fields: Any) -> None:
-    fields["status"] = status
-    write_all(1, CONTROL + json.dumps(fields).encode() + b"\n")
+def control(status: str, message: str = "") -> None:
+    line = status + " " + " ".join(message.split())
+    write_all(1, CONTROL + line.encode("utf-8", "replace") + b"\n")
 
 
-def extract(reader: FrameReader, limits: dict[str, int]) -> None:
+def replace(target: str) -> None:
+    """Make room for a member that repeats an earlier name (the later one wins)."""
+    if os.path.lexists(target) and not os.path.isdir(target):
+        os.unlink(target)
+
+
+def extract(limits: dict[str, int]) -> None:
     checker = TarChecker(limits["max_entries"], limits["max_bytes"])
-    # Stream mode only ever calls read(); typeshed asks for a full file object.
-    with tarfile.open(fileobj=reader, mode="r|") as archive:  # type: ignore[call-overload]
-        extract_checked(archive, WORK, checker)
+    while True:
+        header = read_frame()
+        if not header:
+            return
+        kind, name, mode, linkname, size = marshal.loads(header)  # noqa: S302 - see main()
+        path = checker.add(name, kind, size, linkname)
+        if path is None:
+            continue
+        target = WORK + "/" + path
+        # The checker guarantees every parent is a real directory inside /work.
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if kind == DIR:
+            os.makedirs(target, mode=(mode & 0o755) | 0o700, exist_ok=True)
+            continue
+        replace(target)
+        if kind == SYMLINK:
+            os.symlink(linkname, target)
+        elif kind == HARDLINK:
+            os.link(WORK + "/" + checker.normalize(linkname), target, follow_symlinks=False)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(target, flags, (mode & 0o755) | 0o600)
+            try:
+                left = size
+                while left > 0:
+                    chunk = read_frame()
+                    if not chunk or len(chunk) > left:
+                        raise ValueError(f"member {name!r}: data does not match its size")
+                    write_all(fd, chunk)
+                    left -= len(chunk)
+            finally:
+                os.close(fd)
 
 
 def tail(path: str, limit: int) -> bytes:
@@ -139,7 +162,7 @@ def setup(spec: dict[str, Any], env: dict[str, str]) -> str | None:
 
 
 def setup_failed(message: str, limit: int) -> NoReturn:
-    control("setup_failed", error=message)
+    control("setup_failed", message)
     write_all(1, tail(STATE + "/setup.out", limit))
     write_all(2, tail(STATE + "/setup.err", limit))
     sys.exit(1)
@@ -157,16 +180,17 @@ def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
 
 
 def main() -> None:
-    spec = json.loads(read_frame())
+    # Frames come from the runner on the host; marshal is built in (json would cost imports).
+    spec = marshal.loads(read_frame())  # noqa: S302
     env = dict(os.environ)
     try:
         os.makedirs(STATE + "/tmp", exist_ok=True)
-        reader = FrameReader()
         if spec.get("extract"):
-            extract(reader, spec["limits"])
-        reader.drain()
+            extract(spec["limits"])
+        elif read_frame():
+            raise ValueError("unexpected archive for a container that does not unpack")
     except Exception as exc:  # noqa: BLE001 - any failure is reported on the control line
-        control("error", error=f"could not unpack the project: {exc}")
+        control("error", f"could not unpack the project: {exc}")
         sys.exit(1)
     if spec.get("setup"):
         failure = setup(spec["setup"], env)
@@ -180,7 +204,3 @@ def main() -> None:
                 pass
             return
     run(spec["run"], env)
-
-
-if __name__ == "__main__":
-    main()

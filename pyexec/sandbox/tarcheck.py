@@ -2,16 +2,13 @@
 
 The service applies them before it stores an archive (``pyexec.tarsafe``) and the
 bootstrap applies them again while it extracts inside the container, so this
-module runs on the host and, prepended to the bootstrap's source, in any image's
-Python 3.8+. Keep it free of imports beyond the standard library.
+module runs on the host and, appended to the bootstrap's source, in any image's
+Python 3.8+. Keep it free of imports (and of ``from __future__``: the bootstrap's
+own, at the top of the combined source, covers it there).
 
 Every check is order-independent: a symlink that appears after the members that
 would be written through it is caught as surely as one that appears before.
 """
-
-from __future__ import annotations
-
-import tarfile
 
 FILE = "file"
 DIR = "dir"
@@ -27,18 +24,6 @@ class TarProblem(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def member_kind(member: tarfile.TarInfo) -> str:
-    if member.isreg():  # includes contiguous and sparse files
-        return FILE
-    if member.isdir():
-        return DIR
-    if member.issym():
-        return SYMLINK
-    if member.islnk():
-        return HARDLINK
-    return SPECIAL  # character/block devices, fifos, anything tarfile cannot place safely
 
 
 def _parts(name: str) -> list[str]:
@@ -88,6 +73,10 @@ class TarChecker:
             self._hardlink(path, name, linkname)
         self.kinds[path] = kind
         return path
+
+    def normalize(self, name: str) -> str:
+        """``name`` as the archive-relative path it denotes (after the checks in ``add``)."""
+        return "/".join(_parts(name))
 
     def _path(self, name: str) -> str:
         if name.startswith("/"):
@@ -149,23 +138,3 @@ class TarChecker:
                 "tar_link_escape",
                 f"hardlink {name!r} must point to an earlier regular file, not {target!r}",
             )
-
-
-def extract_checked(archive: tarfile.TarFile, dest: str, checker: TarChecker) -> None:
-    """Extract ``archive`` (any mode, streams included) into ``dest``, checking each member
-    before anything of it is written. Modes are tamed; owners are never taken from the tar."""
-    use_filter = hasattr(tarfile, "data_filter")  # Python 3.12+, and 3.8-3.11 security releases
-    for member in archive:
-        path = checker.add(member.name, member_kind(member), member.size, member.linkname)
-        if path is None:
-            continue
-        member.name = path
-        if member.islnk():
-            member.linkname = "/".join(_parts(member.linkname))
-        keep = 0o700 if member.isdir() else 0o600
-        member.mode = (member.mode & 0o755) | keep
-        member.uid, member.gid, member.uname, member.gname = -1, -1, "", ""
-        if use_filter:
-            archive.extract(member, dest, filter="data")
-        else:
-            archive.extract(member, dest)
