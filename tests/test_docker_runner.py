@@ -395,6 +395,43 @@ async def test_setup_failure_reports_setup_output(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+async def test_setup_has_its_own_timeout(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A pre_command that outlives the budget ends the execution as setup_failed, on time."""
+    before = time.monotonic()
+    started = await start(
+        runner,
+        settings,
+        {"main.py": "print('never')"},
+        pre_commands=["echo waiting; sleep 60"],
+        config={"timeout_seconds": 2},
+    )
+    outcome = await started.wait()
+    assert outcome.reason is Reason.SETUP_FAILED, outcome
+    assert "timed out after 2s" in (outcome.error or "")
+    assert outcome.stdout == "waiting\n"
+    assert time.monotonic() - before < 8
+    assert started.running == []
+    assert leftovers(docker_client, started.execution_id) == []
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_network_enabled_run_gets_an_interface(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """With network_disabled false the run has more than loopback (nothing is contacted)."""
+    code = "import os\nprint(sorted(os.listdir('/sys/class/net')))\n"
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": code}, config={"network_disabled": False}
+    )
+    assert "'lo'" in outcome.stdout
+    assert outcome.stdout != "['lo']\n"
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
 async def test_kill_while_running(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
