@@ -485,17 +485,34 @@ def test_held_dispatches_stay_pending_until_released(
     assert "cancelled" in [e["Status"] for e in evals]
 
 
+def finished_eval(client: httpx.Client, eval_id: str) -> dict[str, Any]:
+    """Follow an evaluation with blocking queries until the scheduler is done with it."""
+    index, ev = 0, {"Status": "pending"}
+    deadline = time.monotonic() + 20
+    while ev["Status"] == "pending" and time.monotonic() < deadline:
+        r = client.get(f"/v1/evaluation/{eval_id}", params={"index": index, "wait": "2s"})
+        index, ev = int(r.headers["X-Nomad-Index"]), r.json()
+    return ev
+
+
+def test_unsatisfiable_constraint_fails_placement(client: httpx.Client) -> None:
+    """A constraint no node meets ends the eval with ConstraintFiltered and a blocked eval."""
+    constraint = {"LTarget": "${attr.kernel.name}", "RTarget": "windows", "Operand": "="}
+    job_id = register(client, [task("main", "pass")], Constraints=[constraint])
+    ev = finished_eval(client, dispatch(client, job_id).json()["EvalID"])
+    assert ev["Status"] == "complete"
+    metric = ev["FailedTGAllocs"]["run"]
+    assert "${attr.kernel.name} = windows" in metric["ConstraintFiltered"]
+    assert metric["NodesFiltered"] >= 1
+    assert client.get(f"/v1/evaluation/{ev['BlockedEval']}").json()["Status"] == "blocked"
+
+
 def test_group_bigger_than_the_node_is_never_placed(
     client: httpx.Client, only_sim: NomadSim
 ) -> None:
     """A memory demand above the node's capacity fails placement on the memory dimension."""
     job_id = register(client, [task("main", "pass", memory=NODE_MEMORY_MB + 1)])
-    out = dispatch(client, job_id).json()
-    index, ev = 0, {"Status": "pending"}
-    deadline = time.monotonic() + 10
-    while ev["Status"] == "pending" and time.monotonic() < deadline:
-        r = client.get(f"/v1/evaluation/{out['EvalID']}", params={"index": index, "wait": "2s"})
-        index, ev = int(r.headers["X-Nomad-Index"]), r.json()
+    ev = finished_eval(client, dispatch(client, job_id).json()["EvalID"])
     assert ev["FailedTGAllocs"]["run"]["DimensionExhausted"] == {"memory": 1}
     assert ev["BlockedEval"]
     assert only_sim.release(10) == 0

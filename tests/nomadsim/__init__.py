@@ -120,16 +120,24 @@ Faithful (with the source of each behaviour)
 - Placement failure (scheduler/generic_sched.go, api/evaluations.go): the
   evaluation completes with ``FailedTGAllocs{tg: AllocationMetric}``
   (NodesEvaluated, NodesExhausted, DimensionExhausted) and a ``BlockedEval``
-  whose status is "blocked"; the job stays pending.
+  whose status is "blocked" (TriggeredBy "queued-allocs", "created to place
+  remaining allocations"); the job stays pending. Job/group/task
+  constraints are checked against the node (``checkConstraint`` in
+  scheduler/feasible/feasible.go: =, !=, is_set, is_not_set, regexp,
+  set_contains*; version/semver/ordering pass unchecked) and fail as
+  ``NodesFiltered`` + ``ConstraintFiltered{"<L> <op> <R>": 1}``; a job whose
+  ``Datacenters`` globs or ``NodePool`` miss the node evaluates no node.
 - ACLs (command/agent/http.go, nomad/structs/errors.go): X-Nomad-Token or
   ``Authorization: Bearer``; none → 403 "Permission denied", unknown → 403
   "ACL token not found".
 
 Simplified (and why it is fine for pyexec's tests)
 --------------------------------------------------
-- One node, one region, any namespace accepted; no deployments, no services,
-  no ports, no constraints evaluation, no system/service scheduling beyond
-  starting the group once per count.
+- One node (dc1, pool default, 4000 MHz / 8192 MB unless told), one
+  region, any namespace accepted; no deployments, services, ports, affinities
+  or spreads; no system/service scheduling beyond starting each group
+  ``Count`` times; no capacity accounting between allocs (``hold`` stands
+  in for a full cluster).
 - Only action-free templates render (no consul-template engine): a template
   containing its delimiters fails the task with "Setup Failure".
 - Reschedule policies are recorded but never act (nothing is re-placed);

@@ -22,7 +22,9 @@ from .allocrunner import ZERO_TIME, AllocRunner
 from .jobspec import (
     DispatchError,
     canonicalize,
+    datacenter_matches,
     dispatched_id,
+    failed_constraints,
     group_demand,
     validate_dispatch,
     validate_register,
@@ -494,6 +496,41 @@ class Cluster:
             "CoalescedFailures": 0,
         }
 
+    def _feasibility(self, job: JSON, group: JSON) -> JSON | None:
+        """The ``AllocationMetric`` of a group the node cannot take, or None if it fits."""
+        cpu, mem = group_demand(group)
+        refused = failed_constraints(job, group, self.node)
+        if not datacenter_matches(job, self.node):
+            return self._metric_no_nodes(job)
+        if refused:
+            return self._metric_filtered(refused)
+        if mem > self.node_memory_mb:
+            return self._metric("memory")
+        if cpu > self.node_cpu_mhz:
+            return self._metric("cpu")
+        return None
+
+    def _metric_filtered(self, constraints: list[str]) -> JSON:
+        """The node was filtered out by constraints (``ConstraintFiltered``)."""
+        return {
+            **self._metric("memory"),
+            "NodesFiltered": 1,
+            "ConstraintFiltered": dict.fromkeys(constraints, 1),
+            "NodesExhausted": 0,
+            "DimensionExhausted": None,
+        }
+
+    def _metric_no_nodes(self, job: JSON) -> JSON:
+        """No node in the job's datacenters / node pool: nothing evaluated."""
+        return {
+            **self._metric("memory"),
+            "NodesEvaluated": 0,
+            "NodesInPool": 0,
+            "NodesAvailable": dict.fromkeys(job.get("Datacenters") or [], 0),
+            "NodesExhausted": 0,
+            "DimensionExhausted": None,
+        }
+
     def _schedule(self, ns: str, job_id: str, eval_id: str) -> None:
         placed: list[AllocRunner] = []
 
@@ -507,32 +544,29 @@ class Cluster:
             if job is None or job["Stop"]:
                 return changes
             failed: JSON = {}
-            queued: JSON = {}
+            held_only = True  # every failure is the hold switch's: release() may place it
             for group in job["TaskGroups"]:
-                cpu, mem = group_demand(group)
-                if mem > self.node_memory_mb:
-                    failed[group["Name"]] = self._metric("memory")
-                elif cpu > self.node_cpu_mhz:
-                    failed[group["Name"]] = self._metric("cpu")
-                elif self.hold:
+                metric = self._feasibility(job, group)
+                if metric is None and self.hold:
                     # guessed: a full node is reported as exhausted memory.
-                    failed[group["Name"]] = self._metric("memory")
-                queued[group["Name"]] = 1 if group["Name"] in failed else 0
-            ev["QueuedAllocations"] = queued
+                    metric = self._metric("memory")
+                elif metric is not None:
+                    held_only = False
+                if metric is not None:
+                    failed[group["Name"]] = metric
+            ev["QueuedAllocations"] = {
+                g["Name"]: int(g["Name"] in failed) for g in job["TaskGroups"]
+            }
             if failed:
                 ev["FailedTGAllocs"] = failed
                 blocked = self._new_eval(job, index, "queued-allocs", status="blocked")
                 blocked["PreviousEval"] = ev["ID"]
+                # scheduler/structs/const.go DescBlockedEvalFailedPlacements
                 blocked["StatusDescription"] = "created to place remaining allocations"
-                blocked["FailedTGAllocs"] = None
                 ev["BlockedEval"] = blocked["ID"]
                 self.state.evals[blocked["ID"]] = blocked
                 changes.append(self._eval_change(blocked))
-                if self.hold and all(
-                    group_demand(g)[1] <= self.node_memory_mb
-                    and group_demand(g)[0] <= self.node_cpu_mhz
-                    for g in job["TaskGroups"]
-                ):
+                if held_only:
                     self.held.append((ns, job_id, blocked["ID"]))
             else:
                 changes += self._place(job, ev, index, placed)

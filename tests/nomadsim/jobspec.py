@@ -8,6 +8,7 @@ Sources: ``api/jobs.go`` / ``api/tasks.go`` (canonical defaults),
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import secrets
 import time
@@ -17,7 +18,9 @@ __all__ = [
     "DISPATCH_PAYLOAD_LIMIT",
     "DispatchError",
     "canonicalize",
+    "datacenter_matches",
     "dispatched_id",
+    "failed_constraints",
     "group_demand",
     "interpolate",
     "lifecycle_of",
@@ -273,3 +276,59 @@ def interpolate_deep(value: Any, env: dict[str, str], node: JSON) -> Any:
     if isinstance(value, dict):
         return {k: interpolate_deep(v, env, node) for k, v in value.items()}
     return value
+
+
+def _target(expr: str, node: JSON) -> tuple[str | None, bool]:
+    """Resolve a constraint side: ``${attr.x}`` / ``${node.x}`` / ``${meta.x}`` or a literal."""
+    match = _VAR.fullmatch(expr.strip())
+    if match is None:
+        return expr, True
+    resolved = interpolate(expr, {}, node)
+    if resolved == expr:
+        return None, False
+    return resolved, True
+
+
+def failed_constraints(job: JSON, group: JSON, node: JSON) -> list[str]:
+    """Constraints of the job, the group and its tasks the node fails, as Nomad names them.
+
+    ``checkConstraint`` in scheduler/feasible/feasible.go for the operands a
+    single node can answer; version/semver/order comparisons are not simulated
+    and pass. The key is ``Constraint.String()``: "<LTarget> <Operand> <RTarget>".
+    """
+    constraints = [*(job.get("Constraints") or []), *(group.get("Constraints") or [])]
+    for task in group.get("Tasks") or []:
+        constraints += task.get("Constraints") or []
+    failed = []
+    for c in constraints:
+        operand = c.get("Operand") or "="
+        left, lfound = _target(c.get("LTarget") or "", node)
+        right, rfound = _target(c.get("RTarget") or "", node)
+        if operand in ("=", "==", "is"):
+            ok = lfound and rfound and left == right
+        elif operand in ("!=", "not"):
+            ok = left != right
+        elif operand == "is_set":
+            ok = lfound
+        elif operand == "is_not_set":
+            ok = not lfound
+        elif operand == "regexp":
+            ok = lfound and rfound and re.search(str(right), str(left)) is not None
+        elif operand in ("set_contains", "set_contains_all", "set_contains_any"):
+            have = {s.strip() for s in str(left).split(",")}
+            want = {s.strip() for s in str(right).split(",")}
+            hit = want <= have if operand != "set_contains_any" else bool(want & have)
+            ok = lfound and rfound and hit
+        else:
+            ok = True  # distinct_hosts/property, version, semver, ordering: not simulated
+        if not ok:
+            failed.append(f"{c.get('LTarget')} {operand} {c.get('RTarget')}")
+    return failed
+
+
+def datacenter_matches(job: JSON, node: JSON) -> bool:
+    """Job ``Datacenters`` are globs (Nomad 1.5+); node pool must be the node's or "all"."""
+    pool = job.get("NodePool") or "default"
+    if pool not in ("all", node["NodePool"]):
+        return False
+    return any(fnmatch.fnmatchcase(node["Datacenter"], dc) for dc in job.get("Datacenters") or [])
