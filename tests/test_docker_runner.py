@@ -496,12 +496,15 @@ async def test_unsafe_tar_is_refused_inside_the_sandbox_too(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@pytest.mark.parametrize("setup", [False, True], ids=["plain", "with-setup-volume"])
 async def test_missing_image_is_a_clear_error(
-    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings, setup: bool
 ) -> None:
-    """An image that is not here and cannot be pulled fails start with image_unavailable."""
+    """An image that is not here and cannot be pulled fails start with image_unavailable,
+    leaving nothing behind (not even the setup volume)."""
     image = "127.0.0.1:9/pyexec-missing:never"  # a registry on loopback that refuses at once
-    request = attrs.evolve(request_for(settings), docker_image=image)
+    metadata: dict[str, Any] = {"pre_commands": ["true"]} if setup else {}
+    request = attrs.evolve(request_for(settings, **metadata), docker_image=image)
     execution = Execution(execution_id=new_execution_id())
 
     async def on_running(_: object) -> None:
