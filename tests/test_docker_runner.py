@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import struct
 import tarfile
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,9 @@ from pyexec.runner.docker import (
     LABEL_OWNER,
     DockerRunner,
     Phase,
+    _Capture,
+    _Control,
+    _Demux,
     container_args,
     plan,
 )
@@ -109,6 +113,42 @@ def test_ca_bundle_is_mounted_into_setup_containers_only(settings: Settings) -> 
     assert {(m["Source"], m["ReadOnly"]) for m in mounts} == {("vol", False), (CA_BUNDLE, True)}
     run_mounts = container_args(with_ca, request, "exe_x", run, "vol")["host_config"]["mounts"]
     assert [m["Source"] for m in run_mounts] == ["vol"]
+
+
+def test_demux_reassembles_frames_split_anywhere() -> None:
+    """Docker's 8-byte-header frames parse the same however the bytes are chunked."""
+    frames = [(1, b"hello "), (2, b"oops"), (1, b""), (1, b"world" * 1000)]
+    wire = b"".join(struct.pack(">BxxxL", kind, len(data)) + data for kind, data in frames)
+    for size in (1, 3, 7, 8, 9, 4096, len(wire)):
+        demux = _Demux()
+        got: dict[int, bytes] = {1: b"", 2: b""}
+        for offset in range(0, len(wire), size):
+            for kind, data in demux.feed(wire[offset : offset + size]):
+                got[kind] += data
+        assert got == {1: b"hello " + b"world" * 1000, 2: b"oops"}
+
+
+def test_capture_keeps_whole_characters_at_the_cap() -> None:
+    """A capped stream drops a multibyte character cut in half rather than mangling it."""
+    for limit in range(1, 12):
+        capture = _Capture(limit)
+        assert not capture.feed("a😀é".encode() * 3)
+        text = capture.text()
+        assert "\ufffd" not in text
+        assert ("a😀é" * 3).startswith(text)
+        assert len(text.encode()) <= limit
+
+
+def test_control_line_is_split_from_the_programs_output() -> None:
+    """The bootstrap's first stdout line is parsed and stripped, even when it arrives in bits."""
+    control = _Control()
+    assert control.feed(b"\0pyexec setup_fai") == b""
+    assert not control.done
+    assert control.feed(b"led step 'x' exited with 3\npip output\n") == b"pip output\n"
+    assert (control.status, control.message) == ("setup_failed", "step 'x' exited with 3")
+    stray = _Control()
+    stray.feed(b"not the bootstrap\n")
+    assert stray.status == "error"
 
 
 # --- Running for real -------------------------------------------------------------------------
