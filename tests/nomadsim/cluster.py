@@ -18,7 +18,8 @@ import uuid
 from collections import deque
 from typing import Any
 
-from .allocrunner import ZERO_TIME, AllocRunner
+from . import records
+from .allocrunner import AllocRunner
 from .jobspec import (
     DispatchError,
     canonicalize,
@@ -34,57 +35,6 @@ from .state import Change, State
 __all__ = ["ApiError", "Cluster"]
 
 JSON = dict[str, Any]
-TERMINAL_CLIENT = {"complete", "failed", "lost"}
-TERMINAL_EVAL = {"complete", "failed", "cancelled"}
-
-STUB_FIELDS = (
-    "ID",
-    "EvalID",
-    "Name",
-    "Namespace",
-    "NodeID",
-    "NodeName",
-    "JobID",
-    "JobType",
-    "JobVersion",
-    "TaskGroup",
-    "DesiredStatus",
-    "DesiredDescription",
-    "ClientStatus",
-    "ClientDescription",
-    "TaskStates",
-    "DeploymentStatus",
-    "FollowupEvalID",
-    "NextAllocation",
-    "RescheduleTracker",
-    "PreemptedAllocations",
-    "PreemptedByAllocation",
-    "CreateIndex",
-    "ModifyIndex",
-    "CreateTime",
-    "ModifyTime",
-)
-JOB_STUB_FIELDS = (
-    "ID",
-    "ParentID",
-    "Name",
-    "Namespace",
-    "Datacenters",
-    "NodePool",
-    "Type",
-    "Priority",
-    "Periodic",
-    "ParameterizedJob",
-    "Stop",
-    "Status",
-    "StatusDescription",
-    "JobSummary",
-    "CreateIndex",
-    "ModifyIndex",
-    "JobModifyIndex",
-    "SubmitTime",
-    "Meta",
-)
 
 
 class ApiError(Exception):
@@ -94,11 +44,6 @@ class ApiError(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
-
-
-def alloc_terminal(alloc: JSON) -> bool:
-    """``Allocation.TerminalStatus``: desired stop/evict, or a terminal client status."""
-    return alloc["DesiredStatus"] in ("stop", "evict") or alloc["ClientStatus"] in TERMINAL_CLIENT
 
 
 class Cluster:
@@ -151,54 +96,11 @@ class Cluster:
         self._scheduler.start()
 
     # -- helpers -------------------------------------------------------------
-    def _new_eval(self, job: JSON, index: int, triggered_by: str, status: str = "pending") -> JSON:
-        now = time.time_ns()
-        return {
-            "ID": str(uuid.uuid4()),
-            "Namespace": job["Namespace"],
-            "Priority": job["Priority"],
-            "Type": job["Type"],
-            "TriggeredBy": triggered_by,
-            "JobID": job["ID"],
-            "JobModifyIndex": job.get("JobModifyIndex", index),
-            "NodeID": "",
-            "NodeModifyIndex": 0,
-            "DeploymentID": "",
-            "Status": status,
-            "StatusDescription": "",
-            "Wait": 0,
-            "WaitUntil": ZERO_TIME,
-            "NextEval": "",
-            "PreviousEval": "",
-            "BlockedEval": "",
-            "RelatedEvals": None,
-            "FailedTGAllocs": None,
-            "ClassEligibility": None,
-            "EscapedComputedClass": False,
-            "QuotaLimitReached": "",
-            "AnnotatePlan": False,
-            "QueuedAllocations": None,
-            "SnapshotIndex": 0,
-            "CreateIndex": index,
-            "ModifyIndex": index,
-            "CreateTime": now,
-            "ModifyTime": now,
-        }
-
     def _job_status(self, job: JSON) -> str:
-        """``getJobStatus`` in nomad/state/state_store.go."""
-        if job["Type"] == "system" or (job.get("ParameterizedJob") and not job.get("Dispatched")):
-            return "dead" if job["Stop"] else "running"
         ns, job_id = job["Namespace"], job["ID"]
-        allocs = self.state.allocs_of_job(ns, job_id)
-        if any(not alloc_terminal(a) for a in allocs):
-            return "running"
-        evals = self.state.evals_of_job(ns, job_id)
-        if any(e["Status"] not in TERMINAL_EVAL for e in evals):
-            return "pending"
-        if evals or allocs or job["Stop"]:
-            return "dead"
-        return "pending"
+        return records.job_status(
+            job, self.state.allocs_of_job(ns, job_id), self.state.evals_of_job(ns, job_id)
+        )
 
     def _refresh_job(self, ns: str, job_id: str, changes: list[Change]) -> None:
         job = self.state.jobs.get((ns, job_id))
@@ -242,7 +144,7 @@ class Cluster:
             changes = [Change("jobs", key, [("jobs_list",)])]
             out.update(EvalID="", EvalCreateIndex=0, JobModifyIndex=index)
             if not job.get("ParameterizedJob") and not job.get("Periodic"):
-                ev = self._new_eval(job, index, "job-register")
+                ev = records.new_eval(job, index, "job-register")
                 self.state.evals[ev["ID"]] = ev
                 changes.append(self._eval_change(ev))
                 out.update(EvalID=ev["ID"], EvalCreateIndex=index)
@@ -260,63 +162,11 @@ class Cluster:
                 raise ApiError(404, "job not found")
             return copy.deepcopy(job)
 
-    def _summaries(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], JSON]:
-        """``JobSummary`` rows (api/jobs.go) for ``keys``, from one pass over the tables."""
-        want = set(keys)
-        groups: dict[tuple[str, str], dict[str, JSON]] = {}
-        children: dict[tuple[str, str], JSON] = {}
-        for key in want:
-            job = self.state.jobs[key]
-            groups[key] = {
-                g["Name"]: dict.fromkeys(
-                    ("Queued", "Complete", "Failed", "Running", "Starting", "Lost", "Unknown"), 0
-                )
-                for g in job["TaskGroups"]
-            }
-            if job.get("ParameterizedJob") and not job.get("Dispatched"):
-                children[key] = {"Pending": 0, "Running": 0, "Dead": 0}
-        column = {
-            "pending": "Starting",
-            "running": "Running",
-            "complete": "Complete",
-            "failed": "Failed",
-            "lost": "Lost",
-            "unknown": "Unknown",
-        }
-        for alloc in self.state.allocs.values():
-            rows = groups.get((alloc["Namespace"], alloc["JobID"]))
-            if rows is not None and alloc["TaskGroup"] in rows:
-                rows[alloc["TaskGroup"]][column[alloc["ClientStatus"]]] += 1
-        for ev in self.state.evals.values():
-            rows = groups.get((ev["Namespace"], ev["JobID"]))
-            if rows is None or ev["Status"] != "blocked":
-                continue
-            previous = self.state.evals.get(ev["PreviousEval"]) or {}
-            for name in previous.get("FailedTGAllocs") or {}:
-                if name in rows:
-                    rows[name]["Queued"] += 1
-        for (n, _), job in self.state.jobs.items():
-            counts = children.get((n, job.get("ParentID") or ""))
-            if counts is not None and job.get("Dispatched"):
-                counts[job["Status"].capitalize()] += 1
-        out = {}
-        for key in want:
-            job = self.state.jobs[key]
-            out[key] = {
-                "JobID": job["ID"],
-                "Namespace": job["Namespace"],
-                "Summary": groups[key],
-                "Children": children.get(key, {"Pending": 0, "Running": 0, "Dead": 0}),
-                "CreateIndex": job["CreateIndex"],
-                "ModifyIndex": job["ModifyIndex"],
-            }
-        return out
-
     def job_summary(self, ns: str, job_id: str) -> JSON:
         with self.state.lock:
             if (ns, job_id) not in self.state.jobs:
                 raise ApiError(404, "job not found")
-            return self._summaries([(ns, job_id)])[(ns, job_id)]
+            return records.summaries(self.state, [(ns, job_id)])[(ns, job_id)]
 
     def list_allocs(self, ns: str, prefix: str) -> list[JSON]:
         with self.state.lock:
@@ -328,7 +178,7 @@ class Cluster:
                 ),
                 key=lambda a: a["ID"],
             )
-            return [{f: copy.deepcopy(a.get(f)) for f in STUB_FIELDS} for a in allocs]
+            return [{f: copy.deepcopy(a.get(f)) for f in records.STUB_FIELDS} for a in allocs]
 
     def list_jobs(self, ns: str, prefix: str) -> list[JSON]:
         with self.state.lock:
@@ -340,10 +190,10 @@ class Cluster:
                 ),
                 key=lambda j: j["ID"],
             )
-            summaries = self._summaries([(j["Namespace"], j["ID"]) for j in jobs])
+            summaries = records.summaries(self.state, [(j["Namespace"], j["ID"]) for j in jobs])
             stubs = []
             for job in jobs:
-                stub = {f: copy.deepcopy(job.get(f)) for f in JOB_STUB_FIELDS}
+                stub = {f: copy.deepcopy(job.get(f)) for f in records.JOB_STUB_FIELDS}
                 stub["JobSummary"] = summaries[(job["Namespace"], job["ID"])]
                 stub["ParameterizedJob"] = job.get("ParameterizedJob") is not None
                 stub["Periodic"] = job.get("Periodic") is not None
@@ -406,7 +256,7 @@ class Cluster:
             key = (ns, child["ID"])
             self.state.jobs[key] = child
             self.payloads[key] = payload
-            ev = self._new_eval(child, index, "job-register")
+            ev = records.new_eval(child, index, "job-register")
             self.state.evals[ev["ID"]] = ev
             self._evals.put((ns, child["ID"], ev["ID"]))
             out.update(
@@ -433,7 +283,7 @@ class Cluster:
             changes: list[Change] = []
             job["Stop"] = True
             job["JobModifyIndex"] = index
-            ev = self._new_eval(job, index, "job-deregister", status="complete")
+            ev = records.new_eval(job, index, "job-deregister", status="complete")
             self.state.evals[ev["ID"]] = ev
             changes.append(self._eval_change(ev))
             for other in self.state.evals_of_job(ns, job_id):
@@ -443,7 +293,7 @@ class Cluster:
                     other["StatusDescription"] = "canceled after more recent eval was processed"
                     changes.append(self._eval_change(other))
             for alloc in self.state.allocs_of_job(ns, job_id):
-                if not alloc_terminal(alloc):
+                if not records.alloc_terminal(alloc):
                     alloc["DesiredStatus"] = "stop"
                     # scheduler/structs/const.go StatusAllocNotNeeded
                     alloc["DesiredDescription"] = "alloc not needed due to job update"
@@ -475,61 +325,19 @@ class Cluster:
                 return
             self._schedule(*item)
 
-    def _metric(self, dimension: str) -> JSON:
-        """``AllocationMetric`` for one exhausted node (scheduler/rank.go wording)."""
-        return {
-            "NodesEvaluated": 1,
-            "NodesFiltered": 0,
-            "NodesInPool": 1,
-            "NodePool": "default",
-            "NodesAvailable": {self.node["Datacenter"]: 1},
-            "ClassFiltered": None,
-            "ConstraintFiltered": None,
-            "NodesExhausted": 1,
-            "ClassExhausted": None,
-            "DimensionExhausted": {dimension: 1},
-            "QuotaExhausted": None,
-            "ResourcesExhausted": None,
-            "Scores": None,
-            "ScoreMetaData": None,
-            "AllocationTime": 10_000,
-            "CoalescedFailures": 0,
-        }
-
     def _feasibility(self, job: JSON, group: JSON) -> JSON | None:
         """The ``AllocationMetric`` of a group the node cannot take, or None if it fits."""
         cpu, mem = group_demand(group)
         refused = failed_constraints(job, group, self.node)
         if not datacenter_matches(job, self.node):
-            return self._metric_no_nodes(job)
+            return records.metric_no_nodes(self.node, job)
         if refused:
-            return self._metric_filtered(refused)
+            return records.metric_filtered(self.node, refused)
         if mem > self.node_memory_mb:
-            return self._metric("memory")
+            return records.metric(self.node, "memory")
         if cpu > self.node_cpu_mhz:
-            return self._metric("cpu")
+            return records.metric(self.node, "cpu")
         return None
-
-    def _metric_filtered(self, constraints: list[str]) -> JSON:
-        """The node was filtered out by constraints (``ConstraintFiltered``)."""
-        return {
-            **self._metric("memory"),
-            "NodesFiltered": 1,
-            "ConstraintFiltered": dict.fromkeys(constraints, 1),
-            "NodesExhausted": 0,
-            "DimensionExhausted": None,
-        }
-
-    def _metric_no_nodes(self, job: JSON) -> JSON:
-        """No node in the job's datacenters / node pool: nothing evaluated."""
-        return {
-            **self._metric("memory"),
-            "NodesEvaluated": 0,
-            "NodesInPool": 0,
-            "NodesAvailable": dict.fromkeys(job.get("Datacenters") or [], 0),
-            "NodesExhausted": 0,
-            "DimensionExhausted": None,
-        }
 
     def _schedule(self, ns: str, job_id: str, eval_id: str) -> None:
         placed: list[AllocRunner] = []
@@ -549,7 +357,7 @@ class Cluster:
                 metric = self._feasibility(job, group)
                 if metric is None and self.hold:
                     # guessed: a full node is reported as exhausted memory.
-                    metric = self._metric("memory")
+                    metric = records.metric(self.node, "memory")
                 elif metric is not None:
                     held_only = False
                 if metric is not None:
@@ -559,7 +367,7 @@ class Cluster:
             }
             if failed:
                 ev["FailedTGAllocs"] = failed
-                blocked = self._new_eval(job, index, "queued-allocs", status="blocked")
+                blocked = records.new_eval(job, index, "queued-allocs", status="blocked")
                 blocked["PreviousEval"] = ev["ID"]
                 # scheduler/structs/const.go DescBlockedEvalFailedPlacements
                 blocked["StatusDescription"] = "created to place remaining allocations"
@@ -579,73 +387,9 @@ class Cluster:
 
     def _place(self, job: JSON, ev: JSON, index: int, placed: list[AllocRunner]) -> list[Change]:
         changes = []
-        now = time.time_ns()
         for group in job["TaskGroups"]:
-            tasks = {
-                t["Name"]: {
-                    "Cpu": {"CpuShares": t["Resources"]["CPU"], "ReservedCores": None},
-                    "Memory": {
-                        "MemoryMB": t["Resources"]["MemoryMB"],
-                        "MemoryMaxMB": t["Resources"].get("MemoryMaxMB", 0),
-                    },
-                    "Networks": None,
-                    "Devices": None,
-                }
-                for t in group["Tasks"]
-            }
             for i in range(int(group.get("Count", 1))):
-                alloc: JSON = {
-                    "ID": str(uuid.uuid4()),
-                    "Namespace": job["Namespace"],
-                    "EvalID": ev["ID"],
-                    "Name": f"{job['ID']}.{group['Name']}[{i}]",
-                    "NodeID": self.node["ID"],
-                    "NodeName": self.node["Name"],
-                    "JobID": job["ID"],
-                    "JobType": job["Type"],
-                    "JobVersion": job["Version"],
-                    "Job": copy.deepcopy(job),
-                    "TaskGroup": group["Name"],
-                    "AllocatedResources": {
-                        "Tasks": tasks,
-                        "TaskLifecycles": {t["Name"]: t.get("Lifecycle") for t in group["Tasks"]},
-                        "Shared": {
-                            "DiskMB": group["EphemeralDisk"]["SizeMB"],
-                            "Networks": None,
-                            "Ports": None,
-                        },
-                    },
-                    "Metrics": {
-                        **self._metric("memory"),
-                        "NodesExhausted": 0,
-                        "DimensionExhausted": None,
-                    },
-                    "DesiredStatus": "run",
-                    "DesiredDescription": "",
-                    "DesiredTransition": {
-                        "Migrate": None,
-                        "Reschedule": None,
-                        "ForceReschedule": None,
-                        "NoShutdownDelay": None,
-                    },
-                    "ClientStatus": "pending",
-                    "ClientDescription": "",
-                    "TaskStates": None,
-                    "DeploymentID": "",
-                    "DeploymentStatus": None,
-                    "FollowupEvalID": "",
-                    "PreviousAllocation": "",
-                    "NextAllocation": "",
-                    "RescheduleTracker": None,
-                    "NetworkStatus": None,
-                    "PreemptedAllocations": None,
-                    "PreemptedByAllocation": "",
-                    "CreateIndex": index,
-                    "ModifyIndex": index,
-                    "AllocModifyIndex": index,
-                    "CreateTime": now,
-                    "ModifyTime": now,
-                }
+                alloc = records.new_alloc(job, group, i, ev["ID"], self.node, index)
                 self.state.allocs[alloc["ID"]] = alloc
                 changes.append(self._alloc_change(alloc))
                 payload = self.payloads.get((job["Namespace"], job["ID"]), b"")
@@ -716,7 +460,7 @@ class Cluster:
 
         def write(index: int) -> list[Change]:
             alloc = self.state.allocs.get(alloc_id)
-            if alloc is None or alloc["ClientStatus"] in TERMINAL_CLIENT:
+            if alloc is None or alloc["ClientStatus"] in records.TERMINAL_CLIENT:
                 return []
             alloc["ClientStatus"] = "lost"
             alloc["ClientDescription"] = ""
@@ -735,7 +479,7 @@ class Cluster:
     def alloc_stubs(self, ns: str, job_id: str) -> list[JSON]:
         with self.state.lock:
             allocs = sorted(self.state.allocs_of_job(ns, job_id), key=lambda a: -a["CreateIndex"])
-            return [{f: copy.deepcopy(a.get(f)) for f in STUB_FIELDS} for a in allocs]
+            return [{f: copy.deepcopy(a.get(f)) for f in records.STUB_FIELDS} for a in allocs]
 
     def get_alloc(self, alloc_id: str) -> JSON:
         with self.state.lock:
@@ -768,7 +512,7 @@ class Cluster:
             changes: list[Change] = []
             for alloc_id, alloc in list(self.state.allocs.items()):
                 runner = self.runners.get(alloc_id)
-                if alloc["ClientStatus"] in TERMINAL_CLIENT and (
+                if alloc["ClientStatus"] in records.TERMINAL_CLIENT and (
                     runner is None or not runner.is_alive()
                 ):
                     del self.state.allocs[alloc_id]
