@@ -22,6 +22,14 @@ The same tests are meant to run against a real agent
 sources are files in github.com/hashicorp/nomad (main, 2026) unless a URL is
 given; Go structs are serialised with their Go field names (PascalCase).
 
+Layout: ``server.py`` (NomadSim: lifecycle, switches, uvicorn thread),
+``api.py`` (the /v1 routes, blocking queries, logs, event stream),
+``cluster.py`` (register, dispatch, schedule, stop, GC), ``records.py``
+(Nomad-shaped JSON records), ``state.py`` (tables, raft-like index, event
+buffer), ``jobspec.py`` (job defaults, dispatch checks, env, interpolation,
+constraints), ``allocrunner.py`` / ``taskrunner.py`` (the client: lifecycle
+phases, task events), ``dockerconfig.py`` (docker driver options).
+
 Faithful (with the source of each behaviour)
 -------------------------------------------
 - ``PUT/POST /v1/jobs`` and ``/v1/job/<id>``: body ``{"Job": ...}``, 400 texts
