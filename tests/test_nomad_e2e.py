@@ -460,3 +460,21 @@ async def test_unplaceable_run_fails_with_the_reason(
     assert (body["status"], body["reason"]) == ("failed", "error")
     assert "not placed within 3 s" in body["error"]
     assert "memory" in body["error"]
+
+
+async def test_job_register_cli_registers_every_class(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pyexec job register` registers one parameterized job per class, idempotently."""
+    monkeypatch.setenv("NOMAD_ADDR", str(settings.nomad_addr))
+    monkeypatch.setenv("PYEXEC_NOMAD_JOB_PREFIX", settings.nomad_job_prefix)
+    for _ in range(2):
+        assert await asyncio.to_thread(run_cli, ["job", "register"]) == 0
+    printed = capsys.readouterr().out.split()
+    expected = [f"{settings.nomad_job_prefix}-{c}" for c in ("small", "medium", "large")]
+    assert printed == expected * 2
+    with nomad(settings) as client:
+        for job_id in expected:
+            job = client.get(f"/v1/job/{job_id}").json()
+            assert job["ParameterizedJob"]["MetaRequired"] == ["execution_id"]
+            assert job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0
