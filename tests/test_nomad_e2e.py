@@ -156,7 +156,9 @@ def nomad(settings: Settings) -> httpx.Client:
 def children_of(settings: Settings, execution_id: str) -> list[dict[str, Any]]:
     """Dispatched runner jobs that carry ``execution_id``."""
     with nomad(settings) as client:
-        stubs = client.get("/v1/jobs", params={"prefix": settings.nomad_job_prefix}).json()
+        stubs = client.get(
+            "/v1/jobs", params={"prefix": settings.nomad_job_prefix, "meta": "true"}
+        ).json()
     return [s for s in stubs if (s.get("Meta") or {}).get("execution_id") == execution_id]
 
 
@@ -478,3 +480,25 @@ async def test_job_register_cli_registers_every_class(
             job = client.get(f"/v1/job/{job_id}").json()
             assert job["ParameterizedJob"]["MetaRequired"] == ["execution_id"]
             assert job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0
+
+
+async def test_lost_allocation_fails_the_run(
+    api: httpx.AsyncClient, settings: Settings, only_sim: NomadSim
+) -> None:
+    """A run whose node dies (allocation lost) fails with reason error; it is not re-run."""
+    execution_id = await submit(api, "import time\nprint('up', flush=True)\ntime.sleep(120)\n")
+
+    async def running() -> bool:
+        record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+        return bool(record["status"] == "running")
+
+    await eventually(running)
+    (child,) = children_of(settings, execution_id)
+    with nomad(settings) as client:
+        (alloc,) = client.get(f"/v1/job/{child['ID']}/allocations").json()
+    only_sim.lose(alloc["ID"])
+    body = await final(api, execution_id)
+    assert (body["status"], body["reason"]) == ("failed", "error")
+    assert "lost" in body["error"]
+    with nomad(settings) as client:
+        assert len(client.get(f"/v1/job/{child['ID']}/allocations").json()) == 1

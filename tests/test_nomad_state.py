@@ -117,7 +117,8 @@ def test_a_stopped_job_is_killed_not_completed() -> None:
 
 def test_lost_allocation_is_a_failure() -> None:
     """A lost allocation (its node went away) is an error, not a completion."""
-    outcome = state.outcome(alloc("lost", run=task("running")), None, "", "", False)
+    lost = alloc("lost", "stop", run=task("dead"))  # Nomad also sets DesiredStatus=stop
+    outcome = state.outcome(lost, None, "", "", False)
     assert outcome.reason is Reason.ERROR
     assert "lost" in (outcome.error or "")
 

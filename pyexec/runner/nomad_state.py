@@ -108,16 +108,7 @@ def outcome(
     started = run_started(alloc)
     run_task = _task(alloc, RUN_TASK)
     finished = parse_time(run_task.get("FinishedAt"))
-    if alloc.get("DesiredStatus") == "stop":
-        return RunOutcome(
-            reason=Reason.KILLED,
-            stdout=stdout,
-            stderr=stderr,
-            output_truncated=truncated,
-            started_at=started,
-            finished_at=finished,
-            error="stopped",
-        )
+    # A lost allocation is also marked DesiredStatus=stop: look at lost first.
     if alloc.get("ClientStatus") == "lost":
         return RunOutcome(
             reason=Reason.ERROR,
@@ -127,6 +118,16 @@ def outcome(
             started_at=started,
             finished_at=finished,
             error="the allocation was lost (its node went away)",
+        )
+    if alloc.get("DesiredStatus") == "stop":
+        return RunOutcome(
+            reason=Reason.KILLED,
+            stdout=stdout,
+            stderr=stderr,
+            output_truncated=truncated,
+            started_at=started,
+            finished_at=finished,
+            error="stopped",
         )
     if verdict is not None:
         reason = Reason(verdict["reason"])
