@@ -206,3 +206,13 @@ def test_serve(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_follow_reports_running_then_done(cli: Any, tmp_path: Path) -> None:
+    """follow notes the run starting and finishing, then prints its output."""
+    path = script(tmp_path, "import time\ntime.sleep(2)\nprint('slept')\n")
+    execution_id = cli("submit", path).out.strip()
+    result = cli("follow", execution_id)
+    assert (result.code, result.out) == (0, "slept\n")
+    assert f"pyexec: {execution_id} running" in result.err
+    assert result.err.rstrip().endswith(f"pyexec: {execution_id} completed")

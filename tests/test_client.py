@@ -383,3 +383,16 @@ def test_health_reports_a_down_backend_without_raising(twin: Twin) -> None:
     report = twin(handler, "health")
     assert report["checks"]["runner"] == "unavailable"
     assert len(calls) == 1
+
+
+def test_get_can_ask_the_server_to_hold(twin: Twin) -> None:
+    """get(wait=N) sends ?wait=N; a plain get sends no wait at all."""
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.params.get("wait"))
+        return httpx.Response(200, json=record())
+
+    twin(handler, "get", EXE, wait=12)
+    twin(handler, "get", EXE)
+    assert seen == ["12", None]

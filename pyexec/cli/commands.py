@@ -11,7 +11,7 @@ from typing import Annotated
 from cyclopts import Parameter
 
 from pyexec.__about__ import __version__
-from pyexec.client import Client, Execution, Logs, RunOptions, WaitTimeout
+from pyexec.client import Client, Execution, Logs, RunOptions, Status, WaitTimeout
 
 from . import exitcodes
 from .inputs import STDIN, gather
@@ -19,6 +19,10 @@ from .options import ExecFlags, Globals, UsageError, current, env_pairs
 from .render import Progress, emit_execution, note, print_json, write
 
 __all__ = ["eval_", "follow", "kill", "logs", "run", "submit", "version"]
+
+DONE = frozenset({Status.COMPLETED, Status.FAILED, Status.KILLED})
+#: Longest a ``follow`` request asks the server to hold its answer, seconds.
+HOLD = 30
 
 PathArg = Annotated[
     str | None,
@@ -78,21 +82,22 @@ def follow(
     shown_out = shown_err = 0
     last_status = None
     delay = 0.2
-    with _client() as client, Progress(options, execution_id) as progress:
-        if tail:
-            progress.enabled = False  # output and a spinner would interleave
+    # With --tail, output and a spinner would interleave.
+    with _client() as client, Progress(options, execution_id, enabled=not tail) as progress:
         while True:
             if tail:
                 logs = client.logs(execution_id)
                 status = logs.status
                 shown_out, shown_err = _print_new(options, logs, shown_out, shown_err)
             else:
-                status = client.get(execution_id).status
+                # Once running, only the end is news: let the server hold the request.
+                hold = deadline - time.monotonic() if last_status is Status.RUNNING else 0.0
+                status = client.get(execution_id, wait=max(0, min(HOLD, int(hold)))).status
             if status is not last_status:
                 note(options, f"{execution_id} {status.value}")
                 progress.label(f"{execution_id} {status.value}")
                 last_status = status
-            if status.value in {"completed", "failed", "killed"}:
+            if status in DONE:
                 break
             if time.monotonic() >= deadline:
                 record = client.get(execution_id)
@@ -147,7 +152,7 @@ def kill(execution_id: str, /) -> int:
         record = client.kill(execution_id)
     if options.json:
         print_json(dict(record.raw))
-    elif record.status.value == "killed":
+    elif record.status is Status.KILLED:
         write(sys.stdout, f"{execution_id} killed\n")
     else:
         write(sys.stdout, f"{execution_id} had already finished ({record.status.value})\n")

@@ -99,11 +99,13 @@ class Progress:
         label: str,
         stream: IO[str] | None = None,
         interval: float = 0.2,
+        *,
+        enabled: bool = True,
     ) -> None:
         self._stream = stream or sys.stderr
         self._interval = interval
         self._label = label
-        self.enabled = options.chatty and self._stream.isatty()
+        self.enabled = enabled and options.chatty and self._stream.isatty()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()

@@ -83,8 +83,10 @@ class AsyncClient(BaseClient):
         """Start running ``source``; returns at once with the execution id."""
         return self.parse_submitted(await self._send(self.submit_call(source, options)))
 
-    async def get(self, execution_id: str) -> Execution:
-        return self.parse_execution(await self._send(self.get_call(execution_id)))
+    async def get(self, execution_id: str, *, wait: float = 0) -> Execution:
+        """The current record; with ``wait``, the server holds the answer up to that many
+        seconds (it caps them) until the execution is terminal."""
+        return self.parse_execution(await self._send(self.get_call(execution_id, wait)))
 
     async def wait(self, execution_id: str, *, timeout: float = 300.0) -> Execution:
         """The record once terminal; ``WaitTimeout`` after ``timeout`` seconds."""

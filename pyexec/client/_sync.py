@@ -83,8 +83,10 @@ class Client(BaseClient):
         """Start running ``source``; returns at once with the execution id."""
         return self.parse_submitted(self._send(self.submit_call(source, options)))
 
-    def get(self, execution_id: str) -> Execution:
-        return self.parse_execution(self._send(self.get_call(execution_id)))
+    def get(self, execution_id: str, *, wait: float = 0) -> Execution:
+        """The current record; with ``wait``, the server holds the answer up to that many
+        seconds (it caps them) until the execution is terminal."""
+        return self.parse_execution(self._send(self.get_call(execution_id, wait)))
 
     def wait(self, execution_id: str, *, timeout: float = 300.0) -> Execution:
         """The record once terminal; ``WaitTimeout`` after ``timeout`` seconds."""
