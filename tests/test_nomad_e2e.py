@@ -425,6 +425,19 @@ async def test_dispatch_500_is_a_clear_502(api: httpx.AsyncClient, only_sim: Nom
     assert "No cluster leader" in error["message"]
 
 
+async def test_one_transient_dispatch_failure_is_retried(
+    api: httpx.AsyncClient, settings: Settings, only_sim: NomadSim
+) -> None:
+    """A dispatch that fails once with "No cluster leader" is retried and runs exactly once."""
+    only_sim.fail_dispatch("rpc error: No cluster leader", times=1)
+    try:
+        body = await run_sync(api, "print('once')")
+    finally:
+        only_sim.fail_dispatch(None)
+    assert (body["status"], body["stdout"]) == ("completed", "once\n")
+    assert len(children_of(settings, body["execution_id"])) == 1
+
+
 async def test_nomad_unreachable_is_503(api: httpx.AsyncClient, only_sim: NomadSim) -> None:
     """With Nomad unreachable, runs answer 503 runner_unavailable and /health says so."""
     only_sim.set_reachable(False)

@@ -48,6 +48,10 @@ UNCLAIMED_JOBS = 256
 #: How long one listing of dispatched jobs answers ``resume``/``kill`` lookups.
 LISTING_TTL_SECONDS = 5.0
 FINISH_VERDICT_BYTES = 256 * 1024
+#: Pauses between dispatch attempts when Nomad is unreachable or leaderless.
+DISPATCH_RETRY_DELAYS = (0.2, 1.0)
+#: Texts of 500 answers that are Nomad's own trouble, not a bad dispatch.
+TRANSIENT_DISPATCH_ERRORS = ("no cluster leader", "rpc error", "eof", "timeout")
 
 
 @attrs.define
@@ -138,7 +142,7 @@ class NomadRunner:
         parent = nomad_job.job_id(self.settings, resource_class)
         meta = {"execution_id": execution.execution_id, "image": request.docker_image}
         try:
-            answer = await self.api.dispatch(parent, meta, execution.execution_id)
+            answer = await self._dispatch(parent, meta, execution.execution_id)
         except NomadError as exc:
             hint = ""
             if "not found" in exc.message:
@@ -158,6 +162,22 @@ class NomadRunner:
             request.config.max_output_bytes,
             on_running,
         )
+
+    async def _dispatch(self, parent: str, meta: dict[str, str], token: str) -> JSON:
+        """Dispatch, retrying briefly what may be transient: the idempotency token makes a
+        retry of a dispatch that did land return that same job, never a second run."""
+        for delay in (*DISPATCH_RETRY_DELAYS, None):
+            try:
+                return await self.api.dispatch(parent, meta, token)
+            except (BackendUnavailable, NomadError) as exc:
+                transient = isinstance(exc, BackendUnavailable) or any(
+                    text in exc.message.lower() for text in TRANSIENT_DISPATCH_ERRORS
+                )
+                if delay is None or not transient:
+                    raise
+                log.warning("dispatch of %s failed (%s); retrying", token, exc.message)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
         run = self._runs.get(execution_id)
