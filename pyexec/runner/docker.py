@@ -74,7 +74,8 @@ _ARCHIVE_CHUNK = 256 * 1024
 _SETUP_GRACE = 5.0
 #: Bound on waiting for a killed container to be gone.
 _KILL_WAIT = 30.0
-_DONE_KEPT = 1024
+#: Finished runs kept for ``wait``/``logs`` (their output lives in the outcome only).
+_DONE_KEPT = 64
 _REMOVE_ATTEMPTS = 3
 _THREADS = 64
 
@@ -485,8 +486,10 @@ class DockerRunner:
         run = self._find(execution_id)
         if run is None:
             return "", ""
-        final = run.task is not None and run.task.done()
-        return run.stdout.text(final=final), run.stderr.text(final=final)
+        if run.task is not None and run.task.done() and not run.task.cancelled():
+            outcome = run.task.result()
+            return outcome.stdout, outcome.stderr
+        return run.stdout.text(final=False), run.stderr.text(final=False)
 
     async def kill(self, execution_id: str) -> None:
         run = self._runs.get(execution_id)
@@ -526,6 +529,17 @@ class DockerRunner:
     # --- One execution -----------------------------------------------------------------
 
     async def _drive(
+        self,
+        run: _Run,
+        tar: AsyncIterator[bytes],
+        on_running: OnRunning,
+        launched: asyncio.Event,
+    ) -> RunOutcome:
+        outcome = await self._drive_phases(run, tar, on_running, launched)
+        run.stdout.data, run.stderr.data = bytearray(), bytearray()  # the outcome has the text
+        return outcome
+
+    async def _drive_phases(
         self,
         run: _Run,
         tar: AsyncIterator[bytes],
