@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import attrs
 
@@ -23,6 +23,8 @@ __all__ = ["TarSummary", "member_kind", "safe_extract", "validate_tar"]
 
 #: Read size when the archive has to be streamed (not seekable).
 _STREAM_BUFSIZE = 1024 * 1024
+#: Largest single read while walking headers (a pax or long-name header's data).
+_MAX_HEADER_READ = 1024 * 1024
 _TOO_LARGE = {"tar_too_many_entries", "tar_too_much_data"}
 
 
@@ -38,11 +40,30 @@ def _rejected(problem: TarProblem) -> TarRejected | PayloadTooLarge:
     return TarRejected(problem.message, code=problem.code)
 
 
+class _HeadersOnly:
+    """A seekable upload as tarfile sees it while hopping from header to header.
+
+    tarfile reads pax and GNU long-name headers whole; refusing big reads keeps a
+    crafted multi-megabyte header from being loaded into memory.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.seek = raw.seek
+        self.tell = raw.tell
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > _MAX_HEADER_READ:
+            raise TarProblem("tar_invalid", "the archive has an oversized metadata header")
+        return self._raw.read(size)
+
+
 def _open(fileobj: BinaryIO) -> tarfile.TarFile:
     # A seekable upload (a spooled temporary file) lets tarfile hop from header to
     # header; otherwise it has to read the data between them.
     if fileobj.seekable():
-        return tarfile.open(fileobj=fileobj, mode="r:")
+        # tarfile needs only read/seek/tell of it.
+        return tarfile.open(fileobj=cast(BinaryIO, _HeadersOnly(fileobj)), mode="r:")
     return tarfile.open(fileobj=fileobj, mode="r|", bufsize=_STREAM_BUFSIZE)
 
 

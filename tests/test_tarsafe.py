@@ -228,6 +228,14 @@ def test_total_declared_size_counts_every_member() -> None:
     assert info.value.code == "tar_too_much_data"
 
 
+def test_oversized_pax_header_is_rejected_without_loading_it() -> None:
+    """A pax header of several megabytes is refused before tarfile reads it whole."""
+    info = tarfile.TarInfo("main.py")
+    info.pax_headers = {"comment": "x" * (3 * 1024 * 1024)}
+    data = info.tobuf(tarfile.PAX_FORMAT) + b"\0" * 1024
+    rejected(data, "tar_invalid")
+
+
 def test_not_a_tar_is_rejected() -> None:
     """Random bytes, an empty upload and a gzip stream are tar_invalid."""
     for data in (b"hello world" * 100, b"", b"\x1f\x8b\x08\x00" + b"\0" * 600):
