@@ -19,13 +19,17 @@ job "pyexec-runner-small" {
   parameterized {
     payload       = "forbidden"
     meta_required = ["execution_id"]
-    meta_optional = ["image"]
+    meta_optional = ["image", "result_writer"]
   }
 
   # Defaults for the optional dispatch meta; pyexec_class is for operators to read.
+  # result_writer: who stores the final record in Consul. A plain dispatch leaves it
+  # to the finish task; the pyexec service dispatches with "service" and stores it
+  # itself (its record carries post-processing, such as the eval API's result).
   meta {
-    image        = "python:3.12-slim"
-    pyexec_class = "small"
+    image         = "python:3.12-slim"
+    result_writer = "finish"
+    pyexec_class  = "small"
   }
 
   group "pyexec" {

@@ -231,10 +231,17 @@ def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, A
         "ParameterizedJob": {
             "Payload": "forbidden",
             "MetaRequired": ["execution_id"],
-            "MetaOptional": ["image"],
+            "MetaOptional": ["image", "result_writer"],
         },
         # Defaults for the optional dispatch meta, and the class for operators to read.
-        "Meta": {"image": settings.default_image, "pyexec_class": resource_class.name},
+        # result_writer: who stores the final record. A plain dispatch leaves it to the
+        # finish task; the service dispatches with "service" and stores it itself (its
+        # record carries post-processing, e.g. the eval API's result).
+        "Meta": {
+            "image": settings.default_image,
+            "result_writer": "finish",
+            "pyexec_class": resource_class.name,
+        },
         "Constraints": [_constraint(c) for c in settings.nomad_constraints],
         "TaskGroups": [
             {

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from pyexec.cli import run_cli
-from pyexec.models import Status
+from pyexec.models import Status, new_execution_id
 from pyexec.settings import Settings
 from pyexec.store.consul import ConsulStore
 
@@ -393,20 +393,31 @@ async def test_direct_dispatch_without_the_server(
 
 
 async def test_finish_never_overwrites_a_terminal_record(settings: Settings) -> None:
-    """A record already terminal (killed before the run ended) keeps its verdict."""
-    async with pyexec_api(settings) as api:
-        execution_id = await submit(api, "import time\ntime.sleep(2)\nprint('late')\n")
-        killed = (await api.delete(f"/api/v1/executions/{execution_id}")).json()
-        assert killed["status"] == "killed"
-        (child,) = children_of(settings, execution_id)
+    """A plain dispatch of an execution already terminal runs nothing and changes nothing."""
+    import attrs
+
+    from pyexec.models import Execution, Reason, RunOutcome, parse_request
+
+    async with pyexec_api(settings):
+        pass  # registers the runner jobs
+    request = parse_request({}, settings)
+    record = Execution(execution_id=new_execution_id(), request=request.to_dict())
+    store = ConsulStore.from_settings(settings)
+    try:
+        await store.create(record, io.BytesIO(make_tar({"main.py": "print('ran')"})))
+        killed = record.finished(RunOutcome(reason=Reason.KILLED, error="killed before it ran"))
+        await store.update(killed, expect={Status.PENDING})
+        job_id = await asyncio.to_thread(dispatch_directly, settings, record.execution_id)
 
         def dead() -> bool:
             with nomad(settings) as client:
-                return bool(client.get(f"/v1/job/{child['ID']}").json()["Status"] == "dead")
+                return bool(client.get(f"/v1/job/{job_id}").json()["Status"] == "dead")
 
         await eventually(lambda: asyncio.to_thread(dead))
-        body = (await api.get(f"/api/v1/executions/{execution_id}")).json()
-    assert body["status"] == "killed"
+        stored = await store.get(record.execution_id)
+    finally:
+        await store.aclose()
+    assert attrs.evolve(stored, request=None) == attrs.evolve(killed, request=None)
 
 
 # --- faults (the double only) --------------------------------------------------------------------

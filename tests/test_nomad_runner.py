@@ -119,7 +119,11 @@ async def test_dispatch_sends_the_idempotency_token_in_the_query() -> None:
     assert dispatch.url.path == "/v1/job/pyexec-runner-small/dispatch"
     assert dispatch.url.params["idempotency_token"] == record.execution_id
     body = json.loads(dispatch.content)
-    assert body["Meta"] == {"execution_id": record.execution_id, "image": "img:1"}
+    assert body["Meta"] == {
+        "execution_id": record.execution_id,
+        "image": "img:1",
+        "result_writer": "service",
+    }
     assert "IdempotencyToken" not in body
     assert (outcome.reason, outcome.exit_code, outcome.stdout) == (Reason.EXITED, 0, "hello\n")
     assert len(started) == 1

@@ -140,7 +140,12 @@ class NomadRunner:
                 field="requirements_txt" if request.requirements_txt.strip() else "pre_commands",
             )
         parent = nomad_job.job_id(self.settings, resource_class)
-        meta = {"execution_id": execution.execution_id, "image": request.docker_image}
+        # The service stores the final record itself (after post-processing, e.g. eval).
+        meta = {
+            "execution_id": execution.execution_id,
+            "image": request.docker_image,
+            "result_writer": "service",
+        }
         try:
             answer = await self._dispatch(parent, meta, execution.execution_id)
         except NomadError as exc:

@@ -603,7 +603,10 @@ def finish() -> int:
         streams = {name: read_capped(path, cap) for name, path in CAPTURE.items()}
         if found["reason"] == "setup_failed" and found.get("stderr"):
             streams["stderr"] = str(found["stderr"]).encode("utf-8")
-        store_final(consul, eid, {k: v for k, v in found.items() if k != "stderr"}, streams)
+        # A service-dispatched run is stored by the service (it post-processes the
+        # outcome); a plain `nomad job dispatch` has only this task to store it.
+        if os.environ.get("NOMAD_META_result_writer", "finish") != "service":  # noqa: SIM112
+            store_final(consul, eid, {k: v for k, v in found.items() if k != "stderr"}, streams)
     except Exception as exc:  # noqa: BLE001 - still print a verdict for the service to read
         print(f"pyexec finish: {exc!r}", file=sys.stderr)
     sys.stdout.write(VERDICT_PREFIX + json.dumps(found) + "\n")
