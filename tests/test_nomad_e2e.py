@@ -526,3 +526,16 @@ async def test_lost_allocation_fails_the_run(
     assert "lost" in body["error"]
     with nomad(settings) as client:
         assert len(client.get(f"/v1/job/{child['ID']}/allocations").json()) == 1
+
+
+async def test_eval_result_survives_the_nomad_path(api: httpx.AsyncClient) -> None:
+    """The eval API's result (post-processed from stderr) is what the record keeps."""
+    response = await api.post("/api/v1/eval", json={"code": "x = 6\nprint('hi')\nx * 7"})
+    if response.status_code == 404 and response.json()["error"]["code"] == "not_found":
+        pytest.skip("POST /api/v1/eval is not routed in pyexec.app yet")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["result"], body["stdout"]) == ("completed", "42", "hi\n")
+    stored = (await api.get(f"/api/v1/executions/{body['execution_id']}")).json()
+    assert stored["result"] == "42"
+    assert "pyexec-eval-report" not in stored["stderr"]
