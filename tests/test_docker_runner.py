@@ -19,7 +19,7 @@ import docker
 import psutil
 import pytest
 
-from pyexec.errors import BackendError, BackendUnavailable
+from pyexec.errors import BackendError, BackendUnavailable, NotFound
 from pyexec.models import Execution, Reason, Status, new_execution_id, parse_request
 from pyexec.runner.docker import (
     LABEL_EXECUTION,
@@ -37,6 +37,7 @@ from pyexec.settings import Settings
 
 from .conftest import CA_BUNDLE, TEST_IMAGE, make_settings
 from .fixtures_docker import docker_client, execute, leftovers, start, tar_chunks
+from .tarfiles import make_tar
 
 __all__ = ["docker_client"]  # a fixture, imported to be found by pytest
 
@@ -554,6 +555,28 @@ async def test_missing_image_is_a_clear_error(
         await runner.start(execution, request, tar_chunks(b""), on_running)
     assert info.value.code == "image_unavailable"
     assert image in info.value.message
+    assert leftovers(docker_client, execution.execution_id) == []
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_tar_that_fails_midway_fails_start_and_cleans_up(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """If the stored tar breaks off while it is sent, start raises the store's error."""
+    execution = Execution(execution_id=new_execution_id())
+    data = make_tar({"main.py": "print(1)", "big.bin": b"x" * 600_000})
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield data[:300_000]
+        raise NotFound("the tar is gone", code="tar_not_found")
+
+    async def on_running(_: object) -> None:
+        pass
+
+    with pytest.raises(NotFound) as info:
+        await runner.start(execution, request_for(settings), broken(), on_running)
+    assert info.value.code == "tar_not_found"
     assert leftovers(docker_client, execution.execution_id) == []
 
 

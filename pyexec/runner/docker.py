@@ -555,7 +555,8 @@ class DockerRunner:
             raise AssertionError("the last phase always ends the execution")  # pragma: no cover
         except _Ended as ended:
             return ended.outcome
-        except Exception as exc:  # noqa: BLE001 - every failure becomes the run's outcome or start's error
+        except Exception as raised:  # noqa: BLE001 - every failure becomes the run's outcome or start's error
+            exc = _unwrap(raised)
             if not launched.is_set():
                 run.launch_error = (
                     exc
@@ -699,8 +700,7 @@ class DockerRunner:
                 await conn.send(stdin)
                 conn.shutdown_write()
         except OSError:
-            pass  # the container ended without reading all its input; its outcome says why
-        finally:
+            # The container ended without reading all its input; its outcome says why.
             launched.set()
 
     async def _send_archive(self, conn: _Socket, tar: AsyncIterator[bytes]) -> None:
@@ -945,3 +945,10 @@ def _owner_alive(owner: str | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The one error inside (nested) task-group exception groups, if there is just one."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
