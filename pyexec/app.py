@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
+from .api import eval as eval_api
 from .api import executions, meta
 from .api.auth import BearerAuth
 from .api.errors import exception_handlers
@@ -85,6 +86,7 @@ def create_app(
         Route("/api/v1/executions/{execution_id}", executions.execution_get, methods=["GET"]),
         Route("/api/v1/executions/{execution_id}", executions.execution_kill, methods=["DELETE"]),
         Route("/api/v1/executions/{execution_id}/logs", executions.execution_logs, methods=["GET"]),
+        Route("/api/v1/eval", eval_api.eval_endpoint, methods=["POST"]),
         Route("/api/v1/version", meta.version, methods=["GET"]),
         Route("/health", meta.health, methods=["GET"]),
         Route("/health/live", meta.liveness, methods=["GET"]),

@@ -26,6 +26,7 @@ import attrs
 from anyio import to_thread
 
 from .errors import BackendError, BackendUnavailable, Conflict, PayloadTooLarge, PyexecError
+from .evaluate.outcome import finish_outcome, is_eval_request
 from .logsetup import bind_execution
 from .models import (
     Execution,
@@ -270,7 +271,9 @@ class ExecutionService:
             config = request.get("config") or {}
             needs_setup = bool(request.get("requirements_txt") or request.get("pre_commands"))
             timeout = float(config.get("timeout_seconds") or self.settings.default_timeout)
-            self._spawn(record, timeout, needs_setup, None)
+            # An eval run's result channel must be read whichever replica finishes it.
+            postprocess = finish_outcome if is_eval_request(record.request) else None
+            self._spawn(record, timeout, needs_setup, postprocess)
             return
         lost = record.finished(
             RunOutcome(reason=Reason.ERROR, error="lost: the service restarted while it ran")
