@@ -530,7 +530,8 @@ async def test_lost_allocation_fails_the_run(
 
 async def test_eval_result_survives_the_nomad_path(api: httpx.AsyncClient) -> None:
     """The eval API's result (post-processed from stderr) is what the record keeps."""
-    response = await api.post("/api/v1/eval", json={"code": "x = 6\nprint('hi')\nx * 7"})
+    code = "x = 6\nprint('hi')\nx * 7"
+    response = await api.post("/api/v1/eval", json={"code": code, "eval_last_expr": True})
     if response.status_code == 404 and response.json()["error"]["code"] == "not_found":
         pytest.skip("POST /api/v1/eval is not routed in pyexec.app yet")
     assert response.status_code == 200, response.text
