@@ -678,3 +678,25 @@ def test_invalid_job_registration_answers_500_with_the_validation_error(
     assert r.status_code == 500
     assert 'Parameterized job can only be used with "batch" or "sysbatch" scheduler' in r.text
     assert client.put("/v1/jobs", json={}).status_code == 400
+
+
+def test_plan_reports_whether_registering_would_change_the_job(client: httpx.Client) -> None:
+    """/v1/job/<id>/plan with Diff: Added for a new job, None when equal, Edited on change."""
+    spec = {
+        "ID": f"nomadsim-plan-{uuid.uuid4().hex[:6]}",
+        "Type": "batch",
+        "ParameterizedJob": {"Payload": "optional"},
+        "Meta": {"image": IMAGE},
+        "TaskGroups": [{"Name": "g", "Tasks": [task("main", "pass")]}],
+    }
+
+    def plan(job: dict[str, Any]) -> str:
+        r = client.put(f"/v1/job/{job['ID']}/plan", json={"Job": job, "Diff": True})
+        assert r.status_code == 200, r.text
+        kind: str = r.json()["Diff"]["Type"]
+        return kind
+
+    assert plan(spec) == "Added"
+    assert client.put("/v1/jobs", json={"Job": spec}).status_code == 200
+    assert plan(spec) == "None"
+    assert plan({**spec, "Meta": {"image": "other:tag"}}) == "Edited"

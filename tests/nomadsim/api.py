@@ -136,6 +136,7 @@ class Api:
             Route("/v1/job/{job_id:path}/allocations", self.job_allocs, methods=["GET"]),
             Route("/v1/job/{job_id:path}/evaluations", self.job_evals, methods=["GET"]),
             Route("/v1/job/{job_id:path}/summary", self.job_summary, methods=["GET"]),
+            Route("/v1/job/{job_id:path}/plan", self.job_plan, methods=["PUT", "POST"]),
             Route("/v1/allocations", self.allocs, methods=["GET"]),
             Route("/v1/job/{job_id:path}", self.job, methods=["GET", "PUT", "POST", "DELETE"]),
             Route("/v1/allocation/{alloc_id}", self.alloc, methods=["GET"]),
@@ -221,8 +222,12 @@ class Api:
         ns = self._ns(request)
         if request.method == "GET":
             prefix = request.query_params.get("prefix", "")
+            meta = _parse_bool(request, "meta")
             return await self._blocking(
-                request, ("table", "jobs"), "jobs", lambda: self.cluster.list_jobs(ns, prefix)
+                request,
+                ("table", "jobs"),
+                "jobs",
+                lambda: self.cluster.list_jobs(ns, prefix, meta),
             )
         return self._register(ns, await self._body(request), None)
 
@@ -290,6 +295,18 @@ class Api:
         return await self._blocking(
             request, ("job_evals", ns, job_id), "evals", lambda: self.cluster.job_evals(ns, job_id)
         )
+
+    async def job_plan(self, request: Request) -> Response:
+        body = await self._body(request)
+        job = body.get("Job")
+        if not isinstance(job, dict):
+            raise ApiError(400, "Job must be specified")
+        if not job.get("ID"):
+            raise ApiError(400, "Job must have a valid ID")
+        if job["ID"] != request.path_params["job_id"]:
+            raise ApiError(400, "Job ID does not match")
+        out = self.cluster.plan(self._ns(request), job)
+        return _json(out, out["Index"])
 
     async def job_summary(self, request: Request) -> Response:
         ns = self._ns(request)

@@ -31,6 +31,7 @@ from .jobspec import (
     validate_register,
 )
 from .state import Change, State
+from .taskrunner import ZERO_TIME
 
 __all__ = ["ApiError", "Cluster"]
 
@@ -120,7 +121,8 @@ class Cluster:
         return Change("evals", ev["ID"], [("job_evals", ev["Namespace"], ev["JobID"])])
 
     # -- jobs ----------------------------------------------------------------
-    def register(self, ns: str, job: JSON) -> JSON:
+    def _checked(self, ns: str, job: JSON) -> JSON:
+        """The job as Register/Plan see it: canonicalized and validated (500 when invalid)."""
         job = copy.deepcopy(job)
         job["Namespace"] = job.get("Namespace") or ns
         canonicalize(job)
@@ -128,6 +130,29 @@ class Cluster:
         if problem is not None:
             # guessed: multierror wording; Job.Register errors are plain RPC errors, so 500.
             raise ApiError(500, f"1 error occurred:\n\t* {problem}\n\n")
+        return job
+
+    def plan(self, ns: str, job: JSON) -> JSON:
+        """``Job.Plan`` dry run: what registering ``job`` would change (``Diff.Type``)."""
+        job = self._checked(ns, job)
+        with self.state.lock:
+            old = self.state.jobs.get((job["Namespace"], job["ID"]))
+            diff = records.job_diff(old, job)
+            index = self.state.index
+        return {
+            "JobModifyIndex": old["JobModifyIndex"] if old else 0,
+            "CreatedEvals": None,
+            "Diff": diff,
+            # simplified: no scheduler dry run, so no placements are predicted.
+            "Annotations": {"DesiredTGUpdates": None, "PreemptedAllocs": None},
+            "FailedTGAllocs": None,
+            "NextPeriodicLaunch": ZERO_TIME,
+            "Warnings": "",
+            "Index": index,
+        }
+
+    def register(self, ns: str, job: JSON) -> JSON:
+        job = self._checked(ns, job)
         key = (job["Namespace"], job["ID"])
         out: JSON = {}
 
@@ -180,7 +205,8 @@ class Cluster:
             )
             return [{f: copy.deepcopy(a.get(f)) for f in records.STUB_FIELDS} for a in allocs]
 
-    def list_jobs(self, ns: str, prefix: str) -> list[JSON]:
+    def list_jobs(self, ns: str, prefix: str, with_meta: bool = False) -> list[JSON]:
+        """``JobListStub`` rows; ``Meta`` only with ``?meta=true`` (Nomad 1.6+)."""
         with self.state.lock:
             jobs = sorted(
                 (
@@ -195,6 +221,8 @@ class Cluster:
             for job in jobs:
                 stub = {f: copy.deepcopy(job.get(f)) for f in records.JOB_STUB_FIELDS}
                 stub["JobSummary"] = summaries[(job["Namespace"], job["ID"])]
+                if not with_meta:
+                    del stub["Meta"]
                 stub["ParameterizedJob"] = job.get("ParameterizedJob") is not None
                 stub["Periodic"] = job.get("Periodic") is not None
                 stubs.append(stub)
