@@ -510,10 +510,17 @@ def test_unsatisfiable_constraint_fails_placement(client: httpx.Client) -> None:
 def test_group_bigger_than_the_node_is_never_placed(
     client: httpx.Client, only_sim: NomadSim
 ) -> None:
-    """A memory demand above the node's capacity fails placement on the memory dimension."""
+    """A memory or CPU demand above the node's capacity fails placement on that dimension."""
     job_id = register(client, [task("main", "pass", memory=NODE_MEMORY_MB + 1)])
     ev = finished_eval(client, dispatch(client, job_id).json()["EvalID"])
     assert ev["FailedTGAllocs"]["run"]["DimensionExhausted"] == {"memory": 1}
+    only_sim.node_cpu_mhz, cpu = 50, only_sim.node_cpu_mhz
+    try:
+        small = register(client, [task("main", "pass")])
+        cpu_ev = finished_eval(client, dispatch(client, small).json()["EvalID"])
+    finally:
+        only_sim.node_cpu_mhz = cpu
+    assert cpu_ev["FailedTGAllocs"]["run"]["DimensionExhausted"] == {"cpu": 1}
     assert ev["BlockedEval"]
     assert only_sim.release(10) == 0
 

@@ -164,6 +164,24 @@ class NomadSim:
         self.cluster.hold = value
 
     @property
+    def node_memory_mb(self) -> int:
+        """The node's memory; a group asking for more never places (DimensionExhausted)."""
+        return self.cluster.node_memory_mb
+
+    @node_memory_mb.setter
+    def node_memory_mb(self, value: int) -> None:
+        self.cluster.node_memory_mb = value
+
+    @property
+    def node_cpu_mhz(self) -> int:
+        """The node's CPU in MHz; a group asking for more never places."""
+        return self.cluster.node_cpu_mhz
+
+    @node_cpu_mhz.setter
+    def node_cpu_mhz(self, value: int) -> None:
+        self.cluster.node_cpu_mhz = value
+
+    @property
     def held(self) -> int:
         return len(self.cluster.held)
 
