@@ -242,3 +242,50 @@ async def _ignore(at: datetime) -> None:
 async def _no_tar() -> Any:
     raise AssertionError("the Nomad runner must not read the tar")
     yield b""  # pragma: no cover - makes this an async generator
+
+
+class StuckRun(ScriptedNomad):
+    """A run that never ends by itself: placed and running until its job is stopped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "DELETE" and path == f"/v1/job/{CHILD}":
+            self.stopped = True
+            return httpx.Response(200, json={"EvalID": "e2"})
+        if path == "/v1/event/stream":
+            self.streams.append(request)
+            return httpx.Response(200, content="{}\n")  # subscribe, then the stream ends
+        if path == f"/v1/job/{CHILD}/allocations":
+            return httpx.Response(200, json=[{"ID": "alloc-1", "CreateIndex": 6}])
+        if path == "/v1/allocation/alloc-1":
+            current = alloc(dead=self.stopped)
+            if self.stopped:
+                current["DesiredStatus"] = "stop"
+            return httpx.Response(200, json=current)
+        return super().__call__(request)
+
+
+async def test_server_side_deadline_stops_a_run_that_overstays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run still going past its timeout (plus slack) is stopped and reported as timeout."""
+    from pyexec.runner import nomad as nomad_module
+
+    monkeypatch.setattr(nomad_module, "DEADLINE_SLACK_SECONDS", 0.0)
+    scripted = StuckRun()
+    runner = make_runner(scripted)
+    request = parse_request({"config": {"timeout_seconds": 1}}, runner.settings)
+    record = Execution(execution_id=new_execution_id())
+    try:
+        await runner.start(record, request, _no_tar(), _ignore)
+        outcome = await runner.wait(record.execution_id, 30)
+    finally:
+        await runner.aclose()
+    assert scripted.stopped
+    assert outcome.reason is Reason.TIMEOUT
+    assert "server-side deadline" in (outcome.error or "")
+    assert outcome.stdout == "hello\n"
