@@ -18,11 +18,15 @@ import attrs
 
 from .errors import PayloadTooLarge, TarRejected
 from .sandbox.tarcheck import DIR, FILE, HARDLINK, SPECIAL, SYMLINK, TarChecker, TarProblem
+from .settings import Settings
 
 __all__ = ["TarSummary", "member_kind", "safe_extract", "validate_tar"]
 
 #: Read size when the archive has to be streamed (not seekable).
 _STREAM_BUFSIZE = 1024 * 1024
+# The service's defaults, for callers without settings at hand.
+_DEFAULT_MAX_ENTRIES: int = attrs.fields(Settings).max_tar_entries.default
+_DEFAULT_MAX_BYTES: int = attrs.fields(Settings).max_extracted_bytes.default
 #: Largest single read while walking headers (a pax or long-name header's data).
 _MAX_HEADER_READ = 1024 * 1024
 _TOO_LARGE = {"tar_too_many_entries", "tar_too_much_data"}
@@ -100,7 +104,11 @@ def validate_tar(
 
 
 def safe_extract(
-    fileobj: BinaryIO, dest: str | os.PathLike[str], *, max_entries: int, max_bytes: int
+    fileobj: BinaryIO,
+    dest: str | os.PathLike[str],
+    *,
+    max_entries: int = _DEFAULT_MAX_ENTRIES,
+    max_bytes: int = _DEFAULT_MAX_BYTES,
 ) -> TarSummary:
     """Extract the tar in ``fileobj`` into the existing directory ``dest``.
 
