@@ -25,8 +25,8 @@ __all__ = ["TarSummary", "member_kind", "safe_extract", "validate_tar"]
 #: Read size when the archive has to be streamed (not seekable).
 _STREAM_BUFSIZE = 1024 * 1024
 # The service's defaults, for callers without settings at hand.
-_DEFAULT_MAX_ENTRIES: int = attrs.fields(Settings).max_tar_entries.default
-_DEFAULT_MAX_BYTES: int = attrs.fields(Settings).max_extracted_bytes.default
+_DEFAULT_MAX_ENTRIES = Settings().max_tar_entries
+_DEFAULT_MAX_BYTES = Settings().max_extracted_bytes
 #: Largest single read while walking headers (a pax or long-name header's data).
 _MAX_HEADER_READ = 1024 * 1024
 _TOO_LARGE = {"tar_too_many_entries", "tar_too_much_data"}
