@@ -707,3 +707,22 @@ def test_plan_reports_whether_registering_would_change_the_job(client: httpx.Cli
     assert client.put("/v1/jobs", json={"Job": spec}).status_code == 200
     assert plan(spec) == "None"
     assert plan({**spec, "Meta": {"image": "other:tag"}}) == "Edited"
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(bool(REAL_NOMAD), reason="starts a double of its own with gc_max_allocs=1")
+def test_client_gc_removes_old_terminal_allocs_and_their_logs() -> None:
+    """Past gc_max_allocs, the client drops the oldest terminal alloc: its logs 404."""
+    with (
+        NomadSim(client_gc_max_allocs=1) as small,
+        httpx.Client(base_url=small.address, timeout=60) as c,
+    ):
+        job_id = register(c, [task("main", "print('hello')")])
+        first = wait_done(c, dispatch(c, job_id).json()["DispatchedJobID"])
+        assert logs(c, first["ID"], "main", type="stdout", plain="true").text == "hello\n"
+        second = wait_done(c, dispatch(c, job_id).json()["DispatchedJobID"])
+        gone = logs(c, first["ID"], "main", type="stdout", plain="true")
+        assert (gone.status_code, gone.text) == (404, f'Unknown allocation "{first["ID"]}"')
+        assert c.get(f"/v1/allocation/{first['ID']}").json()["ClientStatus"] == "complete"
+        kept = logs(c, second["ID"], "main", type="stdout", plain="true")
+        assert kept.text == "hello\n"

@@ -94,6 +94,13 @@ Faithful (with the source of each behaviour)
   are named ``<task>-<alloc id>``. Kill: ``kill_signal`` (default SIGTERM)
   then SIGKILL after ``kill_timeout`` (capped by the client's
   max_kill_timeout, 30s).
+- Client GC (client/gc.go ``keepUsageBelowThreshold``, client config
+  ``gc_max_allocs`` = 50, ``gc_interval`` = 1m): once the client tracks more
+  allocs than that, the oldest terminal ones are destroyed (alloc dir and
+  logs gone: the logs endpoint answers 404 'Unknown allocation "<id>"'),
+  while the server still serves the alloc record. Checked on every placement
+  and every interval; ``NomadSim(client_gc_max_allocs=None)`` turns it off.
+  Disk and inode thresholds are not simulated.
 - Lost node (``sim.lose``): ``ClientStatus=lost``, ``DesiredStatus=stop``,
   ``TaskStates`` frozen at the last client report, no poststop.
 - Alloc dir (client/allocdir): ``alloc/`` shared and mounted at /alloc,
@@ -157,9 +164,10 @@ Simplified (and why it is fine for pyexec's tests)
 - The stored child job keeps ``Payload`` raw (Nomad snappy-compresses it).
 - Capacity: ``hold`` reports the memory dimension exhausted for every new
   placement; otherwise only a group bigger than the whole node fails.
-- No automatic GC: allocs, logs and dead jobs stay until ``PUT
-  /v1/system/gc`` (``sim.gc()``) or ``sim.stop()``; containers are removed as
-  soon as their task is dead (the docker driver removes them on task destroy).
+- Server GC is manual: dead jobs, their evals and terminal allocs stay until
+  ``PUT /v1/system/gc`` (``sim.gc()``) or ``sim.stop()`` (Nomad's
+  job_gc_threshold is 4h). Containers are removed as soon as their task is
+  dead (the docker driver removes them on task destroy).
 - A poststop task is not killed by a job stop that arrives while it runs.
 """
 

@@ -59,6 +59,8 @@ class Cluster:
         node_memory_mb: int = 8192,
         event_buffer: int = 100,
         max_kill_timeout_s: float = 30.0,
+        client_gc_max_allocs: int | None = 50,
+        client_gc_interval_s: float = 60.0,
     ) -> None:
         self.docker = docker_client
         self.data_dir = data_dir
@@ -67,6 +69,16 @@ class Cluster:
         self.node_cpu_mhz = node_cpu_mhz
         self.node_memory_mb = node_memory_mb
         self.max_kill_timeout_ns = int(max_kill_timeout_s * 1e9)
+        # client/gc.go: past gc_max_allocs tracked allocs, terminal ones are destroyed
+        # (dir and logs gone) oldest first, on placement and every gc_interval.
+        self.client_gc_max_allocs = client_gc_max_allocs
+        self.finished: deque[str] = deque()
+        self._gc_lock = threading.Lock()
+        self._gc_stop = threading.Event()
+        self._gc_interval_s = client_gc_interval_s
+        self._gc_thread = threading.Thread(
+            target=self._client_gc_loop, name="nomadsim-client-gc", daemon=True
+        )
         node_id = str(uuid.uuid4())
         self.node: JSON = {
             "ID": node_id,
@@ -95,6 +107,7 @@ class Cluster:
             target=self._schedule_loop, name="nomadsim-sched", daemon=True
         )
         self._scheduler.start()
+        self._gc_thread.start()
 
     # -- helpers -------------------------------------------------------------
     def _job_status(self, job: JSON) -> str:
@@ -412,6 +425,8 @@ class Cluster:
         self.state.commit(write)
         for runner in placed:
             runner.start()
+        if placed:
+            self.client_gc()  # MakeRoomFor: new allocs trigger the client's GC
 
     def _place(self, job: JSON, ev: JSON, index: int, placed: list[AllocRunner]) -> list[Change]:
         changes = []
@@ -422,6 +437,7 @@ class Cluster:
                 changes.append(self._alloc_change(alloc))
                 payload = self.payloads.get((job["Namespace"], job["ID"]), b"")
                 runner = AllocRunner(self, alloc, alloc["Job"], payload)
+                runner.on_done = self.finished.append
                 self.runners[alloc["ID"]] = runner
                 placed.append(runner)
         return changes
@@ -457,6 +473,7 @@ class Cluster:
             for runner in placed:
                 runner.start()
             if placed:
+                self.client_gc()
                 released += 1
         return released
 
@@ -561,9 +578,27 @@ class Cluster:
         for runner in doomed:
             runner.destroy()
 
+    def _client_gc_loop(self) -> None:
+        while not self._gc_stop.wait(self._gc_interval_s):
+            self.client_gc()
+
+    def client_gc(self) -> None:
+        """``keepUsageBelowThreshold`` for the allocs-count reason only."""
+        if self.client_gc_max_allocs is None:
+            return
+        doomed = []
+        with self._gc_lock:
+            while len(self.runners) > self.client_gc_max_allocs and self.finished:
+                runner = self.runners.pop(self.finished.popleft(), None)
+                if runner is not None:
+                    doomed.append(runner)
+        for runner in doomed:
+            runner.destroy()
+
     def shutdown(self) -> None:
         """Stop the scheduler, kill every task, remove every container and alloc dir."""
         self.closing = True
+        self._gc_stop.set()
         self._evals.put(None)
         for runner in list(self.runners.values()):
             runner.stop()

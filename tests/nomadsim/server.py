@@ -36,6 +36,8 @@ class NomadSim:
         heartbeat_s: float = 30.0,
         event_buffer: int = 100,
         max_kill_timeout_s: float = 30.0,
+        client_gc_max_allocs: int | None = 50,
+        client_gc_interval_s: float = 60.0,
     ) -> None:
         self.consul_addr = consul_addr  # tasks reach Consul themselves; kept for fixtures
         self.host = host
@@ -53,6 +55,8 @@ class NomadSim:
             node_memory_mb=node_memory_mb,
             event_buffer=event_buffer,
             max_kill_timeout_s=max_kill_timeout_s,
+            client_gc_max_allocs=client_gc_max_allocs,
+            client_gc_interval_s=client_gc_interval_s,
         )
         self.hub = Hub()
         self.cluster.state.listen(self.hub.on_commit)
