@@ -368,7 +368,10 @@ class Api:
             raise ApiError(404, f'task "{task}" not started yet. No logs available')
         path = runner.log_path(task, kind)
         rel = f"alloc/logs/{path.name}"
-        size = path.stat().st_size if path.exists() else 0
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # the client GC'd the alloc a moment ago
+            raise ApiError(404, f'Unknown allocation "{alloc_id}"') from None
         start = offset if origin == "start" else max(size - offset, 0)
         media = "text/plain" if plain else "application/json"
         return StreamingResponse(
@@ -382,9 +385,13 @@ class Api:
         last_beat = time.monotonic()
         while True:
             task_dead = runner.tasks[task].dead
-            with path.open("rb") as fh:
-                fh.seek(pos)
-                data = fh.read()
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(pos)
+                    data = fh.read()
+            except FileNotFoundError:
+                return  # guessed: GC'd while streaming ends the stream (no error frame)
+
             for i in range(0, len(data), FRAME_SIZE):
                 chunk = data[i : i + FRAME_SIZE]
                 pos += len(chunk)
