@@ -28,11 +28,11 @@ from pyexec.runner.docker import (
     DockerRunner,
     Phase,
     _Capture,
-    _Control,
     _Demux,
     container_args,
     plan,
 )
+from pyexec.sandbox.wire import ControlLine
 from pyexec.settings import Settings
 
 from .conftest import CA_BUNDLE, TEST_IMAGE, make_settings
@@ -142,12 +142,12 @@ def test_capture_keeps_whole_characters_at_the_cap() -> None:
 
 def test_control_line_is_split_from_the_programs_output() -> None:
     """The bootstrap's first stdout line is parsed and stripped, even when it arrives in bits."""
-    control = _Control()
+    control = ControlLine()
     assert control.feed(b"\0pyexec setup_fai") == b""
     assert not control.done
     assert control.feed(b"led step 'x' exited with 3\npip output\n") == b"pip output\n"
     assert (control.status, control.message) == ("setup_failed", "step 'x' exited with 3")
-    stray = _Control()
+    stray = ControlLine()
     stray.feed(b"not the bootstrap\n")
     assert stray.status == "error"
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import marshal
 import math
 import os
 import socket
 import ssl
 import struct
-import tarfile
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -45,10 +43,8 @@ from docker.utils import parse_repository_tag
 from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
 from pyexec.runner import OnRunning
-from pyexec.sandbox import bootstrap_source
-from pyexec.sandbox.tarcheck import FILE
+from pyexec.sandbox import bootstrap_source, wire
 from pyexec.settings import Settings
-from pyexec.tarsafe import member_kind
 
 __all__ = ["LABEL_EXECUTION", "LABEL_MANAGED", "DockerRunner", "Phase", "container_args", "plan"]
 
@@ -65,10 +61,6 @@ MiB = 1024 * 1024
 
 _RECV = 64 * 1024
 _MUX_HEADER = struct.Struct(">BxxxL")  # stream (1 stdout, 2 stderr), 3 pad bytes, length
-_FRAME = struct.Struct(">I")
-_CONTROL = b"\0pyexec "
-_CONTROL_MAX = 64 * 1024
-_ARCHIVE_CHUNK = 256 * 1024
 #: How long the host lets a setup overrun its budget before it steps in; the
 #: bootstrap enforces the budget itself and reports the setup output when it can.
 _SETUP_GRACE = 5.0
@@ -260,82 +252,6 @@ class _Demux:
             view = view[len(piece) :]
             self._left -= len(piece)
             yield self._stream, bytes(piece)
-
-
-class _Control:
-    """The bootstrap's control line at the start of stdout: ``\\0pyexec <status> <message>``."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self.status: str | None = None
-        self.message = ""
-
-    @property
-    def done(self) -> bool:
-        return self.status is not None
-
-    def feed(self, data: bytes) -> bytes:
-        """Consume the control line from ``data``; returns what follows it."""
-        if self.done:
-            return data
-        end = data.find(b"\n")
-        if end < 0:
-            self._buf += data
-            if len(self._buf) > _CONTROL_MAX:
-                self.status, self.message = "error", "the sandbox bootstrap misbehaved"
-            return b""
-        self._buf += data[:end]
-        line = bytes(self._buf)
-        if line.startswith(_CONTROL):
-            status, _, message = line[len(_CONTROL) :].decode("utf-8", "replace").partition(" ")
-            self.status, self.message = status, message
-        else:
-            self.status, self.message = "error", "the sandbox bootstrap misbehaved"
-        return data[end + 1 :]
-
-
-class _ChunkReader:
-    """The stored tar's async chunks as a file object for tarfile, read in a worker thread."""
-
-    def __init__(self, next_chunk: Callable[[], bytes]) -> None:
-        self._next = next_chunk
-        self._buf = b""
-        self._eof = False
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._buf and not self._eof:
-            self._buf = self._next()
-            self._eof = not self._buf
-        if size < 0:
-            size = len(self._buf)
-        out, self._buf = self._buf[:size], self._buf[size:]
-        return out
-
-
-def _encode_archive(next_chunk: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
-    """Parse the tar (stream mode) and send its members in the bootstrap's frame format."""
-    out = bytearray()
-
-    def frame(data: bytes) -> None:
-        out.extend(_FRAME.pack(len(data)))
-        out.extend(data)
-        if len(out) >= _ARCHIVE_CHUNK:
-            send(bytes(out))
-            out.clear()
-
-    reader = _ChunkReader(next_chunk)
-    # Stream mode only ever calls read(); typeshed asks for a full file object.
-    with tarfile.open(fileobj=reader, mode="r|", bufsize=_RECV) as archive:  # type: ignore[call-overload]
-        while (member := archive.next()) is not None:
-            kind = member_kind(member)
-            size = member.size if kind == FILE else 0
-            frame(marshal.dumps((kind, member.name, member.mode, member.linkname, size)))
-            data = archive.extractfile(member) if size else None
-            while data is not None and (chunk := data.read(_ARCHIVE_CHUNK)):
-                frame(chunk)
-            archive.members.clear()  # tarfile keeps every member it read; we need none
-    if out:
-        send(bytes(out))
 
 
 class _Socket:
@@ -595,7 +511,7 @@ class DockerRunner:
         args = container_args(
             self._settings, request, run.execution_id, phase, run.volume, self._owner
         )
-        spec = marshal.dumps(bootstrap_spec(self._settings, request, phase))
+        spec = wire.spec_frame(bootstrap_spec(self._settings, request, phase))
         container = await self._create(args)
         run.containers.append(container)
         if run.killed:
@@ -606,7 +522,7 @@ class DockerRunner:
             )
         )
         conn = _Socket(handle)
-        control = _Control()
+        control = wire.ControlLine()
         try:
             await self._call(lambda api: api.start(container))
             await self._drop_keeper(run)
@@ -647,7 +563,7 @@ class DockerRunner:
             await self._remove_container(run, container)
 
     def _judge(
-        self, run: _Run, phase: Phase, control: _Control, exited: int | None, oom: bool
+        self, run: _Run, phase: Phase, control: wire.ControlLine, exited: int | None, oom: bool
     ) -> None:
         """Raise ``_Ended`` with the outcome, unless a successful setup-only phase ended."""
         run.exit_code = exited
@@ -691,10 +607,10 @@ class DockerRunner:
         """Write the framed spec and tar, then the program's stdin and EOF (``stdin``
         is ``None`` for a setup-only container, which must stay up until told)."""
         try:
-            await conn.send(_FRAME.pack(len(spec)) + spec)
+            await conn.send(spec)
             if tar is not None:
                 await self._send_archive(conn, tar)
-            await conn.send(_FRAME.pack(0))
+            await conn.send(wire.END)
             launched.set()
             if stdin is not None:
                 await conn.send(stdin)
@@ -714,7 +630,7 @@ class DockerRunner:
             return b""
 
         def work() -> None:
-            _encode_archive(
+            wire.encode_archive(
                 lambda: from_thread.run(next_chunk),
                 lambda data: from_thread.run(conn.send, data),
             )
@@ -725,7 +641,7 @@ class DockerRunner:
         self,
         run: _Run,
         conn: _Socket,
-        control: _Control,
+        control: wire.ControlLine,
         phase: Phase,
         on_running: OnRunning,
         deadline: float,
@@ -757,7 +673,7 @@ class DockerRunner:
             self._timed_out(run, phase, control)
         return scope.deadline
 
-    def _timed_out(self, run: _Run, phase: Phase, control: _Control) -> None:
+    def _timed_out(self, run: _Run, phase: Phase, control: wire.ControlLine) -> None:
         timeout = run.request.config.timeout_seconds
         run.verdict = Reason.TIMEOUT
         if phase.setup and control.status not in {"ready", "setup_ok"}:
@@ -766,7 +682,7 @@ class DockerRunner:
             run.error = f"the run exceeded its timeout of {timeout}s"
 
     async def _wait_exit(
-        self, run: _Run, container: str, phase: Phase, control: _Control, deadline: float
+        self, run: _Run, container: str, phase: Phase, control: wire.ControlLine, deadline: float
     ) -> int | None:
         """The container's exit code, once it exits; a container that closed its output
         but keeps running is stopped when its time is up."""

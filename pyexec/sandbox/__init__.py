@@ -1,4 +1,6 @@
-"""Code that runs inside sandbox containers, shipped as package data.
+"""Code that runs inside sandbox containers, shipped as package data, and its host side.
+
+``wire`` is what a runner speaks to the bootstrap (spec, archive frames, control line).
 
 ``bootstrap_source()`` is what a runner passes to ``python3 -I -S -c``: the
 bootstrap (``bootstrap.py``), the tar rules (``tarcheck.py``) and a call to
