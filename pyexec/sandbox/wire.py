@@ -25,6 +25,8 @@ END = _LENGTH.pack(0)
 CONTROL = b"\0pyexec "
 _CONTROL_MAX = 64 * 1024
 _CHUNK = 256 * 1024
+#: Readable by every Python 3.4+ inside whatever image a request names.
+_MARSHAL_VERSION = 4
 
 
 def frame(data: bytes) -> bytes:
@@ -33,7 +35,7 @@ def frame(data: bytes) -> bytes:
 
 def spec_frame(spec: dict[str, Any]) -> bytes:
     """The first frame: what the bootstrap is told to do (marshal: built in, no imports)."""
-    return frame(marshal.dumps(spec))
+    return frame(marshal.dumps(spec, _MARSHAL_VERSION))
 
 
 class _ChunkReader:
@@ -72,7 +74,8 @@ def encode_archive(next_chunk: Callable[[], bytes], send: Callable[[bytes], None
         while (member := archive.next()) is not None:
             kind = member_kind(member)
             size = member.size if kind == FILE else 0
-            put(marshal.dumps((kind, member.name, member.mode, member.linkname, size)))
+            header = (kind, member.name, member.mode, member.linkname, size)
+            put(marshal.dumps(header, _MARSHAL_VERSION))
             data = archive.extractfile(member) if size else None
             while data is not None and (chunk := data.read(_CHUNK)):
                 put(chunk)
