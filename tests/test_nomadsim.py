@@ -726,3 +726,26 @@ def test_client_gc_removes_old_terminal_allocs_and_their_logs() -> None:
         assert c.get(f"/v1/allocation/{first['ID']}").json()["ClientStatus"] == "complete"
         kept = logs(c, second["ID"], "main", type="stdout", plain="true")
         assert kept.text == "hello\n"
+
+
+@pytest.mark.docker
+def test_followed_logs_stream_new_output_while_the_task_runs(client: httpx.Client) -> None:
+    """follow=true delivers output as the task writes it and stays open until we hang up."""
+    code = (
+        "import time\nprint('a', flush=True)\ntime.sleep(1)\nprint('b', flush=True)\ntime.sleep(60)"
+    )
+    job_id = register(client, [task("main", code)])
+    child = dispatch(client, job_id).json()["DispatchedJobID"]
+    stub = wait_running(client, child, "main")
+    params = {"task": "main", "type": "stdout", "plain": "true", "follow": "true"}
+    seen = b""
+    deadline = time.monotonic() + 30
+    with client.stream("GET", f"/v1/client/fs/logs/{stub['ID']}", params=params) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            seen += chunk
+            if seen == b"a\nb\n" or time.monotonic() > deadline:
+                break
+    assert seen == b"a\nb\n"
+    client.delete(f"/v1/job/{jid(child)}")
+    assert wait_done(client, child)["DesiredStatus"] == "stop"

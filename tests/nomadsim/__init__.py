@@ -116,7 +116,10 @@ Faithful (with the source of each behaviour)
   No logs available", 404 'Unknown allocation "<id>"'; ``plain=true`` raw
   bytes, else ``StreamFrame`` JSON objects ``{Offset, Data, File}``
   (omitempty, ``Offset`` = file offset after the frame, ≤64 KiB per frame)
-  written back to back with no separator, ``{}`` heartbeats when following.
+  written back to back with no separator, ``{}`` heartbeats when following;
+  ``follow=true`` never ends by itself (no task-state check in the client's
+  logs code), only when the caller hangs up or the file is deleted (a
+  ``FileEvent: "file deleted"`` frame).
 - Blocking queries (nomad/rpc.go ``blockingRPC``, structs ``TimeToBlock``):
   ``?index=N&wait=D``; the answer's index is the *table* index (jobs /
   allocs / evals, as ``state.Index("allocs")``), so a query whose N is below
@@ -157,8 +160,7 @@ Simplified (and why it is fine for pyexec's tests)
   containing its delimiters fails the task with "Setup Failure".
 - Reschedule policies are recorded but never act (nothing is re-placed);
   restart policies with attempts > 0 do re-run the container.
-- Logs never rotate (one ``.0`` file per stream); a followed log ends once its
-  task is dead and fully read; the log copier is joined before the
+- Logs never rotate (one ``.0`` file per stream); the log copier is joined before the
   Terminated event, so logs are complete when a task shows dead (Nomad's
   logmon may lag a little).
 - The stored child job keeps ``Payload`` raw (Nomad snappy-compresses it).

@@ -375,23 +375,28 @@ class Api:
         start = offset if origin == "start" else max(size - offset, 0)
         media = "text/plain" if plain else "application/json"
         return StreamingResponse(
-            self._log_chunks(path, rel, start, plain, follow, runner, task), media_type=media
+            self._log_chunks(request, path, rel, start, plain, follow), media_type=media
         )
 
     async def _log_chunks(
-        self, path: Path, rel: str, pos: int, plain: bool, follow: bool, runner: Any, task: str
+        self, request: Request, path: Path, rel: str, pos: int, plain: bool, follow: bool
     ) -> AsyncIterator[bytes]:
-        """Frames ``{File, Offset, Data}`` back to back (no separator), or raw bytes."""
+        """Frames ``{File, Offset, Data}`` back to back (no separator), or raw bytes.
+
+        With ``follow`` the stream never ends by itself, as in client/fs_endpoint.go
+        (no check of the task's state): the caller hangs up when it has what it needs.
+        """
         last_beat = time.monotonic()
         while True:
-            task_dead = runner.tasks[task].dead
             try:
                 with path.open("rb") as fh:
                     fh.seek(pos)
                     data = fh.read()
             except FileNotFoundError:
-                return  # guessed: GC'd while streaming ends the stream (no error frame)
-
+                # streamFile sends a "file deleted" FileEvent when the file goes away.
+                if not plain:
+                    yield _dumps({"Offset": pos, "File": rel, "FileEvent": "file deleted"}).encode()
+                return
             for i in range(0, len(data), FRAME_SIZE):
                 chunk = data[i : i + FRAME_SIZE]
                 pos += len(chunk)
@@ -401,8 +406,7 @@ class Api:
                     yield _dumps(
                         {"Offset": pos, "Data": base64.b64encode(chunk).decode(), "File": rel}
                     ).encode()
-            # guessed: a followed log ends once its task is dead and fully read.
-            if not follow or (task_dead and not data):
+            if not follow or await request.is_disconnected():
                 return
             if not plain and time.monotonic() - last_beat > 1.0:  # streamHeartbeatRate
                 last_beat = time.monotonic()
