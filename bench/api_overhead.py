@@ -39,12 +39,13 @@ def hello_tar() -> bytes:
 def docker_argv(image: str, memory_mb: int, disk_mb: int, pids: int) -> list[str]:
     """The sandbox flags pyexec's local runner uses, spelled for the docker CLI."""
     return [
-        "docker", "run", "--rm", "-i",
+        "docker", "run", "--rm", "-i", "--init",
         "--user", "1000:1000",
         "--network", "none",
         "--read-only",
-        "--tmpfs", f"/work:rw,exec,size={disk_mb}m,uid=1000,gid=1000,mode=0700",
+        "--tmpfs", f"/work:rw,exec,nosuid,nodev,size={disk_mb}m,uid=1000,gid=1000,mode=0755",
         "--workdir", "/work",
+        "-e", "HOME=/work", "-e", "PYTHONUNBUFFERED=1",
         "--memory", f"{memory_mb}m", "--memory-swap", f"{memory_mb}m",
         "--cpu-shares", "1024",
         "--pids-limit", str(pids),
