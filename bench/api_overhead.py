@@ -1,7 +1,7 @@
 """Sync hello-world through the pyexec API versus bare `docker run --rm` with the same flags.
 
 Interleaves the two in one run (so machine noise hits both alike) and prints p50/p95 of
-each and their ratio. Target: API p50 ≤ 1.10 × bare docker p50.
+each and their ratio. Target: API p50 <= 1.10 x bare docker p50.
 
     uv run python bench/api_overhead.py [--runs 30] [--image pyexec-runner:bookworm]
 """
@@ -22,7 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import live_server, make_settings  # noqa: E402
+from tests.conftest import live_server, make_settings
 
 HELLO = "print('hello')\n"
 
