@@ -332,3 +332,19 @@ async def test_token_file_is_read(tmp_path: Any, runner: FakeRunner) -> None:
         assert (await client.get("/api/v1/version")).status_code == 401
         ok = await client.get("/api/v1/version", headers={"Authorization": "Bearer fromfile"})
         assert ok.status_code == 200
+
+
+async def test_the_janitor_deletes_finished_executions_after_the_ttl(runner: FakeRunner) -> None:
+    """A finished execution older than the TTL is swept; a running one is kept."""
+    store = MemoryStore()
+    async with app_client(make_settings(cleanup_ttl=0), store=store, runner=runner) as client:
+        done = (await client.post("/api/v1/exec/sync", **upload())).json()["execution_id"]
+        held = (
+            await client.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
+        ).json()["execution_id"]
+        # The janitor loop may have swept already (its interval is 1 s at TTL 0): either way.
+        await client.app.state.service.sweep()  # type: ignore[attr-defined]
+        gone = await client.get(f"/api/v1/executions/{done}")
+        assert gone.status_code == 404
+        assert (await client.get(f"/api/v1/executions/{held}")).json()["status"] == "running"
+        await client.delete(f"/api/v1/executions/{held}")
