@@ -238,6 +238,12 @@ class Settings:
         parse=_optional_str,
         help="Docker engine address; the SDK's default socket when unset.",
     )
+    docker_pull: bool = setting(
+        True,
+        "PYEXEC_DOCKER_PULL",
+        parse=_bool,
+        help="Whether the local runner pulls an image it does not have (off: air-gapped hosts).",
+    )
 
     # --- Consul store --------------------------------------------------------------------
     consul_addr: str | None = setting(

@@ -39,6 +39,8 @@ def make_settings(**overrides: Any) -> Settings:
         "default_memory_mb": 256,
         "default_disk_mb": 64,
         "log_format": "text",
+        # Tests never make the Docker daemon reach for a registry (only loopback traffic here).
+        "docker_pull": False,
     }
     base.update(overrides)
     return Settings(**base)

@@ -547,15 +547,37 @@ async def test_missing_image_is_a_clear_error(
     metadata: dict[str, Any] = {"pre_commands": ["true"]} if setup else {}
     request = attrs.evolve(request_for(settings, **metadata), docker_image=image)
     execution = Execution(execution_id=new_execution_id())
+    pulling = DockerRunner(attrs.evolve(settings, docker_pull=True), client=docker_client)
 
     async def on_running(_: object) -> None:
         raise AssertionError("must not run")
 
     with pytest.raises(BackendError) as info:
-        await runner.start(execution, request, tar_chunks(b""), on_running)
+        await pulling.start(execution, request, tar_chunks(b""), on_running)
     assert info.value.code == "image_unavailable"
     assert image in info.value.message
     assert leftovers(docker_client, execution.execution_id) == []
+    await pulling.aclose()
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_missing_image_is_not_pulled_when_pulling_is_off(
+    runner: DockerRunner, settings: Settings
+) -> None:
+    """With docker_pull off, a missing image fails at once and no pull is attempted."""
+    assert settings.docker_pull is False
+    request = attrs.evolve(request_for(settings), docker_image="pyexec-missing:never")
+
+    async def on_running(_: object) -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(BackendError) as info:
+        await runner.start(
+            Execution(execution_id=new_execution_id()), request, tar_chunks(b""), on_running
+        )
+    assert info.value.code == "image_unavailable"
+    assert "pulling is off" in info.value.message
 
 
 @pytest.mark.docker

@@ -729,7 +729,12 @@ class DockerRunner:
         try:
             return await self._call(create)
         except docker.errors.ImageNotFound:
-            pass
+            if not self._settings.docker_pull:
+                raise BackendError(
+                    f"the image {image!r} is not available locally (pulling is off)",
+                    code="image_unavailable",
+                    image=image,
+                ) from None
         repository, tag = parse_repository_tag(image)
         try:
             await self._call(lambda api: api.pull(repository, tag=tag or "latest"))
