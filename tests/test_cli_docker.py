@@ -216,3 +216,14 @@ def test_follow_reports_running_then_done(cli: Any, tmp_path: Path) -> None:
     assert (result.code, result.out) == (0, "slept\n")
     assert f"pyexec: {execution_id} running" in result.err
     assert result.err.rstrip().endswith(f"pyexec: {execution_id} completed")
+
+
+def test_eval_file_stdin_and_exit_code(cli: Any, tmp_path: Path) -> None:
+    """eval takes a FILE or stdin, honours --python, and passes SystemExit codes through."""
+    path = script(tmp_path, "import sys\nprint(sys.version_info[:2])\n", "v.py")
+    assert cli("eval", path, "--python", "3.11").out == "(3, 11)\n"
+    assert cli("eval", stdin=b"print('from stdin')\n").out == "from stdin\n"
+    assert cli("eval", "-c", "raise SystemExit(3)").code == 3
+    both = cli("eval", path, "-c", "1")
+    assert both.code == exitcodes.USAGE
+    assert "not both" in both.err
