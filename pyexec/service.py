@@ -76,21 +76,48 @@ class ExecutionService:
         self.hooks = Hooks()
         self._tasks: dict[str, asyncio.Task[Execution]] = {}
         self._janitor: asyncio.Task[None] | None = None
+        self._preparing: asyncio.Task[None] | None = None
         self._closing = False
 
     # --- lifecycle of the service ----------------------------------------------------------
     async def startup(self) -> None:
+        """Prepare the runner and adopt runs left by a previous instance.
+
+        A backend that is down at start-up does not stop the service: it starts, reports
+        the backend in /health, and keeps retrying (with backoff) in the background.
+        """
+        try:
+            await self._prepare()
+        except BackendError as exc:
+            log.warning("start-up deferred, retrying in the background: %s", exc.message)
+            self._preparing = asyncio.create_task(self._prepare_until_done(), name="pyexec-prepare")
+        self._janitor = asyncio.create_task(self._janitor_loop(), name="pyexec-janitor")
+
+    async def _prepare(self) -> None:
         await self.runner.startup()
         for record in await self.store.list_active():
             await self._adopt(record)
-        self._janitor = asyncio.create_task(self._janitor_loop(), name="pyexec-janitor")
+
+    async def _prepare_until_done(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._prepare()
+            except BackendError as exc:
+                delay = min(delay * 2, 30.0)
+                log.warning("start-up still deferred (next try in %.0f s): %s", delay, exc.message)
+            else:
+                log.info("start-up completed")
+                return
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop the janitor; give local runs ``grace`` seconds, then kill and record them."""
         self._closing = True
-        if self._janitor is not None:
-            self._janitor.cancel()
-            await asyncio.gather(self._janitor, return_exceptions=True)
+        background = [t for t in (self._janitor, self._preparing) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         pending = [t for t in self._tasks.values() if not t.done()]
         if pending and grace:
             await asyncio.wait(pending, timeout=grace)
@@ -100,8 +127,8 @@ class ExecutionService:
                     self._kill(execution_id, error="the service shut down while it ran")
                 )
         remaining = [t for t in self._tasks.values() if not t.done()]
-        for task in remaining:
-            task.cancel()
+        for drive in remaining:
+            drive.cancel()
         await asyncio.gather(*remaining, return_exceptions=True)
 
     # --- the API --------------------------------------------------------------------------------
@@ -195,8 +222,14 @@ class ExecutionService:
         return record, stdout, stderr
 
     async def kill(self, execution_id: str) -> Execution:
-        """Kill a pending or running execution; a finished one is returned unchanged."""
+        """Kill a pending or running execution; a finished one is returned unchanged.
+
+        Killing a ``killed`` execution again asks the runner again (idempotent there), so a
+        kill whose runner call failed can simply be retried.
+        """
         record = await self.get(execution_id)
+        if record.status is Status.KILLED:
+            await self._guard("runner", self.runner.kill(execution_id))
         if record.terminal:
             return record
         return await self._kill(execution_id)

@@ -13,6 +13,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from pyexec.errors import BackendUnavailable
+from pyexec.models import Execution, new_execution_id
 from pyexec.store.memory import MemoryStore
 
 from .conftest import app_client, make_settings
@@ -348,3 +349,53 @@ async def test_the_janitor_deletes_finished_executions_after_the_ttl(runner: Fak
         assert gone.status_code == 404
         assert (await client.get(f"/api/v1/executions/{held}")).json()["status"] == "running"
         await client.delete(f"/api/v1/executions/{held}")
+
+
+class FlakyStore(MemoryStore):
+    """A store whose listing fails until told otherwise (Consul down at start-up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    async def list_active(self) -> list[Any]:
+        if self.down:
+            raise BackendUnavailable("consul is down", code="store_unavailable")
+        return await super().list_active()
+
+
+async def test_a_store_down_at_start_up_does_not_stop_the_service(runner: FakeRunner) -> None:
+    """Start-up work the store refuses is retried in the background until it succeeds."""
+    store = FlakyStore()
+    leftover = Execution(execution_id=new_execution_id())
+    await store.create(leftover, io.BytesIO(HELLO))
+    async with app_client(make_settings(), store=store, runner=runner) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        assert (await store.get(leftover.execution_id)).status.value == "pending"
+        store.down = False
+        # The background retry adopts it; the fake runner cannot resume it, so it is lost.
+        adopted = await store.wait_terminal(leftover.execution_id, timeout=15)
+        assert adopted.status.value == "failed"
+        assert "restarted" in (adopted.error or "")
+
+
+async def test_a_failed_kill_can_be_retried(runner: FakeRunner) -> None:
+    """When the runner cannot stop a run, DELETE answers 503 and a retry asks it again."""
+    async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:
+        execution_id = (
+            await client.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
+        ).json()["execution_id"]
+        real_kill = runner.kill
+
+        async def unreachable(execution_id: str) -> None:
+            raise BackendUnavailable("nomad is down", code="runner_unavailable")
+
+        runner.kill = unreachable  # type: ignore[method-assign]
+        failed = await client.delete(f"/api/v1/executions/{execution_id}")
+        assert failed.status_code == 503
+        assert error_code(failed) == "runner_unavailable"
+        runner.kill = real_kill  # type: ignore[method-assign]
+        retried = await client.delete(f"/api/v1/executions/{execution_id}")
+        assert retried.status_code == 200
+        assert retried.json()["status"] == "killed"
+        assert runner.killed == [execution_id]
