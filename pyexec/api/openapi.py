@@ -275,6 +275,27 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/health/live": {
+                "get": {
+                    "summary": "Liveness: the process answers (backends not consulted)",
+                    "operationId": "liveness",
+                    "security": [{}],
+                    "responses": {"200": {"description": "Alive"}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(401),
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "summary": "Readiness: store and runner reachability",
