@@ -279,6 +279,22 @@ async def test_openapi_document_validates(api: httpx.AsyncClient) -> None:
     } <= set(document["paths"])
 
 
+async def test_every_api_route_is_in_the_openapi_document(api: httpx.AsyncClient) -> None:
+    """The OpenAPI document cannot drift from the routes the app serves."""
+    from starlette.routing import Route
+
+    document = (await api.get("/openapi.json")).json()
+    app = api.app  # type: ignore[attr-defined]
+    served = {
+        (route.path, method.lower())
+        for route in app.routes
+        if isinstance(route, Route) and route.path not in {"/docs", "/openapi.json"}
+        for method in (route.methods or ()) - {"HEAD"}
+    }
+    documented = {(path, method) for path, ops in document["paths"].items() for method in ops}
+    assert served == documented
+
+
 async def test_swagger_ui_is_served_locally(api: httpx.AsyncClient) -> None:
     """/docs loads Swagger UI from this server, never from a CDN."""
     page = await api.get("/docs")
