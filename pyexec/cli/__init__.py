@@ -40,6 +40,9 @@ app = App(
     version=__version__,
     result_action="return_value",
 )
+# cyclopts would turn Ctrl-C into a silent exit 130; run_cli reports it (after run killed
+# its execution). The meta app does not inherit the setting.
+app.suppress_keyboard_interrupt = app.meta.suppress_keyboard_interrupt = False
 app.command(commands.run)
 app.command(commands.submit)
 app.command(commands.follow)
@@ -121,8 +124,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except ClientError as exc:
         sys.stderr.write(f"pyexec: {_explain(exc, current().server)}\n")
         return exitcodes.PYEXEC_ERROR
-    except KeyboardInterrupt:
-        sys.stderr.write("pyexec: interrupted\n")
+    except KeyboardInterrupt as exc:  # run: Interrupted says whether the execution was killed
+        sys.stderr.write(f"pyexec: {exc or 'interrupted'}\n")
         return exitcodes.KILLED
     return result if isinstance(result, int) else 0
 

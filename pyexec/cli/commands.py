@@ -15,8 +15,9 @@ from pyexec.client import Client, Execution, Logs, RunOptions, Status, WaitTimeo
 
 from . import exitcodes
 from .inputs import STDIN, gather
+from .interrupts import run_to_end
 from .options import ExecFlags, Globals, UsageError, current, env_pairs
-from .render import Progress, emit_execution, note, print_json, write
+from .render import Progress, emit_execution, note, print_json, verbose_note, write
 
 __all__ = ["eval_", "follow", "kill", "logs", "run", "submit", "version"]
 
@@ -43,7 +44,7 @@ def run(path: PathArg = None, /, *, file: FileOpt = None, flags: ExecFlags | Non
     """Run a program and wait for it; exits with the script's exit code.
 
     The script's stdout and stderr go to stdout and stderr. Arguments after ``--``
-    are passed to the script.
+    are passed to the script. Ctrl-C (or SIGTERM) kills the execution and exits 130.
     """
     flags = flags or ExecFlags()
     options = current()
@@ -51,7 +52,14 @@ def run(path: PathArg = None, /, *, file: FileOpt = None, flags: ExecFlags | Non
     with program.archive, _client() as client:
         run_options = flags.options(program.entrypoint)
         with Progress(options, f"running {program.entrypoint}"):
-            record = client.run(program.archive, run_options)
+            record = run_to_end(
+                client,
+                program.archive,
+                run_options,
+                on_submitted=lambda execution_id: verbose_note(
+                    options, f"{execution_id} submitted"
+                ),
+            )
     emit_execution(options, record)
     return exitcodes.for_execution(record)
 

@@ -18,7 +18,7 @@ from pyexec.client import Execution, Reason, Status
 
 from .options import Globals
 
-__all__ = ["Progress", "emit_execution", "note", "print_json", "write"]
+__all__ = ["Progress", "emit_execution", "note", "print_json", "verbose_note", "write"]
 
 _NOTES = {
     Reason.TIMEOUT: "timed out",
@@ -40,6 +40,12 @@ def note(options: Globals, message: str) -> None:
     """A line from pyexec itself on stderr (not with ``-q``/``--json``)."""
     if options.chatty:
         write(sys.stderr, f"pyexec: {message}\n")
+
+
+def verbose_note(options: Globals, message: str) -> None:
+    """A note shown with ``-v`` only (never with ``-q``/``--json``)."""
+    if options.verbose:
+        note(options, message)
 
 
 def print_json(data: Any) -> None:

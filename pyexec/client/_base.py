@@ -37,6 +37,7 @@ __all__ = [
     "body_start",
     "retry_decision",
     "rewind",
+    "run_wait",
     "translate",
 ]
 
@@ -52,6 +53,12 @@ LONG_POLL = 30
 READ_MARGIN = 30.0
 #: How long a sync run may take when the caller sets no timeout (the server's default cap).
 DEFAULT_RUN_WAIT = 3600.0
+
+
+def run_wait(options: RunOptions | None) -> float:
+    """How long waiting for a run may take: its time limit plus a margin, else the default."""
+    timeout = options.timeout if options else None
+    return DEFAULT_RUN_WAIT if not timeout else timeout + READ_MARGIN
 
 
 @attrs.frozen(kw_only=True)
@@ -252,8 +259,7 @@ class BaseClient:
         self, source: Source, options: RunOptions | None, wait: float | None = None
     ) -> Call:
         if wait is None:
-            run_timeout = options.timeout if options and options.timeout else None
-            wait = DEFAULT_RUN_WAIT if run_timeout is None else run_timeout + READ_MARGIN
+            wait = run_wait(options)
         return self._upload_call(f"{API}/exec/sync", source, options, wait + READ_MARGIN)
 
     def submit_call(self, source: Source, options: RunOptions | None) -> Call:
@@ -311,8 +317,8 @@ class BaseClient:
             "auto_requirements": auto_requirements,
         }
         body.update({k: v for k, v in extras.items() if v is not None})
-        wait = DEFAULT_RUN_WAIT if options.timeout is None else options.timeout + READ_MARGIN
-        return Call(method="POST", path=f"{API}/eval", json=body, read_timeout=wait + READ_MARGIN)
+        read_timeout = run_wait(options) + READ_MARGIN
+        return Call(method="POST", path=f"{API}/eval", json=body, read_timeout=read_timeout)
 
     # --- Parsing -----------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""Running to the end, and stopping cleanly when ``pyexec`` is interrupted.
+
+``pyexec run`` submits the program and long-polls for its end instead of holding one
+synchronous request open: it then knows the execution id all along, so Ctrl-C or a
+SIGTERM (a CI job cancelled, a ``timeout`` wrapper) kills the execution on the server
+before ``pyexec`` exits, rather than leaving it running unseen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import BinaryIO
+
+from pyexec.client import Client, ClientError, Execution, RunOptions, Status
+from pyexec.client._base import run_wait
+
+__all__ = ["Interrupted", "run_to_end", "sigterm_interrupts"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM; ``str()`` says what was done about the execution (exit 130)."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM interrupts like Ctrl-C (signals reach the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted("terminated")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_to_end(
+    client: Client,
+    archive: BinaryIO,
+    options: RunOptions,
+    on_submitted: Callable[[str], None] = lambda execution_id: None,
+) -> Execution:
+    """Submit ``archive`` and wait until it is terminal (as long as a sync run would).
+
+    Interrupted once the server knows the execution, it kills it before re-raising.
+    """
+    with sigterm_interrupts():
+        execution_id = client.submit(archive, options).execution_id
+        try:
+            on_submitted(execution_id)
+            return client.wait(execution_id, timeout=run_wait(options))
+        except KeyboardInterrupt as exc:
+            what = str(exc) or "interrupted"
+            raise Interrupted(f"{what}; {_kill(client, execution_id)}") from None
+
+
+def _kill(client: Client, execution_id: str) -> str:
+    """Kill ``execution_id``; says what happened (a failure is reported, not raised)."""
+    try:
+        record = client.kill(execution_id)
+    except ClientError as exc:
+        return f"could not kill {execution_id}, it may still be running: {exc}"
+    if record.status is not Status.KILLED:
+        return f"{execution_id} had already finished ({record.status.value})"
+    return f"killed {execution_id}"
