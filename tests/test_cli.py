@@ -174,6 +174,30 @@ def test_terminal_stdin_is_never_read(cli: Any) -> None:
     assert "no program given" in result.err
 
 
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_closed_stdin_is_a_usage_error(
+    fake: Fake, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """With stdin closed (``<&-``, where Python has no sys.stdin) run and eval say so, exit 2."""
+    monkeypatch.setattr(sys, "stdin", None)
+    assert run_cli(["--server", fake.server.url, command]) == exitcodes.USAGE
+    assert "stdin is empty" in capsys.readouterr().err
+
+
+def test_unreadable_local_files_are_usage_errors(cli: Any, tmp_path: Path) -> None:
+    """A missing --requirements file or a FILE that is not UTF-8 is one line, exit 2."""
+    (tmp_path / "bin.py").write_bytes(b"\xff\xfe\x00")
+    missing = str(tmp_path / "nope.txt")
+    for argv in (
+        ("eval", "-c", "1", "--requirements", missing),
+        ("eval", str(tmp_path / "bin.py")),
+        ("run", str(tmp_path / "bin.py"), "--requirements", missing),
+    ):
+        result = cli(*argv)
+        assert result.code == exitcodes.USAGE, argv
+        assert result.err.count("\n") == 1, result.err
+
+
 def test_file_and_path_together_are_refused(cli: Any, project: Path) -> None:
     """--file and a PATH argument at once are ambiguous and refused."""
     assert cli("run", "--file", "proj/main.py", "proj").code == exitcodes.USAGE

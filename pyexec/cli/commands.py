@@ -14,9 +14,9 @@ from pyexec.__about__ import __version__
 from pyexec.client import Client, Execution, Logs, RunOptions, Status, WaitTimeout
 
 from . import exitcodes
-from .inputs import STDIN, gather
+from .inputs import STDIN, gather, process_stdin
 from .interrupts import run_to_end
-from .options import ExecFlags, Globals, UsageError, current, env_pairs
+from .options import ExecFlags, Globals, UsageError, current, env_pairs, read_local_text
 from .render import Progress, emit_execution, note, print_json, verbose_note, write
 
 __all__ = ["eval_", "follow", "kill", "logs", "run", "submit", "version"]
@@ -206,7 +206,7 @@ def eval_(
     """Evaluate Python code (``-c CODE``, a FILE, or stdin); prints its output, exits like run."""
     options = current()
     source = _eval_source(path, code)
-    reqs = requirements.read_text(encoding="utf-8") if requirements else None
+    reqs = read_local_text(requirements, "--requirements") if requirements else None
     run_options = RunOptions(
         requirements=reqs,
         env=env_pairs(env, os.environ),
@@ -232,13 +232,14 @@ def _eval_source(path: str | None, code: str | None) -> str:
             raise UsageError("give either -c CODE or a FILE, not both")
         return code
     if path is None or path == STDIN:
-        if path is None and sys.stdin.isatty():
+        stdin = process_stdin()
+        if path is None and stdin.isatty():
             raise UsageError("no code given: pass -c CODE, a FILE, or pipe code on stdin")
-        text = sys.stdin.read()
+        try:
+            text = stdin.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"stdin is not UTF-8 text: {exc}") from None
         if not text.strip():
             raise UsageError("stdin is empty; pass -c CODE or a FILE")
         return text
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from None
+    return read_local_text(Path(path))

@@ -7,6 +7,7 @@ never a hang.
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from pyexec.client import (
 
 from .options import UsageError
 
-__all__ = ["STDIN", "Program", "gather", "pick_entrypoint"]
+__all__ = ["STDIN", "Program", "gather", "pick_entrypoint", "process_stdin"]
 
 #: How a ``-`` argument reaches the commands (the meta app rewrites it: cyclopts would
 #: take a bare ``-`` for an option).
@@ -43,6 +44,12 @@ class Program:
     archive: BinaryIO
     entrypoint: str
     names: tuple[str, ...]
+
+
+def process_stdin() -> IO[bytes]:
+    """This process's stdin as bytes; an empty stream when it is closed (``<&-``)."""
+    stream = sys.stdin  # None when file descriptor 0 was closed at start-up
+    return stream.buffer if stream is not None else io.BytesIO()
 
 
 def pick_entrypoint(names: Sequence[str], requested: str | None) -> str:
@@ -106,7 +113,7 @@ def gather(
 ) -> Program:
     """The program to run; raises ``UsageError`` or ``ArchiveError`` with a clear message."""
     if stdin is None:
-        stdin = sys.stdin.buffer
+        stdin = process_stdin()
     stdin_is_tty = bool(getattr(stdin, "isatty", lambda: False)())
     archive = _archive_for(path, files or (), stdin, stdin_is_tty, entrypoint or "main.py")
     try:

@@ -19,7 +19,7 @@ from cyclopts import Parameter
 
 from pyexec.client import DEFAULT_SERVER, RunOptions
 
-__all__ = ["ExecFlags", "Globals", "UsageError", "current", "env_pairs"]
+__all__ = ["ExecFlags", "Globals", "UsageError", "current", "env_pairs", "read_local_text"]
 
 
 class UsageError(Exception):
@@ -51,6 +51,17 @@ def current() -> Globals:
 
 def activate(options: Globals) -> contextvars.Token[Globals]:
     return _current.set(options)
+
+
+def read_local_text(path: Path, label: str = "") -> str:
+    """A local UTF-8 file's text, or a ``UsageError`` naming it (``label``: the option)."""
+    where = f"{label} {path}" if label else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not UTF-8 text") from None
 
 
 def env_pairs(items: list[str] | None, environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -103,10 +114,7 @@ class ExecFlags:
     def options(self, entrypoint: str, environ: Mapping[str, str] | None = None) -> RunOptions:
         requirements = None
         if self.requirements is not None:
-            try:
-                requirements = self.requirements.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise UsageError(f"--requirements {self.requirements}: {exc.strerror}") from None
+            requirements = read_local_text(self.requirements, "--requirements")
         return RunOptions(
             entrypoint=entrypoint,
             image=self.image,
