@@ -13,7 +13,7 @@ from pyexec.errors import BackendError, BackendUnavailable, LimitExceeded
 from pyexec.models import Execution, Reason, new_execution_id, parse_request
 from pyexec.runner.nomad import NomadRunner
 from pyexec.runner.nomad_http import NomadAPI
-from pyexec.settings import Settings
+from pyexec.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.anyio
 
@@ -229,10 +229,27 @@ async def test_killing_what_nomad_no_longer_has_succeeds() -> None:
 
 
 def test_tls_is_verified_with_the_configured_ca(tmp_path: Any) -> None:
-    """An https Nomad address verifies TLS; a CA file that cannot be read is an error."""
+    """An https Nomad address verifies TLS; a CA file that cannot be read is a settings error."""
     settings = Settings(nomad_addr="https://nomad.test:4646", nomad_cacert=str(tmp_path / "no.pem"))
-    with pytest.raises(OSError, match=r"No such file|no\.pem"):
+    with pytest.raises(SettingsError, match=r"No such file|no\.pem") as caught:
         NomadAPI(settings)
+    assert caught.value.code == "invalid_setting"
+
+
+def test_tls_files_with_plain_http_are_refused(tmp_path: Any) -> None:
+    """TLS files with an explicit http:// Nomad address are refused, never silently unused."""
+    settings = Settings(nomad_addr="http://nomad.test:4646", nomad_cacert=str(tmp_path / "ca.pem"))
+    with pytest.raises(SettingsError, match="plain http") as caught:
+        NomadAPI(settings, transport=httpx.MockTransport(ScriptedNomad()))
+    assert caught.value.code == "invalid_setting"
+
+
+def test_tls_files_make_a_bare_address_https(tmp_path: Any) -> None:
+    """With TLS files, a NOMAD_ADDR without a scheme means https."""
+    settings = Settings(nomad_addr="nomad.test:4646", nomad_cacert=str(tmp_path / "ca.pem"))
+    api = NomadAPI(settings, transport=httpx.MockTransport(ScriptedNomad()))
+    assert api.base_url == "https://nomad.test:4646"
+    assert NomadAPI(Settings(nomad_addr="nomad.test:4646")).base_url == "http://nomad.test:4646"
 
 
 async def _ignore(at: datetime) -> None:
@@ -289,3 +306,60 @@ async def test_server_side_deadline_stops_a_run_that_overstays(
     assert outcome.reason is Reason.TIMEOUT
     assert "server-side deadline" in (outcome.error or "")
     assert outcome.stdout == "hello\n"
+
+
+async def test_kill_finds_a_job_dispatched_after_the_last_listing() -> None:
+    """Killing an execution another replica dispatched after a cached listing still stops it."""
+    listed: list[dict[str, Any]] = []
+    deleted: list[str] = []
+
+    def nomad(request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE":
+            deleted.append(request.url.path)
+            return httpx.Response(200, json={"EvalID": "e9"})
+        return httpx.Response(200, json=listed)
+
+    settings = Settings(nomad_addr="http://nomad.test:4646")
+    runner = NomadRunner(settings, NomadAPI(settings, transport=httpx.MockTransport(nomad)))
+    try:
+        await runner.kill("exe-late")  # lists: nothing yet
+        listed.append(
+            {"ID": CHILD, "ParentID": "pyexec-runner-small", "Meta": {"execution_id": "exe-late"}}
+        )
+        await runner.kill("exe-late")  # within the listing's lifetime
+    finally:
+        await runner.aclose()
+    assert deleted == [f"/v1/job/{CHILD}"]
+
+
+class OneRunUnreadable(ScriptedNomad):
+    """Events arrive, but re-reading the run's allocations keeps failing with a 500."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/event/stream":
+            self.streams.append(request)
+            event = {
+                "Topic": "Allocation",
+                "Type": "AllocationUpdated",
+                "Key": "alloc-1",
+                "Payload": {"Allocation": alloc(dead=True)},
+            }
+            lines = [{}, {"Index": 9, "Events": [event]}]
+            return httpx.Response(200, content="".join(json.dumps(x) + "\n" for x in lines))
+        if path == f"/v1/job/{CHILD}/allocations":
+            return httpx.Response(500, text="rpc error: something went wrong")
+        return super().__call__(request)
+
+
+async def test_a_run_that_cannot_be_reread_does_not_stall_the_stream() -> None:
+    """A failing re-read of one run leaves the event stream flowing: the run still concludes."""
+    nomad = OneRunUnreadable()
+    runner = make_runner(nomad)
+    record = Execution(execution_id=new_execution_id())
+    try:
+        await runner.start(record, parse_request({}, runner.settings), _no_tar(), _ignore)
+        outcome = await runner.wait(record.execution_id, 5)
+    finally:
+        await runner.aclose()
+    assert (outcome.reason, outcome.exit_code, outcome.stdout) == (Reason.EXITED, 0, "hello\n")

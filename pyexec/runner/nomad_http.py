@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from pyexec.errors import BackendError, BackendUnavailable
-from pyexec.settings import Settings
+from pyexec.settings import Settings, SettingsError
 
 __all__ = ["NomadAPI", "NomadError"]
 
@@ -42,10 +42,29 @@ class NomadError(BackendError):
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=settings.nomad_cacert)
-    if settings.nomad_client_cert:
-        context.load_cert_chain(settings.nomad_client_cert, settings.nomad_client_key)
+    try:
+        context = ssl.create_default_context(cafile=settings.nomad_cacert)
+        if settings.nomad_client_cert:
+            context.load_cert_chain(settings.nomad_client_cert, settings.nomad_client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"cannot load Nomad TLS files: {exc}", name="NOMAD_CACERT") from None
     return context
+
+
+def base_url(settings: Settings) -> str:
+    """Nomad's URL from ``NOMAD_ADDR``. TLS files make a bare ``host:port`` https; with them,
+    an explicit ``http://`` is refused rather than sending the token in clear."""
+    addr = (settings.nomad_addr or "").strip()
+    tls = any((settings.nomad_cacert, settings.nomad_client_cert, settings.nomad_client_key))
+    if "://" not in addr:
+        return f"{'https' if tls else 'http'}://{addr}"
+    if tls and addr.lower().startswith("http://"):
+        raise SettingsError(
+            f"NOMAD_ADDR {addr!r} is plain http but Nomad TLS files are configured; "
+            "use https:// (TLS is never turned off silently)",
+            name="NOMAD_ADDR",
+        )
+    return addr
 
 
 class NomadAPI:
@@ -54,8 +73,7 @@ class NomadAPI:
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None):
         if not settings.nomad_addr:
             raise BackendError("NOMAD_ADDR is not set", code="invalid_setting")
-        addr = settings.nomad_addr
-        self.base_url = addr if "://" in addr else f"http://{addr}"
+        self.base_url = base_url(settings)
         headers = {"X-Nomad-Token": settings.nomad_token} if settings.nomad_token else {}
         params: dict[str, str] = {}
         if settings.nomad_namespace:
