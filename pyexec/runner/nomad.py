@@ -15,6 +15,7 @@ execution by its meta and the watcher covers it again. Nothing is dispatched twi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -72,6 +73,8 @@ class _Run:
     job_stopped: bool = False
     reported_running: bool = False
     concluding: bool = False
+    #: Its re-read after a gap in the events failed: the clock retries it.
+    stale: bool = False
     #: Set when the service itself stops the run (deadlines): this verdict wins over
     #: the "stopped" that Nomad then reports.
     expired: RunOutcome | None = None
@@ -205,7 +208,8 @@ class NomadRunner:
 
     async def kill(self, execution_id: str) -> None:
         run = self._runs.get(execution_id)
-        job_id = run.job_id if run is not None else await self._find_job(execution_id)
+        # A job another replica dispatched moments ago may be missing from a cached listing.
+        job_id = run.job_id if run is not None else await self._find_job(execution_id, recheck=True)
         if job_id is not None:
             await self.api.stop_job(job_id)
 
@@ -411,7 +415,19 @@ class NomadRunner:
     async def _reconcile(self) -> None:
         for run in list(self._runs.values()):
             if not run.outcome.done():
-                await self._refresh(run)
+                await self._refresh_or_mark(run)
+
+    async def _refresh_or_mark(self, run: _Run) -> None:
+        """Re-read one run; if Nomad refuses, mark it for the clock to retry. One run Nomad
+        answers badly for must not hold up the event stream every other run depends on
+        (an unreachable Nomad still raises: the watcher reconnects)."""
+        try:
+            await self._refresh(run)
+        except NomadError as exc:
+            run.stale = True
+            log.warning("could not re-read %s (will retry): %s", run.job_id, exc.message)
+        else:
+            run.stale = False
 
     async def _deadlines(self) -> None:
         while True:
@@ -420,6 +436,11 @@ class NomadRunner:
             for run in list(self._runs.values()):
                 if run.outcome.done() or run.concluding:
                     continue
+                if run.stale:
+                    with contextlib.suppress(BackendUnavailable):
+                        await self._refresh_or_mark(run)
+                    if run.outcome.done() or run.concluding:
+                        continue
                 if run.placed_at is None:
                     if now - run.since > self.settings.nomad_placement_timeout:
                         why = run.placement or "no allocation was created"
@@ -450,14 +471,15 @@ class NomadRunner:
             self._resolve(run, RunOutcome(reason=reason, error=error))
         # else: the stopped allocation concludes with its output, under this verdict.
 
-    async def _find_job(self, execution_id: str) -> str | None:
+    async def _find_job(self, execution_id: str, *, recheck: bool = False) -> str | None:
         """The dispatched job carrying ``execution_id`` in its meta, if Nomad still has it.
 
         One listing answers every lookup for a few seconds, so a restart that resumes
-        many executions lists the jobs once, not once per execution.
+        many executions lists the jobs once, not once per execution; ``recheck`` lists
+        again when the cached listing does not have it.
         """
         fresh = time.monotonic() - self._children_at < LISTING_TTL_SECONDS
-        if execution_id not in self._children and not fresh:
+        if execution_id not in self._children and (recheck or not fresh):
             await self._list_children()
         return self._children.get(execution_id)
 
