@@ -309,3 +309,21 @@ def test_hcl_template_reads_the_packaged_script() -> None:
 def _task(job: dict[str, Any], name: str) -> dict[str, Any]:
     (task,) = [t for t in job["TaskGroups"][0]["Tasks"] if t["Name"] == name]
     return task
+
+
+def test_task_script_runs_on_python_3_10(tmp_path: Path) -> None:
+    """The task script imports on Python 3.10 (no 3.11-only names such as datetime.UTC)."""
+    import subprocess
+    import sys
+
+    script = ROOT / SCRIPT_PATH
+    probe = (
+        "import datetime, runpy, sys\n"
+        "del datetime.UTC  # as on Python 3.10\n"
+        f"runpy.run_path({str(script)!r}, run_name='probe')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr

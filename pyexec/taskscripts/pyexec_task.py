@@ -30,9 +30,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import IO, Any
 
+#: datetime.UTC is Python 3.11+; the task runs in images with 3.10.
+UTC = timezone.utc  # noqa: UP017
 ALLOC = os.environ.get("NOMAD_ALLOC_DIR", "/alloc")
 #: Nomad makes alloc/data writable for every task user; all three tasks run as uid 1000.
 STATE = os.path.join(ALLOC, "data", "pyexec")
