@@ -422,6 +422,15 @@ def test_server_down(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
     assert err == f"pyexec: cannot reach the pyexec server at {url}: connection refused\n"
 
 
+def test_malformed_server_url(capsys: pytest.CaptureFixture[str]) -> None:
+    """--server without http:// is a usage error in one line, exit 2."""
+    assert run_cli(["--server", "localhost:8080", "version"]) == exitcodes.USAGE
+    err = capsys.readouterr().err
+    assert err == (
+        "pyexec: 'localhost:8080' is not a server URL; expected http://HOST[:PORT] or https://...\n"
+    )
+
+
 def test_bad_token(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A wrong token prints one line pointing at --token, exit 125."""
     (tmp_path / "main.py").write_text("")

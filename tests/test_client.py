@@ -24,6 +24,7 @@ from pyexec.client import (
     Client,
     ConnectionFailed,
     Execution,
+    InvalidServerURL,
     NotFoundError,
     Reason,
     RetryPolicy,
@@ -170,6 +171,14 @@ def test_token_and_trailing_slash(twin: Twin) -> None:
         client_kwargs={"base_url": "http://pyexec.test/prefix/", "token": "s3cret"},
     )
     assert (version.version, version.backend) == ("0.1.0", "embedded")
+
+
+@pytest.mark.parametrize("url", ["localhost:8080", "ftp://host", "http://", ":::"])
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+def test_a_base_url_that_is_not_http_is_refused(kind: type[Client | AsyncClient], url: str) -> None:
+    """A base URL without an http(s) scheme and host raises InvalidServerURL at once."""
+    with pytest.raises(InvalidServerURL, match="not a server URL"):
+        kind(url)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from pyexec.client import (
     APIError,
     AuthenticationError,
     ClientError,
+    InvalidServerURL,
     NotFoundError,
     WaitTimeout,
 )
@@ -115,7 +116,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         result = app.meta(tokens, result_action="return_value")
     except SystemExit as exc:  # cyclopts ends --help, --version and parse errors this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except UsageError as exc:
+    except (UsageError, InvalidServerURL) as exc:
         sys.stderr.write(f"pyexec: {exc}\n")
         return exitcodes.USAGE
     except WaitTimeout as exc:

@@ -21,6 +21,7 @@ from .errors import (
     APIError,
     ClientError,
     ConnectionFailed,
+    InvalidServerURL,
     Timeout,
     WaitTimeout,
     api_error_class,
@@ -201,7 +202,7 @@ class BaseClient:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/") or DEFAULT_SERVER
+        self.base_url = _server_url(base_url)
         self.token = token
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -360,6 +361,20 @@ class BaseClient:
             except ValueError:
                 pass
         return dict(_json(response))
+
+
+def _server_url(base_url: str) -> str:
+    """``base_url`` without trailing slashes, or ``InvalidServerURL`` if it is not http(s)."""
+    text = base_url.strip().rstrip("/") or DEFAULT_SERVER
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise InvalidServerURL(
+            f"{base_url!r} is not a server URL; expected http://HOST[:PORT] or https://..."
+        )
+    return text
 
 
 def _parsed(response: httpx.Response, build: Callable[[Any], T]) -> T:

@@ -10,7 +10,8 @@
     │   ├── NotFoundError       404: no such execution
     │   ├── ConflictError       409
     │   └── ServerError         5xx (``502``/``503`` on reads are retried first)
-    └── ArchiveError            a tar helper refused its input (a path escaping the archive, ...)
+    ├── ArchiveError            a tar helper refused its input (a path escaping the archive, ...)
+    └── InvalidServerURL        the base URL is not an http(s) URL (``localhost:8080``, ...)
 
 Every error has a one-line ``str()`` that the CLI prints as is.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "ClientError",
     "ConflictError",
     "ConnectionFailed",
+    "InvalidServerURL",
     "NotFoundError",
     "ServerError",
     "Timeout",
@@ -104,6 +106,10 @@ class ServerError(APIError):
 
 class ArchiveError(ClientError, ValueError):
     """A tar helper refused its input."""
+
+
+class InvalidServerURL(ClientError, ValueError):
+    """The client was given a base URL that is not ``http(s)://host[:port][/prefix]``."""
 
 
 def api_error_class(status_code: int) -> type[APIError]:
