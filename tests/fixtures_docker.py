@@ -16,7 +16,8 @@ import docker
 import pytest
 
 from pyexec.models import Execution, RunOutcome, new_execution_id, parse_request
-from pyexec.runner.docker import LABEL_EXECUTION, DockerRunner
+from pyexec.runner.docker import DockerRunner
+from pyexec.runner.docker_spec import LABEL_EXECUTION
 from pyexec.settings import Settings
 
 from .tarfiles import make_tar

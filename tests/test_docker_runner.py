@@ -21,17 +21,16 @@ import pytest
 
 from pyexec.errors import BackendError, BackendUnavailable, NotFound
 from pyexec.models import Execution, Reason, Status, new_execution_id, parse_request
-from pyexec.runner.docker import (
+from pyexec.runner.docker import DockerRunner
+from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
     LABEL_OWNER,
-    DockerRunner,
     Phase,
-    _Capture,
-    _Demux,
     container_args,
     plan,
 )
+from pyexec.runner.docker_stream import Capture, Demux
 from pyexec.sandbox.wire import ControlLine
 from pyexec.settings import Settings
 
@@ -121,7 +120,7 @@ def test_demux_reassembles_frames_split_anywhere() -> None:
     frames = [(1, b"hello "), (2, b"oops"), (1, b""), (1, b"world" * 1000)]
     wire = b"".join(struct.pack(">BxxxL", kind, len(data)) + data for kind, data in frames)
     for size in (1, 3, 7, 8, 9, 4096, len(wire)):
-        demux = _Demux()
+        demux = Demux()
         got: dict[int, bytes] = {1: b"", 2: b""}
         for offset in range(0, len(wire), size):
             for kind, data in demux.feed(wire[offset : offset + size]):
@@ -132,7 +131,7 @@ def test_demux_reassembles_frames_split_anywhere() -> None:
 def test_capture_keeps_whole_characters_at_the_cap() -> None:
     """A capped stream drops a multibyte character cut in half rather than mangling it."""
     for limit in range(1, 12):
-        capture = _Capture(limit)
+        capture = Capture(limit)
         assert not capture.feed("a😀é".encode() * 3)
         text = capture.text()
         assert "\ufffd" not in text

@@ -13,54 +13,45 @@ container when setup and run share a network policy; otherwise a setup container
 with the network prepares a per-execution tmpfs volume that the run container,
 without network, then uses. Containers and volumes carry the ``pyexec.managed``
 label; every path removes them, and ``startup`` sweeps leftovers of a crash.
+
+What the containers are made of is data (``docker_spec``); the attach stream is
+``docker_stream``; the engine calls are ``docker_engine``. This module drives one
+execution through its phases and decides its verdict.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import os
 import socket
-import ssl
-import struct
-import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
-from functools import partial
-from typing import Any, TypeVar
 
 import anyio
 import attrs
 import docker
-import docker.errors
-import requests
 from anyio import from_thread, to_thread
-from docker.types import LogConfig, Mount
-from docker.utils import parse_repository_tag
 
 from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
 from pyexec.runner import OnRunning
-from pyexec.sandbox import bootstrap_source, wire
+from pyexec.runner.docker_engine import Engine
+from pyexec.runner.docker_spec import (
+    LABEL_EXECUTION,
+    LABEL_MANAGED,
+    Phase,
+    bootstrap_spec,
+    container_args,
+    plan,
+    volume_args,
+)
+from pyexec.runner.docker_stream import AttachSocket, Capture, Demux
+from pyexec.sandbox import wire
 from pyexec.settings import Settings
 
-__all__ = ["LABEL_EXECUTION", "LABEL_MANAGED", "DockerRunner", "Phase", "container_args", "plan"]
+__all__ = ["DockerRunner"]
 
-T = TypeVar("T")
-
-LABEL_MANAGED = "pyexec.managed"
-LABEL_EXECUTION = "pyexec.execution_id"
-#: ``host:pid`` of the service process that pumps the container.
-LABEL_OWNER = "pyexec.owner"
-SANDBOX_USER = "1000:1000"
-WORKDIR = "/work"
-CA_TARGET = "/usr/local/share/pyexec/ca.crt"
-MiB = 1024 * 1024
-
-_RECV = 64 * 1024
-_MUX_HEADER = struct.Struct(">BxxxL")  # stream (1 stdout, 2 stderr), 3 pad bytes, length
 #: How long the host lets a setup overrun its budget before it steps in; the
 #: bootstrap enforces the budget itself and reports the setup output when it can.
 _SETUP_GRACE = 5.0
@@ -68,239 +59,14 @@ _SETUP_GRACE = 5.0
 _KILL_WAIT = 30.0
 #: Finished runs kept for ``wait``/``logs`` (their output lives in the outcome only).
 _DONE_KEPT = 64
-_REMOVE_ATTEMPTS = 3
-_THREADS = 64
-
-
-@attrs.frozen
-class Phase:
-    """One container of an execution."""
-
-    extract: bool  # unpack the tar into /work
-    setup: bool  # install requirements and run pre_commands
-    run: bool  # run the entrypoint
-    network: bool
-
-
-def plan(request: ExecutionRequest, settings: Settings) -> tuple[Phase, ...]:
-    """The containers an execution needs: one, or setup then run when their networks differ."""
-    run_network = not request.config.network_disabled
-    if not request.needs_setup:
-        return (Phase(extract=True, setup=False, run=True, network=run_network),)
-    if settings.setup_network == run_network:
-        return (Phase(extract=True, setup=True, run=True, network=run_network),)
-    return (
-        Phase(extract=True, setup=True, run=False, network=settings.setup_network),
-        Phase(extract=False, setup=False, run=True, network=run_network),
-    )
-
-
-def container_args(
-    settings: Settings,
-    request: ExecutionRequest,
-    execution_id: str,
-    phase: Phase,
-    volume: str | None = None,
-    owner: str = "",
-) -> dict[str, Any]:
-    """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
-    arguments of ``create_host_config`` (a pure function: shown and tested as data)."""
-    config = request.config
-    memory = config.memory_mb * MiB
-    mounts = []
-    tmpfs = None
-    if volume is None:
-        tmpfs = {
-            WORKDIR: f"rw,exec,nosuid,nodev,size={config.disk_mb}m,uid=1000,gid=1000,mode=0755"
-        }
-    else:
-        mounts.append(Mount(WORKDIR, volume, type="volume"))
-    if phase.setup and settings.ca_bundle:
-        mounts.append(Mount(CA_TARGET, settings.ca_bundle, type="bind", read_only=True))
-    host_config: dict[str, Any] = {
-        "network_mode": None if phase.network else "none",
-        "read_only": True,
-        "tmpfs": tmpfs,
-        "mounts": mounts or None,
-        "mem_limit": memory,
-        "memswap_limit": memory,
-        "cpu_shares": config.cpu_shares,
-        "pids_limit": config.pids_limit,
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
-        "log_config": LogConfig(type="none"),
-        "init": True,
-    }
-    return {
-        "image": request.docker_image,
-        "command": ["python3", "-I", "-S", "-c", bootstrap_source()],
-        "user": SANDBOX_USER,
-        "working_dir": WORKDIR,
-        "environment": [
-            f"HOME={WORKDIR}",
-            f"TMPDIR={WORKDIR}/.pyexec/tmp",
-            "PYTHONUNBUFFERED=1",
-        ],
-        "labels": {
-            LABEL_MANAGED: "1",
-            LABEL_EXECUTION: execution_id,
-            LABEL_OWNER: owner,
-            "pyexec.phase": "run" if phase.run else "setup",
-        },
-        "stdin_open": True,
-        "detach": False,  # with stdin_open: attach stdin/stdout/stderr, close stdin at EOF
-        "tty": False,
-        "host_config": host_config,
-    }
-
-
-def bootstrap_spec(settings: Settings, request: ExecutionRequest, phase: Phase) -> dict[str, Any]:
-    """What the in-container bootstrap is told to do (the first frame on its stdin)."""
-    env = dict(request.env_vars)
-    spec: dict[str, Any] = {
-        "extract": phase.extract,
-        "limits": {
-            "max_entries": settings.max_tar_entries,
-            "max_bytes": settings.max_extracted_bytes,
-        },
-    }
-    if phase.setup:
-        setup_env = dict(env)
-        if settings.ca_bundle:
-            for name in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
-                setup_env[name] = CA_TARGET
-        spec["setup"] = {
-            "requirements": request.requirements_txt,
-            "commands": list(request.pre_commands),
-            "timeout": request.config.timeout_seconds,
-            "env": setup_env,
-            "max_output": request.config.max_output_bytes,
-        }
-    if phase.run:
-        spec["run"] = {
-            "entrypoint": request.entrypoint,
-            "args": list(request.script_args),
-            "env": env,
-        }
-    return spec
-
-
-class _Capture:
-    """One output stream, kept up to ``limit`` bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
-        self.truncated = False
-
-    def feed(self, chunk: bytes) -> bool:
-        """Keep ``chunk``; ``False`` once the stream went over its limit."""
-        room = self.limit - len(self.data)
-        if len(chunk) > room:
-            self.data += chunk[: max(room, 0)]
-            self.truncated = True
-            return False
-        self.data += chunk
-        return True
-
-    def text(self, *, final: bool = True) -> str:
-        data = bytes(self.data)
-        if self.truncated or not final:
-            data = _cut_partial_utf8(data)
-        return data.decode("utf-8", errors="replace")
-
-
-def _cut_partial_utf8(data: bytes) -> bytes:
-    """Drop a multibyte character cut off at the end (by the cap, or not yet complete)."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
-            continue
-        needed = (
-            2
-            if byte >> 5 == 0b110
-            else 3
-            if byte >> 4 == 0b1110
-            else 4
-            if byte >> 3 == 0b11110
-            else 1
-        )
-        return data[:-back] if back < needed else data
-    return data
-
-
-class _Demux:
-    """Docker's multiplexed attach stream (tty off), parsed as it arrives."""
-
-    def __init__(self) -> None:
-        self._header = bytearray()
-        self._stream = 0
-        self._left = 0
-
-    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
-        view = memoryview(data)
-        while view:
-            if not self._left:
-                need = _MUX_HEADER.size - len(self._header)
-                self._header += view[:need]
-                view = view[need:]
-                if len(self._header) == _MUX_HEADER.size:
-                    self._stream, self._left = _MUX_HEADER.unpack(self._header)
-                    self._header.clear()
-                continue
-            piece = view[: self._left]
-            view = view[len(piece) :]
-            self._left -= len(piece)
-            yield self._stream, bytes(piece)
-
-
-class _Socket:
-    """The attach connection, non-blocking, driven by the event loop."""
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle  # keeps docker-py's wrapper (and its response) alive
-        raw = getattr(handle, "_sock", handle)
-        if not isinstance(raw, socket.socket):
-            raise BackendError(
-                "this Docker connection type does not give a socket to attach to",
-                code="runner_error",
-            )
-        self.sock = raw
-        self.sock.setblocking(False)
-
-    async def recv(self) -> bytes:
-        while True:
-            try:
-                return self.sock.recv(_RECV)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                await anyio.wait_readable(self.sock)
-            except (ConnectionResetError, BrokenPipeError):
-                return b""
-
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except (BlockingIOError, ssl.SSLWantWriteError):
-                await anyio.wait_writable(self.sock)
-
-    def shutdown_write(self) -> None:
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
-        close = getattr(self._handle, "close", None)
-        if close is not None:
-            close()
 
 
 @attrs.define(eq=False)
 class _Run:
     execution_id: str
     request: ExecutionRequest
-    stdout: _Capture
-    stderr: _Capture
+    stdout: Capture
+    stderr: Capture
     containers: list[str] = attrs.Factory(list)
     volume: str | None = None
     killed: bool = False
@@ -309,7 +75,7 @@ class _Run:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     exit_code: int | None = None
-    keeper: tuple[str, _Socket] | None = None
+    keeper: tuple[str, AttachSocket] | None = None
     task: asyncio.Task[RunOutcome] | None = None
     launch_error: Exception | None = None
 
@@ -342,19 +108,16 @@ class DockerRunner:
 
     def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
         self._settings = settings
-        self._client = client
-        self._owns_client = client is None
-        self._client_lock = threading.Lock()
+        self._engine = Engine(settings, client)
         self._runs: dict[str, _Run] = {}
         self._done: OrderedDict[str, _Run] = OrderedDict()
-        self._limiter = anyio.CapacityLimiter(_THREADS)
         self._closed = False
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
 
     # --- Runner protocol ---------------------------------------------------------------
 
     async def startup(self) -> None:
-        await self._sweep({LABEL_MANAGED: "1"}, spare_live_owners=True)
+        await self._engine.sweep({LABEL_MANAGED: "1"}, spare_live_owners=True)
 
     async def start(
         self,
@@ -369,7 +132,7 @@ class DockerRunner:
         if execution_id in self._runs:
             raise Conflict(f"{execution_id} is already running", code="already_exists")
         limit = request.config.max_output_bytes
-        run = _Run(execution_id, request, _Capture(limit), _Capture(limit))
+        run = _Run(execution_id, request, Capture(limit), Capture(limit))
         self._runs[execution_id] = run
         launched = asyncio.Event()
         task = asyncio.create_task(self._drive(run, tar, on_running, launched))
@@ -410,11 +173,11 @@ class DockerRunner:
     async def kill(self, execution_id: str) -> None:
         run = self._runs.get(execution_id)
         if run is None:
-            await self._sweep({LABEL_EXECUTION: execution_id})
+            await self._engine.sweep({LABEL_EXECUTION: execution_id})
             return
         run.killed = True
         for container in list(run.containers):
-            await self._kill_container(container)
+            await self._engine.kill(container)
         if run.task is not None:
             await asyncio.wait({run.task}, timeout=_KILL_WAIT)
 
@@ -424,12 +187,7 @@ class DockerRunner:
         return False
 
     async def ping(self) -> None:
-        try:
-            await self._call(lambda api: api.ping())
-        except BackendError as exc:
-            raise BackendUnavailable(
-                f"Docker is not reachable: {exc.message}", code="runner_unavailable"
-            ) from exc
+        await self._engine.ping()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -438,9 +196,7 @@ class DockerRunner:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=_KILL_WAIT)
-        if self._owns_client and self._client is not None:
-            self._client.close()
-            self._client = None
+        self._engine.close()
 
     # --- One execution -----------------------------------------------------------------
 
@@ -465,7 +221,9 @@ class DockerRunner:
         try:
             phases = plan(run.request, self._settings)
             if len(phases) > 1:
-                run.volume = await self._create_volume(run)
+                run.volume = await self._engine.create_volume(
+                    volume_args(run.request, run.execution_id, self._owner)
+                )
             for phase in phases:
                 await self._phase(run, phase, tar, on_running, launched)
             raise AssertionError("the last phase always ends the execution")  # pragma: no cover
@@ -512,19 +270,15 @@ class DockerRunner:
             self._settings, request, run.execution_id, phase, run.volume, self._owner
         )
         spec = wire.spec_frame(bootstrap_spec(self._settings, request, phase))
-        container = await self._create(args)
+        container = await self._engine.create(args)
         run.containers.append(container)
         if run.killed:
             raise _Ended(run.outcome(Reason.KILLED))
-        handle = await self._call(
-            lambda api: api.attach_socket(
-                container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-            )
-        )
-        conn = _Socket(handle)
+        handle = await self._engine.attach(container)
+        conn = AttachSocket(handle)
         control = wire.ControlLine()
         try:
-            await self._call(lambda api: api.start(container))
+            await self._engine.start(container)
             await self._drop_keeper(run)
             budget = float(request.config.timeout_seconds)
             if phase.setup:
@@ -547,10 +301,10 @@ class DockerRunner:
             raise
         conn.close()
         if run.verdict is not None:
-            await self._kill_container(container)
+            await self._engine.kill(container)
         exited = await self._wait_exit(run, container, phase, control, deadline)
         run.finished_at = utcnow()
-        oom = exited == 137 and run.verdict is None and await self._oom_killed(container)
+        oom = exited == 137 and run.verdict is None and await self._engine.oom_killed(container)
         await self._remove_container(run, container)
         self._judge(run, phase, control, exited, oom)
 
@@ -598,7 +352,7 @@ class DockerRunner:
 
     async def _feed(
         self,
-        conn: _Socket,
+        conn: AttachSocket,
         spec: bytes,
         tar: AsyncIterator[bytes] | None,
         stdin: bytes | None,
@@ -619,7 +373,7 @@ class DockerRunner:
             # The container ended without reading all its input; its outcome says why.
             launched.set()
 
-    async def _send_archive(self, conn: _Socket, tar: AsyncIterator[bytes]) -> None:
+    async def _send_archive(self, conn: AttachSocket, tar: AsyncIterator[bytes]) -> None:
         """Unpack the tar's framing here, member by member, so the sandbox needs no tarfile."""
         chunks = aiter(tar)
 
@@ -635,12 +389,12 @@ class DockerRunner:
                 lambda data: from_thread.run(conn.send, data),
             )
 
-        await to_thread.run_sync(work, limiter=self._limiter)
+        await to_thread.run_sync(work, limiter=self._engine.limiter)
 
     async def _pump(
         self,
         run: _Run,
-        conn: _Socket,
+        conn: AttachSocket,
         control: wire.ControlLine,
         phase: Phase,
         on_running: OnRunning,
@@ -648,7 +402,7 @@ class DockerRunner:
     ) -> float:
         """Read output until the stream ends, a stream overflows or the deadline passes;
         returns the deadline then in force (the run's, once a setup gave way to it)."""
-        demux = _Demux()
+        demux = Demux()
         with anyio.CancelScope(deadline=deadline) as scope:
             while data := await conn.recv():
                 for stream, payload in demux.feed(data):
@@ -689,124 +443,15 @@ class DockerRunner:
         if run.verdict is None:
             # Its output ended, so it has normally exited already and this returns at once.
             remaining = max(deadline - anyio.current_time(), 1.0)
-            code = await self._wait_container(container, remaining)
+            code = await self._engine.wait(container, remaining)
             if code is not None:
                 return code
             self._timed_out(run, phase, control)
-            await self._kill_container(container)
-        return await self._wait_container(container, _KILL_WAIT)
-
-    # --- Docker calls --------------------------------------------------------------------
-
-    def _api(self) -> docker.APIClient:
-        with self._client_lock:
-            if self._client is None:
-                self._client = docker.DockerClient(
-                    base_url=self._settings.docker_host, max_pool_size=_THREADS
-                )
-            return self._client.api
-
-    async def _call(self, fn: Callable[[docker.APIClient], T]) -> T:
-        """Run ``fn(api)`` in a worker thread; Docker errors become pyexec errors
-        (``docker.errors.NotFound`` passes through for callers that expect it)."""
-        try:
-            return await to_thread.run_sync(lambda: fn(self._api()), limiter=self._limiter)
-        except docker.errors.NotFound:
-            raise
-        except docker.errors.APIError as exc:
-            raise BackendError(f"Docker: {exc.explanation or exc}", code="runner_error") from exc
-        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-            raise BackendUnavailable(
-                f"Docker is not reachable: {exc}", code="runner_unavailable"
-            ) from exc
-
-    async def _create(self, args: dict[str, Any]) -> str:
-        def create(api: docker.APIClient) -> str:
-            kwargs = dict(args, host_config=api.create_host_config(**args["host_config"]))
-            return str(api.create_container(**kwargs)["Id"])
-
-        image = args["image"]
-        try:
-            return await self._call(create)
-        except docker.errors.ImageNotFound:
-            if not self._settings.docker_pull:
-                raise BackendError(
-                    f"the image {image!r} is not available locally (pulling is off)",
-                    code="image_unavailable",
-                    image=image,
-                ) from None
-        repository, tag = parse_repository_tag(image)
-        try:
-            await self._call(lambda api: api.pull(repository, tag=tag or "latest"))
-            return await self._call(create)
-        except (docker.errors.NotFound, BackendError) as exc:
-            detail = exc.message if isinstance(exc, BackendError) else str(exc)
-            raise BackendError(
-                f"the image {image!r} is not available locally and could not be pulled: {detail}",
-                code="image_unavailable",
-                image=image,
-            ) from exc
-
-    async def _create_volume(self, run: _Run) -> str:
-        size = run.request.config.disk_mb
-        volume = await self._call(
-            lambda api: api.create_volume(
-                driver="local",
-                driver_opts={
-                    "type": "tmpfs",
-                    "device": "tmpfs",
-                    "o": f"size={size}m,uid=1000,gid=1000,mode=0755",
-                },
-                labels={
-                    LABEL_MANAGED: "1",
-                    LABEL_EXECUTION: run.execution_id,
-                    LABEL_OWNER: self._owner,
-                },
-            )
-        )
-        return str(volume["Name"])
-
-    async def _wait_container(self, container: str, timeout: float) -> int | None:
-        """Exit code, or ``None`` if the container still runs after ``timeout`` seconds."""
-        try:
-            seconds = math.ceil(timeout)
-            result = await self._call(lambda api: api.wait(container, timeout=seconds))
-        except BackendUnavailable as exc:
-            if isinstance(exc.__cause__, requests.exceptions.ReadTimeout):
-                return None
-            raise
-        except docker.errors.NotFound:
-            return None
-        return int(result["StatusCode"])
-
-    async def _oom_killed(self, container: str) -> bool:
-        state = await self._call(lambda api: api.inspect_container(container))
-        return bool(state["State"].get("OOMKilled"))
-
-    async def _kill_container(self, container: str) -> None:
-        try:
-            await self._call(lambda api: api.kill(container))
-        except docker.errors.NotFound:
-            return
-        except BackendError as exc:
-            if "is not running" not in exc.message:
-                raise
+            await self._engine.kill(container)
+        return await self._engine.wait(container, _KILL_WAIT)
 
     async def _remove_container(self, run: _Run, container: str) -> None:
-        for attempt in range(_REMOVE_ATTEMPTS):
-            try:
-                await self._call(partial(_remove_container, container))
-            except docker.errors.NotFound:
-                break
-            except BackendError as exc:
-                if "already in progress" in exc.message:
-                    break  # someone else's removal finishes the job
-                if attempt + 1 == _REMOVE_ATTEMPTS:
-                    raise
-                # The engine sometimes refuses while the container is still dying.
-                await anyio.sleep(0.2 * 2**attempt)
-            else:
-                break
+        await self._engine.remove_container(container)
         if container in run.containers:
             run.containers.remove(container)
 
@@ -816,56 +461,11 @@ class DockerRunner:
         for container in list(run.containers):
             await self._remove_container(run, container)
         if run.volume is not None:
-            with contextlib.suppress(docker.errors.NotFound):
-                await self._call(partial(_remove_volume, run.volume))
+            await self._engine.remove_volume(run.volume)
             run.volume = None
-
-    async def _sweep(self, labels: dict[str, str], *, spare_live_owners: bool = False) -> None:
-        """Remove every container and volume carrying ``labels`` (leftovers, or a late kill).
-
-        With ``spare_live_owners``, what a live pyexec process on this host still pumps
-        is left alone: nothing else can read its output, but that process can.
-        """
-        selector = [f"{key}={value}" for key, value in labels.items()]
-        containers = await self._call(
-            lambda api: api.containers(all=True, filters={"label": selector})
-        )
-        for item in containers:
-            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
-                continue
-            with contextlib.suppress(docker.errors.NotFound):
-                await self._call(partial(_remove_container, item["Id"]))
-        volumes = await self._call(lambda api: api.volumes(filters={"label": selector}))
-        for item in (volumes or {}).get("Volumes") or []:
-            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
-                continue
-            with contextlib.suppress(docker.errors.NotFound):
-                await self._call(partial(_remove_volume, item["Name"]))
 
     def _find(self, execution_id: str) -> _Run | None:
         return self._runs.get(execution_id) or self._done.get(execution_id)
-
-
-def _remove_container(container: str, api: docker.APIClient) -> None:
-    api.remove_container(container, v=True, force=True)
-
-
-def _remove_volume(volume: str, api: docker.APIClient) -> None:
-    api.remove_volume(volume, force=True)
-
-
-def _owner_alive(owner: str | None) -> bool:
-    """Whether ``host:pid`` names a live process on this host (so not a crash's leftover)."""
-    host, _, pid = (owner or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unwrap(exc: Exception) -> Exception:

@@ -1,0 +1,215 @@
+"""The Docker Engine calls of the local runner, each in a worker thread.
+
+docker-py is blocking; ``Engine`` runs every call through one capacity limiter and
+turns Docker's errors into pyexec's (``docker.errors.NotFound`` passes through for
+callers that expect it). Removing and killing what is already gone succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+import docker
+import docker.errors
+import requests
+from anyio import to_thread
+from docker.utils import parse_repository_tag
+
+from pyexec.errors import BackendError, BackendUnavailable
+from pyexec.runner.docker_spec import LABEL_OWNER
+from pyexec.settings import Settings
+
+__all__ = ["Engine"]
+
+T = TypeVar("T")
+
+_REMOVE_ATTEMPTS = 3
+THREADS = 64
+
+
+class Engine:
+    """One Docker client (opened on first use) and the calls the runner makes with it."""
+
+    def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
+        self._settings = settings
+        self._client = client
+        self._owns_client = client is None
+        self._client_lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(THREADS)
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        return self._limiter
+
+    def _api(self) -> docker.APIClient:
+        with self._client_lock:
+            if self._client is None:
+                self._client = docker.DockerClient(
+                    base_url=self._settings.docker_host, max_pool_size=THREADS
+                )
+            return self._client.api
+
+    async def call(self, fn: Callable[[docker.APIClient], T]) -> T:
+        """Run ``fn(api)`` in a worker thread; Docker errors become pyexec errors
+        (``docker.errors.NotFound`` passes through for callers that expect it)."""
+        try:
+            return await to_thread.run_sync(lambda: fn(self._api()), limiter=self._limiter)
+        except docker.errors.NotFound:
+            raise
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker: {exc.explanation or exc}", code="runner_error") from exc
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise BackendUnavailable(
+                f"Docker is not reachable: {exc}", code="runner_unavailable"
+            ) from exc
+
+    async def ping(self) -> None:
+        try:
+            await self.call(lambda api: api.ping())
+        except BackendError as exc:
+            raise BackendUnavailable(
+                f"Docker is not reachable: {exc.message}", code="runner_unavailable"
+            ) from exc
+
+    async def create(self, args: dict[str, Any]) -> str:
+        """Create a container from ``container_args``; pull the image first if allowed."""
+
+        def create(api: docker.APIClient) -> str:
+            kwargs = dict(args, host_config=api.create_host_config(**args["host_config"]))
+            return str(api.create_container(**kwargs)["Id"])
+
+        image = args["image"]
+        try:
+            return await self.call(create)
+        except docker.errors.ImageNotFound:
+            if not self._settings.docker_pull:
+                raise BackendError(
+                    f"the image {image!r} is not available locally (pulling is off)",
+                    code="image_unavailable",
+                    image=image,
+                ) from None
+        repository, tag = parse_repository_tag(image)
+        try:
+            await self.call(lambda api: api.pull(repository, tag=tag or "latest"))
+            return await self.call(create)
+        except (docker.errors.NotFound, BackendError) as exc:
+            detail = exc.message if isinstance(exc, BackendError) else str(exc)
+            raise BackendError(
+                f"the image {image!r} is not available locally and could not be pulled: {detail}",
+                code="image_unavailable",
+                image=image,
+            ) from exc
+
+    async def create_volume(self, args: dict[str, Any]) -> str:
+        volume = await self.call(lambda api: api.create_volume(**args))
+        return str(volume["Name"])
+
+    async def attach(self, container: str) -> Any:
+        """docker-py's socket wrapper for the container's stdin, stdout and stderr."""
+        params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+        return await self.call(lambda api: api.attach_socket(container, params=params))
+
+    async def start(self, container: str) -> None:
+        await self.call(lambda api: api.start(container))
+
+    async def wait(self, container: str, timeout: float) -> int | None:
+        """Exit code, or ``None`` if the container still runs after ``timeout`` seconds."""
+        try:
+            seconds = math.ceil(timeout)
+            result = await self.call(lambda api: api.wait(container, timeout=seconds))
+        except BackendUnavailable as exc:
+            if isinstance(exc.__cause__, requests.exceptions.ReadTimeout):
+                return None
+            raise
+        except docker.errors.NotFound:
+            return None
+        return int(result["StatusCode"])
+
+    async def oom_killed(self, container: str) -> bool:
+        state = await self.call(lambda api: api.inspect_container(container))
+        return bool(state["State"].get("OOMKilled"))
+
+    async def kill(self, container: str) -> None:
+        try:
+            await self.call(lambda api: api.kill(container))
+        except docker.errors.NotFound:
+            return
+        except BackendError as exc:
+            if "is not running" not in exc.message:
+                raise
+
+    async def remove_container(self, container: str) -> None:
+        for attempt in range(_REMOVE_ATTEMPTS):
+            try:
+                await self.call(partial(_remove_container, container))
+            except docker.errors.NotFound:
+                return
+            except BackendError as exc:
+                if "already in progress" in exc.message:
+                    return  # someone else's removal finishes the job
+                if attempt + 1 == _REMOVE_ATTEMPTS:
+                    raise
+                # The engine sometimes refuses while the container is still dying.
+                await anyio.sleep(0.2 * 2**attempt)
+            else:
+                return
+
+    async def remove_volume(self, volume: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            await self.call(partial(_remove_volume, volume))
+
+    async def sweep(self, labels: dict[str, str], *, spare_live_owners: bool = False) -> None:
+        """Remove every container and volume carrying ``labels`` (leftovers, or a late kill).
+
+        With ``spare_live_owners``, what a live pyexec process on this host still pumps
+        is left alone: nothing else can read its output, but that process can.
+        """
+        selector = [f"{key}={value}" for key, value in labels.items()]
+        containers = await self.call(
+            lambda api: api.containers(all=True, filters={"label": selector})
+        )
+        for item in containers:
+            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
+                continue
+            with contextlib.suppress(docker.errors.NotFound):
+                await self.call(partial(_remove_container, item["Id"]))
+        volumes = await self.call(lambda api: api.volumes(filters={"label": selector}))
+        for item in (volumes or {}).get("Volumes") or []:
+            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
+                continue
+            await self.remove_volume(item["Name"])
+
+    def close(self) -> None:
+        if self._owns_client and self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _remove_container(container: str, api: docker.APIClient) -> None:
+    api.remove_container(container, v=True, force=True)
+
+
+def _remove_volume(volume: str, api: docker.APIClient) -> None:
+    api.remove_volume(volume, force=True)
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether ``host:pid`` names a live process on this host (so not a crash's leftover)."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

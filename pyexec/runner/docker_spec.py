@@ -1,0 +1,169 @@
+"""What the local Docker runner asks the engine for, as data (pure functions).
+
+``plan`` says which containers an execution needs, ``container_args`` what each one
+is created with, ``bootstrap_spec`` what its bootstrap is told on stdin. Nothing
+here talks to Docker, so the whole sandbox policy can be shown and tested as values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from docker.types import LogConfig, Mount
+
+from pyexec.models import ExecutionRequest
+from pyexec.sandbox import bootstrap_source
+from pyexec.settings import Settings
+
+__all__ = [
+    "CA_TARGET",
+    "LABEL_EXECUTION",
+    "LABEL_MANAGED",
+    "LABEL_OWNER",
+    "WORKDIR",
+    "Phase",
+    "bootstrap_spec",
+    "container_args",
+    "labels",
+    "plan",
+    "volume_args",
+]
+
+LABEL_MANAGED = "pyexec.managed"
+LABEL_EXECUTION = "pyexec.execution_id"
+#: ``host:pid`` of the service process that pumps the container.
+LABEL_OWNER = "pyexec.owner"
+SANDBOX_USER = "1000:1000"
+WORKDIR = "/work"
+CA_TARGET = "/usr/local/share/pyexec/ca.crt"
+MiB = 1024 * 1024
+
+
+@attrs.frozen
+class Phase:
+    """One container of an execution."""
+
+    extract: bool  # unpack the tar into /work
+    setup: bool  # install requirements and run pre_commands
+    run: bool  # run the entrypoint
+    network: bool
+
+
+def plan(request: ExecutionRequest, settings: Settings) -> tuple[Phase, ...]:
+    """The containers an execution needs: one, or setup then run when their networks differ."""
+    run_network = not request.config.network_disabled
+    if not request.needs_setup:
+        return (Phase(extract=True, setup=False, run=True, network=run_network),)
+    if settings.setup_network == run_network:
+        return (Phase(extract=True, setup=True, run=True, network=run_network),)
+    return (
+        Phase(extract=True, setup=True, run=False, network=settings.setup_network),
+        Phase(extract=False, setup=False, run=True, network=run_network),
+    )
+
+
+def labels(execution_id: str, owner: str) -> dict[str, str]:
+    """The labels every container and volume of an execution carries."""
+    return {LABEL_MANAGED: "1", LABEL_EXECUTION: execution_id, LABEL_OWNER: owner}
+
+
+def container_args(
+    settings: Settings,
+    request: ExecutionRequest,
+    execution_id: str,
+    phase: Phase,
+    volume: str | None = None,
+    owner: str = "",
+) -> dict[str, Any]:
+    """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
+    arguments of ``create_host_config`` (a pure function: shown and tested as data)."""
+    config = request.config
+    memory = config.memory_mb * MiB
+    mounts = []
+    tmpfs = None
+    if volume is None:
+        tmpfs = {
+            WORKDIR: f"rw,exec,nosuid,nodev,size={config.disk_mb}m,uid=1000,gid=1000,mode=0755"
+        }
+    else:
+        mounts.append(Mount(WORKDIR, volume, type="volume"))
+    if phase.setup and settings.ca_bundle:
+        mounts.append(Mount(CA_TARGET, settings.ca_bundle, type="bind", read_only=True))
+    host_config: dict[str, Any] = {
+        "network_mode": None if phase.network else "none",
+        "read_only": True,
+        "tmpfs": tmpfs,
+        "mounts": mounts or None,
+        "mem_limit": memory,
+        "memswap_limit": memory,
+        "cpu_shares": config.cpu_shares,
+        "pids_limit": config.pids_limit,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "log_config": LogConfig(type="none"),
+        "init": True,
+    }
+    return {
+        "image": request.docker_image,
+        "command": ["python3", "-I", "-S", "-c", bootstrap_source()],
+        "user": SANDBOX_USER,
+        "working_dir": WORKDIR,
+        "environment": [
+            f"HOME={WORKDIR}",
+            f"TMPDIR={WORKDIR}/.pyexec/tmp",
+            "PYTHONUNBUFFERED=1",
+        ],
+        "labels": {
+            **labels(execution_id, owner),
+            "pyexec.phase": "run" if phase.run else "setup",
+        },
+        "stdin_open": True,
+        "detach": False,  # with stdin_open: attach stdin/stdout/stderr, close stdin at EOF
+        "tty": False,
+        "host_config": host_config,
+    }
+
+
+def volume_args(request: ExecutionRequest, execution_id: str, owner: str) -> dict[str, Any]:
+    """Arguments of ``APIClient.create_volume`` for the /work a setup container hands over."""
+    return {
+        "driver": "local",
+        "driver_opts": {
+            "type": "tmpfs",
+            "device": "tmpfs",
+            "o": f"size={request.config.disk_mb}m,uid=1000,gid=1000,mode=0755",
+        },
+        "labels": labels(execution_id, owner),
+    }
+
+
+def bootstrap_spec(settings: Settings, request: ExecutionRequest, phase: Phase) -> dict[str, Any]:
+    """What the in-container bootstrap is told to do (the first frame on its stdin)."""
+    env = dict(request.env_vars)
+    spec: dict[str, Any] = {
+        "extract": phase.extract,
+        "limits": {
+            "max_entries": settings.max_tar_entries,
+            "max_bytes": settings.max_extracted_bytes,
+        },
+    }
+    if phase.setup:
+        setup_env = dict(env)
+        if settings.ca_bundle:
+            for name in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
+                setup_env[name] = CA_TARGET
+        spec["setup"] = {
+            "requirements": request.requirements_txt,
+            "commands": list(request.pre_commands),
+            "timeout": request.config.timeout_seconds,
+            "env": setup_env,
+            "max_output": request.config.max_output_bytes,
+        }
+    if phase.run:
+        spec["run"] = {
+            "entrypoint": request.entrypoint,
+            "args": list(request.script_args),
+            "env": env,
+        }
+    return spec
