@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -511,3 +512,29 @@ def test_shell_completion_is_available() -> None:
     script = app.generate_completion(prog_name="pyexec", shell="bash")  # noqa: S604 - a cyclopts option, no shell runs
     assert "pyexec" in script
     assert "follow" in script
+
+
+def test_help_lists_every_command_with_a_line() -> None:
+    """``pyexec --help`` gives every command a help line without importing the lazy ones."""
+    code = (
+        "import sys\n"
+        "from pyexec.cli import run_cli\n"
+        "run_cli(['--help'])\n"
+        "lazy = ('pyexec.cli.nomad_cmds', 'pyexec.configref')\n"
+        "print(sorted(m for m in sys.modules if m in lazy))\n"
+    )
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+    ).stdout
+    rows = [line.strip("│ ").split(None, 1) for line in out.splitlines() if line.startswith("│ ")]
+    helps = {row[0]: row[1].strip(" │") if len(row) > 1 else "" for row in rows}
+    commands = ("run", "submit", "follow", "logs", "kill", "version", "eval", "serve")
+    for command in (*commands, "job", "bundle", "config-reference"):
+        assert helps.get(command), command
+    assert out.splitlines()[-1] == "[]"

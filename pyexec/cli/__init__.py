@@ -52,9 +52,23 @@ app.command(commands.kill)
 app.command(commands.version)
 app.command(commands.eval_, name="eval")
 app.command(serve)
-app.command("pyexec.configref:config_reference", name="config-reference")
-app.command("pyexec.cli.nomad_cmds:job_app", name="job")
-app.command("pyexec.cli.nomad_cmds:bundle_app", name="bundle")
+# Lazy (import path) commands: their help is given here so `pyexec --help` can list them
+# without importing their modules.
+app.command(
+    "pyexec.configref:config_reference",
+    name="config-reference",
+    help="Print the configuration reference (every PYEXEC_* setting) from the settings class.",
+)
+app.command(
+    "pyexec.cli.nomad_cmds:job_app",
+    name="job",
+    help="Render or register the Nomad runner jobs (talks to Nomad, not to a pyexec server).",
+)
+app.command(
+    "pyexec.cli.nomad_cmds:bundle_app",
+    name="bundle",
+    help="Upload a bundle to Consul for runs dispatched with `nomad job dispatch`.",
+)
 app.register_install_completion_command(add_to_startup=False)
 
 
@@ -72,7 +86,11 @@ def _launcher(
     ] = False,
     verbose: Annotated[
         bool,
-        Parameter(name=["--verbose", "-v"], negative="", help="Also print the execution record."),
+        Parameter(
+            name=["--verbose", "-v"],
+            negative="",
+            help="Also print the execution id and metadata on stderr.",
+        ),
     ] = False,
     json: Annotated[
         bool, Parameter(negative="", help="Print the full record as JSON on stdout.")
