@@ -405,3 +405,15 @@ def test_get_can_ask_the_server_to_hold(twin: Twin) -> None:
     twin(handler, "get", EXE, wait=12)
     twin(handler, "get", EXE)
     assert seen == ["12", None]
+
+
+def test_run_wait_covers_the_servers_budget() -> None:
+    """A run is waited for its limit (twice with a setup phase) plus the server's slack."""
+    from pyexec.client._base import run_wait
+    from pyexec.service import RUNNER_SLACK_SECONDS
+
+    plain, setup = RunOptions(timeout=60), RunOptions(timeout=60, requirements="attrs\n")
+    assert run_wait(plain) > 60 + RUNNER_SLACK_SECONDS
+    assert run_wait(setup) > 2 * 60 + RUNNER_SLACK_SECONDS
+    assert run_wait(RunOptions(timeout=60, pre_commands=["true"])) == run_wait(setup)
+    assert run_wait(plain, setup=True) == run_wait(setup)

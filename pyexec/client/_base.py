@@ -56,10 +56,18 @@ READ_MARGIN = 30.0
 DEFAULT_RUN_WAIT = 3600.0
 
 
-def run_wait(options: RunOptions | None) -> float:
-    """How long waiting for a run may take: its time limit plus a margin, else the default."""
-    timeout = options.timeout if options else None
-    return DEFAULT_RUN_WAIT if not timeout else timeout + READ_MARGIN
+def run_wait(options: RunOptions | None, *, setup: bool | None = None) -> float:
+    """How long a client waits for a run to end before giving up.
+
+    The server allows a run its time limit, as much again for a setup phase
+    (requirements, pre-commands; eval may add requirements, so it passes ``setup=True``)
+    and some slack; the client waits that long plus a margin of its own.
+    """
+    options = options or RunOptions()
+    limit = options.timeout or DEFAULT_RUN_WAIT
+    if setup is None:
+        setup = bool((options.requirements or "").strip() or options.pre_commands)
+    return limit * (2 if setup else 1) + 2 * READ_MARGIN
 
 
 @attrs.frozen(kw_only=True)
@@ -318,7 +326,7 @@ class BaseClient:
             "auto_requirements": auto_requirements,
         }
         body.update({k: v for k, v in extras.items() if v is not None})
-        read_timeout = run_wait(options) + READ_MARGIN
+        read_timeout = run_wait(options, setup=True) + READ_MARGIN
         return Call(method="POST", path=f"{API}/eval", json=body, read_timeout=read_timeout)
 
     # --- Parsing -----------------------------------------------------------------------
