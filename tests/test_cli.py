@@ -199,6 +199,15 @@ def test_unreadable_local_files_are_usage_errors(cli: Any, tmp_path: Path) -> No
         assert result.err.count("\n") == 1, result.err
 
 
+def test_eval_file_keeps_its_name(cli: Any, fake: Fake, tmp_path: Path) -> None:
+    """eval FILE ships the code under the file's own name; -c code is main.py."""
+    (tmp_path / "analysis.py").write_text("print(1)\n")
+    assert cli("eval", str(tmp_path / "analysis.py")).code == 0
+    assert "analysis.py" in fake.last_tar()
+    assert cli("eval", "-c", "print(1)").code == 0
+    assert "main.py" in fake.last_tar()
+
+
 def test_file_and_path_together_are_refused(cli: Any, project: Path) -> None:
     """--file and a PATH argument at once are ambiguous and refused."""
     assert cli("run", "--file", "proj/main.py", "proj").code == exitcodes.USAGE

@@ -208,6 +208,8 @@ def eval_(
     source = _eval_source(path, code)
     reqs = read_local_text(requirements, "--requirements") if requirements else None
     run_options = RunOptions(
+        # A FILE keeps its name, so tracebacks and __file__ show it (else main.py).
+        entrypoint=_eval_entrypoint(path),
         requirements=reqs,
         env=env_pairs(env, os.environ),
         args=options.script_args,
@@ -224,6 +226,11 @@ def eval_(
         )
     emit_execution(options, record)
     return exitcodes.for_execution(record)
+
+
+def _eval_entrypoint(path: str | None) -> str | None:
+    name = Path(path).name if path not in (None, STDIN) else ""
+    return name if name.endswith(".py") and name != ".py" else None
 
 
 def _eval_source(path: str | None, code: str | None) -> str:
