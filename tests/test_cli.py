@@ -208,6 +208,20 @@ def test_eval_file_keeps_its_name(cli: Any, fake: Fake, tmp_path: Path) -> None:
     assert "main.py" in fake.last_tar()
 
 
+def test_local_archive_problems_are_usage_errors(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --file outside the current directory or a .tar that is not one: exit 2, one line."""
+    (tmp_path / "outside.py").write_text("print(1)\n")
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    monkeypatch.chdir(tmp_path / "inner")
+    for argv in (("run", "--file", "../outside.py"), ("run", str(tmp_path / "bad.tar"))):
+        result = cli(*argv)
+        assert result.code == exitcodes.USAGE, (argv, result.err)
+        assert result.err.count("\n") == 1, result.err
+
+
 def test_file_and_path_together_are_refused(cli: Any, project: Path) -> None:
     """--file and a PATH argument at once are ambiguous and refused."""
     assert cli("run", "--file", "proj/main.py", "proj").code == exitcodes.USAGE

@@ -21,6 +21,7 @@ from pyexec.__about__ import __version__
 from pyexec.client import (
     DEFAULT_SERVER,
     APIError,
+    ArchiveError,
     AuthenticationError,
     ClientError,
     InvalidServerURL,
@@ -134,7 +135,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         result = app.meta(tokens, result_action="return_value")
     except SystemExit as exc:  # cyclopts ends --help, --version and parse errors this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except (UsageError, InvalidServerURL) as exc:
+    except (UsageError, InvalidServerURL, ArchiveError) as exc:  # local input: nothing was sent
         sys.stderr.write(f"pyexec: {exc}\n")
         return exitcodes.USAGE
     except WaitTimeout as exc:
