@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,33 @@ def test_safe_extract_never_writes_outside(tmp_path: Path) -> None:
     assert info.value.code == "tar_link_escape"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
     assert not (tmp_path / "owned").exists()
+
+
+def test_overlong_names_and_link_targets_are_rejected() -> None:
+    """Names or link targets over PATH_MAX, or with a part over NAME_MAX, are tar_invalid."""
+    rejected(build(member("main.py"), member("d/" * 2100 + "x")), "tar_invalid")
+    rejected(build(member("main.py"), member("x" * 256 + "/y")), "tar_invalid")
+    rejected(
+        build(member("main.py"), member("l", tarfile.SYMTYPE, link="a/" * 2100)), "tar_invalid"
+    )
+
+
+def test_deep_paths_cost_memory_in_proportion_to_their_names() -> None:
+    """Deep members are checked without building every prefix of every path."""
+    deep = [member(f"m{i}/" + "a/" * 2000 + "f") for i in range(10)]
+    data = build(member("main.py"), *deep, fmt=tarfile.PAX_FORMAT)
+    tracemalloc.start()
+    try:
+        validate(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, peak
+
+
+def test_too_many_implied_directories_is_413() -> None:
+    """Few members that imply many directories are refused as too large."""
+    data = build(member("main.py"), member("a/" * 100 + "f"))
+    with pytest.raises(PayloadTooLarge) as info:
+        validate(data, max_entries=10)
+    assert info.value.code == "tar_too_many_entries"

@@ -26,12 +26,45 @@ class TarProblem(Exception):
         self.message = message
 
 
+#: Linux's PATH_MAX and NAME_MAX: longer names cannot be created under /work anyway,
+#: and capping them keeps the checker's memory and time linear in the archive.
+MAX_NAME = 4096
+MAX_COMPONENT = 255
+#: Distinct directories (named, or implied by deeper members) allowed per allowed entry.
+DIRS_PER_ENTRY = 8
+
+
 def _parts(name: str) -> list[str]:
     return [part for part in name.split("/") if part not in ("", ".")]
 
 
+def _check_length(name: str, what: str) -> None:
+    data = name.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_NAME or any(len(part) > MAX_COMPONENT for part in data.split(b"/")):
+        raise TarProblem(
+            "tar_invalid",
+            f"{what} {name[:64]!r}... is over {MAX_NAME} bytes or has a part over {MAX_COMPONENT}",
+        )
+
+
+class _Node:
+    """One path the archive names or walks through, in a tree of path parts."""
+
+    __slots__ = ("children", "symlink", "traversed_by")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.symlink = False
+        #: The first member whose path (or link resolution) passes through this one.
+        self.traversed_by: str | None = None
+
+
 class TarChecker:
-    """Feed it every member in archive order; it raises ``TarProblem`` at the first bad one."""
+    """Feed it every member in archive order; it raises ``TarProblem`` at the first bad one.
+
+    Paths live in a tree of their parts, so each member costs time and memory in
+    proportion to its name, however deep it is.
+    """
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
         self.max_entries = max_entries
@@ -39,9 +72,10 @@ class TarChecker:
         self.entries = 0
         self.total_bytes = 0
         self.kinds: dict[str, str] = {}
-        self._symlinks: set[str] = set()
-        # Every directory some member or link resolution passes *through*; none may be a symlink.
-        self._traversed: dict[str, str] = {}
+        # Every directory some member or link resolution passes *through* is marked in
+        # this tree; none of those may be a symlink.
+        self._root = _Node()
+        self._dirs = 0
 
     def add(self, name: str, kind: str, size: int, linkname: str = "") -> str | None:
         """Check one member; returns its normalised path (``None`` for the root itself)."""
@@ -57,6 +91,7 @@ class TarChecker:
                     "tar_too_much_data",
                     f"the archive's members declare more than {self.max_bytes} bytes",
                 )
+        _check_length(name, "member name")
         path = self._path(name)
         if kind == SPECIAL:
             raise TarProblem(
@@ -66,11 +101,14 @@ class TarChecker:
             if kind != DIR:
                 raise TarProblem("tar_invalid", f"member {name!r} has no file name")
             return None
-        self._traverse(path.split("/")[:-1], name)
+        parts = path.split("/")
+        nodes = self._traverse(parts[:-1], name)
         if kind == SYMLINK:
-            self._symlink(path, name, linkname)
+            _check_length(linkname, "symlink target")
+            self._symlink(parts, nodes, name, linkname)
         elif kind == HARDLINK:
-            self._hardlink(path, name, linkname)
+            _check_length(linkname, "hardlink target")
+            self._hardlink(name, linkname)
         self.kinds[path] = kind
         return path
 
@@ -86,45 +124,68 @@ class TarChecker:
             raise TarProblem("tar_path_traversal", f"{name!r} contains '..'")
         return "/".join(parts)
 
-    def _traverse(self, dirs: list[str], name: str) -> None:
-        """Record that ``dirs`` (a path as parts) is walked through on behalf of ``name``."""
-        for depth in range(1, len(dirs) + 1):
-            prefix = "/".join(dirs[:depth])
-            if prefix in self._symlinks:
-                raise TarProblem("tar_link_escape", f"{name!r} goes through the symlink {prefix!r}")
-            self._traversed.setdefault(prefix, name)
+    def _child(self, parent: _Node, part: str) -> _Node:
+        node = parent.children.get(part)
+        if node is None:
+            self._dirs += 1
+            if self._dirs > DIRS_PER_ENTRY * self.max_entries:
+                raise TarProblem(
+                    "tar_too_many_entries",
+                    f"the archive's paths name more than {DIRS_PER_ENTRY * self.max_entries} "
+                    "directories",
+                )
+            node = parent.children[part] = _Node()
+        return node
 
-    def _symlink(self, path: str, name: str, target: str) -> None:
-        if path in self._traversed:
+    def _enter(self, nodes: list[_Node], here: list[str], part: str, name: str) -> None:
+        """Walk from ``nodes[-1]`` (the path ``here``) into ``part`` on behalf of ``name``."""
+        node = self._child(nodes[-1], part)
+        here.append(part)
+        if node.symlink:
+            prefix = "/".join(here)
+            raise TarProblem("tar_link_escape", f"{name!r} goes through the symlink {prefix!r}")
+        if node.traversed_by is None:
+            node.traversed_by = name
+        nodes.append(node)
+
+    def _traverse(self, dirs: list[str], name: str) -> list[_Node]:
+        """Mark ``dirs`` (a path as parts) as walked through on behalf of ``name``; returns
+        the nodes from the root down to the last of them."""
+        nodes: list[_Node] = [self._root]
+        here: list[str] = []
+        for part in dirs:
+            self._enter(nodes, here, part, name)
+        return nodes
+
+    def _symlink(self, parts: list[str], nodes: list[_Node], name: str, target: str) -> None:
+        node = self._child(nodes[-1], parts[-1])
+        if node.traversed_by is not None:
+            path = "/".join(parts)
             raise TarProblem(
-                "tar_link_escape",
-                f"{self._traversed[path]!r} goes through the symlink {path!r}",
+                "tar_link_escape", f"{node.traversed_by!r} goes through the symlink {path!r}"
             )
         if not target or target.startswith("/"):
             raise TarProblem("tar_link_escape", f"symlink {name!r} points to {target!r}")
         # Resolve the target lexically from the link's own directory. Each directory the
         # walk enters must be a real one: '..' after a symlink would climb from wherever
         # that symlink leads, so walking through one is refused.
-        here = path.split("/")[:-1]
-        walked: list[str] = []
-        for part in target.split("/")[:-1]:
+        here = parts[:-1]
+        steps = target.split("/")
+        for part in steps[:-1]:
             if part in ("", "."):
                 continue
             if part == "..":
                 if not here:
                     raise TarProblem("tar_link_escape", f"symlink {name!r} leaves the archive")
                 here.pop()
+                nodes.pop()
             else:
-                here.append(part)
-                walked.append("/".join(here))
-        last = target.split("/")[-1]
-        if last == ".." and not here:
+                self._enter(nodes, here, part, name)
+        if steps[-1] == ".." and not here:
             raise TarProblem("tar_link_escape", f"symlink {name!r} leaves the archive")
-        for prefix in walked:
-            self._traverse(prefix.split("/"), name)
-        self._symlinks.add(path)
+        node.symlink = True
 
-    def _hardlink(self, path: str, name: str, target: str) -> None:
+    def _hardlink(self, name: str, target: str) -> None:
         if target.startswith("/"):
             raise TarProblem("tar_link_escape", f"hardlink {name!r} points to {target!r}")
         parts = _parts(target)
