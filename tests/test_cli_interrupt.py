@@ -79,6 +79,26 @@ def test_interrupted_run_kills_the_execution(
         assert client.get(execution_id).status is Status.KILLED
 
 
+def test_interrupted_follow_leaves_the_execution_running(holding: LiveServer) -> None:
+    """Ctrl-C during follow stops watching only; the execution goes on and pyexec says so."""
+    with Client(holding.url) as client:
+        execution_id = client.submit({"main.py": "print(1)"}).execution_id
+        proc = _pyexec(holding, "follow", execution_id)
+        try:
+            assert proc.stderr is not None
+            assert proc.stderr.readline().startswith(f"pyexec: {execution_id} running")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == exitcodes.KILLED
+        assert f"{execution_id} goes on" in err
+        assert client.get(execution_id).status is Status.RUNNING
+        client.kill(execution_id)
+
+
 def test_sigterm_handler_is_restored() -> None:
     """SIGTERM interrupts only inside the block; the previous handler comes back after."""
     from pyexec.cli.interrupts import Interrupted, sigterm_interrupts

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +17,7 @@ from pyexec.client import Client, Execution, Logs, RunOptions, Status, WaitTimeo
 
 from . import exitcodes
 from .inputs import STDIN, gather, process_stdin
-from .interrupts import run_to_end
+from .interrupts import Interrupted, run_to_end
 from .options import ExecFlags, Globals, UsageError, current, env_pairs, read_local_text
 from .render import Progress, emit_execution, note, print_json, verbose_note, write
 
@@ -91,7 +93,11 @@ def follow(
     last_status = None
     delay = 0.2
     # With --tail, output and a spinner would interleave.
-    with _client() as client, Progress(options, execution_id, enabled=not tail) as progress:
+    with (
+        _client() as client,
+        Progress(options, execution_id, enabled=not tail) as progress,
+        _goes_on_if_interrupted(execution_id),
+    ):
         while True:
             if tail:
                 logs = client.logs(execution_id)
@@ -119,6 +125,17 @@ def follow(
         record = client.get(execution_id)
     emit_execution(options, record, skip_stdout=shown_out, skip_stderr=shown_err)
     return exitcodes.for_execution(record)
+
+
+@contextlib.contextmanager
+def _goes_on_if_interrupted(execution_id: str) -> Iterator[None]:
+    """Ctrl-C stops following, not the execution: say so."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; {execution_id} goes on (`pyexec kill {execution_id}` stops it)"
+        ) from None
 
 
 def _print_new(options: Globals, logs: Logs, shown_out: int, shown_err: int) -> tuple[int, int]:
