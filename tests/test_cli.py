@@ -478,6 +478,36 @@ def test_not_a_pyexec_server(capsys: pytest.CaptureFixture[str], fake: Fake) -> 
     assert "a pyexec server?" in capsys.readouterr().err
 
 
+def test_a_web_server_that_is_not_pyexec(capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL serving HTML (or a redirect) is one line asking whether it is a pyexec server."""
+    import http.server
+    import threading
+
+    class Html(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Html) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{httpd.server_address[1]}"
+            code = run_cli(["--server", url, "version", "--json"])
+        finally:
+            httpd.shutdown()
+            thread.join()
+    err = capsys.readouterr().err
+    assert code == exitcodes.PYEXEC_ERROR
+    assert err.count("\n") == 1
+    assert f"is {url} a pyexec server?" in err
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown option is a usage error (exit 2), reported by the parser."""
     assert run_cli(["run", "--no-such-option"]) == exitcodes.USAGE

@@ -121,7 +121,10 @@ def _explain(exc: ClientError, server: str) -> str:
     if isinstance(exc, AuthenticationError):
         return f"{exc} - pass --token or set PYEXEC_TOKEN"
     wrong_place = isinstance(exc, NotFoundError) and exc.code != "execution_not_found"
-    if wrong_place or (isinstance(exc, APIError) and exc.code.startswith("http_")):
+    not_ours = isinstance(exc, APIError) and (
+        exc.code.startswith("http_") or exc.code == "invalid_response"
+    )
+    if wrong_place or not_ours:
         return f"{exc} - is {server} a pyexec server?"
     return str(exc)
 
