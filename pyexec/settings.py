@@ -354,11 +354,16 @@ class Settings:
         """All accepted API tokens (inline and from the token file)."""
         tokens = set(self.api_tokens)
         if self.api_token_file:
-            with open(self.api_token_file, encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.strip()
-                    if line and not line.startswith("#"):
-                        tokens.add(line)
+            try:
+                with open(self.api_token_file, encoding="utf-8") as fh:
+                    lines = fh.read().splitlines()
+            except OSError as exc:
+                raise SettingsError(
+                    f"PYEXEC_API_TOKEN_FILE: cannot read {self.api_token_file}: {exc.strerror}",
+                    name="PYEXEC_API_TOKEN_FILE",
+                ) from None
+            stripped = (line.strip() for line in lines)
+            tokens.update(line for line in stripped if line and not line.startswith("#"))
         return frozenset(tokens)
 
     @property

@@ -415,3 +415,13 @@ async def test_a_failed_kill_can_be_retried(runner: FakeRunner) -> None:
         assert retried.status_code == 200
         assert retried.json()["status"] == "killed"
         assert runner.killed == [execution_id]
+
+
+def test_an_unreadable_token_file_is_a_clear_settings_error(tmp_path: Any) -> None:
+    """A token file that cannot be read fails with invalid_setting, naming the variable."""
+    from pyexec.settings import SettingsError
+
+    with pytest.raises(SettingsError) as info:
+        make_settings(api_token_file=str(tmp_path / "missing")).tokens()
+    assert info.value.code == "invalid_setting"
+    assert "PYEXEC_API_TOKEN_FILE" in info.value.message
