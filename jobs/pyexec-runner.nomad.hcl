@@ -53,7 +53,9 @@ job "pyexec-runner-small" {
     }
 
     # prestart: fetch the tar from Consul, verify, extract to /alloc, install
-    # requirements, run pre-commands. Needs the network (Consul, package index).
+    # requirements, run pre-commands. Needs the network (Consul, package index):
+    # "host" only because these default settings put Consul on loopback; with
+    # PYEXEC_NOMAD_CONSUL_ADDR at a node address setup and finish run on "bridge".
     task "setup" {
       driver       = "docker"
       user         = "1000"

@@ -24,7 +24,9 @@ All three run ``pyexec/taskscripts/pyexec_task.py``, shipped as a plain-text tem
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
+import urllib.parse
 from importlib import resources
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "pick_class",
     "runner_job",
     "runner_jobs",
+    "task_network_mode",
     "task_script",
 ]
 
@@ -82,6 +85,24 @@ def consul_url(settings: Settings) -> str:
     """The Consul HTTP address as the runner tasks reach it, as a URL."""
     addr = settings.nomad_consul_addr or settings.consul_addr or "127.0.0.1:8500"
     return addr if "://" in addr else f"http://{addr}"
+
+
+def task_network_mode(settings: Settings) -> str:
+    """The docker network of the setup and finish tasks (never of the run task).
+
+    ``bridge``: the task gets its own network namespace on Docker's default bridge. It
+    reaches Consul at a node address (``PYEXEC_NOMAD_CONSUL_ADDR``, e.g.
+    ``http://${attr.unique.network.ip-address}:8500``) and the package index through
+    NAT, but not the node's loopback services nor its abstract unix sockets, which
+    ``host`` would hand to requirements' build scripts and pre-commands. A Consul the
+    tasks reach on loopback leaves only ``host``.
+    """
+    host = urllib.parse.urlsplit(consul_url(settings)).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return "host" if loopback else "bridge"
 
 
 def pick_class(settings: Settings, config: ExecutionConfig) -> ResourceClass:
@@ -178,7 +199,7 @@ def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, A
     # setup and finish talk to Consul (and setup to the package index); they run the
     # same image as the sandbox, but nothing of the user's runs in finish.
     networked = {
-        "network_mode": "host",
+        "network_mode": task_network_mode(settings),
         "readonly_rootfs": True,
         "cap_drop": ["all"],
         "security_opt": ["no-new-privileges"],

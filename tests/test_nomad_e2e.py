@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import secrets
@@ -302,6 +303,105 @@ async def test_requirements_are_installed(settings: Settings) -> None:
     async with pyexec_api(with_ca) as api:
         body = await run_sync(api, "import six\nprint(six.__name__)\n", requirements_txt="six\n")
     assert (body["status"], body["stdout"]) == ("completed", "six\n"), body
+
+
+def _is_loopback(url: str) -> bool:
+    host = httpx.URL(url if "://" in url else f"http://{url}").host
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+@contextlib.contextmanager
+def tcp_forwarder(listen_host: str, upstream: tuple[str, int]) -> Iterator[int]:
+    """Forward TCP connections from ``listen_host`` (an ephemeral port) to ``upstream``."""
+    import selectors
+    import socket
+    import socketserver
+    import threading
+
+    class Pipe(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with (
+                socket.create_connection(upstream, timeout=10) as far,
+                selectors.DefaultSelector() as sel,
+            ):
+                sel.register(self.request, selectors.EVENT_READ, far)
+                sel.register(far, selectors.EVENT_READ, self.request)
+                while events := sel.select(timeout=60):  # an idle minute ends it
+                    for key, _ in events:
+                        data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                        if not data:
+                            return
+                        key.data.sendall(data)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        block_on_close = False
+
+    with Server((listen_host, 0), Pipe) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield int(server.server_address[1])
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
+
+
+@pytest.fixture
+def node_consul(sim: NomadSim | None) -> Iterator[str]:
+    """Consul at an address a container on Docker's default bridge reaches (not loopback)."""
+    if not _is_loopback(TASK_CONSUL):
+        yield TASK_CONSUL
+        return
+    if sim is None:
+        pytest.skip("PYEXEC_TEST_NOMAD_CONSUL_ADDR is loopback; bridge tasks need a node address")
+    import docker
+
+    client = docker.DockerClient()
+    try:
+        ipam = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    finally:
+        client.close()
+    # Docker leaves Gateway out when it picked the default: the subnet's first address.
+    gateway = ipam.get("Gateway") or str(ipaddress.ip_network(ipam["Subnet"])[1])
+    consul = httpx.URL(consul_url(CONSUL_ADDR))
+    with tcp_forwarder(gateway, (consul.host, consul.port or 8500)) as port:
+        yield f"http://{gateway}:{port}"
+
+
+async def test_setup_gets_its_own_network_when_consul_is_on_a_node_address(
+    settings: Settings, node_consul: str
+) -> None:
+    """With Consul at a node address, setup fetches the tar through it, and pre-commands
+    cannot reach services on the node's loopback (setup runs on Docker's bridge)."""
+    import attrs
+
+    consul = httpx.URL(consul_url(CONSUL_ADDR))
+    probe = (
+        "import os, socket\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {consul.port or 8500}), 2).close()\n"
+        "    print('loopback reached')\n"
+        "except OSError:\n"
+        "    print('loopback blocked')\n"
+        "print(sorted(os.listdir('/sys/class/net')))\n"
+    )
+    bridged = attrs.evolve(
+        settings,
+        nomad_consul_addr=node_consul,
+        nomad_job_prefix=f"{settings.nomad_job_prefix}-br",
+    )
+    files = {"main.py": "print(open('probe.txt').read(), end='')\n", "probe.py": probe}
+    async with pyexec_api(bridged) as api:
+        response = await api.post(
+            "/api/v1/exec/sync",
+            files={"tar": ("bundle.tar", make_tar(files), "application/x-tar")},
+            data={"metadata": json.dumps({"pre_commands": ["python3 probe.py > probe.txt"]})},
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "completed", body
+    assert body["stdout"] == "loopback blocked\n['eth0', 'lo']\n", body
 
 
 # --- service restart, direct dispatch ----------------------------------------------------------

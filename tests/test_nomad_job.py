@@ -327,3 +327,25 @@ def test_task_script_runs_on_python_3_10(tmp_path: Path) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=False
     )
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("task_consul", "mode"),
+    [
+        ("http://10.0.0.5:8500", "bridge"),
+        ("http://${attr.unique.network.ip-address}:8500", "bridge"),
+        ("https://consul.service.consul:8501", "bridge"),
+        ("http://127.0.0.1:8500", "host"),
+        ("localhost:8500", "host"),
+        ("http://[::1]:8500", "host"),
+    ],
+)
+def test_setup_and_finish_use_bridge_unless_consul_is_on_loopback(
+    task_consul: str, mode: str
+) -> None:
+    """Setup and finish get their own network namespace unless Consul is only on loopback."""
+    settings = Settings(nomad_consul_addr=task_consul)
+    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0])
+    assert _task(job, "setup")["Config"]["network_mode"] == mode
+    assert _task(job, "finish")["Config"]["network_mode"] == mode
+    assert _task(job, "run")["Config"]["network_mode"] == "none"

@@ -91,7 +91,10 @@ Faithful (with the source of each behaviour)
   (``memoryLimits``), swap = limit, cpu shares = CPU. An unknown option, or a
   known one the sim does not carry out (volumes, ports, privileged, ...),
   fails the task with "Driver Failure" instead of being ignored. Containers
-  are named ``<task>-<alloc id>``. Kill: ``kill_signal`` (default SIGTERM)
+  are named ``<task>-<alloc id>``. ``network_mode`` goes to Docker as the driver
+  passes it (``bridge``, Docker's default network and the default when unset,
+  ``host``, ``none``); the node fingerprints no ``unique.network.ip-address``, so
+  tests give the tasks a literal address. Kill: ``kill_signal`` (default SIGTERM)
   then SIGKILL after ``kill_timeout`` (capped by the client's
   max_kill_timeout, 30s).
 - Client GC (client/gc.go ``keepUsageBelowThreshold``, client config
