@@ -558,6 +558,17 @@ def test_progress_only_on_a_terminal() -> None:
         assert stream.getvalue() == ""
 
 
+def test_notes_clear_the_spinner_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal a note first wipes the line (a spinner may be on it); piped, it is plain."""
+    from pyexec.cli.options import Globals
+    from pyexec.cli.render import note
+
+    for stream, expected in ((TtyText(), "\r\x1b[Kpyexec: hi\n"), (io.StringIO(), "pyexec: hi\n")):
+        monkeypatch.setattr(sys, "stderr", stream)
+        note(Globals(), "hi")
+        assert stream.getvalue() == expected
+
+
 def test_shell_completion_is_available() -> None:
     """cyclopts generates a completion script that knows the commands."""
     from pyexec.cli import app

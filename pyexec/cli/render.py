@@ -37,9 +37,13 @@ def write(stream: IO[str], text: str) -> None:
 
 
 def note(options: Globals, message: str) -> None:
-    """A line from pyexec itself on stderr (not with ``-q``/``--json``)."""
+    """A line from pyexec itself on stderr (not with ``-q``/``--json``).
+
+    On a terminal it first clears the line, where a progress spinner may be drawn.
+    """
     if options.chatty:
-        write(sys.stderr, f"pyexec: {message}\n")
+        clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+        write(sys.stderr, f"{clear}pyexec: {message}\n")
 
 
 def verbose_note(options: Globals, message: str) -> None:
