@@ -363,3 +363,60 @@ async def test_a_run_that_cannot_be_reread_does_not_stall_the_stream() -> None:
     finally:
         await runner.aclose()
     assert (outcome.reason, outcome.exit_code, outcome.stdout) == (Reason.EXITED, 0, "hello\n")
+
+
+async def test_a_dispatch_whose_answer_is_lost_leaves_no_job_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dispatch that landed but never answered fails start and stops the job it made."""
+    from pyexec.runner import nomad as nomad_module
+
+    monkeypatch.setattr(nomad_module, "DISPATCH_RETRY_DELAYS", (0.0, 0.0))
+    record = Execution(execution_id=new_execution_id())
+    landed: list[dict[str, Any]] = []
+    deleted: list[str] = []
+
+    def nomad(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/dispatch"):
+            stub = {"ID": CHILD, "ParentID": "pyexec-runner-small"}
+            landed[:] = [dict(stub, Meta={"execution_id": record.execution_id})]
+            raise httpx.ReadTimeout("the answer never came", request=request)
+        if request.method == "DELETE":
+            deleted.append(request.url.path)
+            return httpx.Response(200, json={"EvalID": "e3"})
+        return httpx.Response(200, json=landed, headers={"X-Nomad-Index": "5"})
+
+    settings = Settings(nomad_addr="http://nomad.test:4646")
+    runner = NomadRunner(settings, NomadAPI(settings, transport=httpx.MockTransport(nomad)))
+    try:
+        with pytest.raises(BackendUnavailable):
+            await runner.start(record, parse_request({}, settings), _no_tar(), _ignore)
+    finally:
+        await runner.aclose()
+    assert deleted == [f"/v1/job/{CHILD}"]
+
+
+async def test_watcher_survives_an_unexpected_error() -> None:
+    """A bug while handling the stream costs the watcher a reconnect, not its life."""
+    import asyncio
+
+    from pyexec.runner.nomad_watch import EventWatcher
+
+    settings = Settings(nomad_addr="http://nomad.test:4646")
+    api = NomadAPI(settings, transport=httpx.MockTransport(ScriptedNomad()))
+    calls = 0
+
+    async def reconcile() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in handling one answer")
+
+    watcher = EventWatcher(api, on_event=lambda event: None, reconcile=reconcile, index_prefix="p")
+    watcher.start()
+    try:
+        await asyncio.wait_for(watcher.connected.wait(), 5)
+    finally:
+        await watcher.aclose()
+        await api.aclose()
+    assert calls >= 2

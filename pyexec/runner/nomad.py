@@ -55,6 +55,13 @@ DISPATCH_RETRY_DELAYS = (0.2, 1.0)
 TRANSIENT_DISPATCH_ERRORS = ("no cluster leader", "rpc error", "eof", "timeout")
 
 
+def _transient(exc: PyexecError) -> bool:
+    """Whether a failed dispatch may pass on a retry (and may also have landed)."""
+    return isinstance(exc, BackendUnavailable) or any(
+        text in exc.message.lower() for text in TRANSIENT_DISPATCH_ERRORS
+    )
+
+
 @attrs.define
 class _Run:
     """One dispatched execution the runner follows."""
@@ -151,7 +158,12 @@ class NomadRunner:
         }
         try:
             answer = await self._dispatch(parent, meta, execution.execution_id)
+        except BackendUnavailable:
+            await self._stop_orphan(execution.execution_id)
+            raise
         except NomadError as exc:
+            if _transient(exc):
+                await self._stop_orphan(execution.execution_id)
             hint = ""
             if "not found" in exc.message:
                 hint = " (are the runner jobs registered? see `pyexec job register`)"
@@ -178,14 +190,23 @@ class NomadRunner:
             try:
                 return await self.api.dispatch(parent, meta, token)
             except (BackendUnavailable, NomadError) as exc:
-                transient = isinstance(exc, BackendUnavailable) or any(
-                    text in exc.message.lower() for text in TRANSIENT_DISPATCH_ERRORS
-                )
-                if delay is None or not transient:
+                if delay is None or not _transient(exc):
                     raise
                 log.warning("dispatch of %s failed (%s); retrying", token, exc.message)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _stop_orphan(self, execution_id: str) -> None:
+        """After a dispatch that failed in a way that may have landed (the answer was lost),
+        stop the job it may have started: nothing runs for an execution reported failed.
+        Best effort: if Nomad cannot be asked, the failure stands as it is."""
+        try:
+            job_id = await self._find_job(execution_id, recheck=True)
+            if job_id is not None:
+                log.warning("stopping %s, dispatched for %s before it failed", job_id, execution_id)
+                await self.api.stop_job(job_id)
+        except PyexecError as exc:
+            log.warning("could not look for a job of %s's failed dispatch: %s", execution_id, exc)
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
         run = self._runs.get(execution_id)
@@ -432,32 +453,37 @@ class NomadRunner:
     async def _deadlines(self) -> None:
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            now = time.monotonic()
-            for run in list(self._runs.values()):
+            try:
+                await self._tick()
+            except Exception:
+                # The clock is the backstop of every run: one bad tick must not stop it.
+                log.exception("nomad deadline clock: tick failed")
+
+    async def _tick(self) -> None:
+        """One look at the runs in flight: retry stale re-reads, enforce deadlines."""
+        now = time.monotonic()
+        for run in list(self._runs.values()):
+            if run.outcome.done() or run.concluding:
+                continue
+            if run.stale:
+                with contextlib.suppress(BackendUnavailable):
+                    await self._refresh_or_mark(run)
                 if run.outcome.done() or run.concluding:
                     continue
-                if run.stale:
-                    with contextlib.suppress(BackendUnavailable):
-                        await self._refresh_or_mark(run)
-                    if run.outcome.done() or run.concluding:
-                        continue
-                if run.placed_at is None:
-                    if now - run.since > self.settings.nomad_placement_timeout:
-                        why = run.placement or "no allocation was created"
-                        await self._expire(
-                            run,
-                            Reason.ERROR,
-                            (
-                                f"not placed within {self.settings.nomad_placement_timeout:.0f} s: "
-                                f"{why}"
-                            ),
-                        )
-                    continue
-                budget = run.timeout * (2 if run.needs_setup else 1) + DEADLINE_SLACK_SECONDS
-                if now - run.placed_at > budget:
+            if run.placed_at is None:
+                if now - run.since > self.settings.nomad_placement_timeout:
+                    why = run.placement or "no allocation was created"
                     await self._expire(
-                        run, Reason.TIMEOUT, f"stopped by the server-side deadline ({budget:.0f} s)"
+                        run,
+                        Reason.ERROR,
+                        (f"not placed within {self.settings.nomad_placement_timeout:.0f} s: {why}"),
                     )
+                continue
+            budget = run.timeout * (2 if run.needs_setup else 1) + DEADLINE_SLACK_SECONDS
+            if now - run.placed_at > budget:
+                await self._expire(
+                    run, Reason.TIMEOUT, f"stopped by the server-side deadline ({budget:.0f} s)"
+                )
 
     async def _expire(self, run: _Run, reason: Reason, error: str) -> None:
         run.expired = RunOutcome(reason=reason, error=error)

@@ -79,6 +79,10 @@ class EventWatcher:
                 log.warning("nomad event stream: %s; retrying in %.1f s", exc.message, delay)
             except ValueError as exc:
                 log.warning("nomad event stream sent something unreadable: %s", exc)
+            except Exception:
+                # This one task carries every run in flight: a bug while handling one
+                # answer must cost a reconnect, not the watcher.
+                log.exception("nomad event watcher failed; reconnecting")
             self.connected.clear()
             self.reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
