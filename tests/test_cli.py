@@ -211,12 +211,17 @@ def test_eval_file_keeps_its_name(cli: Any, fake: Fake, tmp_path: Path) -> None:
 def test_local_archive_problems_are_usage_errors(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A --file outside the current directory or a .tar that is not one: exit 2, one line."""
+    """A --file outside the directory, a .tar that is not one, a compressed tar: exit 2."""
     (tmp_path / "outside.py").write_text("print(1)\n")
     (tmp_path / "inner").mkdir()
     (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
     monkeypatch.chdir(tmp_path / "inner")
-    for argv in (("run", "--file", "../outside.py"), ("run", str(tmp_path / "bad.tar"))):
+    (tmp_path / "project.tar.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 100)
+    for argv in (
+        ("run", "--file", "../outside.py"),
+        ("run", str(tmp_path / "bad.tar")),
+        ("run", str(tmp_path / "project.tar.gz")),
+    ):
         result = cli(*argv)
         assert result.code == exitcodes.USAGE, (argv, result.err)
         assert result.err.count("\n") == 1, result.err

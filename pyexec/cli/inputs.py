@@ -37,6 +37,10 @@ NO_INPUT = (
 )
 
 
+#: Archives the server cannot take as they are (it runs uncompressed tars).
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+
+
 @attrs.frozen
 class Program:
     """An archive ready to upload (the caller closes it) and the script to run in it."""
@@ -93,6 +97,11 @@ def _archive_for(
         if path.startswith("-"):
             raise UsageError(f"unknown option {path} (see --help)")
         raise UsageError(f"{path}: no such file or directory")
+    if path.lower().endswith(COMPRESSED_TARS):
+        raise UsageError(
+            f"{path} is a compressed tar; pyexec uploads uncompressed ones: "
+            "decompress it (gunzip, xz -d, ...) or pass the directory"
+        )
     if target.suffix == ".tar":
         archive = target.open("rb")
         try:
