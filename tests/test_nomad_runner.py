@@ -420,3 +420,37 @@ async def test_watcher_survives_an_unexpected_error() -> None:
         await watcher.aclose()
         await api.aclose()
     assert calls >= 2
+
+
+async def test_a_finished_runs_job_is_purged_after_a_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a run's outcome is handed over, its dispatched job is purged from Nomad later."""
+    import asyncio
+
+    from pyexec.runner import nomad as nomad_module
+
+    monkeypatch.setattr(nomad_module, "PURGE_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(nomad_module, "TICK_SECONDS", 0.05)
+    purged: list[str] = []
+
+    class Recording(ScriptedNomad):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "DELETE":
+                purged.append(f"{request.url.path}?purge={request.url.params.get('purge')}")
+                return httpx.Response(200, json={"EvalID": ""})
+            return super().__call__(request)
+
+    runner = make_runner(Recording())
+    record = Execution(execution_id=new_execution_id())
+    try:
+        await runner.start(record, parse_request({}, runner.settings), _no_tar(), _ignore)
+        assert not purged  # nothing is purged while the run is followed
+        await runner.wait(record.execution_id, 10)
+        for _ in range(100):
+            if purged:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.aclose()
+    assert purged == [f"/v1/job/{CHILD}?purge=true"]

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,6 +49,13 @@ UNCLAIMED_JOBS = 256
 #: How long one listing of dispatched jobs answers ``resume``/``kill`` lookups.
 LISTING_TTL_SECONDS = 5.0
 FINISH_VERDICT_BYTES = 256 * 1024
+#: How long a finished run's dispatched job stays before the runner purges it. Every
+#: child is a full copy of its runner job (the task script three times, ~80 KB; more
+#: with PYEXEC_CA_BUNDLE) held in the servers' memory and snapshots until Nomad's own
+#: job GC (4 h by default): thousands of runs an hour would hold gigabytes. The grace
+#: lets the service store the record first (a restart before then still adopts it)
+#: and leaves a few minutes for `nomad job status`.
+PURGE_AFTER_SECONDS = 300.0
 #: Pauses between dispatch attempts when Nomad is unreachable or leaderless.
 DISPATCH_RETRY_DELAYS = (0.2, 1.0)
 #: Texts of 500 answers that are Nomad's own trouble, not a bad dispatch.
@@ -107,6 +114,7 @@ class NomadRunner:
             index_prefix=settings.nomad_job_prefix,
         )
         self._clock: asyncio.Task[None] | None = None
+        self._purges: deque[tuple[float, str]] = deque()  # (when, dispatched job id)
         self._parents = {nomad_job.job_id(settings, c) for c in settings.nomad_resource_classes}
 
     @classmethod
@@ -216,6 +224,7 @@ class NomadRunner:
             )
         outcome = await asyncio.wait_for(asyncio.shield(run.outcome), timeout)
         self._forget(run)
+        self._purges.append((time.monotonic() + PURGE_AFTER_SECONDS, run.job_id))
         return outcome
 
     async def logs(self, execution_id: str) -> tuple[str, str]:
@@ -460,8 +469,15 @@ class NomadRunner:
                 log.exception("nomad deadline clock: tick failed")
 
     async def _tick(self) -> None:
-        """One look at the runs in flight: retry stale re-reads, enforce deadlines."""
+        """One look at the runs in flight: retry stale re-reads, enforce deadlines; purge
+        finished runs' jobs that are due."""
         now = time.monotonic()
+        while self._purges and self._purges[0][0] <= now:
+            _, job_id = self._purges.popleft()
+            try:
+                await self.api.stop_job(job_id, purge=True)
+            except PyexecError as exc:  # Nomad's own GC collects it later
+                log.warning("could not purge %s: %s", job_id, exc.message)
         for run in list(self._runs.values()):
             if run.outcome.done() or run.concluding:
                 continue

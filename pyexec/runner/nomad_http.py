@@ -175,10 +175,13 @@ class NomadAPI:
         )
         return result
 
-    async def stop_job(self, job_id: str) -> None:
-        """Stop (deregister) a job; one that is already gone counts as stopped."""
+    async def stop_job(self, job_id: str, *, purge: bool = False) -> None:
+        """Stop (deregister) a job, or with ``purge`` also remove it from Nomad's state;
+        one that is already gone counts as stopped."""
         try:
-            await self._request("DELETE", f"/v1/job/{job_id}")
+            await self._request(
+                "DELETE", f"/v1/job/{job_id}", params={"purge": "true"} if purge else None
+            )
         except NomadError as exc:
             if exc.status != 404:
                 raise
