@@ -513,6 +513,15 @@ def test_a_web_server_that_is_not_pyexec(capsys: pytest.CaptureFixture[str]) -> 
     assert f"is {url} a pyexec server?" in err
 
 
+@pytest.mark.parametrize("command", ["follow", "logs", "kill"])
+@pytest.mark.parametrize("bad", ["a/b", "..", "x?y", ""])
+def test_malformed_execution_id_is_a_usage_error(cli: Any, command: str, bad: str) -> None:
+    """An id that cannot be one (a slash, a query, empty) is refused locally in one line."""
+    result = cli(command, bad)
+    assert result.code == exitcodes.USAGE
+    assert result.err == f"pyexec: {bad!r} is not an execution id\n"
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown option is a usage error (exit 2), reported by the parser."""
     assert run_cli(["run", "--no-such-option"]) == exitcodes.USAGE

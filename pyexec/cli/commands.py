@@ -14,6 +14,7 @@ from cyclopts import Parameter
 
 from pyexec.__about__ import __version__
 from pyexec.client import Client, Execution, Logs, RunOptions, Status, WaitTimeout
+from pyexec.client._base import check_execution_id
 
 from . import exitcodes
 from .inputs import STDIN, gather, process_stdin
@@ -35,6 +36,13 @@ FileOpt = Annotated[
     list[Path] | None,
     Parameter(help="A file to include, keeping its relative path (repeatable).", negative=""),
 ]
+
+
+def _checked(execution_id: str) -> str:
+    try:
+        return check_execution_id(execution_id)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _client() -> Client:
@@ -87,6 +95,7 @@ def follow(
     timeout: Annotated[float, Parameter(help="Give up waiting after this many seconds.")] = 3600,
 ) -> int:
     """Wait for an execution, printing its status changes; exits like ``run``."""
+    execution_id = _checked(execution_id)
     options = current()
     deadline = time.monotonic() + timeout
     shown_out = shown_err = 0
@@ -149,6 +158,7 @@ def _print_new(options: Globals, logs: Logs, shown_out: int, shown_err: int) -> 
 
 def logs(execution_id: str, /) -> int:
     """Print an execution's output so far (the final output once it is done)."""
+    execution_id = _checked(execution_id)
     options = current()
     with _client() as client:
         output = client.logs(execution_id)
@@ -172,6 +182,7 @@ def logs(execution_id: str, /) -> int:
 
 def kill(execution_id: str, /) -> int:
     """Stop an execution. Killing one that already finished is not an error."""
+    execution_id = _checked(execution_id)
     options = current()
     with _client() as client:
         record = client.kill(execution_id)

@@ -7,6 +7,7 @@ Nothing here does I/O: a method returns a ``Call`` to send, and the twins send i
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, TypeVar
@@ -36,6 +37,7 @@ __all__ = [
     "Source",
     "WaitPlan",
     "body_start",
+    "check_execution_id",
     "retry_decision",
     "rewind",
     "run_wait",
@@ -385,6 +387,10 @@ def _server_url(base_url: str) -> str:
     return text
 
 
+#: What an id may hold: ``exe_<uuid>`` from this server, nothing that changes the URL.
+_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def _parsed(response: httpx.Response, build: Callable[[Any], T]) -> T:
     data = _json(response)
     try:
@@ -397,10 +403,14 @@ def _parsed(response: httpx.Response, build: Callable[[Any], T]) -> T:
         ) from None
 
 
-def _id(execution_id: str) -> str:
-    if not execution_id or "/" in execution_id or execution_id in {".", ".."}:
+def check_execution_id(execution_id: str) -> str:
+    """``execution_id`` if it can be one (a single URL path segment), else ``ValueError``."""
+    if not _ID.fullmatch(execution_id) or execution_id in {".", ".."}:
         raise ValueError(f"{execution_id!r} is not an execution id")
     return execution_id
+
+
+_id = check_execution_id
 
 
 def rewind(call: Call, start: int | None) -> None:
