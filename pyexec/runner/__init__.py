@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Protocol
 
-from ..models import Execution, ExecutionRequest, RunOutcome
+from pyexec.models import Execution, ExecutionRequest, RunOutcome
 
 __all__ = ["OnRunning", "Runner"]
 
