@@ -454,3 +454,37 @@ async def test_a_finished_runs_job_is_purged_after_a_grace(
     finally:
         await runner.aclose()
     assert purged == [f"/v1/job/{CHILD}?purge=true"]
+
+
+async def test_a_run_whose_wait_timed_out_is_let_go_once_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run ``wait`` gave up on is still followed to its end, then dropped and purged."""
+    import asyncio
+
+    from pyexec.runner import nomad as nomad_module
+
+    monkeypatch.setattr(nomad_module, "PURGE_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(nomad_module, "TICK_SECONDS", 0.05)
+    deletes: list[str] = []
+
+    class Recording(StuckRun):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "DELETE":
+                deletes.append(str(request.url.params.get("purge")))
+            return super().__call__(request)
+
+    runner = make_runner(Recording())
+    record = Execution(execution_id=new_execution_id())
+    try:
+        await runner.start(record, parse_request({}, runner.settings), _no_tar(), _ignore)
+        with pytest.raises(TimeoutError):
+            await runner.wait(record.execution_id, 0.1)
+        await runner.kill(record.execution_id)
+        for _ in range(200):
+            if "true" in deletes:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.aclose()
+    assert deletes == ["None", "true"]

@@ -89,6 +89,9 @@ class _Run:
     concluding: bool = False
     #: Its re-read after a gap in the events failed: the clock retries it.
     stale: bool = False
+    #: ``wait`` gave up on it: nobody collects the outcome, so the runner lets go of it
+    #: itself once the run is over.
+    abandoned: bool = False
     #: Set when the service itself stops the run (deadlines): this verdict wins over
     #: the "stopped" that Nomad then reports.
     expired: RunOutcome | None = None
@@ -222,9 +225,12 @@ class NomadRunner:
             raise BackendError(
                 f"the Nomad runner is not following {execution_id}", code="runner_error"
             )
-        outcome = await asyncio.wait_for(asyncio.shield(run.outcome), timeout)
-        self._forget(run)
-        self._purges.append((time.monotonic() + PURGE_AFTER_SECONDS, run.job_id))
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(run.outcome), timeout)
+        except TimeoutError:
+            run.abandoned = True
+            raise
+        self._release(run)
         return outcome
 
     async def logs(self, execution_id: str) -> tuple[str, str]:
@@ -303,9 +309,11 @@ class NomadRunner:
             self._apply(run, event)
         return run
 
-    def _forget(self, run: _Run) -> None:
+    def _release(self, run: _Run) -> None:
+        """Stop following a run whose outcome is settled; purge its job later."""
         self._runs.pop(run.execution_id, None)
         self._by_job.pop(run.job_id, None)
+        self._purges.append((time.monotonic() + PURGE_AFTER_SECONDS, run.job_id))
 
     def _on_event(self, event: JSON) -> None:
         try:
@@ -414,6 +422,8 @@ class NomadRunner:
                 finished_at=outcome.finished_at,
             )
         run.outcome.set_result(outcome)
+        if run.abandoned:
+            self._release(run)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
