@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from pyexec import nomad_job
 from pyexec.cli import run_cli
 from pyexec.models import Status, new_execution_id
 from pyexec.settings import Settings
@@ -305,11 +306,6 @@ async def test_requirements_are_installed(settings: Settings) -> None:
     assert (body["status"], body["stdout"]) == ("completed", "six\n"), body
 
 
-def _is_loopback(url: str) -> bool:
-    host = httpx.URL(url if "://" in url else f"http://{url}").host
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 @contextlib.contextmanager
 def tcp_forwarder(listen_host: str, upstream: tuple[str, int]) -> Iterator[int]:
     """Forward TCP connections from ``listen_host`` (an ephemeral port) to ``upstream``."""
@@ -350,7 +346,7 @@ def tcp_forwarder(listen_host: str, upstream: tuple[str, int]) -> Iterator[int]:
 @pytest.fixture
 def node_consul(sim: NomadSim | None) -> Iterator[str]:
     """Consul at an address a container on Docker's default bridge reaches (not loopback)."""
-    if not _is_loopback(TASK_CONSUL):
+    if nomad_job.task_network_mode(Settings(nomad_consul_addr=TASK_CONSUL)) == "bridge":
         yield TASK_CONSUL
         return
     if sim is None:
