@@ -6,7 +6,9 @@ token, then returns. One ``EventWatcher`` follows every run in flight over a sin
 event stream; when a run's allocation is over, the runner reads the run's output and
 the finish task's verdict through the logs API and resolves ``wait``. A server-side
 clock fails runs that cannot be placed within ``nomad_placement_timeout`` and stops
-runs that outlive their timeout (the task enforces it first; this is the backstop).
+runs that outlive their timeout (the task enforces it first; this is the backstop);
+it also purges a finished run's dispatched job a few minutes after handing over its
+outcome, so thousands of dead children do not sit in the servers' state for hours.
 
 Runs outlive the service: after a restart ``resume`` finds the dispatched job of an
 execution by its meta and the watcher covers it again. Nothing is dispatched twice.
