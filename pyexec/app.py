@@ -87,6 +87,7 @@ def create_app(
         Route("/api/v1/executions/{execution_id}", executions.execution_kill, methods=["DELETE"]),
         Route("/api/v1/executions/{execution_id}/logs", executions.execution_logs, methods=["GET"]),
         Route("/api/v1/eval", eval_api.eval_endpoint, methods=["POST"]),
+        Route("/api/v1/eval/async", eval_api.eval_async_endpoint, methods=["POST"]),
         Route("/api/v1/version", meta.version, methods=["GET"]),
         Route("/health", meta.health, methods=["GET"]),
         Route("/health/live", meta.liveness, methods=["GET"]),

@@ -107,3 +107,23 @@ def test_sigterm_handler_is_restored() -> None:
     with pytest.raises(Interrupted, match="terminated"), sigterm_interrupts():
         signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_interrupted_eval_kills_the_execution(holding: LiveServer) -> None:
+    """Ctrl-C during eval kills the evaluation on the server too, then exits 130."""
+    proc = _pyexec(holding, "-v", "eval", "-c", "import time\ntime.sleep(600)")
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("pyexec: exe_"), line
+        execution_id = line.split()[1]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == exitcodes.KILLED
+    assert f"killed {execution_id}" in err
+    with Client(holding.url) as client:
+        assert client.get(execution_id).status is Status.KILLED

@@ -417,3 +417,17 @@ def test_run_wait_covers_the_servers_budget() -> None:
     assert run_wait(setup) > 2 * 60 + RUNNER_SLACK_SECONDS
     assert run_wait(RunOptions(timeout=60, pre_commands=["true"])) == run_wait(setup)
     assert run_wait(plain, setup=True) == run_wait(setup)
+
+
+def test_submit_eval_posts_to_the_async_endpoint(twin: Twin) -> None:
+    """submit_eval posts the same JSON to /eval/async and returns the execution id."""
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v1/eval/async"
+        bodies.append(json.loads(request.read()))
+        return httpx.Response(202, json={"execution_id": EXE, "status": "pending"})
+
+    submitted = twin(handler, "submit_eval", "1 + 1", last_expr=True)
+    assert submitted.execution_id == EXE
+    assert bodies == [{"code": "1 + 1", "eval_last_expr": True}]

@@ -241,3 +241,15 @@ async def test_auto_install_through_the_package_index() -> None:
     assert record["status"] == "completed", record
     assert record["auto_requirements"] == ["six"]
     assert record["result"] == "'installed'"
+
+
+@pytest.mark.docker
+async def test_async_eval_then_poll(docker_api: httpx.AsyncClient) -> None:
+    """/eval/async answers 202 at once; the polled record carries the eval result."""
+    response = await docker_api.post(
+        EVAL + "/async", json={"code": "6 * 7", "eval_last_expr": True}
+    )
+    assert response.status_code == 202, response.text
+    location = response.headers["location"]
+    record = (await docker_api.get(location, params={"wait": 30})).json()
+    assert (record["status"], record.get("result"), record["stderr"]) == ("completed", "42", "")

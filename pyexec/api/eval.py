@@ -14,7 +14,7 @@ from pyexec.evaluate import EvalJob, parse_eval_request, prepare
 from pyexec.service import ExecutionService
 from pyexec.settings import Settings
 
-__all__ = ["eval_endpoint", "max_body_bytes"]
+__all__ = ["eval_async_endpoint", "eval_endpoint", "max_body_bytes"]
 
 #: Room for the fields besides the code (stdin above all) in a request body.
 BODY_OVERHEAD_BYTES = 16 * 1024 * 1024
@@ -51,13 +51,30 @@ def _prepare(body: bytes, settings: Settings) -> EvalJob:
     return prepare(parse_eval_request(_decode(body), settings), settings)
 
 
-async def eval_endpoint(request: Request) -> Response:
+async def _job(request: Request) -> tuple[ExecutionService, EvalJob]:
     service: ExecutionService = request.app.state.service
     settings = service.settings
     body = await _read_body(request, max_body_bytes(settings))
     # Decoding the JSON and parsing the code for imports is CPU work: off the event loop.
-    job = await run_in_threadpool(_prepare, body, settings)
+    return service, await run_in_threadpool(_prepare, body, settings)
+
+
+async def eval_endpoint(request: Request) -> Response:
+    service, job = await _job(request)
     record = await service.run(
         job.request, job.tar, initial=job.initial, postprocess=job.postprocess
     )
     return JSONResponse(record.to_dict())
+
+
+async def eval_async_endpoint(request: Request) -> Response:
+    """Like ``eval_endpoint``, but answers 202 with the id at once (poll or kill it)."""
+    service, job = await _job(request)
+    record = await service.submit(
+        job.request, job.tar, initial=job.initial, postprocess=job.postprocess
+    )
+    return JSONResponse(
+        {"execution_id": record.execution_id, "status": record.status.value},
+        status_code=202,
+        headers={"Location": f"/api/v1/executions/{record.execution_id}"},
+    )

@@ -134,6 +134,11 @@ _UPLOAD = {
     },
 }
 
+_SUBMITTED = {
+    "type": "object",
+    "properties": {"execution_id": {"type": "string"}, "status": {"type": "string"}},
+}
+
 _ID_PARAM = {"name": "execution_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -187,16 +192,7 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "execAsync",
                     "requestBody": _UPLOAD,
                     "responses": {
-                        "202": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "execution_id": {"type": "string"},
-                                    "status": {"type": "string"},
-                                },
-                            },
-                            "Accepted",
-                        ),
+                        "202": _json(_SUBMITTED, "Accepted"),
                         **_errors(400, 401, 413, 502, 503),
                     },
                 }
@@ -255,6 +251,20 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"application/json": {"schema": _ref("EvalRequest")}},
                     },
                     "responses": {"200": execution, **_errors(400, 401, 413, 502, 503)},
+                }
+            },
+            "/api/v1/eval/async": {
+                "post": {
+                    "summary": "Start code given as JSON; poll the execution for the result",
+                    "operationId": "evalAsync",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("EvalRequest")}},
+                    },
+                    "responses": {
+                        "202": _json(_SUBMITTED, "Accepted"),
+                        **_errors(400, 401, 413, 502, 503),
+                    },
                 }
             },
             "/api/v1/version": {

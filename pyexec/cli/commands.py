@@ -14,7 +14,7 @@ from cyclopts import Parameter
 
 from pyexec.__about__ import __version__
 from pyexec.client import Client, Execution, Logs, RunOptions, Status, WaitTimeout
-from pyexec.client._base import check_execution_id
+from pyexec.client._base import check_execution_id, run_wait
 
 from . import exitcodes
 from .inputs import STDIN, gather, process_stdin
@@ -64,8 +64,8 @@ def run(path: PathArg = None, /, *, file: FileOpt = None, flags: ExecFlags | Non
         with Progress(options, f"running {program.entrypoint}"):
             record = run_to_end(
                 client,
-                program.archive,
-                run_options,
+                lambda: client.submit(program.archive, run_options).execution_id,
+                run_wait(run_options),
                 on_submitted=lambda execution_id: verbose_note(
                     options, f"{execution_id} submitted"
                 ),
@@ -245,12 +245,20 @@ def eval_(
         memory_mb=memory,
     )
     with _client() as client, Progress(options, "evaluating"):
-        record: Execution = client.eval(
-            source,
-            python_version=python,
-            last_expr=last_expr or None,
-            auto_requirements=auto_requirements,
-            options=run_options,
+        # Submitted, then awaited: an interrupt can then kill it on the server (as run does).
+        record: Execution = run_to_end(
+            client,
+            lambda: (
+                client.submit_eval(
+                    source,
+                    python_version=python,
+                    last_expr=last_expr or None,
+                    auto_requirements=auto_requirements,
+                    options=run_options,
+                ).execution_id
+            ),
+            run_wait(run_options, setup=True),
+            on_submitted=lambda execution_id: verbose_note(options, f"{execution_id} submitted"),
         )
     emit_execution(options, record)
     return exitcodes.for_execution(record)

@@ -1,7 +1,7 @@
 """Running to the end, and stopping cleanly when ``pyexec`` is interrupted.
 
-``pyexec run`` submits the program and long-polls for its end instead of holding one
-synchronous request open: it then knows the execution id all along, so Ctrl-C or a
+``pyexec run`` and ``pyexec eval`` submit the program and long-poll for its end instead of
+holding one synchronous request open: they know the execution id all along, so Ctrl-C or a
 SIGTERM (a CI job cancelled, a ``timeout`` wrapper) kills the execution on the server
 before ``pyexec`` exits, rather than leaving it running unseen.
 """
@@ -13,10 +13,8 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import BinaryIO
 
-from pyexec.client import Client, ClientError, Execution, RunOptions, Status
-from pyexec.client._base import run_wait
+from pyexec.client import Client, ClientError, Execution, Status
 
 __all__ = ["Interrupted", "run_to_end", "sigterm_interrupts"]
 
@@ -44,19 +42,20 @@ def sigterm_interrupts() -> Iterator[None]:
 
 def run_to_end(
     client: Client,
-    archive: BinaryIO,
-    options: RunOptions,
+    submit: Callable[[], str],
+    wait_seconds: float,
     on_submitted: Callable[[str], None] = lambda execution_id: None,
 ) -> Execution:
-    """Submit ``archive`` and wait until it is terminal (as long as a sync run would).
+    """Start an execution with ``submit`` (which returns its id) and wait until it is
+    terminal, for up to ``wait_seconds`` (as long as a sync run would).
 
     Interrupted once the server knows the execution, it kills it before re-raising.
     """
     with sigterm_interrupts():
-        execution_id = client.submit(archive, options).execution_id
+        execution_id = submit()
         try:
             on_submitted(execution_id)
-            return client.wait(execution_id, timeout=run_wait(options))
+            return client.wait(execution_id, timeout=wait_seconds)
         except KeyboardInterrupt as exc:
             what = str(exc) or "interrupted"
             raise Interrupted(f"{what}; {_kill(client, execution_id)}") from None

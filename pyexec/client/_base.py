@@ -309,7 +309,9 @@ class BaseClient:
         last_expr: bool | None,
         auto_requirements: bool | None,
         options: RunOptions | None,
+        submit: bool = False,
     ) -> Call:
+        """``POST /eval`` (wait for the record), or with ``submit`` ``/eval/async`` (the id)."""
         options = options or RunOptions()
         if options.image is not None or options.pre_commands:
             raise ValueError("eval takes python_version, not image or pre_commands")
@@ -328,6 +330,8 @@ class BaseClient:
             "auto_requirements": auto_requirements,
         }
         body.update({k: v for k, v in extras.items() if v is not None})
+        if submit:
+            return Call(method="POST", path=f"{API}/eval/async", json=body)
         read_timeout = run_wait(options, setup=True) + READ_MARGIN
         return Call(method="POST", path=f"{API}/eval", json=body, read_timeout=read_timeout)
 

@@ -129,3 +129,23 @@ class Client(BaseClient):
             options=options,
         )
         return self.parse_execution(self._send(call))
+
+    def submit_eval(
+        self,
+        code: str | Mapping[str, str],
+        *,
+        python_version: str | None = None,
+        last_expr: bool | None = None,
+        auto_requirements: bool | None = None,
+        options: RunOptions | None = None,
+    ) -> Submitted:
+        """Start evaluating ``code`` like ``eval``; returns at once with the execution id."""
+        call = self.eval_call(
+            code,
+            python_version=python_version,
+            last_expr=last_expr,
+            auto_requirements=auto_requirements,
+            options=options,
+            submit=True,
+        )
+        return self.parse_submitted(self._send(call))
