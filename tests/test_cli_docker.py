@@ -227,3 +227,22 @@ def test_eval_file_stdin_and_exit_code(cli: Any, tmp_path: Path) -> None:
     both = cli("eval", path, "-c", "1")
     assert both.code == exitcodes.USAGE
     assert "not both" in both.err
+
+
+def test_serve_with_bad_configuration_says_so_in_one_line(tmp_path: Path) -> None:
+    """`pyexec serve` with a configuration it cannot use prints one line and exits 2."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYEXEC_", "NOMAD_", "CONSUL_"))
+    }
+    env["PYEXEC_API_TOKEN_FILE"] = str(tmp_path / "missing-tokens")
+    done = subprocess.run(
+        [PYEXEC, "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "PYEXEC_API_TOKEN_FILE" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -52,5 +52,9 @@ def serve(
     except PyexecError as exc:
         sys.stderr.write(f"pyexec: {exc.message}\n")
         return 2
-    run_server(settings)
+    try:
+        run_server(settings)
+    except PyexecError as exc:  # e.g. an unreadable token file, Nomad without Consul
+        sys.stderr.write(f"pyexec: {exc.message}\n")
+        return 2
     return 0
