@@ -153,8 +153,8 @@ job "pyexec-server" {
         # address, not only on loopback (docs/deploy.md).
         NOMAD_ADDR       = "http://${attr.unique.network.ip-address}:4646"
         CONSUL_HTTP_ADDR = "${attr.unique.network.ip-address}:8500"
-        # The runner tasks use host networking for their setup/finish steps.
-        PYEXEC_NOMAD_CONSUL_ADDR = "127.0.0.1:8500"
+        # Runner tasks reach Consul at this same (non-loopback) address, so their setup and
+        # finish steps run on Docker's bridge network, not the host's (docs/nomad.md).
       }
 
       # Secrets from the job's Nomad variable, rendered into the secrets directory (never
