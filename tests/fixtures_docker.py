@@ -8,11 +8,14 @@ left behind (containers and volumes), whatever its outcome.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
 
+import anyio
 import docker
+import docker.errors
 import pytest
 
 from pyexec.models import Execution, RunOutcome, new_execution_id, parse_request
@@ -22,7 +25,17 @@ from pyexec.settings import Settings
 
 from .tarfiles import make_tar
 
-__all__ = ["Started", "docker_client", "execute", "leftovers", "start", "tar_chunks"]
+__all__ = [
+    "Gate",
+    "GatedAPI",
+    "Started",
+    "docker_client",
+    "execute",
+    "gated_client",
+    "leftovers",
+    "start",
+    "tar_chunks",
+]
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +104,67 @@ async def execute(
     outcome = await started.wait()
     assert leftovers(client, started.execution_id) == []
     return outcome
+
+
+class Gate:
+    """A point a Docker call stops at until the test lets it go on."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def pass_through(self) -> None:
+        self.reached.set()
+        if not self.release.wait(60):
+            raise TimeoutError("the test never opened the gate")
+
+    async def wait_reached(self) -> None:
+        assert await anyio.to_thread.run_sync(self.reached.wait, 60), "gate never reached"
+
+
+class GatedAPI(docker.APIClient):
+    """The real engine's API, with gates after a create and before a start, and a
+    number of removals made to fail (the engine refusing), for races and error paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_create: Gate | None = None
+        self.after_create_volume: Gate | None = None
+        self.before_start: Gate | None = None
+        self.failing_removals = 0
+
+    def create_container(self, *args: Any, **kwargs: Any) -> Any:
+        created = super().create_container(*args, **kwargs)
+        if self.after_create is not None:
+            self.after_create.pass_through()
+        return created
+
+    def create_volume(self, *args: Any, **kwargs: Any) -> Any:
+        created = super().create_volume(*args, **kwargs)
+        if self.after_create_volume is not None:
+            self.after_create_volume.pass_through()
+        return created
+
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        if self.before_start is not None:
+            self.before_start.pass_through()
+        return super().start(*args, **kwargs)
+
+    def remove_container(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing_removals > 0:
+            self.failing_removals -= 1
+            raise docker.errors.APIError("simulated: the engine refused the removal")
+        return super().remove_container(*args, **kwargs)
+
+
+@pytest.fixture
+def gated_client() -> Iterator[tuple[docker.DockerClient, GatedAPI]]:
+    """A Docker client whose API the test can hold at a gate (see ``GatedAPI``)."""
+    client = docker.DockerClient()
+    client.api.close()
+    api = GatedAPI()
+    client.api = api
+    try:
+        yield client, api
+    finally:
+        client.close()

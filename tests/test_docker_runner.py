@@ -35,12 +35,23 @@ from pyexec.sandbox.wire import ControlLine
 from pyexec.settings import Settings
 
 from .conftest import CA_BUNDLE, TEST_IMAGE, make_settings
-from .fixtures_docker import docker_client, execute, leftovers, start, tar_chunks
+from .fixtures_docker import (
+    Gate,
+    GatedAPI,
+    Started,
+    docker_client,
+    execute,
+    gated_client,
+    leftovers,
+    start,
+    tar_chunks,
+)
 from .tarfiles import make_tar
 
-__all__ = ["docker_client"]  # a fixture, imported to be found by pytest
+__all__ = ["docker_client", "gated_client"]  # fixtures, imported to be found by pytest
 
 MiB = 1024 * 1024
+FILES = {"main.py": "print('hi')\n"}
 
 
 @pytest.fixture
@@ -667,3 +678,94 @@ async def test_requirements_install_from_the_index(
         await runner.aclose()
     assert outcome.reason is Reason.EXITED, (outcome.error, outcome.stderr[-2000:])
     assert outcome.stdout == "six ['lo']\n"
+
+
+# --- Races and error paths (a real engine held at gates) -------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+@pytest.mark.parametrize("gate", ["after_create", "after_create_volume"])
+async def test_shutdown_while_creating_leaves_nothing(
+    settings: Settings,
+    gated_client: tuple[docker.DockerClient, GatedAPI],
+    docker_client: docker.DockerClient,
+    gate: str,
+) -> None:
+    """A container or volume the engine creates while the runner shuts down is removed too."""
+    client, api = gated_client
+    held = Gate()
+    setattr(api, gate, held)
+    runner = DockerRunner(settings, client)
+    # A setup with its own network needs a volume; the plain run needs just a container.
+    metadata: dict[str, Any] = {"pre_commands": ["true"]} if gate == "after_create_volume" else {}
+    request = request_for(settings, **metadata)
+    execution = Execution(execution_id=new_execution_id())
+
+    async def on_running(_: object) -> None:
+        pass
+
+    async def launch() -> None:
+        with pytest.raises(BackendUnavailable):
+            await runner.start(execution, request, tar_chunks(make_tar(FILES)), on_running)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(launch)
+        await held.wait_reached()
+        group.start_soon(runner.aclose)
+        await anyio.wait_all_tasks_blocked()
+        held.release.set()
+    assert leftovers(docker_client, execution.execution_id) == []
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_kill_between_create_and_start_stops_the_run(
+    settings: Settings,
+    gated_client: tuple[docker.DockerClient, GatedAPI],
+    docker_client: docker.DockerClient,
+) -> None:
+    """A kill that lands while the container is being started still ends the run at once."""
+    client, api = gated_client
+    api.before_start = Gate()
+    runner = DockerRunner(settings, client)
+    request = request_for(settings)
+    started = Started(runner, new_execution_id())
+    execution = Execution(execution_id=started.execution_id)
+    tar = tar_chunks(make_tar({"main.py": "import time\ntime.sleep(60)\n"}))
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.start, execution, request, tar, started.on_running)
+            await api.before_start.wait_reached()
+            before = time.monotonic()
+            group.start_soon(runner.kill, started.execution_id)
+            await anyio.wait_all_tasks_blocked()
+            api.before_start.release.set()
+        outcome = await started.wait(timeout=10)
+        assert outcome.reason is Reason.KILLED, outcome
+        assert time.monotonic() - before < 8
+        assert leftovers(docker_client, started.execution_id) == []
+    finally:
+        await runner.aclose()
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_a_failed_removal_keeps_the_outcome_and_a_later_kill_sweeps(
+    settings: Settings,
+    gated_client: tuple[docker.DockerClient, GatedAPI],
+    docker_client: docker.DockerClient,
+) -> None:
+    """If the engine refuses to remove a finished container, wait still gives the outcome."""
+    client, api = gated_client
+    api.failing_removals = 6  # every attempt, when the run ends and when it is released
+    runner = DockerRunner(settings, client)
+    try:
+        started = await start(runner, settings, {"main.py": "print('done')"})
+        outcome = await started.wait(timeout=30)
+        assert (outcome.reason, outcome.stdout) == (Reason.EXITED, "done\n")
+        assert len(leftovers(docker_client, started.execution_id)) == 1
+        await runner.kill(started.execution_id)
+        assert leftovers(docker_client, started.execution_id) == []
+    finally:
+        await runner.aclose()

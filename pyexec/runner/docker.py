@@ -22,11 +22,13 @@ execution through its phases and decides its verdict.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import datetime
+from functools import partial
 
 import anyio
 import attrs
@@ -51,6 +53,8 @@ from pyexec.sandbox import wire
 from pyexec.settings import Settings
 
 __all__ = ["DockerRunner"]
+
+log = logging.getLogger("pyexec.runner.docker")
 
 #: How long the host lets a setup overrun its budget before it steps in; the
 #: bootstrap enforces the budget itself and reports the setup output when it can.
@@ -221,8 +225,11 @@ class DockerRunner:
         try:
             phases = plan(run.request, self._settings)
             if len(phases) > 1:
-                run.volume = await self._engine.create_volume(
-                    volume_args(run.request, run.execution_id, self._owner)
+                # Registered from the worker thread: a cancellation that lands while
+                # the engine creates it cannot make the run forget it.
+                await self._engine.create_volume(
+                    volume_args(run.request, run.execution_id, self._owner),
+                    on_created=partial(setattr, run, "volume"),
                 )
             for phase in phases:
                 await self._phase(run, phase, tar, on_running, launched)
@@ -270,15 +277,14 @@ class DockerRunner:
             self._settings, request, run.execution_id, phase, run.volume, self._owner
         )
         spec = wire.spec_frame(bootstrap_spec(self._settings, request, phase))
-        container = await self._engine.create(args)
-        run.containers.append(container)
+        container = await self._engine.create(args, on_created=run.containers.append)
         if run.killed:
             raise _Ended(run.outcome(Reason.KILLED))
         handle = await self._engine.attach(container)
         conn = AttachSocket(handle)
         control = wire.ControlLine()
         try:
-            await self._engine.start(container)
+            await self._start(run, container)
             await self._drop_keeper(run)
             budget = float(request.config.timeout_seconds)
             if phase.setup:
@@ -305,8 +311,15 @@ class DockerRunner:
         exited = await self._wait_exit(run, container, phase, control, deadline)
         run.finished_at = utcnow()
         oom = exited == 137 and run.verdict is None and await self._engine.oom_killed(container)
-        await self._remove_container(run, container)
+        await self._discard(run, container)
         self._judge(run, phase, control, exited, oom)
+
+    async def _start(self, run: _Run, container: str) -> None:
+        """Start the container; if the run was killed meanwhile, stop it at once (a kill
+        that came while it was being attached or started found nothing to stop)."""
+        await self._engine.start(container)
+        if run.killed:
+            await self._engine.kill(container)
 
     async def _drop_keeper(self, run: _Run) -> None:
         """End the idle setup container once the run container holds the volume."""
@@ -314,7 +327,7 @@ class DockerRunner:
             container, conn = run.keeper
             run.keeper = None
             conn.close()
-            await self._remove_container(run, container)
+            await self._discard(run, container)
 
     def _judge(
         self, run: _Run, phase: Phase, control: wire.ControlLine, exited: int | None, oom: bool
@@ -450,18 +463,30 @@ class DockerRunner:
             await self._engine.kill(container)
         return await self._engine.wait(container, _KILL_WAIT)
 
-    async def _remove_container(self, run: _Run, container: str) -> None:
-        await self._engine.remove_container(container)
+    async def _discard(self, run: _Run, container: str) -> None:
+        """Remove a container the run is done with. If the engine refuses, the verdict
+        stands: the container stays listed for ``_release``, then for a ``kill`` (which
+        sweeps by label) or the next ``startup``."""
+        try:
+            await self._engine.remove_container(container)
+        except BackendError as exc:
+            log.warning("could not remove container %s: %s", container, exc.message)
+            return
         if container in run.containers:
             run.containers.remove(container)
 
     async def _release(self, run: _Run) -> None:
-        """Remove whatever the run still holds; safe to repeat."""
+        """Remove whatever the run still holds; safe to repeat, never raises a
+        ``BackendError`` (what the engine refuses to remove is logged and left)."""
         await self._drop_keeper(run)
         for container in list(run.containers):
-            await self._remove_container(run, container)
-        if run.volume is not None:
-            await self._engine.remove_volume(run.volume)
+            await self._discard(run, container)
+        if run.volume is not None and not run.containers:
+            try:
+                await self._engine.remove_volume(run.volume)
+            except BackendError as exc:
+                log.warning("could not remove volume %s: %s", run.volume, exc.message)
+                return
             run.volume = None
 
     def _find(self, execution_id: str) -> _Run | None:

@@ -7,6 +7,7 @@ callers that expect it). Removing and killing what is already gone succeeds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -71,6 +72,19 @@ class Engine:
                 f"Docker is not reachable: {exc}", code="runner_unavailable"
             ) from exc
 
+    async def call_to_end(self, fn: Callable[[docker.APIClient], T]) -> T:
+        """Like ``call``, but a caller cancelled meanwhile still waits for the worker
+        thread to finish before it unwinds (a cancelled task otherwise leaves at once,
+        and its cleanup would run before the engine made what the call creates)."""
+        call = asyncio.ensure_future(self.call(fn))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait({call})
+            if not call.cancelled():
+                call.exception()  # retrieved: the cancellation is what goes on
+            raise
+
     async def ping(self) -> None:
         try:
             await self.call(lambda api: api.ping())
@@ -79,16 +93,22 @@ class Engine:
                 f"Docker is not reachable: {exc.message}", code="runner_unavailable"
             ) from exc
 
-    async def create(self, args: dict[str, Any]) -> str:
-        """Create a container from ``container_args``; pull the image first if allowed."""
+    async def create(self, args: dict[str, Any], on_created: Callable[[str], None]) -> str:
+        """Create a container from ``container_args``; pull the image first if allowed.
+
+        ``on_created`` gets the id in the worker thread, as soon as the engine made it:
+        the caller learns of it even if it is cancelled while the call is under way.
+        """
 
         def create(api: docker.APIClient) -> str:
             kwargs = dict(args, host_config=api.create_host_config(**args["host_config"]))
-            return str(api.create_container(**kwargs)["Id"])
+            container = str(api.create_container(**kwargs)["Id"])
+            on_created(container)
+            return container
 
         image = args["image"]
         try:
-            return await self.call(create)
+            return await self.call_to_end(create)
         except docker.errors.ImageNotFound:
             if not self._settings.docker_pull:
                 raise BackendError(
@@ -99,7 +119,7 @@ class Engine:
         repository, tag = parse_repository_tag(image)
         try:
             await self.call(lambda api: api.pull(repository, tag=tag or "latest"))
-            return await self.call(create)
+            return await self.call_to_end(create)
         except (docker.errors.NotFound, BackendError) as exc:
             detail = exc.message if isinstance(exc, BackendError) else str(exc)
             raise BackendError(
@@ -108,9 +128,15 @@ class Engine:
                 image=image,
             ) from exc
 
-    async def create_volume(self, args: dict[str, Any]) -> str:
-        volume = await self.call(lambda api: api.create_volume(**args))
-        return str(volume["Name"])
+    async def create_volume(self, args: dict[str, Any], on_created: Callable[[str], None]) -> str:
+        """Create a volume from ``volume_args``; ``on_created`` as for ``create``."""
+
+        def create(api: docker.APIClient) -> str:
+            volume = str(api.create_volume(**args)["Name"])
+            on_created(volume)
+            return volume
+
+        return await self.call_to_end(create)
 
     async def attach(self, container: str) -> Any:
         """docker-py's socket wrapper for the container's stdin, stdout and stderr."""
