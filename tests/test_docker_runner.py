@@ -22,6 +22,7 @@ import pytest
 from pyexec.errors import BackendError, BackendUnavailable, NotFound
 from pyexec.models import Execution, Reason, Status, new_execution_id, parse_request
 from pyexec.runner.docker import DockerRunner
+from pyexec.runner.docker_engine import Engine
 from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
@@ -769,3 +770,25 @@ async def test_a_failed_removal_keeps_the_outcome_and_a_later_kill_sweeps(
         assert leftovers(docker_client, started.execution_id) == []
     finally:
         await runner.aclose()
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_a_long_wait_does_not_hold_the_engine_calls_of_others(
+    settings: Settings, docker_client: docker.DockerClient
+) -> None:
+    """Waiting for a container that keeps running gives its thread back between slices."""
+    engine = Engine(settings, docker_client, threads=1)
+    sleeper = docker_client.containers.run(
+        TEST_IMAGE, ["sleep", "60"], detach=True, labels={LABEL_MANAGED: "1"}
+    )
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(engine.wait, sleeper.id, 20.0)
+            await anyio.wait_all_tasks_blocked()
+            before = time.monotonic()
+            await engine.ping()
+            assert time.monotonic() - before < 5
+            group.cancel_scope.cancel()
+    finally:
+        sleeper.remove(force=True)

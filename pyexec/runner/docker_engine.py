@@ -21,6 +21,7 @@ import anyio
 import docker
 import docker.errors
 import requests
+import urllib3.exceptions
 from anyio import to_thread
 from docker.utils import parse_repository_tag
 
@@ -33,18 +34,26 @@ __all__ = ["Engine"]
 T = TypeVar("T")
 
 _REMOVE_ATTEMPTS = 3
+#: Longest single blocking ``wait`` call (seconds).
+_WAIT_SLICE = 2.0
 THREADS = 64
 
 
 class Engine:
     """One Docker client (opened on first use) and the calls the runner makes with it."""
 
-    def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: docker.DockerClient | None = None,
+        *,
+        threads: int = THREADS,
+    ) -> None:
         self._settings = settings
         self._client = client
         self._owns_client = client is None
         self._client_lock = threading.Lock()
-        self._limiter = anyio.CapacityLimiter(THREADS)
+        self._limiter = anyio.CapacityLimiter(threads)
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -147,17 +156,27 @@ class Engine:
         await self.call(lambda api: api.start(container))
 
     async def wait(self, container: str, timeout: float) -> int | None:
-        """Exit code, or ``None`` if the container still runs after ``timeout`` seconds."""
-        try:
-            seconds = math.ceil(timeout)
-            result = await self.call(lambda api: api.wait(container, timeout=seconds))
-        except BackendUnavailable as exc:
-            if isinstance(exc.__cause__, requests.exceptions.ReadTimeout):
+        """Exit code, or ``None`` if the container still runs after ``timeout`` seconds.
+
+        The wait is made of calls of at most ``_WAIT_SLICE`` seconds, so that a container
+        which runs on for an hour does not hold a worker thread (and queue everyone's
+        creates and kills behind it) for that long.
+        """
+        deadline = anyio.current_time() + timeout
+        while True:
+            remaining = deadline - anyio.current_time()
+            seconds = max(1, math.ceil(min(remaining, _WAIT_SLICE)))
+            try:
+                result = await self.call(partial(_wait, container, seconds))
+            except BackendUnavailable as exc:
+                if not _read_timeout(exc.__cause__):
+                    raise
+                if anyio.current_time() >= deadline:
+                    return None
+                continue
+            except docker.errors.NotFound:
                 return None
-            raise
-        except docker.errors.NotFound:
-            return None
-        return int(result["StatusCode"])
+            return int(result["StatusCode"])
 
     async def oom_killed(self, container: str) -> bool:
         state = await self.call(lambda api: api.inspect_container(container))
@@ -217,6 +236,20 @@ class Engine:
         if self._owns_client and self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _wait(container: str, seconds: int, api: docker.APIClient) -> Any:
+    return api.wait(container, timeout=seconds)
+
+
+def _read_timeout(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is requests timing out on a read (some adapters wrap that in a
+    ``ConnectionError`` instead of raising ``ReadTimeout``)."""
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
+        return isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError)
+    return False
 
 
 def _remove_container(container: str, api: docker.APIClient) -> None:
