@@ -470,6 +470,26 @@ async def test_setup_has_its_own_timeout(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+async def test_setup_out_of_memory_says_so(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A pre_command killed for memory ends as setup_failed, and the error says why."""
+    hog = 'python3 -c "x = bytearray(512 * 2**20)"'
+    outcome = await execute(
+        runner,
+        docker_client,
+        settings,
+        {"main.py": "print('never')"},
+        pre_commands=[hog],
+        config={"memory_mb": 64},
+    )
+    assert outcome.reason is Reason.SETUP_FAILED, outcome
+    assert "more than 64 MiB of memory" in (outcome.error or ""), outcome.error
+    assert outcome.stdout == ""
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
 async def test_network_enabled_run_gets_an_interface(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:

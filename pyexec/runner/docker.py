@@ -310,7 +310,12 @@ class DockerRunner:
             await self._engine.kill(container)
         exited = await self._wait_exit(run, container, phase, control, deadline)
         run.finished_at = utcnow()
-        oom = exited == 137 and run.verdict is None and await self._engine.oom_killed(container)
+        # A setup step killed for memory makes the bootstrap report setup_failed.
+        oom = (
+            run.verdict is None
+            and (exited == 137 or control.status == "setup_failed")
+            and await self._engine.oom_killed(container)
+        )
         await self._discard(run, container)
         self._judge(run, phase, control, exited, oom)
 
@@ -343,14 +348,18 @@ class DockerRunner:
             raise _Ended(run.outcome(reason, run.error))
         if run.killed:
             raise _Ended(run.outcome(Reason.KILLED))
+        memory = f"more than {run.request.config.memory_mb} MiB of memory"
         if status == "setup_failed":
-            error = control.message
-            raise _Ended(run.outcome(Reason.SETUP_FAILED, str(error or "setup failed")))
+            error = control.message or "setup failed"
+            if oom:
+                error = f"{error} (killed for using {memory})"
+            raise _Ended(run.outcome(Reason.SETUP_FAILED, error))
         if oom:
-            limit = run.request.config.memory_mb
-            raise _Ended(
-                run.outcome(Reason.OOM, f"killed for using more than {limit} MiB of memory")
-            )
+            if phase.setup and not setup_over:
+                # Like a setup timeout: the program never ran, the setup failed.
+                error = f"setup killed for using {memory}"
+                raise _Ended(run.outcome(Reason.SETUP_FAILED, error))
+            raise _Ended(run.outcome(Reason.OOM, f"killed for using {memory}"))
         if status == "error" or status is None:
             detail = control.message or f"exit {exited} before the program ran"
             raise _Ended(run.outcome(Reason.ERROR, f"the sandbox could not start: {detail}"))
