@@ -97,6 +97,8 @@ def test_container_args_lock_the_sandbox_down(settings: Settings) -> None:
     args = container_args(settings, request, "exe_x", phase, owner="h:1")
     host = args["host_config"]
     assert args["user"] == "1000:1000"
+    assert args["entrypoint"] == []  # the image's ENTRYPOINT never wraps the bootstrap
+    assert args["command"][:4] == ["python3", "-I", "-S", "-c"]
     assert args["working_dir"] == "/work"
     assert "HOME=/work" in args["environment"]
     assert args["labels"] == {

@@ -106,6 +106,9 @@ def container_args(
     }
     return {
         "image": request.docker_image,
+        # The image's own ENTRYPOINT (a shell wrapper, an init script) would get the
+        # bootstrap as its arguments and may run anything first: reset it.
+        "entrypoint": [],
         "command": ["python3", "-I", "-S", "-c", bootstrap_source()],
         "user": SANDBOX_USER,
         "working_dir": WORKDIR,
