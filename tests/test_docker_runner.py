@@ -22,7 +22,7 @@ import pytest
 from pyexec.errors import BackendError, BackendUnavailable, NotFound
 from pyexec.models import Execution, Reason, Status, new_execution_id, parse_request
 from pyexec.runner.docker import DockerRunner
-from pyexec.runner.docker_engine import Engine
+from pyexec.runner.docker_engine import Engine, owner_label
 from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
@@ -640,10 +640,12 @@ async def test_tar_that_fails_midway_fails_start_and_cleans_up(
 async def test_startup_sweeps_leftovers_of_dead_processes_only(
     runner: DockerRunner, docker_client: docker.DockerClient
 ) -> None:
-    """startup removes managed containers of a gone process, not those of a live one."""
-    live = f"{socket.gethostname()}:{os.getpid()}"
+    """startup removes managed containers of a gone process, also one whose pid this
+    process reuses (a restarted container's PID 1), and spares those of a live one."""
+    live = owner_label()
+    earlier = f"{socket.gethostname()}:{os.getpid()}:1"  # same pid, started at another time
     made = {}
-    for owner in ("elsewhere:1", live):
+    for owner in ("elsewhere:1", earlier, live):
         execution_id = new_execution_id()
         docker_client.containers.create(
             TEST_IMAGE,
@@ -654,6 +656,7 @@ async def test_startup_sweeps_leftovers_of_dead_processes_only(
     try:
         await runner.startup()
         assert leftovers(docker_client, made["elsewhere:1"]) == []
+        assert leftovers(docker_client, made[earlier]) == []
         assert len(leftovers(docker_client, made[live])) == 1
     finally:
         for container in docker_client.containers.list(

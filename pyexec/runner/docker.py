@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -38,7 +36,7 @@ from anyio import from_thread, to_thread
 from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
 from pyexec.runner import OnRunning
-from pyexec.runner.docker_engine import Engine
+from pyexec.runner.docker_engine import Engine, owner_label
 from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
@@ -116,7 +114,7 @@ class DockerRunner:
         self._runs: dict[str, _Run] = {}
         self._done: OrderedDict[str, _Run] = OrderedDict()
         self._closed = False
-        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._owner = owner_label()
 
     # --- Runner protocol ---------------------------------------------------------------
 

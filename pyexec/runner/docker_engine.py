@@ -29,7 +29,7 @@ from pyexec.errors import BackendError, BackendUnavailable
 from pyexec.runner.docker_spec import LABEL_OWNER
 from pyexec.settings import Settings
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "owner_label"]
 
 T = TypeVar("T")
 
@@ -260,9 +260,30 @@ def _remove_volume(volume: str, api: docker.APIClient) -> None:
     api.remove_volume(volume, force=True)
 
 
+def owner_label() -> str:
+    """``host:pid:start`` naming this process (``start``: when it started, in clock ticks
+    since boot), so that a later process reusing the pid is told apart: PID 1 of a
+    restarted container has the same host name and pid as the one that crashed."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    """Field 22 of ``/proc/<pid>/stat`` (empty where there is no such file)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return ""
+    fields = stat.rpartition(b")")[2].split()  # the name in parentheses may hold spaces
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
 def _owner_alive(owner: str | None) -> bool:
-    """Whether ``host:pid`` names a live process on this host (so not a crash's leftover)."""
-    host, _, pid = (owner or "").rpartition(":")
+    """Whether ``owner`` (``host:pid[:start]``) names a live process on this host (so not
+    a crash's leftover)."""
+    host, _, rest = (owner or "").partition(":")
+    pid, _, start = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -270,5 +291,5 @@ def _owner_alive(owner: str | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not start or _start_ticks(int(pid)) in ("", start)
