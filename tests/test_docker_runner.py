@@ -24,6 +24,7 @@ from pyexec.models import Execution, Reason, Status, new_execution_id, parse_req
 from pyexec.runner.docker import DockerRunner
 from pyexec.runner.docker_engine import Engine, owner_label
 from pyexec.runner.docker_spec import (
+    CPU_BACKSTOP_SLACK,
     LABEL_EXECUTION,
     LABEL_MANAGED,
     LABEL_OWNER,
@@ -331,6 +332,21 @@ async def test_closing_stdout_does_not_escape_the_timeout(
         runner, docker_client, settings, {"main.py": code}, config={"timeout_seconds": 2}
     )
     assert outcome.reason is Reason.TIMEOUT, outcome
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_cpu_time_has_a_backstop_in_the_container(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """The program runs under a CPU-time rlimit past its timeout, in case the host dies."""
+    code = "import os, resource\nprint(*resource.getrlimit(resource.RLIMIT_CPU), os.cpu_count())\n"
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": code}, config={"timeout_seconds": 5}
+    )
+    soft, hard, cpus = map(int, outcome.stdout.split())
+    assert soft == (5 + CPU_BACKSTOP_SLACK) * cpus
+    assert hard == soft + 10
 
 
 @pytest.mark.docker

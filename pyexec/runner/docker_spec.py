@@ -38,6 +38,8 @@ SANDBOX_USER = "1000:1000"
 WORKDIR = "/work"
 CA_TARGET = "/usr/local/share/pyexec/ca.crt"
 MiB = 1024 * 1024
+#: Seconds past the timeout before the in-container CPU backstop can fire.
+CPU_BACKSTOP_SLACK = 60
 
 
 @attrs.frozen
@@ -168,5 +170,8 @@ def bootstrap_spec(settings: Settings, request: ExecutionRequest, phase: Phase) 
             "entrypoint": request.entrypoint,
             "args": list(request.script_args),
             "env": env,
+            # Wall-clock seconds whose CPU time (on every core) caps the program: it only
+            # bites if this process dies and nobody enforces the timeout any more.
+            "cpu_backstop": request.config.timeout_seconds + CPU_BACKSTOP_SLACK,
         }
     return spec
