@@ -833,3 +833,36 @@ async def test_a_long_wait_does_not_hold_the_engine_calls_of_others(
             group.cancel_scope.cancel()
     finally:
         sleeper.remove(force=True)
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_a_slow_archive_does_not_hold_the_engine_calls_of_others(
+    settings: Settings, docker_client: docker.DockerClient
+) -> None:
+    """While one run's tar trickles in, another run starts and finishes."""
+    runner = DockerRunner(settings, engine=Engine(settings, docker_client, threads=1))
+    go_on = anyio.Event()
+    data = make_tar({"main.py": "print('slow')", "pad.bin": b"x" * 300_000})
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield data[:100_000]
+        await go_on.wait()
+        yield data[100_000:]
+
+    async def on_running(_: object) -> None:
+        pass
+
+    slow = Execution(execution_id=new_execution_id())
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.start, slow, request_for(settings), stalled(), on_running)
+            await anyio.wait_all_tasks_blocked()
+            with anyio.fail_after(15):
+                other = await execute(runner, docker_client, settings, {"main.py": "print(1)"})
+            assert other.stdout == "1\n"
+            go_on.set()
+        assert (await runner.wait(slow.execution_id, 30)).stdout == "slow\n"
+    finally:
+        go_on.set()
+        await runner.aclose()

@@ -36,7 +36,7 @@ from anyio import from_thread, to_thread
 from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
 from pyexec.runner import OnRunning
-from pyexec.runner.docker_engine import Engine, owner_label
+from pyexec.runner.docker_engine import THREADS, Engine, owner_label
 from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
@@ -108,9 +108,18 @@ class DockerRunner:
     #: A local run is pumped by this process; it cannot outlive it.
     survives_restart = False
 
-    def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: docker.DockerClient | None = None,
+        *,
+        engine: Engine | None = None,
+    ) -> None:
         self._settings = settings
-        self._engine = Engine(settings, client)
+        self._engine = engine or Engine(settings, client)
+        # Archive transfers last as long as a sandbox takes to unpack: they get their own
+        # threads, so they never queue the engine calls of other runs (creates, kills).
+        self._archive_threads = anyio.CapacityLimiter(THREADS)
         self._runs: dict[str, _Run] = {}
         self._done: OrderedDict[str, _Run] = OrderedDict()
         self._closed = False
@@ -409,7 +418,7 @@ class DockerRunner:
                 lambda data: from_thread.run(conn.send, data),
             )
 
-        await to_thread.run_sync(work, limiter=self._engine.limiter)
+        await to_thread.run_sync(work, limiter=self._archive_threads)
 
     async def _pump(
         self,

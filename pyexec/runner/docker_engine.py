@@ -55,10 +55,6 @@ class Engine:
         self._client_lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(threads)
 
-    @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        return self._limiter
-
     def _api(self) -> docker.APIClient:
         with self._client_lock:
             if self._client is None:
