@@ -400,6 +400,25 @@ async def test_huge_output_is_cut_and_memory_stays_bounded(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+async def test_collected_outcomes_are_not_hoarded(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """Once waited for, big outcomes are let go past 16 MiB; the newest stays readable."""
+    code = "import sys\nsys.stdout.write('x' * (9 * 1024 * 1024))\n"
+    ids = []
+    for _ in range(2):
+        files = {"main.py": code}
+        started = await start(runner, settings, files, config={"max_output_bytes": 10 * MiB})
+        assert len((await started.wait()).stdout) == 9 * MiB
+        ids.append(started.execution_id)
+    assert await runner.logs(ids[0]) == ("", "")
+    with pytest.raises(NotFound):
+        await runner.wait(ids[0], 1)
+    assert len((await runner.logs(ids[1]))[0]) == 9 * MiB
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
 async def test_output_cap_never_splits_a_character(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:

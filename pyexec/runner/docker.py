@@ -61,6 +61,9 @@ _SETUP_GRACE = 5.0
 _KILL_WAIT = 30.0
 #: Finished runs kept for ``wait``/``logs`` (their output lives in the outcome only).
 _DONE_KEPT = 64
+#: Output (characters) of finished runs kept once ``wait`` has handed their outcome
+#: over; past it the oldest such runs are dropped (64 runs could hold 8 GiB otherwise).
+_COLLECTED_OUTPUT_KEPT = 16 * 1024 * 1024
 
 
 @attrs.define(eq=False)
@@ -80,6 +83,8 @@ class _Run:
     keeper: tuple[str, AttachSocket] | None = None
     task: asyncio.Task[RunOutcome] | None = None
     launch_error: Exception | None = None
+    #: ``wait`` has returned the outcome (whoever runs the execution has it now).
+    collected: bool = False
 
     def outcome(self, reason: Reason, error: str | None = None) -> RunOutcome:
         return RunOutcome(
@@ -170,7 +175,10 @@ class DockerRunner:
             raise TimeoutError(f"{execution_id} still running after {timeout}s")
         if run.task.cancelled():
             return run.outcome(Reason.ERROR, "the runner shut down before the run finished")
-        return run.task.result()
+        outcome = run.task.result()
+        run.collected = True
+        self._trim_done()
+        return outcome
 
     async def logs(self, execution_id: str) -> tuple[str, str]:
         run = self._find(execution_id)
@@ -262,8 +270,7 @@ class DockerRunner:
             self._runs.pop(run.execution_id, None)
             if run.launch_error is None:
                 self._done[run.execution_id] = run
-                while len(self._done) > _DONE_KEPT:
-                    self._done.popitem(last=False)
+                self._trim_done()
 
     async def _phase(
         self,
@@ -504,6 +511,20 @@ class DockerRunner:
                 log.warning("could not remove volume %s: %s", run.volume, exc.message)
                 return
             run.volume = None
+
+    def _trim_done(self) -> None:
+        """Keep at most ``_DONE_KEPT`` finished runs, and of those already collected,
+        no more output than ``_COLLECTED_OUTPUT_KEPT`` (newest first)."""
+        while len(self._done) > _DONE_KEPT:
+            self._done.popitem(last=False)
+        kept = 0
+        for execution_id, run in reversed(list(self._done.items())):
+            if not run.collected or run.task is None or run.task.cancelled():
+                continue
+            outcome = run.task.result()
+            kept += len(outcome.stdout) + len(outcome.stderr)
+            if kept > _COLLECTED_OUTPUT_KEPT:
+                del self._done[execution_id]
 
     def _find(self, execution_id: str) -> _Run | None:
         return self._runs.get(execution_id) or self._done.get(execution_id)
