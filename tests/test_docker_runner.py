@@ -33,6 +33,7 @@ from pyexec.runner.docker_spec import (
     plan,
 )
 from pyexec.runner.docker_stream import Capture, Demux
+from pyexec.runner.docker_verdict import Ending, verdict
 from pyexec.sandbox.wire import ControlLine
 from pyexec.settings import Settings
 
@@ -128,6 +129,62 @@ def test_ca_bundle_is_mounted_into_setup_containers_only(settings: Settings) -> 
     assert {(m["Source"], m["ReadOnly"]) for m in mounts} == {("vol", False), (CA_BUNDLE, True)}
     run_mounts = container_args(with_ca, request, "exe_x", run, "vol")["host_config"]["mounts"]
     assert [m["Source"] for m in run_mounts] == ["vol"]
+
+
+SETUP_ONLY = Phase(extract=True, setup=True, run=False, network=True)
+SETUP_AND_RUN = Phase(extract=True, setup=True, run=True, network=False)
+RUN_ONLY = Phase(extract=False, setup=False, run=True, network=False)
+
+
+@pytest.mark.parametrize(
+    ("ending", "expected"),
+    [
+        # a limit the runner enforced wins over a kill and an exit at the same moment
+        (
+            Ending(phase=RUN_ONLY, status="ready", exited=0, limit=Reason.TIMEOUT, killed=True),
+            Reason.TIMEOUT,
+        ),
+        # the same limit before the setup was over is a failed setup
+        (
+            Ending(phase=SETUP_AND_RUN, status=None, exited=137, limit=Reason.OUTPUT_LIMIT),
+            Reason.SETUP_FAILED,
+        ),
+        # a kill wins over the program's own exit and over memory
+        (Ending(phase=RUN_ONLY, status="ready", exited=0, killed=True), Reason.KILLED),
+        (Ending(phase=RUN_ONLY, status="ready", exited=137, killed=True, oom=True), Reason.KILLED),
+        # a kill during setup is a kill, not a failed setup
+        (Ending(phase=SETUP_ONLY, status=None, exited=137, killed=True), Reason.KILLED),
+        # memory: oom in the run, a failed setup before the program ran
+        (Ending(phase=RUN_ONLY, status="ready", exited=137, oom=True), Reason.OOM),
+        (Ending(phase=SETUP_AND_RUN, status=None, exited=137, oom=True), Reason.SETUP_FAILED),
+        # no control line at all: the sandbox never started the program
+        (Ending(phase=RUN_ONLY, status=None, exited=1), Reason.ERROR),
+        # the program's own exit, whatever its code
+        (Ending(phase=SETUP_AND_RUN, status="ready", exited=137), Reason.EXITED),
+        # a setup-only container that succeeded does not end the execution
+        (Ending(phase=SETUP_ONLY, status="setup_ok", exited=0), None),
+    ],
+)
+def test_verdict_precedence(ending: Ending, expected: Reason | None) -> None:
+    """When several endings coincide, the verdict follows one fixed order."""
+    decided = verdict(ending)
+    assert (decided and decided[0]) == expected, decided
+
+
+def test_setup_killed_for_memory_says_so() -> None:
+    """A setup step that failed because of memory names the memory limit in the error."""
+    ending = Ending(
+        phase=SETUP_ONLY,
+        status="setup_failed",
+        message="setup step 'pip install' exited with -9",
+        exited=1,
+        oom=True,
+        memory_mb=64,
+    )
+    assert verdict(ending) == (
+        Reason.SETUP_FAILED,
+        "setup step 'pip install' exited with -9 (killed for using more than 64 MiB of memory)",
+    )
 
 
 def test_demux_reassembles_frames_split_anywhere() -> None:

@@ -47,6 +47,7 @@ from pyexec.runner.docker_spec import (
     volume_args,
 )
 from pyexec.runner.docker_stream import AttachSocket, Capture, Demux
+from pyexec.runner.docker_verdict import Ending, verdict
 from pyexec.sandbox import wire
 from pyexec.settings import Settings
 
@@ -352,35 +353,22 @@ class DockerRunner:
         self, run: _Run, phase: Phase, control: wire.ControlLine, exited: int | None, oom: bool
     ) -> None:
         """Raise ``_Ended`` with the outcome, unless a successful setup-only phase ended."""
-        run.exit_code = exited
-        status = control.status
-        setup_over = status in {"ready", "setup_ok"}
-        if run.verdict is not None:
-            reason = run.verdict
-            if phase.setup and not setup_over:
-                reason = Reason.SETUP_FAILED
-            raise _Ended(run.outcome(reason, run.error))
-        if run.killed:
-            raise _Ended(run.outcome(Reason.KILLED))
-        memory = f"more than {run.request.config.memory_mb} MiB of memory"
-        if status == "setup_failed":
-            error = control.message or "setup failed"
-            if oom:
-                error = f"{error} (killed for using {memory})"
-            raise _Ended(run.outcome(Reason.SETUP_FAILED, error))
-        if oom:
-            if phase.setup and not setup_over:
-                # Like a setup timeout: the program never ran, the setup failed.
-                error = f"setup killed for using {memory}"
-                raise _Ended(run.outcome(Reason.SETUP_FAILED, error))
-            raise _Ended(run.outcome(Reason.OOM, f"killed for using {memory}"))
-        if status == "error" or status is None:
-            detail = control.message or f"exit {exited} before the program ran"
-            raise _Ended(run.outcome(Reason.ERROR, f"the sandbox could not start: {detail}"))
-        if status == "setup_ok" and not phase.run:
-            run.exit_code = None
+        ending = Ending(
+            phase=phase,
+            status=control.status,
+            message=control.message,
+            exited=exited,
+            limit=run.verdict,
+            limit_error=run.error,
+            killed=run.killed,
+            oom=oom,
+            memory_mb=run.request.config.memory_mb,
+        )
+        decided = verdict(ending)
+        if decided is None:
             return
-        raise _Ended(run.outcome(Reason.EXITED))
+        run.exit_code = exited
+        raise _Ended(run.outcome(*decided))
 
     async def _begin(self, run: _Run, on_running: OnRunning) -> None:
         run.started_at = utcnow()
