@@ -31,6 +31,7 @@ from pyexec.runner.docker_spec import (
     Phase,
     container_args,
     plan,
+    volume_args,
 )
 from pyexec.runner.docker_stream import Capture, Demux
 from pyexec.runner.docker_verdict import Ending, verdict
@@ -118,6 +119,15 @@ def test_container_args_lock_the_sandbox_down(settings: Settings) -> None:
     assert host["log_config"]["Type"] == "none"
     assert "size=8m" in host["tmpfs"]["/work"]
     assert "uid=1000" in host["tmpfs"]["/work"]
+
+
+def test_work_is_nosuid_nodev_as_a_tmpfs_and_as_a_volume(settings: Settings) -> None:
+    """/work gets nosuid and nodev whether it is the container's tmpfs or a setup volume."""
+    request = request_for(settings, config={"disk_mb": 8})
+    tmpfs = container_args(settings, request, "exe_x", plan(request, settings)[0])
+    volume = volume_args(request, "exe_x", "h:1")
+    for options in (tmpfs["host_config"]["tmpfs"]["/work"], volume["driver_opts"]["o"]):
+        assert {"nosuid", "nodev", "size=8m"} <= set(options.split(","))
 
 
 def test_ca_bundle_is_mounted_into_setup_containers_only(settings: Settings) -> None:
@@ -501,7 +511,11 @@ async def test_pre_commands_run_before_the_script(
     settings = attrs.evolve(settings, setup_network=setup_network)
     runner = DockerRunner(settings, docker_client)
     try:
-        code = "import os\nprint(open('made.txt').read().strip(), os.listdir('/sys/class/net'))\n"
+        code = (
+            "import os\nprint(open('made.txt').read().strip(), os.listdir('/sys/class/net'))\n"
+            "mount = [line for line in open('/proc/mounts') if ' /work ' in line][0]\n"
+            "print({'nosuid', 'nodev'} <= set(mount.split()[3].split(',')))\n"
+        )
         outcome = await execute(
             runner,
             docker_client,
@@ -513,7 +527,7 @@ async def test_pre_commands_run_before_the_script(
     finally:
         await runner.aclose()
     assert outcome.reason is Reason.EXITED, outcome
-    assert outcome.stdout == "made-by-setup ['lo']\n"
+    assert outcome.stdout == "made-by-setup ['lo']\nTrue\n"
     assert outcome.stderr == ""
 
 

@@ -70,6 +70,11 @@ def labels(execution_id: str, owner: str) -> dict[str, str]:
     return {LABEL_MANAGED: "1", LABEL_EXECUTION: execution_id, LABEL_OWNER: owner}
 
 
+def _work_options(request: ExecutionRequest) -> str:
+    """Mount options of /work, a tmpfs of the container's own or a volume's alike."""
+    return f"nosuid,nodev,size={request.config.disk_mb}m,uid=1000,gid=1000,mode=0755"
+
+
 def container_args(
     settings: Settings,
     request: ExecutionRequest,
@@ -85,9 +90,7 @@ def container_args(
     mounts = []
     tmpfs = None
     if volume is None:
-        tmpfs = {
-            WORKDIR: f"rw,exec,nosuid,nodev,size={config.disk_mb}m,uid=1000,gid=1000,mode=0755"
-        }
+        tmpfs = {WORKDIR: f"rw,exec,{_work_options(request)}"}
     else:
         mounts.append(Mount(WORKDIR, volume, type="volume"))
     if phase.setup and settings.ca_bundle:
@@ -134,11 +137,7 @@ def volume_args(request: ExecutionRequest, execution_id: str, owner: str) -> dic
     """Arguments of ``APIClient.create_volume`` for the /work a setup container hands over."""
     return {
         "driver": "local",
-        "driver_opts": {
-            "type": "tmpfs",
-            "device": "tmpfs",
-            "o": f"size={request.config.disk_mb}m,uid=1000,gid=1000,mode=0755",
-        },
+        "driver_opts": {"type": "tmpfs", "device": "tmpfs", "o": _work_options(request)},
         "labels": labels(execution_id, owner),
     }
 
