@@ -28,6 +28,7 @@ from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
     LABEL_OWNER,
+    NOFILE,
     Phase,
     container_args,
     plan,
@@ -403,17 +404,23 @@ async def test_closing_stdout_does_not_escape_the_timeout(
 
 @pytest.mark.docker
 @pytest.mark.anyio
-async def test_cpu_time_has_a_backstop_in_the_container(
+async def test_cpu_time_and_open_files_are_capped_in_the_container(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
-    """The program runs under a CPU-time rlimit past its timeout, in case the host dies."""
-    code = "import os, resource\nprint(*resource.getrlimit(resource.RLIMIT_CPU), os.cpu_count())\n"
+    """A CPU-time rlimit past the timeout (in case the host dies) and an open-files cap."""
+    code = (
+        "import os, resource\n"
+        "print(*resource.getrlimit(resource.RLIMIT_CPU), os.cpu_count())\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
     outcome = await execute(
         runner, docker_client, settings, {"main.py": code}, config={"timeout_seconds": 5}
     )
-    soft, hard, cpus = map(int, outcome.stdout.split())
+    cpu, nofile = outcome.stdout.splitlines()
+    soft, hard, cpus = map(int, cpu.split())
     assert soft == (5 + CPU_BACKSTOP_SLACK) * cpus
     assert hard == soft + 10
+    assert nofile == f"{NOFILE} {NOFILE}"
 
 
 @pytest.mark.docker

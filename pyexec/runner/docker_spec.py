@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from docker.types import LogConfig, Mount
+from docker.types import LogConfig, Mount, Ulimit
 
 from pyexec.models import ExecutionRequest
 from pyexec.sandbox import bootstrap_source
@@ -21,6 +21,7 @@ __all__ = [
     "LABEL_EXECUTION",
     "LABEL_MANAGED",
     "LABEL_OWNER",
+    "NOFILE",
     "WORKDIR",
     "Phase",
     "bootstrap_spec",
@@ -38,6 +39,8 @@ SANDBOX_USER = "1000:1000"
 WORKDIR = "/work"
 CA_TARGET = "/usr/local/share/pyexec/ca.crt"
 MiB = 1024 * 1024
+#: Open files per sandbox process.
+NOFILE = 4096
 #: Seconds past the timeout before the in-container CPU backstop can fire.
 CPU_BACKSTOP_SLACK = 60
 
@@ -104,6 +107,9 @@ def container_args(
         "memswap_limit": memory,
         "cpu_shares": config.cpu_shares,
         "pids_limit": config.pids_limit,
+        # The engine's default (often a million) times pids_limit processes is a lot of
+        # kernel memory; a script needs a few thousand descriptors at most.
+        "ulimits": [Ulimit(name="nofile", soft=NOFILE, hard=NOFILE)],
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "log_config": LogConfig(type="none"),
