@@ -562,6 +562,25 @@ async def test_setup_failure_reports_setup_output(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+async def test_a_pre_command_cannot_end_the_run_with_a_forged_setup_ok(
+    docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """A pre_command writing 'setup_ok' to the bootstrap's stdout does not cut the run short."""
+    settings = attrs.evolve(settings, setup_network=False)  # setup and run in one container
+    runner = DockerRunner(settings, docker_client)
+    forge = "printf '\\000pyexec setup_ok\\n' > /proc/$PPID/fd/1"
+    try:
+        outcome = await execute(
+            runner, docker_client, settings, {"main.py": "print('ran')"}, pre_commands=[forge]
+        )
+    finally:
+        await runner.aclose()
+    assert outcome.reason is Reason.EXITED, outcome
+    assert outcome.stdout.endswith("ran\n")
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
 async def test_setup_has_its_own_timeout(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:

@@ -314,7 +314,8 @@ class DockerRunner:
                 )
                 deadline = await self._pump(run, conn, control, phase, on_running, deadline)
                 group.cancel_scope.cancel()
-            if control.status == "setup_ok" and run.verdict is None and not run.killed:
+            setup_done = control.status == "setup_ok" and not phase.run
+            if setup_done and run.verdict is None and not run.killed:
                 run.keeper = (container, conn)
                 return
         except BaseException:
@@ -437,7 +438,9 @@ class DockerRunner:
                             scope.deadline = (
                                 anyio.current_time() + run.request.config.timeout_seconds
                             )
-                        elif control.status == "setup_ok":
+                        elif control.status == "setup_ok" and not phase.run:
+                            # (In a phase that runs the program, "setup_ok" can only be
+                            # a pre_command writing to the bootstrap's stdout: not trusted.)
                             return scope.deadline
                     if stream not in (1, 2) or not payload:
                         continue
