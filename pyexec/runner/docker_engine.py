@@ -85,7 +85,8 @@ class Engine:
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
-            await asyncio.wait({call})
+            with anyio.CancelScope(shield=True):  # a cancelled anyio scope would re-cancel
+                await asyncio.wait({call})
             if not call.cancelled():
                 call.exception()  # retrieved: the cancellation is what goes on
             raise
