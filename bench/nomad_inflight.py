@@ -85,6 +85,7 @@ def pyexec_server(nomad: str, prefix: str, log: Path) -> Iterator[tuple[str, psu
         "PYEXEC_DEFAULT_DISK_MB": "64",
         "PYEXEC_DEFAULT_TIMEOUT": "60",
         "PYEXEC_CLEANUP_TTL": "7200",
+        "PYEXEC_MAX_IN_FLIGHT": "0",  # the point is 1,000 in flight on one replica
         "PYEXEC_LOG_LEVEL": "WARNING",
     }
     with log.open("wb") as out:

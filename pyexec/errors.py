@@ -15,6 +15,7 @@ the mapping to an HTTP response happens in exactly one place
     ├── Unauthorized               401  unauthorized
     ├── NotFound                   404  execution_not_found
     ├── Conflict                   409  invalid_transition, already_exists
+    ├── TooManyExecutions          429  too_many_executions (this replica's in-flight cap)
     └── BackendError               502  store_error, runner_error, nomad_dispatch_failed
         └── BackendUnavailable     503  store_unavailable, runner_unavailable, shutting_down
 """
@@ -33,6 +34,7 @@ __all__ = [
     "PayloadTooLarge",
     "PyexecError",
     "TarRejected",
+    "TooManyExecutions",
     "Unauthorized",
 ]
 
@@ -87,6 +89,11 @@ class NotFound(PyexecError):
 class Conflict(PyexecError):
     status_code = 409
     default_code = "conflict"
+
+
+class TooManyExecutions(PyexecError):
+    status_code = 429
+    default_code = "too_many_executions"
 
 
 class BackendError(PyexecError):

@@ -25,7 +25,14 @@ from typing import Any, BinaryIO, TypeVar
 import attrs
 from anyio import to_thread
 
-from .errors import BackendError, BackendUnavailable, Conflict, PayloadTooLarge, PyexecError
+from .errors import (
+    BackendError,
+    BackendUnavailable,
+    Conflict,
+    PayloadTooLarge,
+    PyexecError,
+    TooManyExecutions,
+)
 from .evaluate.outcome import finish_outcome, is_eval_request
 from .logsetup import bind_execution
 from .models import (
@@ -77,6 +84,7 @@ class ExecutionService:
         self._tasks: dict[str, asyncio.Task[Execution]] = {}
         self._janitor: asyncio.Task[None] | None = None
         self._preparing: asyncio.Task[None] | None = None
+        self._admitting = 0
         self._closing = False
 
     # --- lifecycle of the service ----------------------------------------------------------
@@ -143,6 +151,27 @@ class ExecutionService:
         """Store and launch an execution; returns its record once launched."""
         if self._closing:
             raise BackendUnavailable("the service is shutting down", code="shutting_down")
+        cap = self.settings.max_in_flight
+        in_flight = len(self._tasks) + self._admitting
+        if cap and in_flight >= cap:
+            raise TooManyExecutions(
+                f"this server already runs {in_flight} executions (its cap is {cap}); retry later",
+                in_flight=in_flight,
+            )
+        # Counted from admission, so concurrent submits cannot overshoot the cap.
+        self._admitting += 1
+        try:
+            return await self._launch(request, tar, initial, postprocess)
+        finally:
+            self._admitting -= 1
+
+    async def _launch(
+        self,
+        request: ExecutionRequest,
+        tar: BinaryIO,
+        initial: Mapping[str, Any] | None,
+        postprocess: Postprocess | None,
+    ) -> Execution:
         await to_thread.run_sync(self._check_tar, tar, request.entrypoint)
         record = Execution(execution_id=new_execution_id(), request=request.to_dict())
         if initial:

@@ -113,6 +113,13 @@ class Settings:
         parse=float,
         help="How long a shutdown lets in-flight sync requests finish.",
     )
+    max_in_flight: int = setting(
+        100,
+        "PYEXEC_MAX_IN_FLIGHT",
+        parse=int,
+        help="Most executions one replica drives at once; more are refused with 429 "
+        "(0: no cap). Each local run holds memory, a /work tmpfs and its output.",
+    )
     log_format: str = setting("json", "PYEXEC_LOG_FORMAT", help="`json` or `text`.")
     log_level: str = setting("INFO", "PYEXEC_LOG_LEVEL", help="Python logging level name.")
 

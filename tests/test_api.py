@@ -425,3 +425,19 @@ def test_an_unreadable_token_file_is_a_clear_settings_error(tmp_path: Any) -> No
         make_settings(api_token_file=str(tmp_path / "missing")).tokens()
     assert info.value.code == "invalid_setting"
     assert "PYEXEC_API_TOKEN_FILE" in info.value.message
+
+
+async def test_the_in_flight_cap_answers_429(runner: FakeRunner) -> None:
+    """Past max_in_flight a submit is refused with 429 and Retry-After; a finished run frees
+    its slot."""
+    settings = make_settings(max_in_flight=1)
+    async with app_client(settings, store=MemoryStore(), runner=runner) as client:
+        for _ in range(2):  # each sync run gives its slot back when it answers
+            assert (await client.post("/api/v1/exec/sync", **upload())).status_code == 200
+        held = await client.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
+        assert held.status_code == 202
+        refused = await client.post("/api/v1/exec/sync", **upload())
+        assert refused.status_code == 429
+        assert error_code(refused) == "too_many_executions"
+        assert refused.headers["retry-after"] == "1"
+        await client.delete(f"/api/v1/executions/{held.json()['execution_id']}")

@@ -29,6 +29,8 @@ def error_response(status: int, code: str, message: str, **details: object) -> J
     if details:
         body["details"] = details
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 429:
+        headers = {"Retry-After": "1"}
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 

@@ -25,6 +25,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "Missing or invalid bearer token",
         404: "No such execution",
         413: "Archive or code too large",
+        429: "This replica runs as many executions as it may; retry later",
         502: "A backend failed",
         503: "A backend is unreachable or the service is shutting down",
     }
@@ -183,7 +184,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Run a tar and wait for the result",
                     "operationId": "execSync",
                     "requestBody": _UPLOAD,
-                    "responses": {"200": execution, **_errors(400, 401, 413, 502, 503)},
+                    "responses": {"200": execution, **_errors(400, 401, 413, 429, 502, 503)},
                 }
             },
             "/api/v1/exec/async": {
@@ -193,7 +194,7 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": _UPLOAD,
                     "responses": {
                         "202": _json(_SUBMITTED, "Accepted"),
-                        **_errors(400, 401, 413, 502, 503),
+                        **_errors(400, 401, 413, 429, 502, 503),
                     },
                 }
             },
@@ -250,7 +251,7 @@ def openapi_document() -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": _ref("EvalRequest")}},
                     },
-                    "responses": {"200": execution, **_errors(400, 401, 413, 502, 503)},
+                    "responses": {"200": execution, **_errors(400, 401, 413, 429, 502, 503)},
                 }
             },
             "/api/v1/eval/async": {
@@ -263,7 +264,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "202": _json(_SUBMITTED, "Accepted"),
-                        **_errors(400, 401, 413, 502, 503),
+                        **_errors(400, 401, 413, 429, 502, 503),
                     },
                 }
             },
