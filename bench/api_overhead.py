@@ -51,6 +51,8 @@ def docker_argv(image: str, memory_mb: int, disk_mb: int, pids: int) -> list[str
         "--pids-limit", str(pids),
         "--cap-drop", "ALL",
         "--security-opt", "no-new-privileges",
+        "--ulimit", "nofile=4096:4096",
+        "--entrypoint", "",
         "--log-driver", "none",
         image, "python3", "-c", HELLO,
     ]  # fmt: skip
