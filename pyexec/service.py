@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import attrs
 from anyio import to_thread
@@ -51,7 +51,6 @@ from .tarsafe import validate_tar
 
 __all__ = ["ExecutionService", "Postprocess"]
 
-T = TypeVar("T")
 
 log = logging.getLogger("pyexec.service")
 
@@ -72,7 +71,6 @@ class Hooks:
 
     on_finished: Callable[[Execution], None] | None = None
     on_started: Callable[[Execution], None] | None = None
-    on_backend_error: Callable[[str, PyexecError], None] | None = None
 
 
 class ExecutionService:
@@ -177,16 +175,13 @@ class ExecutionService:
         if initial:
             record = attrs.evolve(record, **initial)
         with bind_execution(record.execution_id):
-            await self._guard("store", self.store.create(record, tar))
+            await self.store.create(record, tar)
             try:
-                await self._guard(
-                    "runner",
-                    self.runner.start(
-                        record,
-                        request,
-                        self.store.open_tar(record.execution_id),
-                        self._on_running(record.execution_id),
-                    ),
+                await self.runner.start(
+                    record,
+                    request,
+                    self.store.open_tar(record.execution_id),
+                    self._on_running(record.execution_id),
                 )
             except PyexecError as exc:
                 # Nothing runs: record why, so the execution never sits in pending forever.
@@ -240,14 +235,14 @@ class ExecutionService:
     async def get(self, execution_id: str, *, wait: float = 0) -> Execution:
         wait = min(max(wait, 0.0), MAX_POLL_SECONDS)
         if wait:
-            return await self._guard("store", self.store.wait_terminal(execution_id, wait))
-        return await self._guard("store", self.store.get(execution_id))
+            return await self.store.wait_terminal(execution_id, wait)
+        return await self.store.get(execution_id)
 
     async def logs(self, execution_id: str) -> tuple[Execution, str, str]:
         record = await self.get(execution_id)
         if record.terminal:
             return record, record.stdout, record.stderr
-        stdout, stderr = await self._guard("runner", self.runner.logs(execution_id))
+        stdout, stderr = await self.runner.logs(execution_id)
         return record, stdout, stderr
 
     async def kill(self, execution_id: str) -> Execution:
@@ -258,7 +253,7 @@ class ExecutionService:
         """
         record = await self.get(execution_id)
         if record.status is Status.KILLED:
-            await self._guard("runner", self.runner.kill(execution_id))
+            await self.runner.kill(execution_id)
         if record.terminal:
             return record
         return await self._kill(execution_id)
@@ -286,11 +281,11 @@ class ExecutionService:
             )
         )
         try:
-            stored = await self._guard("store", self.store.update(killed, expect=ACTIVE))
+            stored = await self.store.update(killed, expect=ACTIVE)
         except Conflict:
             # It finished (or was killed elsewhere) first: that record stands.
             return await self.store.get(execution_id)
-        await self._guard("runner", self.runner.kill(execution_id))
+        await self.runner.kill(execution_id)
         self._notify_finished(stored)
         return stored
 
@@ -354,7 +349,6 @@ class ExecutionService:
                 error=f"the runner gave no result within {budget:.0f} s; killed",
             )
         except PyexecError as exc:
-            self._backend_error("runner", exc)
             outcome = RunOutcome(reason=Reason.ERROR, error=exc.message)
         if postprocess is not None:
             outcome = postprocess(outcome)
@@ -387,17 +381,6 @@ class ExecutionService:
         if self.hooks.on_finished:
             self.hooks.on_finished(record)
 
-    def _backend_error(self, backend: str, exc: PyexecError) -> None:
-        if self.hooks.on_backend_error:
-            self.hooks.on_backend_error(backend, exc)
-
-    async def _guard(self, backend: str, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except BackendError as exc:
-            self._backend_error(backend, exc)
-            raise
-
     async def _quietly(self, call: Awaitable[Any]) -> None:
         try:
             await call
@@ -417,7 +400,6 @@ class ExecutionService:
             for execution_id in expired:
                 await self.store.delete(execution_id)
         except PyexecError as exc:
-            self._backend_error("store", exc)
             log.warning("janitor: %s", exc.message)
             return 0
         return len(expired)
