@@ -83,6 +83,7 @@ class ExecutionService:
         self._janitor: asyncio.Task[None] | None = None
         self._preparing: asyncio.Task[None] | None = None
         self._admitting = 0
+        self._rechecks: set[asyncio.Task[None]] = set()
         self._closing = False
 
     # --- lifecycle of the service ----------------------------------------------------------
@@ -120,7 +121,7 @@ class ExecutionService:
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop the janitor; give local runs ``grace`` seconds, then kill and record them."""
         self._closing = True
-        background = [t for t in (self._janitor, self._preparing) if t is not None]
+        background = [t for t in (self._janitor, self._preparing, *self._rechecks) if t is not None]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -322,7 +323,12 @@ class ExecutionService:
         task.add_done_callback(lambda _: self._tasks.pop(record.execution_id, None))
 
     async def _adopt(self, record: Execution) -> None:
-        """After a restart: keep driving what the runner can still see; fail what it lost."""
+        """After a restart: keep driving what the runner can still see; fail what it lost.
+
+        A pending execution younger than the launch grace may still be on its way (another
+        replica between storing and launching it, a bundle awaiting `nomad job dispatch`):
+        it is looked at once more when the grace has passed, not failed now.
+        """
         if await self.runner.resume(record):
             request = record.request or {}
             config = request.get("config") or {}
@@ -332,10 +338,29 @@ class ExecutionService:
             postprocess = finish_outcome if is_eval_request(record.request) else None
             self._spawn(record, timeout, needs_setup, postprocess)
             return
+        age = (utcnow() - record.created_at).total_seconds()
+        grace = self.settings.launch_grace_seconds
+        if record.status is Status.PENDING and age < grace:
+            recheck = asyncio.create_task(
+                self._adopt_later(record.execution_id, grace - age),
+                name=f"pyexec-recheck-{record.execution_id}",
+            )
+            self._rechecks.add(recheck)
+            recheck.add_done_callback(self._rechecks.discard)
+            return
         lost = record.finished(
             RunOutcome(reason=Reason.ERROR, error="lost: the service restarted while it ran")
         )
         await self._store_final(lost)
+
+    async def _adopt_later(self, execution_id: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            record = await self.store.get(execution_id)
+            if record.status is Status.PENDING:
+                await self._adopt(record)
+        except PyexecError as exc:
+            log.warning("re-checking %s after start-up failed: %s", execution_id, exc.message)
 
     async def _drive(
         self, execution_id: str, budget: float, postprocess: Postprocess | None

@@ -120,6 +120,13 @@ class Settings:
         help="Most executions one replica drives at once; more are refused with 429 "
         "(0: no cap). Each local run holds memory, a /work tmpfs and its output.",
     )
+    launch_grace_seconds: float = setting(
+        120.0,
+        "PYEXEC_LAUNCH_GRACE_SECONDS",
+        parse=float,
+        help="A restarting service leaves a pending execution this young alone (another "
+        "replica may be launching it, or an operator dispatching it) and checks it again later.",
+    )
     log_format: str = setting("json", "PYEXEC_LOG_FORMAT", help="`json` or `text`.")
     log_level: str = setting("INFO", "PYEXEC_LOG_LEVEL", help="Python logging level name.")
 

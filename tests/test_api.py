@@ -385,7 +385,8 @@ async def test_a_store_down_at_start_up_does_not_stop_the_service(runner: FakeRu
     store = FlakyStore()
     leftover = Execution(execution_id=new_execution_id())
     await store.create(leftover, io.BytesIO(HELLO))
-    async with app_client(make_settings(), store=store, runner=runner) as client:
+    settings = make_settings(launch_grace_seconds=0)
+    async with app_client(settings, store=store, runner=runner) as client:
         assert (await client.get("/health/live")).status_code == 200
         assert (await store.get(leftover.execution_id)).status.value == "pending"
         store.down = False
@@ -441,3 +442,39 @@ async def test_the_in_flight_cap_answers_429(runner: FakeRunner) -> None:
         assert error_code(refused) == "too_many_executions"
         assert refused.headers["retry-after"] == "1"
         await client.delete(f"/api/v1/executions/{held.json()['execution_id']}")
+
+
+async def test_a_young_pending_execution_is_not_declared_lost_at_start_up(
+    runner: FakeRunner,
+) -> None:
+    """A pending execution younger than the launch grace survives a restart; if it is
+    still pending (and unknown to the runner) once the grace has passed, it is lost."""
+    store = MemoryStore()
+    young = Execution(execution_id=new_execution_id())
+    await store.create(young, io.BytesIO(HELLO))
+    settings = make_settings(launch_grace_seconds=1.5)
+    async with app_client(settings, store=store, runner=runner):
+        assert (await store.get(young.execution_id)).status.value == "pending"
+        final = await store.wait_terminal(young.execution_id, timeout=15)
+        assert final.status.value == "failed"
+        assert "lost" in (final.error or "")
+
+
+async def test_an_execution_launched_elsewhere_during_the_grace_is_left_alone(
+    runner: FakeRunner,
+) -> None:
+    """A young pending execution another replica starts during the grace is not touched."""
+    import attrs
+
+    from pyexec.models import Status
+
+    store = MemoryStore()
+    young = Execution(execution_id=new_execution_id())
+    await store.create(young, io.BytesIO(HELLO))
+    settings = make_settings(launch_grace_seconds=0.5)
+    async with app_client(settings, store=store, runner=runner):
+        running = attrs.evolve(young, status=Status.RUNNING)
+        await store.update(running, expect={Status.PENDING})
+        # Well past the grace: the re-check saw it running and left it so.
+        after = await store.wait_terminal(young.execution_id, timeout=2)
+        assert after.status is Status.RUNNING
