@@ -108,27 +108,25 @@ def outcome(
     started = run_started(alloc)
     run_task = _task(alloc, RUN_TASK)
     finished = parse_time(run_task.get("FinishedAt"))
+
+    def seen(reason: Reason, error: str | None, exit_code: int | None = None) -> RunOutcome:
+        """What Nomad itself shows, with the output read from its logs."""
+        return RunOutcome(
+            reason=reason,
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            output_truncated=truncated,
+            started_at=started,
+            finished_at=finished,
+            error=error,
+        )
+
     # A lost allocation is also marked DesiredStatus=stop: look at lost first.
     if alloc.get("ClientStatus") == "lost":
-        return RunOutcome(
-            reason=Reason.ERROR,
-            stdout=stdout,
-            stderr=stderr,
-            output_truncated=truncated,
-            started_at=started,
-            finished_at=finished,
-            error="the allocation was lost (its node went away)",
-        )
+        return seen(Reason.ERROR, "the allocation was lost (its node went away)")
     if alloc.get("DesiredStatus") == "stop":
-        return RunOutcome(
-            reason=Reason.KILLED,
-            stdout=stdout,
-            stderr=stderr,
-            output_truncated=truncated,
-            started_at=started,
-            finished_at=finished,
-            error="stopped",
-        )
+        return seen(Reason.KILLED, "stopped")
     if verdict is not None:
         reason = Reason(verdict["reason"])
         exit_code = verdict.get("exit_code")
@@ -159,26 +157,10 @@ def outcome(
         int(code) if isinstance(code, (int, str)) and str(code).lstrip("-").isdigit() else None
     )
     if str(details.get("oom_killed", "")).lower() == "true":
-        return RunOutcome(
-            reason=Reason.OOM,
-            exit_code=exit_code,
-            stdout=stdout,
-            stderr=stderr,
-            output_truncated=truncated,
-            started_at=started,
-            finished_at=finished,
-            error="out of memory",
-        )
-    return RunOutcome(
-        reason=Reason.EXITED if exit_code is not None else Reason.ERROR,
-        exit_code=exit_code,
-        stdout=stdout,
-        stderr=stderr,
-        output_truncated=truncated,
-        started_at=started,
-        finished_at=finished,
-        error=None if exit_code is not None else "the run task left no exit code",
-    )
+        return seen(Reason.OOM, "out of memory", exit_code)
+    if exit_code is None:
+        return seen(Reason.ERROR, "the run task left no exit code")
+    return seen(Reason.EXITED, None, exit_code)
 
 
 def placement_failure(evaluation: JSON) -> str | None:
