@@ -386,7 +386,8 @@ async def test_busy_loop_times_out_on_time(
     assert outcome.finished_at is not None
     ran = (outcome.finished_at - outcome.started_at).total_seconds()
     assert 2.0 <= ran < 3.0
-    assert elapsed < 4.5
+    # Wall time adds container start and removal; generous, so a loaded CI stays green.
+    assert elapsed < 2.0 + 10
 
 
 @pytest.mark.docker
