@@ -16,7 +16,7 @@ RUN python3 -m venv /opt/pyexec \
  && /opt/pyexec/bin/python3 -m pip uninstall -q -y --disable-pip-version-check pip setuptools \
  && find /opt/pyexec -path '*/swagger_ui/static/*' \( -name 'swagger-editor*' -o -name '*.map' \) \
       -delete \
- && /opt/pyexec/bin/python3 -c "import pyexec.server"
+ && /opt/pyexec/bin/python3 -c "import pyexec.api.server"
 
 FROM ${BASE_IMAGE}
 # A fixed, unprivileged uid; in embedded mode add the Docker socket's group at run time

@@ -100,7 +100,7 @@ if [ $want_consul -eq 1 ]; then
   fi
   if ! curl -fsS http://127.0.0.1:8500/v1/status/leader 2>/dev/null | grep -q ':'; then
     log "starting consul agent -dev on 127.0.0.1:8500"
-    nohup consul agent -dev -client 127.0.0.1 -bind 127.0.0.1 >/var/log/pyexec-consul.log 2>&1 &
+    nohup consul agent -dev -client 127.0.0.1 -bind 127.0.0.1 -hcl 'disable_update_check = true' >/var/log/pyexec-consul.log 2>&1 &
     for _ in $(seq 1 60); do
       curl -fsS http://127.0.0.1:8500/v1/status/leader 2>/dev/null | grep -q ':' && break; sleep 1
     done

@@ -54,7 +54,7 @@ def settings() -> Settings:
 @contextlib.asynccontextmanager
 async def app_client(settings: Settings, **kwargs: Any) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client talking to a fresh app in-process, with its lifespan run."""
-    from pyexec.app import create_app
+    from pyexec.api.app import create_app
 
     app = create_app(settings, **kwargs)
     async with app.router.lifespan_context(app):
@@ -92,7 +92,7 @@ def live_server(settings: Settings, **app_kwargs: Any) -> Iterator[LiveServer]:
     ``app_kwargs`` go to ``create_app`` (e.g. ``runner=FakeRunner()``)."""
     import uvicorn
 
-    from pyexec.app import create_app
+    from pyexec.api.app import create_app
 
     port = free_port()
     settings = attrs.evolve(settings, host="127.0.0.1", port=port)

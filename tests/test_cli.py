@@ -531,7 +531,7 @@ def test_serve_without_server_extra(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """serve without the server dependencies says how to install them, exit 1."""
-    monkeypatch.delitem(sys.modules, "pyexec.server", raising=False)
+    monkeypatch.delitem(sys.modules, "pyexec.api.server", raising=False)
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert run_cli(["serve"]) == 1
     assert "pip install 'pyexec[server]'" in capsys.readouterr().err

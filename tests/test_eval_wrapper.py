@@ -21,7 +21,7 @@ import pytest
 from pyexec.evaluate import parse_eval_request, prepare
 from pyexec.evaluate.archive import WRAPPER_PATH
 from pyexec.evaluate.outcome import finish_outcome, finish_record, parse_traceback, split_report
-from pyexec.evaluate.sandbox import REPORT_MARK
+from pyexec.evaluate.wrapper import REPORT_MARK
 from pyexec.models import Execution, Reason, RunOutcome, new_execution_id
 from pyexec.settings import Settings
 

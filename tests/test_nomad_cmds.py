@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pyexec import nomad_job
 from pyexec.cli import run_cli
+from pyexec.runner import nomad_job
 from pyexec.settings import Settings
 
 ENV = ("NOMAD_ADDR", "PYEXEC_NOMAD_ADDR", "CONSUL_HTTP_ADDR", "PYEXEC_CONSUL_ADDR")

@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from pyexec import nomad_job
 from pyexec.cli import run_cli
 from pyexec.models import Status, new_execution_id
+from pyexec.runner import nomad_job
 from pyexec.settings import Settings
 from pyexec.store.consul import ConsulStore
 
@@ -629,7 +629,7 @@ async def test_eval_result_survives_the_nomad_path(api: httpx.AsyncClient) -> No
     code = "x = 6\nprint('hi')\nx * 7"
     response = await api.post("/api/v1/eval", json={"code": code, "eval_last_expr": True})
     if response.status_code == 404 and response.json()["error"]["code"] == "not_found":
-        pytest.skip("POST /api/v1/eval is not routed in pyexec.app yet")
+        pytest.skip("POST /api/v1/eval is not routed in pyexec.api.app yet")
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["status"], body["result"], body["stdout"]) == ("completed", "42", "hi\n")

@@ -11,9 +11,9 @@ from typing import Any
 import hcl2
 import pytest
 
-from pyexec import nomad_job
 from pyexec.errors import LimitExceeded
 from pyexec.models import ExecutionConfig
+from pyexec.runner import nomad_job
 from pyexec.settings import ResourceClass, Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from pyexec.errors import BadRequest, PayloadTooLarge
 from pyexec.evaluate import EvalJob, parse_eval_request, prepare
-from pyexec.service import ExecutionService
+from pyexec.execution_service import ExecutionService
 from pyexec.settings import Settings
 
 __all__ = ["eval_async_endpoint", "eval_endpoint", "max_body_bytes"]

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pyexec.errors import BadRequest, NotFound, PayloadTooLarge
+from pyexec.execution_service import ExecutionService
 from pyexec.models import EXECUTION_ID, ExecutionRequest, parse_request
-from pyexec.service import ExecutionService
 
 __all__ = ["exec_async", "exec_sync", "execution_get", "execution_kill", "execution_logs"]
 

@@ -43,7 +43,7 @@ def render(
     ] = None,
 ) -> int:
     """Print the runner jobs as Nomad API JSON (`nomad job run -json` reads one class)."""
-    from pyexec import nomad_job
+    from pyexec.runner import nomad_job
 
     try:
         settings = _settings()
@@ -103,9 +103,9 @@ def upload(
     Run it with `nomad job dispatch -meta execution_id=<id> pyexec-runner-<class>`
     (the command is printed on stderr); the result lands in Consul like any other.
     """
-    from pyexec import nomad_job
     from pyexec.cli.inputs import gather
     from pyexec.models import Execution, new_execution_id, parse_request
+    from pyexec.runner import nomad_job
     from pyexec.store.consul import ConsulStore
     from pyexec.tarsafe import validate_tar
 

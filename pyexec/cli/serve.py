@@ -16,8 +16,8 @@ SERVER_MODULES = frozenset(
         "starlette",
         "uvicorn",
         "docker",
+        "anyio",
         "consul",
-        "nomad",
         "multipart",
         "python_multipart",
         "prometheus_client",
@@ -37,7 +37,7 @@ def serve(
     from pyexec.settings import Settings
 
     try:
-        from pyexec.server import serve as run_server
+        from pyexec.api.server import serve as run_server
     except ImportError as exc:
         if (exc.name or "").split(".")[0] not in SERVER_MODULES:
             raise

@@ -19,11 +19,11 @@ WRAPPER_PATH = f"{RESERVED_DIR}/eval.py"
 
 @functools.cache
 def _sandbox_text() -> str:
-    return importlib.resources.files(__package__).joinpath("sandbox.py").read_text("utf-8")
+    return importlib.resources.files(__package__).joinpath("wrapper.py").read_text("utf-8")
 
 
 def wrapper_source(config: Mapping[str, Any]) -> str:
-    """The wrapper program for one run: ``sandbox.py`` with its ``main`` call.
+    """The wrapper program for one run: ``wrapper.py`` with its ``main`` call.
 
     ``config`` holds only str/bool/int values, whose ``repr`` is a Python literal.
     """

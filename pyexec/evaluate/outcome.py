@@ -1,6 +1,6 @@
 """Turning the outcome of an eval run into eval's answer.
 
-The wrapper (``sandbox.py``) ends stderr with one report line,
+The wrapper (``wrapper.py``) ends stderr with one report line,
 ``\\n\\x1epyexec-eval-report {...}\\n``. The report is taken out of stderr, so
 the user sees only their own output, and its fields (``result``,
 ``error_type``, ``error_line``) become ``RunOutcome.extra``. When a program that
@@ -27,7 +27,7 @@ import attrs
 from pyexec.models import Execution, Reason, RunOutcome
 
 from .archive import WRAPPER_PATH
-from .sandbox import REPORT_MARK
+from .wrapper import REPORT_MARK
 
 __all__ = [
     "finish_outcome",

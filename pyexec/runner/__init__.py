@@ -1,7 +1,7 @@
 """The runner seam: launch, wait, read output, kill.
 
 One module per backend: ``docker`` (local Docker, the embedded default) and
-``nomad`` (a parameterized Nomad batch job). ``pyexec.app`` picks one from
+``nomad`` (a parameterized Nomad batch job). ``pyexec.api.app`` picks one from
 ``Settings``; the execution service only sees this interface.
 """
 

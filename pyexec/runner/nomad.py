@@ -26,10 +26,9 @@ from typing import Any
 
 import attrs
 
-from pyexec import nomad_job
 from pyexec.errors import BackendError, BackendUnavailable, LimitExceeded, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
-from pyexec.runner import OnRunning
+from pyexec.runner import OnRunning, nomad_job
 from pyexec.runner import nomad_state as state
 from pyexec.runner.nomad_http import NomadAPI, NomadError
 from pyexec.runner.nomad_watch import EventWatcher

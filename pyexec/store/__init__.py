@@ -1,7 +1,7 @@
 """The store seam: execution records and their tars.
 
 One module per backend: ``memory`` (the embedded default) and ``consul``.
-``pyexec.app`` picks one from ``Settings``; nothing else imports a backend.
+``pyexec.api.app`` picks one from ``Settings``; nothing else imports a backend.
 """
 
 from __future__ import annotations

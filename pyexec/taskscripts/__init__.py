@@ -1,1 +1,1 @@
-"""Scripts that run inside the Nomad runner-job tasks (stdlib only; see ``pyexec.nomad_job``)."""
+"""Scripts run inside the Nomad runner-job tasks (stdlib only; see ``runner.nomad_job``)."""

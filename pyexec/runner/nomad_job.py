@@ -30,9 +30,9 @@ import urllib.parse
 from importlib import resources
 from typing import Any
 
-from .errors import LimitExceeded
-from .models import ExecutionConfig
-from .settings import MiB, ResourceClass, Settings, SettingsError
+from pyexec.errors import LimitExceeded
+from pyexec.models import ExecutionConfig
+from pyexec.settings import MiB, ResourceClass, Settings, SettingsError
 
 __all__ = [
     "GROUP",

@@ -34,7 +34,7 @@ from .errors import (
     TooManyExecutions,
 )
 from .evaluate.outcome import finish_outcome, is_eval_request
-from .logsetup import bind_execution
+from .logs import bind_execution
 from .models import (
     Execution,
     ExecutionRequest,
@@ -52,7 +52,7 @@ from .tarsafe import validate_tar
 __all__ = ["ExecutionService", "Postprocess"]
 
 
-log = logging.getLogger("pyexec.service")
+log = logging.getLogger("pyexec.execution_service")
 
 #: Maps a runner's outcome before it is stored (the eval API strips its result channel).
 Postprocess = Callable[[RunOutcome], RunOutcome]

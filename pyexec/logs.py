@@ -16,33 +16,30 @@ import json
 import logging
 import re
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
-
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .models import Execution
 from .settings import Settings
 
 __all__ = [
+    "ACCEPTABLE_ID",
     "REQUEST_ID_HEADER",
     "JsonFormatter",
-    "RequestIdMiddleware",
+    "access_logger",
     "bind_execution",
     "configure_logging",
     "current_execution_id",
     "current_request_id",
     "log_finished",
     "log_started",
+    "request_id_var",
 ]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
-_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pyexec_request_id", default=None
 )
 _execution_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -50,7 +47,7 @@ _execution_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 #: A caller's request id is echoed only if it is short and plain (no header or log injection).
-_ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 #: Attributes every LogRecord has; anything else came from ``extra=`` and is logged as a field.
 #: (uvicorn adds ``color_message``, the message with terminal colour codes: not for JSON.)
@@ -61,12 +58,12 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "color_message",
 }
 
-_logger = logging.getLogger("pyexec.http")
+access_logger = logging.getLogger("pyexec.http")
 _executions = logging.getLogger("pyexec.execution")
 
 
 def current_request_id() -> str | None:
-    return _request_id.get()
+    return request_id_var.get()
 
 
 def current_execution_id() -> str | None:
@@ -116,7 +113,7 @@ class _ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
-            record.request_id = _request_id.get()
+            record.request_id = request_id_var.get()
         if getattr(record, "execution_id", None) is None:
             record.execution_id = _execution_id.get()
         return True
@@ -171,53 +168,3 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
     return handler
-
-
-class RequestIdMiddleware:
-    """Gives each HTTP request an id (the caller's ``X-Request-ID`` if acceptable, else a new
-    one), echoes it on the response, keeps it in context, and logs one access line."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _incoming_id(scope) or uuid.uuid4().hex
-        token = _request_id.set(request_id)
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            _logger.info(
-                "%s %s %s",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                },
-            )
-            _request_id.reset(token)
-
-
-def _incoming_id(scope: Scope) -> str | None:
-    wanted = REQUEST_ID_HEADER.lower().encode()
-    for key, value in scope["headers"]:
-        if key == wanted:
-            text = value.decode("latin-1").strip()
-            return text if _ACCEPTABLE_ID.match(text) else None
-    return None

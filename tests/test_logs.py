@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from pyexec.logsetup import (
-    RequestIdMiddleware,
+from pyexec.api.middleware import RequestIdMiddleware
+from pyexec.logs import (
     bind_execution,
     configure_logging,
     log_finished,

@@ -9,18 +9,20 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
-from .api import eval as eval_api
-from .api import executions, meta
-from .api.auth import BearerAuth
-from .api.errors import exception_handlers
-from .errors import BadRequest
-from .logsetup import RequestIdMiddleware, log_finished, log_started
-from .metrics import Metrics, metrics_route
-from .models import Execution
-from .runner import Runner
-from .service import ExecutionService, Hooks
-from .settings import Settings
-from .store import Store
+from pyexec.errors import BadRequest
+from pyexec.execution_service import ExecutionService, Hooks
+from pyexec.logs import log_finished, log_started
+from pyexec.metrics import Metrics, metrics_route
+from pyexec.models import Execution
+from pyexec.runner import Runner
+from pyexec.settings import Settings
+from pyexec.store import Store
+
+from . import eval as eval_api
+from . import executions, meta
+from .auth import BearerAuth
+from .errors import exception_handlers
+from .middleware import RequestIdMiddleware
 
 __all__ = ["build_backends", "create_app"]
 
@@ -30,11 +32,11 @@ def build_backends(settings: Settings) -> tuple[Store, Runner]:
     store: Store
     runner: Runner
     if settings.consul_addr:
-        from .store.consul import ConsulStore
+        from pyexec.store.consul import ConsulStore
 
         store = ConsulStore.from_settings(settings)
     else:
-        from .store.memory import MemoryStore
+        from pyexec.store.memory import MemoryStore
 
         store = MemoryStore()
     if settings.nomad_addr:
@@ -43,11 +45,11 @@ def build_backends(settings: Settings) -> tuple[Store, Runner]:
                 "the Nomad runner keeps tars and state in Consul: set CONSUL_HTTP_ADDR too",
                 code="invalid_setting",
             )
-        from .runner.nomad import NomadRunner
+        from pyexec.runner.nomad import NomadRunner
 
         runner = NomadRunner.from_settings(settings, store)
     else:
-        from .runner.docker import DockerRunner
+        from pyexec.runner.docker import DockerRunner
 
         runner = DockerRunner(settings)
     return store, runner

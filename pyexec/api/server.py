@@ -13,10 +13,11 @@ import types
 
 import uvicorn
 
+from pyexec.execution_service import ExecutionService
+from pyexec.logs import configure_logging
+from pyexec.settings import Settings
+
 from .app import create_app
-from .logsetup import configure_logging
-from .service import ExecutionService
-from .settings import Settings
 
 __all__ = ["serve"]
 
@@ -45,7 +46,7 @@ def serve(settings: Settings) -> None:
         # Long enough for the drain to kill and record what is left, and answer.
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 15,
         log_level=settings.log_level.lower(),
-        # Our JSON handler (pyexec.logsetup) formats uvicorn's lines too; the request-id
+        # Our JSON handler (pyexec.logs) formats uvicorn's lines too; the request-id
         # middleware writes the access line, with the request id on it.
         log_config=None,
         access_log=False,
