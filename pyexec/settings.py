@@ -8,6 +8,7 @@ Library code receives a ``Settings``; it never reads ``os.environ`` itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,6 +53,14 @@ def _mapping(raw: str) -> tuple[tuple[str, str], ...]:
 
 def _optional_str(raw: str) -> str | None:
     return raw or None
+
+
+def _runtime(raw: str) -> str:
+    """A runtime name as dockerd registers it (``runc``, ``runsc``, ``io.containerd.runc.v2``)."""
+    name = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise ValueError(f"expected a runtime name such as runc or runsc, got {raw!r}")
+    return name
 
 
 @attrs.frozen
@@ -257,6 +266,13 @@ class Settings:
         "PYEXEC_DOCKER_PULL",
         parse=_bool,
         help="Whether the local runner pulls an image it does not have (off: air-gapped hosts).",
+    )
+    docker_runtime: str = setting(
+        "runc",
+        "PYEXEC_DOCKER_RUNTIME",
+        parse=_runtime,
+        help="OCI runtime of the sandbox containers, as registered with dockerd (and the Nomad "
+        "docker driver): `runc`, or `runsc` for gVisor (see docs/security.md).",
     )
 
     # --- Consul store --------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pyexec.runner.docker_spec import (
 from pyexec.runner.docker_stream import Capture, Demux
 from pyexec.runner.docker_verdict import Ending, verdict
 from pyexec.sandbox.wire import ControlLine
-from pyexec.settings import Settings
+from pyexec.settings import Settings, SettingsError
 
 from .conftest import CA_BUNDLE, TEST_IMAGE, make_settings
 from .fixtures_docker import (
@@ -120,6 +120,25 @@ def test_container_args_lock_the_sandbox_down(settings: Settings) -> None:
     assert host["log_config"]["Type"] == "none"
     assert "size=8m" in host["tmpfs"]["/work"]
     assert "uid=1000" in host["tmpfs"]["/work"]
+
+
+def test_container_args_use_the_configured_runtime(settings: Settings) -> None:
+    """PYEXEC_DOCKER_RUNTIME picks the OCI runtime of every sandbox container (runc by default)."""
+    request = request_for(settings, pre_commands=["true"])
+    assert settings.docker_runtime == "runc"
+    gvisor = attrs.evolve(settings, docker_runtime="runsc")
+    for phase in plan(request, gvisor):
+        assert container_args(gvisor, request, "exe_x", phase, "vol")["host_config"]["runtime"] == (
+            "runsc"
+        )
+
+
+def test_runtime_setting_is_a_runtime_name() -> None:
+    """PYEXEC_DOCKER_RUNTIME takes a name as dockerd registers it; anything else is refused."""
+    assert Settings.from_env({"PYEXEC_DOCKER_RUNTIME": "runsc"}).docker_runtime == "runsc"
+    for bad in ("", "run sc", "--privileged", "../runc"):
+        with pytest.raises(SettingsError):
+            Settings.from_env({"PYEXEC_DOCKER_RUNTIME": bad})
 
 
 def test_work_is_nosuid_nodev_as_a_tmpfs_and_as_a_volume(settings: Settings) -> None:

@@ -100,6 +100,7 @@ def container_args(
         mounts.append(Mount(CA_TARGET, settings.ca_bundle, type="bind", read_only=True))
     host_config: dict[str, Any] = {
         "network_mode": None if phase.network else "none",
+        "runtime": settings.docker_runtime,
         "read_only": True,
         "tmpfs": tmpfs,
         "mounts": mounts or None,
