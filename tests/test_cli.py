@@ -208,6 +208,44 @@ def test_eval_file_keeps_its_name(cli: Any, fake: Fake, tmp_path: Path) -> None:
     assert "main.py" in fake.last_tar()
 
 
+def _wrapper_config(fake: Fake) -> str:
+    """The ``main({...})`` line eval's wrapper was shipped with."""
+    return fake.last_tar()[".pyexec/eval.py"].decode().rstrip().splitlines()[-1]
+
+
+def test_eval_prints_the_result_by_default(cli: Any, fake: Fake) -> None:
+    """eval asks for the last expression's value unless --no-result; --last-expr still works."""
+    assert cli("eval", "-c", "1").code == 0
+    assert "'eval_last_expr': True" in _wrapper_config(fake)
+    assert cli("eval", "-c", "1", "--no-result").code == 0
+    assert "'eval_last_expr': False" in _wrapper_config(fake)
+    assert cli("eval", "-c", "1", "--last-expr").code == 0
+    assert "'eval_last_expr': True" in _wrapper_config(fake)
+
+
+def test_eval_positional_code(cli: Any, fake: Fake, tmp_path: Path) -> None:
+    """A positional argument that names no file is code; typed \\n escapes become newlines."""
+    assert cli("eval", "x = 5\\nx * 2").code == 0
+    assert fake.last_tar()["main.py"] == b"x = 5\nx * 2"
+    # An escape inside a string literal is the code's own, and stays.
+    assert cli("eval", 'print("a\\nb")').code == 0
+    assert fake.last_tar()["main.py"] == b'print("a\\nb")'
+    # A word ending in .py is a FILE, so a missing one is reported, not run as code.
+    missing = cli("eval", str(tmp_path / "missing.py"))
+    assert missing.code == exitcodes.USAGE
+    assert "missing.py" in missing.err
+
+
+def test_run_async_submits(cli: Any, fake: Fake, tmp_path: Path) -> None:
+    """run --async prints the execution id without waiting, like submit."""
+    (tmp_path / "main.py").write_text("")
+    submitted = cli("run", "--async", str(tmp_path / "main.py"), "--env", "EXIT=5")
+    assert submitted.code == 0
+    execution_id = submitted.out.strip()
+    assert execution_id.startswith("exe_")
+    assert cli("follow", execution_id).code == 5
+
+
 def test_local_archive_problems_are_usage_errors(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

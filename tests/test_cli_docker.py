@@ -141,9 +141,11 @@ def test_submit_follow_tail_and_kill(cli: Any, tmp_path: Path) -> None:
 
 
 def test_eval(cli: Any) -> None:
-    """eval -c with --last-expr prints output and the value; an exception exits non-zero."""
+    """eval prints output and the last value (not with --no-result); an exception exits non-zero."""
     result = cli("eval", "-c", "print('side')\n6 * 7", "--last-expr")
     assert (result.code, result.out) == (0, "side\n42\n")
+    assert cli("eval", "x = 5\\nx * 2").out == "10\n"
+    assert cli("eval", "x = 5\\nx * 2", "--no-result").out == ""
     failing = cli("eval", "-c", "raise ValueError('bad')")
     assert failing.code != 0
     assert "ValueError" in failing.err

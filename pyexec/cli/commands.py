@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import sys
@@ -50,12 +51,28 @@ def _client() -> Client:
     return Client(options.server, token=options.token)
 
 
-def run(path: PathArg = None, /, *, file: FileOpt = None, flags: ExecFlags | None = None) -> int:
+AsyncOpt = Annotated[
+    bool,
+    Parameter(name="--async", negative="", help="Submit and print the execution id (as `submit`)."),
+]
+
+
+def run(
+    path: PathArg = None,
+    /,
+    *,
+    file: FileOpt = None,
+    async_: AsyncOpt = False,
+    flags: ExecFlags | None = None,
+) -> int:
     """Run a program and wait for it; exits with the script's exit code.
 
     The script's stdout and stderr go to stdout and stderr. Arguments after ``--``
     are passed to the script. Ctrl-C (or SIGTERM) kills the execution and exits 130.
+    With ``--async`` it only submits and prints the execution id, like ``submit``.
     """
+    if async_:
+        return submit(path, file=file, flags=flags)
     flags = flags or ExecFlags()
     options = current()
     program = gather(path, file, entrypoint=flags.entrypoint)
@@ -211,15 +228,21 @@ def version() -> int:
 
 def eval_(
     path: Annotated[
-        str | None, Parameter(help="A Python file to evaluate, or - for stdin.")
+        str | None,
+        Parameter(help="Code to evaluate, a Python file, or - for stdin."),
     ] = None,
     /,
     *,
     code: Annotated[str | None, Parameter(name=["--code", "-c"], help="Code to evaluate.")] = None,
     python: Annotated[str | None, Parameter(help="Python version, e.g. 3.12.")] = None,
-    last_expr: Annotated[
-        bool, Parameter(help="Print the value of the last expression, like a REPL.", negative="")
-    ] = False,
+    result: Annotated[
+        bool,
+        Parameter(
+            name=["--result", "--last-expr"],
+            negative="--no-result",
+            help="Print the value of the last expression, like a REPL (the default).",
+        ),
+    ] = True,
     auto_requirements: Annotated[
         bool | None, Parameter(help="Install third-party imports the code uses.")
     ] = None,
@@ -231,8 +254,10 @@ def eval_(
     timeout: Annotated[int | None, Parameter(help="Time limit of the run, seconds.")] = None,
     memory: Annotated[int | None, Parameter(help="Memory limit, MiB.")] = None,
 ) -> int:
-    """Evaluate Python code (``-c CODE``, a FILE, or stdin); prints its output, exits like run."""
+    """Evaluate Python code (CODE, ``-c CODE``, a FILE, or stdin); prints its output and the
+    last expression's value (``--no-result``: not the value), exits like run."""
     options = current()
+    path, code = _code_or_file(path, code)
     source = _eval_source(path, code)
     reqs = read_local_text(requirements, "--requirements") if requirements else None
     run_options = RunOptions(
@@ -252,7 +277,7 @@ def eval_(
                 client.submit_eval(
                     source,
                     python_version=python,
-                    last_expr=last_expr or None,
+                    last_expr=result,
                     auto_requirements=auto_requirements,
                     options=run_options,
                 ).execution_id
@@ -264,6 +289,40 @@ def eval_(
     return exitcodes.for_execution(record)
 
 
+def _code_or_file(path: str | None, code: str | None) -> tuple[str | None, str | None]:
+    """The positional argument as (FILE, CODE): code unless it names a file.
+
+    ``pyexec eval 'x = 5\\nx * 2'`` is code (the seed CLI's habit); an existing path, or
+    a word ending in ``.py``, is a FILE (a missing one is then reported as missing).
+    """
+    if path is None or path == STDIN or code is not None:
+        return path, code
+    looks_like_file = path.endswith(".py") and not any(c.isspace() for c in path)
+    if looks_like_file or Path(path).is_file():
+        return path, None
+    return None, path
+
+
+def _with_newline_escapes(code: str) -> str:
+    r"""Code typed on one line with ``\n`` for newlines (``'x = 5\nx * 2'``), made real.
+
+    Only when the code as typed does not compile and the decoded code does, so a string
+    literal such as ``print("a\nb")`` keeps its escape.
+    """
+    if "\\n" not in code or "\n" in code or _compiles(code):
+        return code
+    decoded = code.replace("\\n", "\n")
+    return decoded if _compiles(decoded) else code
+
+
+def _compiles(code: str) -> bool:
+    try:
+        compile(code, "<eval>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
 def _eval_entrypoint(path: str | None) -> str | None:
     name = Path(path).name if path not in (None, STDIN) else ""
     return name if name.endswith(".py") and name != ".py" else None
@@ -273,7 +332,7 @@ def _eval_source(path: str | None, code: str | None) -> str:
     if code is not None:
         if path is not None:
             raise UsageError("give either -c CODE or a FILE, not both")
-        return code
+        return _with_newline_escapes(code)
     if path is None or path == STDIN:
         stdin = process_stdin()
         if path is None and stdin.isatty():
