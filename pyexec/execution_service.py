@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import attrs
 from anyio import to_thread
 
+from .deadline import budget_seconds, execution_budget
 from .errors import (
     BackendError,
     BackendUnavailable,
@@ -59,8 +60,6 @@ Postprocess = Callable[[RunOutcome], RunOutcome]
 
 ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
 
-#: Slack on top of a run's own timeout before the service stops waiting for the runner.
-RUNNER_SLACK_SECONDS = 30.0
 #: Longest a client may long-poll one GET.
 MAX_POLL_SECONDS = 60.0
 
@@ -150,6 +149,7 @@ class ExecutionService:
         """Store and launch an execution; returns its record once launched."""
         if self._closing:
             raise BackendUnavailable("the service is shutting down", code="shutting_down")
+        self.runner.check(request)
         cap = self.settings.max_in_flight
         in_flight = len(self._tasks) + self._admitting
         if cap and in_flight >= cap:
@@ -172,7 +172,7 @@ class ExecutionService:
         postprocess: Postprocess | None,
     ) -> Execution:
         await to_thread.run_sync(self._check_tar, tar, request.entrypoint)
-        record = Execution(execution_id=new_execution_id(), request=request.to_dict())
+        record = Execution(execution_id=new_execution_id(), request=request)
         if initial:
             record = attrs.evolve(record, **initial)
         with bind_execution(record.execution_id):
@@ -189,7 +189,7 @@ class ExecutionService:
                 failed = record.finished(RunOutcome(reason=Reason.ERROR, error=exc.message))
                 await self._store_final(failed)
                 raise
-            self._spawn(record, request.config.timeout_seconds, request.needs_setup, postprocess)
+            self._spawn(record, self._budget(request), postprocess)
         return record
 
     async def run(
@@ -215,7 +215,7 @@ class ExecutionService:
                     code="shutting_down",
                     execution_id=record.execution_id,
                 ) from None
-        return await self.store.wait_terminal(record.execution_id, _budget(request))
+        return await self.store.wait_terminal(record.execution_id, self._budget(request))
 
     def _check_tar(self, tar: BinaryIO, entrypoint: str) -> None:
         size = tar.seek(0, os.SEEK_END)
@@ -303,16 +303,14 @@ class ExecutionService:
 
         return on_running
 
-    def _spawn(
-        self,
-        record: Execution,
-        timeout_seconds: float,
-        needs_setup: bool,
-        postprocess: Postprocess | None,
-    ) -> None:
-        budget = timeout_seconds * (2 if needs_setup else 1) + RUNNER_SLACK_SECONDS
-        if self.settings.backend == "nomad":
-            budget += self.settings.nomad_placement_timeout
+    def _budget(self, request: ExecutionRequest | None) -> float:
+        """How long the service waits for the runner's outcome of ``request``."""
+        allowance = self.runner.launch_allowance
+        if request is None:  # a record stored without its request: the server's defaults
+            return budget_seconds(self.settings.default_timeout, setup=False, allowance=allowance)
+        return execution_budget(request, allowance=allowance)
+
+    def _spawn(self, record: Execution, budget: float, postprocess: Postprocess | None) -> None:
         # The task copies the context: its log lines carry the execution id.
         with bind_execution(record.execution_id):
             task = asyncio.create_task(
@@ -330,13 +328,9 @@ class ExecutionService:
         it is looked at once more when the grace has passed, not failed now.
         """
         if await self.runner.resume(record):
-            request = record.request or {}
-            config = request.get("config") or {}
-            needs_setup = bool(request.get("requirements_txt") or request.get("pre_commands"))
-            timeout = float(config.get("timeout_seconds") or self.settings.default_timeout)
             # An eval run's result channel must be read whichever replica finishes it.
             postprocess = finish_outcome if is_eval_request(record.request) else None
-            self._spawn(record, timeout, needs_setup, postprocess)
+            self._spawn(record, self._budget(record.request), postprocess)
             return
         age = (utcnow() - record.created_at).total_seconds()
         grace = self.settings.launch_grace_seconds
@@ -428,8 +422,3 @@ class ExecutionService:
             log.warning("janitor: %s", exc.message)
             return 0
         return len(expired)
-
-
-def _budget(request: ExecutionRequest) -> float:
-    setup = request.config.timeout_seconds if request.needs_setup else 0
-    return request.config.timeout_seconds + setup + RUNNER_SLACK_SECONDS

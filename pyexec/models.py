@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from .errors import BadRequest, LimitExceeded
+from .errors import BackendError, BadRequest, LimitExceeded
 from .settings import Settings
 
 __all__ = [
@@ -75,6 +75,10 @@ class Reason(enum.StrEnum):
         return Status.FAILED
 
 
+#: Layout of a stored request (``ExecutionRequest.to_dict``); records without one are 1.
+REQUEST_VERSION = 2
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -124,8 +128,10 @@ class ExecutionRequest:
         return bool(self.requirements_txt.strip() or self.pre_commands)
 
     def to_dict(self) -> dict[str, Any]:
-        """The metadata JSON form, as a client sends it (and as stored with the record)."""
+        """The metadata JSON form, as a client sends it, plus the ``version`` of this
+        layout (as stored with the record; ``from_dict`` reads it back)."""
         return {
+            "version": REQUEST_VERSION,
             "entrypoint": self.entrypoint,
             "docker_image": self.docker_image,
             "requirements_txt": self.requirements_txt,
@@ -135,6 +141,35 @@ class ExecutionRequest:
             "script_args": list(self.script_args),
             "config": attrs.asdict(self.config),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExecutionRequest:
+        """The request ``to_dict`` stored; also reads records written before requests
+        carried a ``version`` (version 1: the same fields, untyped)."""
+        version = data.get("version", 1)
+        if version not in (1, REQUEST_VERSION):
+            raise BackendError(
+                f"a stored request has version {version!r}; this pyexec reads up to "
+                f"{REQUEST_VERSION} (a newer server wrote it)",
+                code="store_error",
+            )
+        config = data.get("config") or {}
+        fields = {f.name for f in attrs.fields(ExecutionConfig)}
+        return cls(
+            entrypoint=str(data.get("entrypoint") or "main.py"),
+            docker_image=str(data.get("docker_image") or ""),
+            config=ExecutionConfig(**{k: v for k, v in config.items() if k in fields}),
+            requirements_txt=str(data.get("requirements_txt") or ""),
+            pre_commands=tuple(data.get("pre_commands") or ()),
+            stdin=str(data.get("stdin") or ""),
+            env_vars=tuple(
+                (key, value)
+                for key, _, value in (
+                    str(item).partition("=") for item in data.get("env_vars") or ()
+                )
+            ),
+            script_args=tuple(data.get("script_args") or ()),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -174,8 +209,9 @@ class Execution:
     error_type: str | None = None
     error_line: int | None = None
     auto_requirements: tuple[str, ...] | None = None
-    #: The request as submitted (metadata form), kept so any replica or a Nomad task can run it.
-    request: Mapping[str, Any] | None = None
+    #: The request as submitted, kept so any replica or a Nomad task can run it (stored in
+    #: its ``to_dict`` form).
+    request: ExecutionRequest | None = None
 
     @property
     def terminal(self) -> bool:
@@ -203,12 +239,13 @@ class Execution:
         if self.auto_requirements is not None:
             body["auto_requirements"] = list(self.auto_requirements)
         if include_request and self.request is not None:
-            body["request"] = dict(self.request)
+            body["request"] = self.request.to_dict()
         return body
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Execution:
         auto = data.get("auto_requirements")
+        request = data.get("request")
         return cls(
             execution_id=data["execution_id"],
             status=Status(data["status"]),
@@ -226,7 +263,7 @@ class Execution:
             error_type=data.get("error_type"),
             error_line=data.get("error_line"),
             auto_requirements=None if auto is None else tuple(auto),
-            request=data.get("request"),
+            request=None if request is None else ExecutionRequest.from_dict(request),
         )
 
     def finished(self, outcome: RunOutcome) -> Execution:

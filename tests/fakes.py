@@ -20,6 +20,7 @@ def echo_outcome(request: ExecutionRequest) -> RunOutcome:
 
 class FakeRunner:
     survives_restart = False
+    launch_allowance = 0.0
 
     def __init__(self, outcome: Callable[[ExecutionRequest], RunOutcome] = echo_outcome) -> None:
         self.outcome = outcome
@@ -30,6 +31,9 @@ class FakeRunner:
         self._done: dict[str, asyncio.Future[RunOutcome]] = {}
 
     async def startup(self) -> None:
+        return None
+
+    def check(self, request: ExecutionRequest) -> None:
         return None
 
     async def start(

@@ -410,7 +410,7 @@ def test_get_can_ask_the_server_to_hold(twin: Twin) -> None:
 def test_run_wait_covers_the_servers_budget() -> None:
     """A run is waited for its limit (twice with a setup phase) plus the server's slack."""
     from pyexec.client._base import run_wait
-    from pyexec.execution_service import RUNNER_SLACK_SECONDS
+    from pyexec.deadline import SLACK_SECONDS as RUNNER_SLACK_SECONDS
 
     plain, setup = RunOptions(timeout=60), RunOptions(timeout=60, requirements="attrs\n")
     assert run_wait(plain) > 60 + RUNNER_SLACK_SECONDS

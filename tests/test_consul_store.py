@@ -18,7 +18,15 @@ import httpx
 import pytest
 
 from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PayloadTooLarge
-from pyexec.models import Execution, Reason, RunOutcome, Status, new_execution_id, utcnow
+from pyexec.models import (
+    Execution,
+    Reason,
+    RunOutcome,
+    Status,
+    new_execution_id,
+    parse_request,
+    utcnow,
+)
 from pyexec.settings import Settings, SettingsError
 from pyexec.store import CHUNK_SIZE
 from pyexec.store.consul import COMMIT_OPS, MAX_TXN_OPS, ConsulStore
@@ -59,7 +67,8 @@ MiB = 1024 * 1024
 
 
 def new_record(**fields: Any) -> Execution:
-    return Execution(execution_id=new_execution_id(), request={"entrypoint": "main.py"}, **fields)
+    request = parse_request({"entrypoint": "main.py"}, Settings())
+    return Execution(execution_id=new_execution_id(), request=request, **fields)
 
 
 async def read_tar(store: ConsulStore, execution_id: str) -> bytes:
@@ -99,7 +108,8 @@ async def test_20_mib_tar_round_trips_in_the_documented_layout(consul_store: Con
     )
     assert kv_raw(status_key(prefix, eid)) == b"pending"
     stored = json.loads(kv_raw(record_key(prefix, eid)) or b"")
-    assert stored["request"] == {"entrypoint": "main.py"}
+    assert record.request is not None
+    assert stored["request"] == record.request.to_dict()
     assert stored["status"] == "pending"
     manifest = Manifest.from_json(kv_raw(manifest_key(prefix, eid)) or b"")
     assert manifest == Manifest(

@@ -22,7 +22,14 @@ from pyexec.evaluate import parse_eval_request, prepare
 from pyexec.evaluate.archive import WRAPPER_PATH
 from pyexec.evaluate.outcome import finish_outcome, finish_record, parse_traceback, split_report
 from pyexec.evaluate.wrapper import REPORT_MARK
-from pyexec.models import Execution, Reason, RunOutcome, new_execution_id
+from pyexec.models import (
+    Execution,
+    ExecutionRequest,
+    Reason,
+    RunOutcome,
+    new_execution_id,
+    parse_request,
+)
 from pyexec.settings import Settings
 
 SETTINGS = Settings(
@@ -458,8 +465,12 @@ def test_finish_outcome_leaves_timeouts_without_error_fields() -> None:
     assert outcome.extra == {"result": None, "error_type": None, "error_line": None}
 
 
+def stored_request(entrypoint: str) -> ExecutionRequest:
+    return parse_request({"entrypoint": entrypoint}, Settings())
+
+
 def eval_record(stderr: str, **fields: Any) -> Execution:
-    record = Execution(execution_id=new_execution_id(), request={"entrypoint": WRAPPER_PATH})
+    record = Execution(execution_id=new_execution_id(), request=stored_request(WRAPPER_PATH))
     outcome = RunOutcome(reason=Reason.EXITED, exit_code=0, stderr=stderr)
     return attrs.evolve(record.finished(outcome), **fields)
 
@@ -474,7 +485,7 @@ def test_finish_record_applies_a_report_left_in_a_stored_record() -> None:
 
 def test_finish_record_leaves_other_records_alone() -> None:
     """Records of the tar API, or not yet terminal, are returned unchanged."""
-    tar_run = attrs.evolve(eval_record(f"\n{REPORT_MARK}{{}}\n"), request={"entrypoint": "x.py"})
+    tar_run = attrs.evolve(eval_record(f"\n{REPORT_MARK}{{}}\n"), request=stored_request("x.py"))
     assert finish_record(tar_run) is tar_run
-    running = Execution(execution_id=new_execution_id(), request={"entrypoint": WRAPPER_PATH})
+    running = Execution(execution_id=new_execution_id(), request=stored_request(WRAPPER_PATH))
     assert finish_record(running) is running

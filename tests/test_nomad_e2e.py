@@ -497,7 +497,7 @@ async def test_finish_never_overwrites_a_terminal_record(settings: Settings) -> 
     async with pyexec_api(settings):
         pass  # registers the runner jobs
     request = parse_request({}, settings)
-    record = Execution(execution_id=new_execution_id(), request=request.to_dict())
+    record = Execution(execution_id=new_execution_id(), request=request)
     store = ConsulStore.from_settings(settings)
     try:
         await store.create(record, io.BytesIO(make_tar({"main.py": "print('ran')"})))

@@ -290,9 +290,9 @@ async def test_server_side_deadline_stops_a_run_that_overstays(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A run still going past its timeout (plus slack) is stopped and reported as timeout."""
-    from pyexec.runner import nomad as nomad_module
+    from pyexec import deadline
 
-    monkeypatch.setattr(nomad_module, "DEADLINE_SLACK_SECONDS", 0.0)
+    monkeypatch.setattr(deadline, "SLACK_SECONDS", 0.0)
     scripted = StuckRun()
     runner = make_runner(scripted)
     request = parse_request({"config": {"timeout_seconds": 1}}, runner.settings)

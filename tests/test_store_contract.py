@@ -57,7 +57,7 @@ def new_record() -> Execution:
     meta = parse_request(
         {"entrypoint": "app/main.py", "stdin": "hi", "env_vars": ["A=1"]}, Settings()
     )
-    return Execution(execution_id=new_execution_id(), request=meta.to_dict())
+    return Execution(execution_id=new_execution_id(), request=meta)
 
 
 def moved_to(record: Execution, status: Status) -> Execution:
@@ -95,7 +95,7 @@ async def test_create_then_get_returns_the_record_with_its_request(store: Store)
     got = await store.get(record.execution_id)
     assert got.to_dict(include_request=True) == record.to_dict(include_request=True)
     assert got.request is not None
-    assert got.request["entrypoint"] == "app/main.py"
+    assert got.request.entrypoint == "app/main.py"
 
 
 async def test_create_twice_conflicts_and_keeps_the_first_tar(store: Store) -> None:

@@ -130,7 +130,7 @@ def upload(
                 max_bytes=settings.max_extracted_bytes,
             )
             archive.seek(0)
-            record = Execution(execution_id=new_execution_id(), request=request.to_dict())
+            record = Execution(execution_id=new_execution_id(), request=request)
 
             async def store() -> None:
                 consul = ConsulStore.from_settings(settings)

@@ -16,6 +16,7 @@ import attrs
 import httpx
 
 from pyexec.__about__ import __version__
+from pyexec.deadline import budget_seconds
 
 from .archive import tar_from_mapping
 from .errors import (
@@ -61,15 +62,15 @@ DEFAULT_RUN_WAIT = 3600.0
 def run_wait(options: RunOptions | None, *, setup: bool | None = None) -> float:
     """How long a client waits for a run to end before giving up.
 
-    The server allows a run its time limit, as much again for a setup phase
-    (requirements, pre-commands; eval may add requirements, so it passes ``setup=True``)
-    and some slack; the client waits that long plus a margin of its own.
+    The server's own budget (``pyexec.deadline``: the time limit, as much again for a
+    setup phase -- eval may add requirements, so it passes ``setup=True`` -- and slack),
+    plus a margin of the client's own.
     """
     options = options or RunOptions()
     limit = options.timeout or DEFAULT_RUN_WAIT
     if setup is None:
         setup = bool((options.requirements or "").strip() or options.pre_commands)
-    return limit * (2 if setup else 1) + 2 * READ_MARGIN
+    return budget_seconds(limit, setup=setup) + READ_MARGIN
 
 
 @attrs.frozen(kw_only=True)

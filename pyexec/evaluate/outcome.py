@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from pyexec.models import Execution, Reason, RunOutcome
+from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
 
 from .archive import WRAPPER_PATH
 from .wrapper import REPORT_MARK
@@ -42,9 +41,9 @@ _EXCEPTION = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::|$)")
 _FIELDS = ("result", "error_type", "error_line")
 
 
-def is_eval_request(request: Mapping[str, Any] | None) -> bool:
-    """Whether a stored request (metadata form) is an eval run."""
-    return request is not None and request.get("entrypoint") == WRAPPER_PATH
+def is_eval_request(request: ExecutionRequest | None) -> bool:
+    """Whether a stored request is an eval run."""
+    return request is not None and request.entrypoint == WRAPPER_PATH
 
 
 def split_report(stderr: str) -> tuple[str, dict[str, Any] | None]:

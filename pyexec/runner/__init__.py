@@ -24,6 +24,16 @@ class Runner(Protocol):
     #: shutting-down service kills and records its runs).
     survives_restart: bool
 
+    @property
+    def launch_allowance(self) -> float:
+        """Seconds this runner may need before a launched run starts, on top of the run's
+        own budget (``pyexec.deadline``): Nomad's placement timeout; 0 for local Docker."""
+
+    def check(self, request: ExecutionRequest) -> None:
+        """Called at submit, before anything is stored: raise a ``BadRequest`` (with a
+        stable ``code``) for anything in ``request`` this runner cannot honour. Never
+        drops or downgrades a part of the request silently."""
+
     async def startup(self) -> None:
         """Prepare the backend once at service start (sweep leftovers, register jobs)."""
 

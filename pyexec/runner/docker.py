@@ -113,6 +113,7 @@ class DockerRunner:
 
     #: A local run is pumped by this process; it cannot outlive it.
     survives_restart = False
+    launch_allowance = 0.0
 
     def __init__(
         self,
@@ -135,6 +136,10 @@ class DockerRunner:
 
     async def startup(self) -> None:
         await self._engine.sweep({LABEL_MANAGED: "1"}, spare_live_owners=True)
+
+    def check(self, request: ExecutionRequest) -> None:
+        """Everything ``parse_request`` lets through runs here as asked."""
+        return
 
     async def start(
         self,

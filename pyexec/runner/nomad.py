@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from pyexec.deadline import budget_seconds, execution_budget
 from pyexec.errors import BackendError, BackendUnavailable, LimitExceeded, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
 from pyexec.runner import OnRunning, nomad_job
@@ -40,8 +41,6 @@ __all__ = ["NomadRunner"]
 log = logging.getLogger("pyexec.runner.nomad")
 
 JSON = dict[str, Any]
-#: Slack on top of a run's own timeout before the server-side deadline stops it.
-DEADLINE_SLACK_SECONDS = 20.0
 #: How often the deadline clock looks at the runs in flight.
 TICK_SECONDS = 1.0
 #: Dispatched jobs whose latest events are kept until ``start`` tracks them (a dispatch
@@ -76,8 +75,8 @@ class _Run:
 
     execution_id: str
     job_id: str
-    timeout: float
-    needs_setup: bool
+    #: Seconds from placement until the server-side deadline stops it (``pyexec.deadline``).
+    budget: float
     max_output: int
     on_running: OnRunning | None
     outcome: asyncio.Future[RunOutcome]
@@ -126,6 +125,15 @@ class NomadRunner:
         return cls(settings, NomadAPI(settings), store)
 
     # --- Runner ------------------------------------------------------------------------------
+    @property
+    def launch_allowance(self) -> float:
+        """A dispatched run may wait this long for placement before its budget starts."""
+        return self.settings.nomad_placement_timeout
+
+    def check(self, request: ExecutionRequest) -> None:
+        """Nothing beyond ``start``'s own checks yet."""
+        return
+
     async def startup(self) -> None:
         """Register (or update) the runner jobs, then start watching."""
         await self.register_jobs()
@@ -189,8 +197,7 @@ class NomadRunner:
         self._track(
             execution.execution_id,
             answer["DispatchedJobID"],
-            request.config.timeout_seconds,
-            request.needs_setup,
+            execution_budget(request),
             request.config.max_output_bytes,
             on_running,
         )
@@ -254,15 +261,17 @@ class NomadRunner:
         job_id = await self._find_job(execution.execution_id)
         if job_id is None:
             return False
-        request = execution.request or {}
-        config = request.get("config") or {}
+        request = execution.request
         self._start_watching()
         run = self._track(
             execution.execution_id,
             job_id,
-            float(config.get("timeout_seconds") or self.settings.default_timeout),
-            bool(request.get("requirements_txt") or request.get("pre_commands")),
-            int(config.get("max_output_bytes") or self.settings.default_max_output_bytes),
+            budget_seconds(self.settings.default_timeout, setup=False)
+            if request is None
+            else execution_budget(request),
+            self.settings.default_max_output_bytes
+            if request is None
+            else request.config.max_output_bytes,
             None,
         )
         await self._refresh(run)
@@ -290,16 +299,14 @@ class NomadRunner:
         self,
         execution_id: str,
         job_id: str,
-        timeout: float,
-        needs_setup: bool,
+        budget: float,
         max_output: int,
         on_running: OnRunning | None,
     ) -> _Run:
         run = _Run(
             execution_id=execution_id,
             job_id=job_id,
-            timeout=timeout,
-            needs_setup=needs_setup,
+            budget=budget,
             max_output=max_output,
             on_running=on_running,
             outcome=asyncio.get_running_loop().create_future(),
@@ -506,10 +513,9 @@ class NomadRunner:
                         (f"not placed within {self.settings.nomad_placement_timeout:.0f} s: {why}"),
                     )
                 continue
-            budget = run.timeout * (2 if run.needs_setup else 1) + DEADLINE_SLACK_SECONDS
-            if now - run.placed_at > budget:
+            if now - run.placed_at > run.budget:
                 await self._expire(
-                    run, Reason.TIMEOUT, f"stopped by the server-side deadline ({budget:.0f} s)"
+                    run, Reason.TIMEOUT, f"stopped by the server-side deadline ({run.budget:.0f} s)"
                 )
 
     async def _expire(self, run: _Run, reason: Reason, error: str) -> None:
