@@ -650,7 +650,7 @@ def test_help_lists_every_command_with_a_line() -> None:
     ).stdout
     rows = [line.strip("│ ").split(None, 1) for line in out.splitlines() if line.startswith("│ ")]
     helps = {row[0]: row[1].strip(" │") if len(row) > 1 else "" for row in rows}
-    commands = ("run", "submit", "follow", "logs", "kill", "version", "eval", "serve")
+    commands = ("run", "submit", "follow", "logs", "kill", "version", "eval", "mcp", "serve")
     for command in (*commands, "job", "bundle", "config-reference"):
         assert helps.get(command), command
     assert out.splitlines()[-1] == "[]"

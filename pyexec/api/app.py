@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from pyexec.errors import BadRequest
 from pyexec.execution_service import ExecutionService, Hooks
 from pyexec.logs import log_finished, log_started
+from pyexec.mcp.http import MCP_PATH, McpEndpoint
 from pyexec.metrics import Metrics, metrics_route
 from pyexec.models import Execution
 from pyexec.runner import Runner
@@ -68,7 +70,8 @@ def create_app(
         service = app.state.service
         await service.startup()
         try:
-            yield
+            async with mcp.manager.run():
+                yield
         finally:
             await service.shutdown(grace=0)
             await service.runner.aclose()
@@ -82,7 +85,13 @@ def create_app(
     metrics = Metrics()
     store, runner = metrics.store(store), metrics.runner(runner)
 
+    async def api(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope, receive, send)
+
+    # MCP tools at /mcp, behind the same bearer tokens; their calls go to `api` (this app).
+    mcp = McpEndpoint(api)
     routes = [
+        Route(MCP_PATH, mcp, methods=["GET", "POST", "DELETE"]),
         Route("/api/v1/exec/sync", executions.exec_sync, methods=["POST"]),
         Route("/api/v1/exec/async", executions.exec_async, methods=["POST"]),
         Route("/api/v1/executions/{execution_id}", executions.execution_get, methods=["GET"]),

@@ -52,6 +52,7 @@ app.command(commands.logs)
 app.command(commands.kill)
 app.command(commands.version)
 app.command(commands.eval_, name="eval")
+app.command(commands.mcp)
 app.command(serve)
 # Lazy (import path) commands: their help is given here so `pyexec --help` can list them
 # without importing their modules.

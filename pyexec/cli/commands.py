@@ -23,7 +23,7 @@ from .interrupts import Interrupted, run_to_end
 from .options import ExecFlags, Globals, UsageError, current, env_pairs, read_local_text
 from .render import Progress, emit_execution, note, print_json, verbose_note, write
 
-__all__ = ["eval_", "follow", "kill", "logs", "run", "submit", "version"]
+__all__ = ["eval_", "follow", "kill", "logs", "mcp", "run", "submit", "version"]
 
 DONE = frozenset({Status.COMPLETED, Status.FAILED, Status.KILLED})
 #: Longest a ``follow`` request asks the server to hold its answer, seconds.
@@ -287,6 +287,20 @@ def eval_(
         )
     emit_execution(options, record)
     return exitcodes.for_execution(record)
+
+
+def mcp() -> int:
+    """Serve pyexec's tools to an MCP client over stdio (run_python, ...; see docs/mcp.md).
+
+    The tools run code on the server given by --server / PYEXEC_SERVER, with --token.
+    """
+    try:
+        from pyexec.mcp.stdio import serve_stdio
+    except ImportError as exc:
+        raise UsageError(f"the MCP server needs `pip install 'pyexec[mcp]'` ({exc})") from None
+    options = current()
+    serve_stdio(options.server, options.token)
+    return 0
 
 
 def _code_or_file(path: str | None, code: str | None) -> tuple[str | None, str | None]:
