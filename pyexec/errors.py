@@ -15,6 +15,7 @@ the mapping to an HTTP response happens in exactly one place
     ├── Unauthorized               401  unauthorized
     ├── NotFound                   404  execution_not_found
     ├── Conflict                   409  invalid_transition, already_exists
+    │   └── TransitionRefused      409  invalid_transition (carries the record as it is)
     ├── TooManyExecutions          429  too_many_executions (this replica's in-flight cap)
     └── BackendError               502  store_error, runner_error, nomad_dispatch_failed
         └── BackendUnavailable     503  store_unavailable, runner_unavailable, shutting_down
@@ -22,7 +23,10 @@ the mapping to an HTTP response happens in exactly one place
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .models import Execution
 
 __all__ = [
     "BackendError",
@@ -35,6 +39,7 @@ __all__ = [
     "PyexecError",
     "TarRejected",
     "TooManyExecutions",
+    "TransitionRefused",
     "Unauthorized",
 ]
 
@@ -89,6 +94,15 @@ class NotFound(PyexecError):
 class Conflict(PyexecError):
     status_code = 409
     default_code = "conflict"
+
+
+class TransitionRefused(Conflict):
+    """A store refused a state change; ``current`` is the record as it stands, so the
+    caller can answer with it without reading it again."""
+
+    def __init__(self, message: str, *, current: Execution) -> None:
+        super().__init__(message, code="invalid_transition", status=current.status.value)
+        self.current = current
 
 
 class TooManyExecutions(PyexecError):

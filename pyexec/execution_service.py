@@ -7,7 +7,7 @@ Lifecycle of one execution::
 
     submit ── validate tar ── store.create (pending) ── runner.start
                                                            │ on_running → running
-                                  drive task: runner.wait ─┴─ store.update (terminal, CAS)
+                                  drive task: runner.wait ─┴─ store.transition (terminal, CAS)
 
 A kill marks the record ``killed`` first (CAS), then stops the run, so a run that
 dies from the kill can never be recorded as an ordinary failure.
@@ -29,10 +29,10 @@ from .deadline import budget_seconds, execution_budget
 from .errors import (
     BackendError,
     BackendUnavailable,
-    Conflict,
     PayloadTooLarge,
     PyexecError,
     TooManyExecutions,
+    TransitionRefused,
 )
 from .evaluate.outcome import finish_outcome, is_eval_request
 from .logs import bind_execution
@@ -186,8 +186,9 @@ class ExecutionService:
                 )
             except PyexecError as exc:
                 # Nothing runs: record why, so the execution never sits in pending forever.
-                failed = record.finished(RunOutcome(reason=Reason.ERROR, error=exc.message))
-                await self._store_final(failed)
+                await self._store_final(
+                    record.execution_id, RunOutcome(reason=Reason.ERROR, error=exc.message)
+                )
                 raise
             self._spawn(record, self._budget(request), postprocess)
         return record
@@ -271,32 +272,30 @@ class ExecutionService:
 
     # --- internals ----------------------------------------------------------------------------
     async def _kill(self, execution_id: str, *, error: str | None = None) -> Execution:
-        record = await self.store.get(execution_id)
-        killed = record.finished(
-            RunOutcome(
-                reason=Reason.KILLED,
-                exit_code=None,
-                stdout=record.stdout,
-                stderr=record.stderr,
-                error=error,
+        def kill(record: Execution) -> Execution:
+            return record.finished(
+                RunOutcome(
+                    reason=Reason.KILLED, stdout=record.stdout, stderr=record.stderr, error=error
+                )
             )
-        )
+
         try:
-            stored = await self.store.update(killed, expect=ACTIVE)
-        except Conflict:
+            stored = await self.store.transition(execution_id, kill, expect=ACTIVE)
+        except TransitionRefused as exc:
             # It finished (or was killed elsewhere) first: that record stands.
-            return await self.store.get(execution_id)
+            return exc.current
         await self.runner.kill(execution_id)
         self._notify_finished(stored)
         return stored
 
     def _on_running(self, execution_id: str) -> Callable[[datetime], Awaitable[None]]:
         async def on_running(started_at: datetime) -> None:
-            record = await self.store.get(execution_id)
-            running = attrs.evolve(record, status=Status.RUNNING, started_at=started_at)
+            def running(record: Execution) -> Execution:
+                return attrs.evolve(record, status=Status.RUNNING, started_at=started_at)
+
             try:
-                stored = await self.store.update(running, expect={Status.PENDING})
-            except Conflict:
+                stored = await self.store.transition(execution_id, running, expect={Status.PENDING})
+            except TransitionRefused:
                 return  # already running or finished; nothing to do
             if self.hooks.on_started:
                 self.hooks.on_started(stored)
@@ -342,10 +341,10 @@ class ExecutionService:
             self._rechecks.add(recheck)
             recheck.add_done_callback(self._rechecks.discard)
             return
-        lost = record.finished(
-            RunOutcome(reason=Reason.ERROR, error="lost: the service restarted while it ran")
+        await self._store_final(
+            record.execution_id,
+            RunOutcome(reason=Reason.ERROR, error="lost: the service restarted while it ran"),
         )
-        await self._store_final(lost)
 
     async def _adopt_later(self, execution_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -371,28 +370,37 @@ class ExecutionService:
             outcome = RunOutcome(reason=Reason.ERROR, error=exc.message)
         if postprocess is not None:
             outcome = postprocess(outcome)
-        record = await self.store.get(execution_id)
-        return await self._store_final(record.finished(outcome))
+        return await self._store_final(execution_id, outcome)
 
-    async def _store_final(self, final: Execution) -> Execution:
-        try:
-            stored = await self.store.update(final, expect=ACTIVE)
-        except Conflict:
-            current = await self.store.get(final.execution_id)
-            if current.status is not Status.KILLED or current.stdout or current.stderr:
-                return current
-            # Killed while running: keep the verdict, attach the output it produced.
-            with_output = attrs.evolve(
-                current,
-                stdout=final.stdout,
-                stderr=final.stderr,
-                output_truncated=final.output_truncated,
-                exit_code=final.exit_code,
+    async def _store_final(self, execution_id: str, outcome: RunOutcome) -> Execution:
+        """Record ``outcome`` as the execution's end, unless it ended already; a run killed
+        while it ran keeps its ``killed`` verdict and gets the output it produced."""
+
+        def finish(record: Execution) -> Execution:
+            return record.finished(outcome)
+
+        def attach_output(record: Execution) -> Execution:
+            if record.stdout or record.stderr:
+                return record
+            return attrs.evolve(
+                record,
+                stdout=outcome.stdout,
+                stderr=outcome.stderr,
+                output_truncated=outcome.output_truncated,
+                exit_code=outcome.exit_code,
             )
+
+        try:
+            stored = await self.store.transition(execution_id, finish, expect=ACTIVE)
+        except TransitionRefused as refused:
+            if refused.current.status is not Status.KILLED:
+                return refused.current
             try:
-                return await self.store.update(with_output, expect={Status.KILLED})
-            except Conflict:
-                return await self.store.get(final.execution_id)
+                return await self.store.transition(
+                    execution_id, attach_output, expect={Status.KILLED}
+                )
+            except TransitionRefused as exc:
+                return exc.current
         self._notify_finished(stored)
         return stored
 

@@ -7,11 +7,12 @@ the request, and a run with ``hold`` in its stdin blocks until killed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 
 from pyexec.errors import BackendUnavailable
-from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
+from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, Status, utcnow
 from pyexec.runner import OnRunning
+from pyexec.store import Store
 
 
 def echo_outcome(request: ExecutionRequest) -> RunOutcome:
@@ -73,3 +74,11 @@ class FakeRunner:
 
     async def aclose(self) -> None:
         return None
+
+
+async def replace_record(
+    store: Store, record: Execution, *, expect: Collection[Status]
+) -> Execution:
+    """Make ``record`` the stored state through ``Store.transition`` (a change that ignores
+    what is stored, for tests that set a state directly)."""
+    return await store.transition(record.execution_id, lambda _: record, expect=expect)

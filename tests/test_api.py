@@ -17,7 +17,7 @@ from pyexec.models import Execution, new_execution_id
 from pyexec.store.memory import MemoryStore
 
 from .conftest import app_client, make_settings
-from .fakes import FakeRunner
+from .fakes import FakeRunner, replace_record
 from .tarfiles import make_tar
 
 pytestmark = pytest.mark.anyio
@@ -475,7 +475,7 @@ async def test_an_execution_launched_elsewhere_during_the_grace_is_left_alone(
     settings = make_settings(launch_grace_seconds=0.5)
     async with app_client(settings, store=store, runner=runner):
         running = attrs.evolve(young, status=Status.RUNNING)
-        await store.update(running, expect={Status.PENDING})
+        await replace_record(store, running, expect={Status.PENDING})
         # Well past the grace: the re-check saw it running and left it so.
         after = await store.wait_terminal(young.execution_id, timeout=2)
         assert after.status is Status.RUNNING

@@ -43,6 +43,7 @@ from pyexec.store.consul_keys import (
 )
 
 from . import fixtures_consul
+from .fakes import replace_record
 from .fixtures_consul import (
     ConsulServer,
     RecordingTransport,
@@ -240,7 +241,7 @@ async def test_large_output_is_chunked_and_replaced(consul_store: ConsulStore) -
     await consul_store.create(record, io.BytesIO(b"t"))
     stdout = "é" * 400_000  # 800 kB of UTF-8, split mid-character across chunks
     killed = record.finished(RunOutcome(reason=Reason.KILLED, stdout=stdout, stderr="e"))
-    await consul_store.update(killed, expect={Status.PENDING})
+    await replace_record(consul_store, killed, expect={Status.PENDING})
     stored = json.loads(kv_raw(record_key(consul_store.prefix, record.execution_id)) or b"")
     assert stored["stdout"] == ""
     assert stored["output"]["stdout"]["size"] == len(stdout.encode())
@@ -252,7 +253,7 @@ async def test_large_output_is_chunked_and_replaced(consul_store: ConsulStore) -
     assert got.stderr == "e"
 
     shorter = attrs.evolve(killed, stdout="x" * 100_000)
-    await consul_store.update(shorter, expect={Status.KILLED})
+    await replace_record(consul_store, shorter, expect={Status.KILLED})
     keys = folder_keys(consul_store, record.execution_id)
     assert not {k for k in first_keys if k.startswith("output/")} & set(keys)
     assert (await consul_store.get(record.execution_id)).stdout == "x" * 100_000
@@ -524,7 +525,7 @@ async def test_release_tar_waits_until_the_run_fetched_it(consul_store: ConsulSt
     with pytest.raises(Conflict):
         await consul_store.release_tar(record.execution_id)
     running = attrs.evolve(record, status=Status.RUNNING, started_at=utcnow())
-    await consul_store.update(running, expect={Status.PENDING})
+    await replace_record(consul_store, running, expect={Status.PENDING})
     await consul_store.release_tar(record.execution_id)
     await consul_store.release_tar(record.execution_id)
     assert sorted(folder_keys(consul_store, record.execution_id)) == ["record", "status"]
@@ -608,7 +609,9 @@ async def test_two_store_instances_racing_to_terminal_have_one_winner(
             ) -> None:
                 try:
                     done = record.finished(RunOutcome(reason=reason))
-                    outcomes.append((await store.update(done, expect={Status.PENDING})).status)
+                    outcomes.append(
+                        (await replace_record(store, done, expect={Status.PENDING})).status
+                    )
                 except Conflict:
                     outcomes.append(None)
 

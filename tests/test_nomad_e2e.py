@@ -29,6 +29,7 @@ from pyexec.settings import Settings
 from pyexec.store.consul import ConsulStore
 
 from .conftest import CA_BUNDLE, app_client, make_settings
+from .fakes import replace_record
 from .fixtures_consul import CONSUL_ADDR, consul_url, kv_delete_tree, kv_raw, new_prefix
 from .nomadsim import NomadSim
 from .tarfiles import make_tar
@@ -502,7 +503,7 @@ async def test_finish_never_overwrites_a_terminal_record(settings: Settings) -> 
     try:
         await store.create(record, io.BytesIO(make_tar({"main.py": "print('ran')"})))
         killed = record.finished(RunOutcome(reason=Reason.KILLED, error="killed before it ran"))
-        await store.update(killed, expect={Status.PENDING})
+        await replace_record(store, killed, expect={Status.PENDING})
         job_id = await asyncio.to_thread(dispatch_directly, settings, record.execution_id)
 
         def dead() -> bool:

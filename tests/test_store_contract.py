@@ -29,6 +29,7 @@ from pyexec.store.consul import ConsulStore
 from pyexec.store.memory import MemoryStore
 
 from . import fixtures_consul
+from .fakes import replace_record
 
 pytestmark = pytest.mark.anyio
 
@@ -81,8 +82,8 @@ async def at_status(store: Store, status: Status) -> Execution:
     if status is Status.PENDING:
         return record
     if status is not Status.RUNNING:
-        return await store.update(moved_to(record, status), expect={Status.PENDING})
-    return await store.update(moved_to(record, Status.RUNNING), expect={Status.PENDING})
+        return await replace_record(store, moved_to(record, status), expect={Status.PENDING})
+    return await replace_record(store, moved_to(record, Status.RUNNING), expect={Status.PENDING})
 
 
 async def read_tar(store: Store, execution_id: str) -> bytes:
@@ -122,7 +123,7 @@ ILLEGAL = [(a, b) for a in Status for b in Status if b not in TRANSITIONS[a] and
 async def test_legal_transition_is_stored(store: Store, start: Status, end: Status) -> None:
     """Every legal transition succeeds and is what a later read returns."""
     record = await at_status(store, start)
-    stored = await store.update(moved_to(record, end), expect={start})
+    stored = await replace_record(store, moved_to(record, end), expect={start})
     assert stored.status is end
     got = await store.get(record.execution_id)
     assert got.status is end
@@ -134,7 +135,7 @@ async def test_illegal_transition_conflicts(store: Store, start: Status, end: St
     """An illegal transition is Conflict(invalid_transition), even when expect allows it."""
     record = await at_status(store, start)
     with pytest.raises(Conflict) as caught:
-        await store.update(moved_to(record, end), expect=set(Status))
+        await replace_record(store, moved_to(record, end), expect=set(Status))
     assert caught.value.code == "invalid_transition"
     assert (await store.get(record.execution_id)).status is start
 
@@ -143,7 +144,7 @@ async def test_update_checks_expected_status(store: Store) -> None:
     """An update whose expected status does not match the stored one is refused."""
     record = await at_status(store, Status.PENDING)
     with pytest.raises(Conflict) as caught:
-        await store.update(moved_to(record, Status.COMPLETED), expect={Status.RUNNING})
+        await replace_record(store, moved_to(record, Status.COMPLETED), expect={Status.RUNNING})
     assert caught.value.code == "invalid_transition"
     assert (await store.get(record.execution_id)).status is Status.PENDING
 
@@ -151,7 +152,7 @@ async def test_update_checks_expected_status(store: Store) -> None:
 async def test_update_of_unknown_is_not_found(store: Store) -> None:
     """Updating an id that does not exist raises NotFound."""
     with pytest.raises(NotFound):
-        await store.update(moved_to(new_record(), Status.RUNNING), expect={Status.PENDING})
+        await replace_record(store, moved_to(new_record(), Status.RUNNING), expect={Status.PENDING})
 
 
 async def race(
@@ -162,7 +163,7 @@ async def race(
 
     async def attempt(target: Status) -> None:
         try:
-            results[target] = await store.update(moved_to(record, target), expect={expect})
+            results[target] = await replace_record(store, moved_to(record, target), expect={expect})
         except Conflict as exc:
             results[target] = exc
 
@@ -202,7 +203,7 @@ async def test_terminal_status_never_changes(store: Store, end: Status) -> None:
         if other is end:
             continue
         with pytest.raises(Conflict):
-            await store.update(moved_to(record, other), expect=set(Status))
+            await replace_record(store, moved_to(record, other), expect=set(Status))
     assert (await store.get(record.execution_id)).status is end
 
 
@@ -254,7 +255,7 @@ async def test_wait_terminal_wakes_on_update(store: Store) -> None:
         tg.start_soon(wait)
         # Give the waiter time to park; the assertions hold either way.
         await anyio.sleep(0.2)
-        await store.update(moved_to(record, Status.COMPLETED), expect={Status.RUNNING})
+        await replace_record(store, moved_to(record, Status.COMPLETED), expect={Status.RUNNING})
     assert seen[0].status is Status.COMPLETED
     assert seen[0].stdout == "out\n"
     assert anyio.current_time() - started < 10

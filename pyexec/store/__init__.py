@@ -6,14 +6,18 @@ One module per backend: ``memory`` (the embedded default) and ``consul``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
-from pyexec.errors import Conflict
+from pyexec.errors import Conflict, TransitionRefused
 from pyexec.models import TRANSITIONS, Execution, Status
 
-__all__ = ["CHUNK_SIZE", "Store", "check_transition"]
+__all__ = ["CHUNK_SIZE", "Change", "Store", "apply_change", "check_transition"]
+
+#: A state change: the record as stored now -> the record to store. Pure: a store may
+#: call it again on a fresher record when another writer got in between.
+Change = Callable[[Execution], Execution]
 
 #: Tars are read and written in pieces of this size (Consul caps a value at 512 KiB).
 CHUNK_SIZE = 256 * 1024
@@ -30,12 +34,16 @@ class Store(Protocol):
     async def get(self, execution_id: str) -> Execution:
         """The current record; ``NotFound`` if there is none."""
 
-    async def update(self, record: Execution, *, expect: Collection[Status]) -> Execution:
-        """Replace the stored record with ``record`` if the stored status is in ``expect``.
+    async def transition(
+        self, execution_id: str, change: Change, *, expect: Collection[Status]
+    ) -> Execution:
+        """Store ``change(current)`` if the stored status is in ``expect``; returns it.
 
-        Atomic (check-and-set): with two writers racing, one wins and the other gets
-        ``Conflict(code="invalid_transition")``. A terminal status never changes again
-        (see ``check_transition``). Returns what is stored now.
+        Applied inside the store's own check-and-set loop: with two writers racing, each
+        change is applied to the record the other left, or refused with
+        ``TransitionRefused`` (which carries the record as it is) once the status leaves
+        ``expect``. A terminal status never changes again (``check_transition``). A change
+        that returns the record unchanged writes nothing. ``NotFound`` if there is none.
         """
 
     def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:
@@ -62,14 +70,29 @@ class Store(Protocol):
         """Release connections; idempotent."""
 
 
+def apply_change(current: Execution, change: Change, expect: Collection[Status]) -> Execution:
+    """``change(current)``, checked: ``TransitionRefused`` unless the status is in ``expect``,
+    ``Conflict`` if the change is not a legal transition."""
+    if current.status not in expect:
+        raise TransitionRefused(
+            f"execution {current.execution_id} is {current.status.value}, "
+            f"expected one of {sorted(s.value for s in expect)}",
+            current=current,
+        )
+    new = change(current)
+    if new.execution_id != current.execution_id:
+        raise ValueError("a change may not alter the execution id")
+    check_transition(current, new, expect)
+    return new
+
+
 def check_transition(current: Execution, new: Execution, expect: Collection[Status]) -> None:
     """Raise ``Conflict`` unless ``current`` may become ``new`` under ``expect``."""
     if current.status not in expect:
-        raise Conflict(
+        raise TransitionRefused(
             f"execution {current.execution_id} is {current.status.value}, "
             f"expected one of {sorted(s.value for s in expect)}",
-            code="invalid_transition",
-            status=current.status.value,
+            current=current,
         )
     if new.status != current.status and new.status not in TRANSITIONS[current.status]:
         raise Conflict(

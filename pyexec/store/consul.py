@@ -11,9 +11,11 @@ How the guarantees are met:
   A failed upload is deleted on the way out; what a crash leaves is an incomplete
   leftover (a claim, some chunks, no record) that readers never see and
   ``list_expired`` reports once it is older than the TTL.
-- **State changes** are check-and-set on the record's ModifyIndex, retried while the
-  transition stays legal (``check_transition``), so two replicas racing from
-  ``pending`` get exactly one winner and a terminal record never changes.
+- **State changes** (``transition``) are check-and-set on the record's ModifyIndex,
+  the change re-applied to a fresh read while it stays legal (``apply_change``), so two
+  replicas racing from ``pending`` get exactly one winner and a terminal record never
+  changes. The store remembers the ModifyIndex of the records it wrote last, so a
+  change to a record nobody else touched is one transaction, no read.
 - **Large output** goes to ``output/<rev>/`` chunks written before the record that
   points at them, under a fresh revision, so a losing writer never overwrites the
   winner's output; the winner's transaction deletes the previous revision.
@@ -27,6 +29,7 @@ import base64
 import hashlib
 import json
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Iterator
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -37,7 +40,7 @@ import httpx
 from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PayloadTooLarge
 from pyexec.models import TERMINAL, Execution, Status
 from pyexec.settings import Settings
-from pyexec.store import CHUNK_SIZE, check_transition
+from pyexec.store import CHUNK_SIZE, Change, apply_change
 from pyexec.store.consul_http import AsyncConsul
 from pyexec.store.consul_keys import (
     INLINE_OUTPUT_BYTES,
@@ -64,8 +67,10 @@ __all__ = ["COMMIT_OPS", "MAX_TXN_BYTES", "MAX_TXN_OPS", "ConsulStore"]
 MAX_RECORD_BYTES = 256 * 1024
 #: Largest chunk: Consul's default cap on one value.
 MAX_CHUNK_SIZE = 512 * 1024
-#: How often ``update`` re-reads and retries when another writer got in between.
+#: How often ``transition`` re-reads and retries when another writer got in between.
 CAS_ATTEMPTS = 16
+#: Records whose last write (by this store) is remembered: ModifyIndex and output rev.
+KNOWN_RECORDS = 1024
 #: Longest single blocking query (Consul caps ``wait`` at 10 minutes).
 MAX_BLOCK_SECONDS = 300.0
 
@@ -96,6 +101,8 @@ class ConsulStore:
         self._max_tar_bytes = max_tar_bytes
         self._chunk_size = chunk_size
         self._closed = False
+        #: id -> (record, ModifyIndex, output revision) as this store last wrote it.
+        self._known: OrderedDict[str, tuple[Execution, int, str | None]] = OrderedDict()
 
     @classmethod
     def from_settings(
@@ -186,20 +193,31 @@ class ConsulStore:
             data[stream] = blob.decode("utf-8", errors="replace")
         return Execution.from_dict(data)
 
-    async def _read(self, execution_id: str) -> Execution:
-        """The whole record, output included; ``NotFound`` if none."""
+    async def _current(self, execution_id: str) -> tuple[Execution, int, str | None]:
+        """The whole record, output included, its ModifyIndex and output revision;
+        ``NotFound`` if none."""
         for _ in range(CAS_ATTEMPTS):
             item = await self._kv.get(record_key(self._prefix, execution_id))
             if item is None or item.get("Value") is None:
                 raise NotFound(f"no execution {execution_id}")
             raw: bytes = item["Value"]
+            rev = (json.loads(raw).get("output") or {}).get("rev")
             try:
-                return await self._decode(execution_id, raw)
+                return await self._decode(execution_id, raw), int(item["ModifyIndex"]), rev
             except _OutputMoved:
-                continue  # an update replaced the output between our reads; read again
+                continue  # a change replaced the output between our reads; read again
         raise BackendUnavailable(
             f"execution {execution_id} keeps changing", code="store_unavailable"
         )
+
+    def _remember(self, record: Execution, index: int | None, rev: str | None) -> None:
+        if index is None:  # not known: the next change reads first
+            self._known.pop(record.execution_id, None)
+            return
+        self._known[record.execution_id] = (record, index, rev)
+        self._known.move_to_end(record.execution_id)
+        while len(self._known) > KNOWN_RECORDS:
+            self._known.popitem(last=False)
 
     async def _head(self, execution_id: str) -> tuple[Execution, int, str | None]:
         """The record without its chunked output (enough to check a transition), its
@@ -212,11 +230,13 @@ class ConsulStore:
         return Execution.from_dict(data), int(item["ModifyIndex"]), rev
 
     async def get(self, execution_id: str) -> Execution:
-        return await self._read(execution_id)
+        record, _, _ = await self._current(execution_id)
+        return record
 
     async def create(self, record: Execution, tar: BinaryIO) -> None:
-        raw, output_chunks = self._encode(record, secrets.token_hex(4))
-        await upload(
+        rev = secrets.token_hex(4)
+        raw, output_chunks = self._encode(record, rev)
+        index = await upload(
             self._kv,
             self._prefix,
             record.execution_id,
@@ -227,12 +247,43 @@ class ConsulStore:
             chunk_size=self._chunk_size,
             max_tar_bytes=self._max_tar_bytes,
         )
+        self._remember(record, index, rev if output_chunks else None)
 
-    async def update(self, record: Execution, *, expect: Collection[Status]) -> Execution:
+    async def transition(
+        self, execution_id: str, change: Change, *, expect: Collection[Status]
+    ) -> Execution:
+        known = self._known.pop(execution_id, None)
+        for _ in range(CAS_ATTEMPTS):
+            # What this store wrote last is tried first: if nobody wrote since, the
+            # check-and-set passes without a read; if somebody did, it fails and we read.
+            current, index, old_rev = known or await self._current(execution_id)
+            known = None
+            record = apply_change(current, change, expect)
+            if record == current:
+                self._remember(current, index, old_rev)
+                return current
+            stored = await self._write(record, index, old_rev)
+            if stored is not None:
+                self._remember(record, *stored)
+                return record
+        raise Conflict(f"execution {execution_id} changed too often", code="invalid_transition")
+
+    async def _write(
+        self, record: Execution, index: int, old_rev: str | None
+    ) -> tuple[int | None, str | None] | None:
+        """Check-and-set ``record`` over the version at ``index``: its new ModifyIndex and
+        output revision, or ``None`` if somebody else wrote first."""
         eid = record.execution_id
         rev = secrets.token_hex(4)
         raw, output_chunks = self._encode(record, rev)
         rkey = record_key(self._prefix, eid)
+        batch = self._kv.batch()
+        batch.add(
+            kv_op("cas", rkey, raw, index=index),
+            kv_op("set", status_key(self._prefix, eid), record.status.value.encode()),
+        )
+        if old_rev is not None:
+            batch.add(kv_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
         # Output that fits rides in the record's transaction (base64); more goes first, as
         # raw create-only PUTs under the fresh revision nobody reads until the record
         # written below points at it.
@@ -240,28 +291,18 @@ class ConsulStore:
         chunk_ops = [kv_op("set", key, piece) for key, piece in output_chunks] if inline else []
         written = False
         try:
-            for _ in range(CAS_ATTEMPTS):
-                current, index, old_rev = await self._head(eid)
-                check_transition(current, record, expect)
-                batch = self._kv.batch()
-                batch.add(
-                    kv_op("cas", rkey, raw, index=index),
-                    kv_op("set", status_key(self._prefix, eid), record.status.value.encode()),
-                )
-                if old_rev is not None:
-                    batch.add(kv_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
-                if output_chunks and not written:
-                    if chunk_ops and batch.fits(*chunk_ops):
-                        batch.add(*chunk_ops)
-                    else:
-                        written = True  # from the first PUT on, a failure must clean up
-                        for key, piece in output_chunks:
-                            if not await self._kv.put_new(key, piece):
-                                raise BackendError(f"{key} exists already", code="store_error")
-                if (await self._kv.txn(batch.ops)).ok:
-                    written = False
-                    return record
-            raise Conflict(f"execution {eid} changed too often", code="invalid_transition")
+            if chunk_ops and batch.fits(*chunk_ops):
+                batch.add(*chunk_ops)
+            elif output_chunks:
+                written = True  # from the first PUT on, a failure must clean up
+                for key, piece in output_chunks:
+                    if not await self._kv.put_new(key, piece):
+                        raise BackendError(f"{key} exists already", code="store_error")
+            result = await self._kv.txn(batch.ops)
+            if result.ok:
+                written = False
+                return result.modify_index(rkey), rev if output_chunks else None
+            return None
         finally:
             if written:
                 await self._kv.cleanup(output_folder(self._prefix, eid, rev))
@@ -300,6 +341,7 @@ class ConsulStore:
     # --- Cleanup and listing ------------------------------------------------------------
 
     async def delete(self, execution_id: str) -> None:
+        self._known.pop(execution_id, None)
         await self._kv.delete_tree(execution_folder(self._prefix, execution_id))
 
     async def release_tar(self, execution_id: str) -> None:

@@ -65,6 +65,13 @@ class TxnResult:
     entries: list[dict[str, Any]]
     failed_ops: frozenset[int]
 
+    def modify_index(self, key: str) -> int | None:
+        """The ModifyIndex ``key`` got from this transaction, if the answer names it."""
+        for entry in self.entries:
+            if entry.get("Key") == key and "ModifyIndex" in entry:
+                return int(entry["ModifyIndex"])
+        return None
+
 
 def _txn_answer(response: consul.base.Response) -> TxnResult:
     if response.code == 409:  # a check failed: nothing was applied

@@ -60,8 +60,11 @@ async def upload(
     tar: BinaryIO,
     chunk_size: int,
     max_tar_bytes: int,
-) -> None:
-    """Store a new execution: ``record`` JSON, ``status``, ``extra_chunks`` and the tar."""
+) -> int | None:
+    """Store a new execution: ``record`` JSON, ``status``, ``extra_chunks`` and the tar.
+
+    Returns the record's ModifyIndex (if Consul named it), so the next check-and-set
+    needs no read first."""
     rkey, ukey = record_key(prefix, execution_id), upload_key(prefix, execution_id)
     mkey = manifest_key(prefix, execution_id)
     record_op = kv_op("cas", rkey, record, index=0)
@@ -121,14 +124,17 @@ async def upload(
         commit = [kv_op("set", mkey, manifest.to_json().encode()), record_op, status_op]
         if claim_index is None:
             lead = [kv_op("check-not-exists", rkey), kv_op("check-not-exists", ukey)]
-            if not (await kv.txn(lead + pending.ops + commit)).ok:
+            result = await kv.txn(lead + pending.ops + commit)
+            if not result.ok:
                 raise Conflict(f"execution {execution_id} exists", code="already_exists")
-            return
+            return result.modify_index(rkey)
         lead = [kv_op("check-index", ukey, index=claim_index)]
-        if not (await kv.txn(lead + commit + [kv_op("delete", ukey)])).ok:
+        result = await kv.txn(lead + commit + [kv_op("delete", ukey)])
+        if not result.ok:
             raise BackendError(
                 f"the upload of {execution_id} was removed while in progress", code="store_error"
             )
+        return result.modify_index(rkey)
     except BaseException:
         if claim_index is not None:
             await kv.cleanup(execution_folder(prefix, execution_id))

@@ -21,7 +21,7 @@ from anyio import to_thread
 from pyexec.errors import Conflict, NotFound
 from pyexec.models import Execution, Status
 
-from . import CHUNK_SIZE, check_transition
+from . import CHUNK_SIZE, Change, apply_change
 
 __all__ = ["MemoryStore"]
 
@@ -56,13 +56,17 @@ class MemoryStore:
         except KeyError:
             raise NotFound(f"no execution {execution_id}") from None
 
-    async def update(self, record: Execution, *, expect: Collection[Status]) -> Execution:
+    async def transition(
+        self, execution_id: str, change: Change, *, expect: Collection[Status]
+    ) -> Execution:
         async with self._lock:
-            current = await self.get(record.execution_id)
-            check_transition(current, record, expect)
-            self._records[record.execution_id] = record
-            event = self._changed[record.execution_id]
-            self._changed[record.execution_id] = asyncio.Event()
+            current = await self.get(execution_id)
+            record = apply_change(current, change, expect)
+            if record == current:
+                return current
+            self._records[execution_id] = record
+            event = self._changed[execution_id]
+            self._changed[execution_id] = asyncio.Event()
         event.set()
         return record
 
