@@ -10,18 +10,21 @@ separately. The app factory attaches it in two ways:
   {status,reason}`` and the duration). The store's check-and-set lets one writer
   win each transition, so with several replicas each execution counts once;
 - the store and runner are wrapped once (``metrics.store(store)``,
-  ``metrics.runner(runner)``): any ``BackendError`` out of either seam is
-  counted in ``pyexec_backend_errors_total{backend,code}`` and re-raised
-  unchanged, and a runner ``start`` that succeeds puts the execution in flight
-  until ``wait`` returns its outcome or ``kill`` releases it.
+  ``metrics.runner(runner)``) in ``MeteredStore``/``MeteredRunner``, classes that
+  implement the seams method by method (mypy checks them against the protocols,
+  so a renamed or added seam method cannot slip past): any ``BackendError`` out
+  of either seam is counted in ``pyexec_backend_errors_total{backend,code}`` and
+  re-raised unchanged, and a runner ``start`` that succeeds puts the execution in
+  flight until ``wait`` returns its outcome or ``kill`` releases it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator, Collection, Iterator
+from datetime import datetime
+from typing import BinaryIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -30,11 +33,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .errors import BackendError
-from .models import Execution
+from .models import Execution, ExecutionRequest, RunOutcome, Status
+from .runner import OnRunning, Runner
+from .store import Change, Store
 
-__all__ = ["Metrics", "metrics_route"]
-
-T = TypeVar("T")
+__all__ = ["MeteredRunner", "MeteredStore", "Metrics", "metrics_route"]
 
 #: Run durations span sub-second scripts to hour-long jobs.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -107,71 +110,144 @@ class Metrics:
 
     # --- the seams ---------------------------------------------------------------------
 
-    def store(self, store: T) -> T:
+    def store(self, store: Store) -> MeteredStore:
         """``store`` with its backend errors counted."""
-        return cast(T, _Metered(store, "store", self))
+        return MeteredStore(store, self)
 
-    def runner(self, runner: T) -> T:
+    def runner(self, runner: Runner) -> MeteredRunner:
         """``runner`` with launches tracked in flight and its backend errors counted."""
-        return cast(T, _Metered(runner, "runner", self))
+        return MeteredRunner(runner, self)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    @contextlib.contextmanager
+    def counting(self, backend: str) -> Iterator[None]:
+        """Count a ``BackendError`` raised inside under ``backend``, and let it through."""
+        try:
+            yield
+        except BackendError as exc:
+            self.backend_error(backend, exc)
+            raise
 
-class _Metered:
-    """A transparent proxy: every coroutine method of the target, observed."""
 
-    def __init__(self, target: Any, backend: str, metrics: Metrics) -> None:
-        self._target = target
-        self._backend = backend
+class MeteredStore:
+    """A ``Store`` that counts its backend's errors; otherwise the store itself."""
+
+    def __init__(self, store: Store, metrics: Metrics) -> None:
+        self.inner = store
+        self._count = functools.partial(metrics.counting, "store")
+
+    async def create(self, record: Execution, tar: BinaryIO) -> None:
+        with self._count():
+            await self.inner.create(record, tar)
+
+    async def get(self, execution_id: str) -> Execution:
+        with self._count():
+            return await self.inner.get(execution_id)
+
+    async def transition(
+        self, execution_id: str, change: Change, *, expect: Collection[Status]
+    ) -> Execution:
+        with self._count():
+            return await self.inner.transition(execution_id, change, expect=expect)
+
+    async def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:
+        with self._count():
+            async for chunk in self.inner.open_tar(execution_id):
+                yield chunk
+
+    async def delete(self, execution_id: str) -> None:
+        with self._count():
+            await self.inner.delete(execution_id)
+
+    async def list_expired(self, now: datetime, ttl: float) -> list[str]:
+        with self._count():
+            return await self.inner.list_expired(now, ttl)
+
+    async def list_active(self) -> list[Execution]:
+        with self._count():
+            return await self.inner.list_active()
+
+    async def wait_terminal(self, execution_id: str, timeout: float) -> Execution:
+        with self._count():
+            return await self.inner.wait_terminal(execution_id, timeout)
+
+    async def ping(self) -> None:
+        with self._count():
+            await self.inner.ping()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class MeteredRunner:
+    """A ``Runner`` that counts its backend's errors and keeps the in-flight set: a launch
+    counts once it succeeded; once ``wait`` or ``kill`` returns, by any outcome, the
+    service is done with the run (or kills it next)."""
+
+    def __init__(self, runner: Runner, metrics: Metrics) -> None:
+        self.inner = runner
         self._metrics = metrics
+        self._count = functools.partial(metrics.counting, "runner")
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._target, name)
-        if not inspect.iscoroutinefunction(attr):
-            return attr
-        return self._wrap(name, attr)
+    @property
+    def survives_restart(self) -> bool:
+        return self.inner.survives_restart
 
-    def _wrap(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-        metrics, backend = self._metrics, self._backend
+    @property
+    def launch_allowance(self) -> float:
+        return self.inner.launch_allowance
 
-        @functools.wraps(method)
-        async def observed(*args: Any, **kwargs: Any) -> Any:
-            ok, result = False, None
-            try:
-                result = await method(*args, **kwargs)
-                ok = True
-            except BackendError as exc:
-                metrics.backend_error(backend, exc)
-                raise
-            finally:
-                if backend == "runner":
-                    _track(metrics, name, args, kwargs, ok=ok, result=result)
-            return result
+    def check(self, request: ExecutionRequest) -> None:
+        self.inner.check(request)
 
-        return observed
+    async def startup(self) -> None:
+        with self._count():
+            await self.inner.startup()
 
+    async def start(
+        self,
+        execution: Execution,
+        request: ExecutionRequest,
+        tar: AsyncIterator[bytes],
+        on_running: OnRunning,
+    ) -> None:
+        with self._count():
+            await self.inner.start(execution, request, tar, on_running)
+        self._metrics.launched(execution.execution_id)
 
-def _track(
-    metrics: Metrics,
-    name: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    ok: bool,
-    result: Any,
-) -> None:
-    """Keep the in-flight set: a launch counts once it succeeded; once ``wait`` or
-    ``kill`` returns, by any outcome, the service is done with the run or kills it next."""
-    if name not in {"start", "resume", "wait", "kill"}:
-        return
-    first = args[0] if args else kwargs.get("execution") or kwargs.get("execution_id")
-    execution_id = str(first.execution_id if isinstance(first, Execution) else first)
-    if name in {"wait", "kill"}:
-        metrics.released(execution_id)
-    elif ok and (name == "start" or (name == "resume" and result is True)):
-        metrics.launched(execution_id)
+    async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
+        try:
+            with self._count():
+                return await self.inner.wait(execution_id, timeout)
+        finally:
+            self._metrics.released(execution_id)
+
+    async def logs(self, execution_id: str) -> tuple[str, str]:
+        with self._count():
+            return await self.inner.logs(execution_id)
+
+    async def kill(self, execution_id: str) -> None:
+        try:
+            with self._count():
+                await self.inner.kill(execution_id)
+        finally:
+            self._metrics.released(execution_id)
+
+    async def resume(self, execution: Execution) -> bool:
+        with self._count():
+            resumed = await self.inner.resume(execution)
+        if resumed:
+            self._metrics.launched(execution.execution_id)
+        return resumed
+
+    async def ping(self) -> None:
+        with self._count():
+            await self.inner.ping()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def metrics_route(metrics: Metrics, path: str = "/metrics") -> Route:

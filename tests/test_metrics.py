@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -25,30 +26,31 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-class FlakyRunner:
+class FlakyRunner(FakeRunner):
     """A runner double: launches succeed, waits report an exit, pings fail."""
 
-    async def start(self, execution: Execution, *args: object) -> None:
+    async def start(self, execution: Execution, *args: Any) -> None:
         return None
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
         return RunOutcome(reason=Reason.EXITED, exit_code=0)
 
-    async def kill(self, execution_id: str) -> None:
-        return None
-
     async def ping(self) -> None:
         raise BackendUnavailable("docker is gone", code="runner_unavailable")
 
 
-class BrokenRunner:
+class BrokenRunner(FakeRunner):
     """A runner double whose every call fails as if Docker were gone."""
 
-    async def start(self, execution: Execution, *args: object) -> None:
+    async def start(self, execution: Execution, *args: Any) -> None:
         raise BackendUnavailable("docker is gone", code="runner_unavailable")
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
         raise BackendUnavailable("docker is gone", code="runner_unavailable")
+
+
+#: ``start``'s other arguments, which these doubles ignore.
+UNUSED: Any = (None, None, None)
 
 
 def finished_record(reason: Reason) -> Execution:
@@ -92,8 +94,8 @@ def test_in_flight_follows_launch_and_collection() -> None:
 
     async def scenario() -> list[float]:
         seen = []
-        await runner.start(one, None, None, None)
-        await runner.start(two, None, None, None)
+        await runner.start(one, *UNUSED)
+        await runner.start(two, *UNUSED)
         seen.append(sample(metrics, "pyexec_executions_in_flight"))
         await runner.wait(one.execution_id, 10)
         seen.append(sample(metrics, "pyexec_executions_in_flight"))
@@ -114,7 +116,7 @@ def test_a_failed_wait_or_launch_leaves_nothing_in_flight() -> None:
     async def scenario() -> list[float]:
         seen = []
         with pytest.raises(BackendUnavailable):
-            await runner.start(record, None, None, None)
+            await runner.start(record, *UNUSED)
         seen.append(sample(metrics, "pyexec_executions_in_flight"))
         metrics.launched(record.execution_id)
         with pytest.raises(BackendUnavailable):

@@ -20,9 +20,10 @@ OnRunning = Callable[[datetime], Awaitable[None]]
 
 
 class Runner(Protocol):
-    #: Whether a run outlives the service process (Nomad: yes; local Docker: no, so a
-    #: shutting-down service kills and records its runs).
-    survives_restart: bool
+    @property
+    def survives_restart(self) -> bool:
+        """Whether a run outlives the service process (Nomad: yes; local Docker: no, so a
+        shutting-down service kills and records its runs)."""
 
     @property
     def launch_allowance(self) -> float:
