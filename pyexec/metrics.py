@@ -74,6 +74,18 @@ class Metrics:
             ["backend", "code"],
             registry=self.registry,
         )
+        self.callback_attempts = Counter(
+            "pyexec_callback_attempts",
+            "Completion callback POSTs, by outcome (ok: a 2xx answer; error: anything else).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.callbacks = Counter(
+            "pyexec_callbacks",
+            "Completion callbacks that ended, by status (delivered, failed: given up).",
+            ["status"],
+            registry=self.registry,
+        )
         self._in_flight: set[str] = set()
         self.in_flight = Gauge(
             "pyexec_executions_in_flight",
@@ -96,6 +108,12 @@ class Metrics:
         self.executions.labels(status=record.status.value, reason=reason).inc()
         if record.duration_ms is not None:
             self.duration.observe(record.duration_ms / 1000)
+
+    def callback_attempted(self, outcome: str) -> None:
+        self.callback_attempts.labels(outcome=outcome).inc()
+
+    def callback_ended(self, status: str) -> None:
+        self.callbacks.labels(status=status).inc()
 
     # --- what the wrappers report ------------------------------------------------------
 

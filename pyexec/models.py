@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -23,6 +24,7 @@ from .settings import Settings
 
 __all__ = [
     "TERMINAL",
+    "CallbackState",
     "Execution",
     "ExecutionConfig",
     "ExecutionRequest",
@@ -122,6 +124,8 @@ class ExecutionRequest:
     stdin: str = ""
     env_vars: tuple[tuple[str, str], ...] = ()
     script_args: tuple[str, ...] = ()
+    #: Where the final record is POSTed, signed, when the execution ends (``pyexec.callbacks``).
+    callback_url: str | None = None
 
     @property
     def needs_setup(self) -> bool:
@@ -130,7 +134,7 @@ class ExecutionRequest:
     def to_dict(self) -> dict[str, Any]:
         """The metadata JSON form, as a client sends it, plus the ``version`` of this
         layout (as stored with the record; ``from_dict`` reads it back)."""
-        return {
+        body: dict[str, Any] = {
             "version": REQUEST_VERSION,
             "entrypoint": self.entrypoint,
             "docker_image": self.docker_image,
@@ -141,6 +145,9 @@ class ExecutionRequest:
             "script_args": list(self.script_args),
             "config": attrs.asdict(self.config),
         }
+        if self.callback_url is not None:
+            body["callback_url"] = self.callback_url
+        return body
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExecutionRequest:
@@ -169,6 +176,28 @@ class ExecutionRequest:
                 )
             ),
             script_args=tuple(data.get("script_args") or ()),
+            callback_url=data.get("callback_url") or None,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class CallbackState:
+    """How the delivery of an execution's completion callback goes (``callback`` in a record)."""
+
+    #: ``pending`` (being tried), ``delivered`` (a 2xx answer), ``failed`` (gave up).
+    status: str = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "attempts": self.attempts, "last_error": self.last_error}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CallbackState:
+        return cls(
+            status=str(data.get("status", "pending")),
+            attempts=int(data.get("attempts", 0)),
+            last_error=data.get("last_error"),
         )
 
 
@@ -209,6 +238,8 @@ class Execution:
     error_type: str | None = None
     error_line: int | None = None
     auto_requirements: tuple[str, ...] | None = None
+    #: The completion callback's delivery, when the request named a ``callback_url``.
+    callback: CallbackState | None = None
     #: The request as submitted, kept so any replica or a Nomad task can run it (stored in
     #: its ``to_dict`` form).
     request: ExecutionRequest | None = None
@@ -238,6 +269,8 @@ class Execution:
                 body[name] = value
         if self.auto_requirements is not None:
             body["auto_requirements"] = list(self.auto_requirements)
+        if self.callback is not None:
+            body["callback"] = self.callback.to_dict()
         if include_request and self.request is not None:
             body["request"] = self.request.to_dict()
         return body
@@ -246,6 +279,7 @@ class Execution:
     def from_dict(cls, data: Mapping[str, Any]) -> Execution:
         auto = data.get("auto_requirements")
         request = data.get("request")
+        callback = data.get("callback")
         return cls(
             execution_id=data["execution_id"],
             status=Status(data["status"]),
@@ -263,6 +297,7 @@ class Execution:
             error_type=data.get("error_type"),
             error_line=data.get("error_line"),
             auto_requirements=None if auto is None else tuple(auto),
+            callback=None if callback is None else CallbackState.from_dict(callback),
             request=None if request is None else ExecutionRequest.from_dict(request),
         )
 
@@ -304,6 +339,7 @@ _TOP_LEVEL = {
     "env_vars",
     "script_args",
     "config",
+    "callback_url",
 }
 _CONFIG = {
     "timeout_seconds",
@@ -443,6 +479,45 @@ def check_image(image: str, settings: Settings) -> str:
     return image
 
 
+def check_callback_url(url: Any, settings: Settings) -> str:
+    """A ``callback_url`` this server may call: http(s), to a host the operator allowed
+    (``PYEXEC_CALLBACK_ALLOWED_HOSTS``: ``host`` or ``host:port``; none by default)."""
+    if not isinstance(url, str):
+        raise BadRequest(
+            "callback_url must be a string", code="invalid_field", field="callback_url"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadRequest(
+            f"callback_url is not a URL: {exc}", code="invalid_callback_url", field="callback_url"
+        ) from None
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
+        raise BadRequest(
+            "callback_url must be an http(s) URL with a host and no credentials",
+            code="invalid_callback_url",
+            field="callback_url",
+        )
+    port = port or (443 if parts.scheme == "https" else 80)
+    allowed = {entry.lower() for entry in settings.callback_allowed_hosts}
+    if host not in allowed and f"{host}:{port}" not in allowed:
+        raise LimitExceeded(
+            f"callbacks to {host}:{port} are not allowed on this server "
+            "(PYEXEC_CALLBACK_ALLOWED_HOSTS)",
+            code="callback_host_not_allowed",
+            field="callback_url",
+        )
+    if not settings.callback_secret:
+        raise LimitExceeded(
+            "this server cannot sign callbacks: PYEXEC_CALLBACK_SECRET is not set",
+            code="callback_not_configured",
+            field="callback_url",
+        )
+    return url
+
+
 def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
     """Validate the metadata JSON (already decoded) against the schema and the server's limits."""
     if isinstance(raw, str | bytes):
@@ -468,4 +543,7 @@ def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
         stdin=_typed(data, "stdin", str) if "stdin" in data else "",
         env_vars=parse_env_vars(_str_list(data, "env_vars")) if "env_vars" in data else (),
         script_args=_str_list(data, "script_args") if "script_args" in data else (),
+        callback_url=check_callback_url(data["callback_url"], settings)
+        if "callback_url" in data
+        else None,
     )

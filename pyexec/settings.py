@@ -228,6 +228,28 @@ class Settings:
         help="Seconds a finished execution (and its tar) is kept before the janitor deletes it.",
     )
 
+    # --- Completion callbacks -----------------------------------------------------------
+    callback_allowed_hosts: tuple[str, ...] = setting(
+        (),
+        "PYEXEC_CALLBACK_ALLOWED_HOSTS",
+        parse=_list,
+        help="Hosts (`host` or `host:port`, comma-separated) a request's `callback_url` may "
+        "name; none by default, so pyexec calls nothing out.",
+    )
+    callback_secret: str | None = setting(
+        None,
+        "PYEXEC_CALLBACK_SECRET",
+        parse=_optional_str,
+        help="Key of the callbacks' HMAC-SHA256 signature (`X-Pyexec-Signature`); callbacks "
+        "are refused while it is unset.",
+    )
+    callback_max_seconds: float = setting(
+        300.0,
+        "PYEXEC_CALLBACK_MAX_SECONDS",
+        parse=float,
+        help="How long a callback is retried (with backoff) before it is given up.",
+    )
+
     # --- Eval API -----------------------------------------------------------------------
     python_images: tuple[tuple[str, str], ...] = setting(
         (

@@ -10,6 +10,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from pyexec.callbacks import CallbackSender
 from pyexec.errors import BadRequest
 from pyexec.execution_service import ExecutionService, Hooks
 from pyexec.logs import log_finished, log_started
@@ -74,6 +75,7 @@ def create_app(
                 yield
         finally:
             await service.shutdown(grace=0)
+            await callbacks.aclose()
             await service.runner.aclose()
             await service.store.aclose()
 
@@ -117,9 +119,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = ExecutionService(settings, store, runner)
+    callbacks = CallbackSender(
+        settings, store, on_attempt=metrics.callback_attempted, on_end=metrics.callback_ended
+    )
     app.state.service.hooks = Hooks(
         on_started=_each(metrics.execution_started, log_started),
-        on_finished=_each(metrics.execution_finished, log_finished),
+        on_finished=_each(metrics.execution_finished, log_finished, callbacks.on_finished),
     )
     app.state.metrics = metrics
     return app

@@ -48,6 +48,13 @@ _CONFIG = {
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 
+_CALLBACK_URL = {
+    "type": "string",
+    "format": "uri",
+    "description": "POSTed the final record, signed (X-Pyexec-Signature), when the execution "
+    "ends; its host must be in PYEXEC_CALLBACK_ALLOWED_HOSTS",
+}
+
 _METADATA = {
     "type": "object",
     "additionalProperties": False,
@@ -60,6 +67,7 @@ _METADATA = {
         "env_vars": {**_STRINGS, "description": "KEY=value entries"},
         "script_args": _STRINGS,
         "config": _ref("Config"),
+        "callback_url": _CALLBACK_URL,
     },
 }
 
@@ -86,6 +94,15 @@ _EXECUTION = {
         "error_type": {**_NULLABLE_STR, "description": "eval: exception class name"},
         "error_line": {"type": ["integer", "null"], "description": "eval: line in entrypoint"},
         "auto_requirements": {**_STRINGS, "description": "eval: distributions auto-installed"},
+        "callback": {
+            "type": "object",
+            "description": "delivery of the completion callback, when callback_url was given",
+            "properties": {
+                "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                "attempts": {"type": "integer"},
+                "last_error": _NULLABLE_STR,
+            },
+        },
     },
 }
 
@@ -111,6 +128,7 @@ _EVAL = {
         "script_args": _STRINGS,
         "requirements_txt": {"type": "string"},
         "config": _ref("Config"),
+        "callback_url": _CALLBACK_URL,
     },
 }
 

@@ -27,9 +27,12 @@ _FIELDS = frozenset(
     {
         "code", "files", "entrypoint", "stdin", "python_version", "eval_last_expr",
         "env_vars", "script_args", "requirements_txt", "auto_requirements", "config",
+        "callback_url",
     }
 )  # fmt: skip
-_SHARED = ("entrypoint", "stdin", "env_vars", "script_args", "requirements_txt", "config")
+_SHARED = (
+    "entrypoint", "stdin", "env_vars", "script_args", "requirements_txt", "config", "callback_url",
+)  # fmt: skip
 _FILE_FIELDS = frozenset({"name", "content"})
 _DEFAULT_ENTRYPOINT = "main.py"
 

@@ -1,0 +1,219 @@
+"""Completion callbacks against a receiver on loopback: signed, retried, bounded, allowed hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+
+from pyexec.settings import Settings
+from pyexec.store.memory import MemoryStore
+from pyexec.webhooks import SIGNATURE_HEADER, WebhookVerificationError, sign, verify
+
+from .conftest import app_client, make_settings
+from .fakes import FakeRunner
+from .tarfiles import make_tar
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "callback-test-secret"
+
+
+@attrs.define
+class Received:
+    body: bytes
+    headers: dict[str, str]
+
+
+class Receiver:
+    """An HTTP server on loopback that answers callbacks with scripted statuses."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.received: list[Received] = []
+        self.arrived = threading.Condition()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                status = outer.statuses.pop(0) if outer.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                with outer.arrived:
+                    outer.received.append(Received(body, dict(self.headers.items())))
+                    outer.arrived.notify_all()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+
+    async def wait_for(self, count: int, timeout: float = 30) -> list[Received]:
+        """The callbacks received once there are ``count`` (the loop runs meanwhile)."""
+
+        def wait() -> list[Received]:
+            with self.arrived:
+                assert self.arrived.wait_for(lambda: len(self.received) >= count, timeout)
+                return list(self.received)
+
+        return await asyncio.to_thread(wait)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver([])
+    thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+        thread.join(timeout=10)
+
+
+def callback_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "callback_allowed_hosts": ("127.0.0.1",),
+        "callback_secret": SECRET,
+        "callback_max_seconds": 30.0,
+    }
+    return make_settings(**(base | overrides))
+
+
+async def submit(api: httpx.AsyncClient, metadata: dict[str, Any]) -> httpx.Response:
+    return await api.post(
+        "/api/v1/exec/async",
+        files={"tar": ("code.tar", make_tar({"main.py": "print(1)"}))},
+        data={"metadata": json.dumps({"stdin": "out", **metadata})},
+    )
+
+
+async def callback_state(api: httpx.AsyncClient, execution_id: str, final: str) -> dict[str, Any]:
+    """The record's ``callback`` once its status is ``final`` (bounded wait)."""
+    deadline = time.monotonic() + 30
+    while True:
+        record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+        state: dict[str, Any] = record.get("callback") or {}
+        if state.get("status") == final or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def api(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    settings = getattr(request, "param", None) or callback_settings()
+    async with app_client(settings, store=MemoryStore(), runner=FakeRunner()) as client:
+        yield client
+
+
+async def test_delivers_the_signed_final_record(api: httpx.AsyncClient, receiver: Receiver) -> None:
+    """The final record is POSTed once, with a signature pyexec.webhooks.verify accepts."""
+    execution_id = (await submit(api, {"callback_url": receiver.url})).json()["execution_id"]
+    (got,) = await receiver.wait_for(1)
+    verify(got.body, got.headers[SIGNATURE_HEADER], SECRET)
+    record = json.loads(got.body)
+    assert (record["execution_id"], record["status"], record["stdout"]) == (
+        execution_id,
+        "completed",
+        "out",
+    )
+    with pytest.raises(WebhookVerificationError):
+        verify(got.body + b" ", got.headers[SIGNATURE_HEADER], SECRET)
+    with pytest.raises(WebhookVerificationError):
+        verify(got.body, got.headers[SIGNATURE_HEADER], "another secret")
+    state = await callback_state(api, execution_id, "delivered")
+    assert state == {"status": "delivered", "attempts": 1, "last_error": None}
+    metrics = (await api.get("/metrics")).text
+    assert 'pyexec_callback_attempts_total{outcome="ok"} 1.0' in metrics
+    assert 'pyexec_callbacks_total{status="delivered"} 1.0' in metrics
+
+
+async def test_retries_after_a_500(api: httpx.AsyncClient, receiver: Receiver) -> None:
+    """A 500 answer is retried with backoff; the record shows both attempts and the error."""
+    receiver.statuses = [500]
+    execution_id = (await submit(api, {"callback_url": receiver.url})).json()["execution_id"]
+    first, second = await receiver.wait_for(2)
+    assert first.body == second.body
+    state = await callback_state(api, execution_id, "delivered")
+    assert state == {"status": "delivered", "attempts": 2, "last_error": None}
+    metrics = (await api.get("/metrics")).text
+    assert 'pyexec_callback_attempts_total{outcome="error"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("api", [callback_settings(callback_max_seconds=2.5)], indirect=True)
+async def test_gives_up_after_the_bound(api: httpx.AsyncClient, receiver: Receiver) -> None:
+    """A receiver that keeps failing is given up once the bound has passed; the record says so."""
+    receiver.statuses = [500] * 100
+    started = time.monotonic()
+    execution_id = (await submit(api, {"callback_url": receiver.url})).json()["execution_id"]
+    state = await callback_state(api, execution_id, "failed")
+    assert state["status"] == "failed"
+    assert state["last_error"] == "HTTP 500"
+    assert state["attempts"] == len(receiver.received) >= 2
+    assert time.monotonic() - started < 2.5 + 10
+    metrics = (await api.get("/metrics")).text
+    assert 'pyexec_callbacks_total{status="failed"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("settings", "url", "code"),
+    [
+        (make_settings(), "http://127.0.0.1:9/hook", "callback_host_not_allowed"),
+        (callback_settings(), "http://example.invalid/hook", "callback_host_not_allowed"),
+        (
+            callback_settings(callback_allowed_hosts=("127.0.0.1:1",)),
+            "http://127.0.0.1:2/",
+            "callback_host_not_allowed",
+        ),
+        (callback_settings(), "ftp://127.0.0.1/hook", "invalid_callback_url"),
+        (callback_settings(), "http://user:pw@127.0.0.1/hook", "invalid_callback_url"),
+        (
+            callback_settings(callback_secret=None),
+            "http://127.0.0.1/hook",
+            "callback_not_configured",
+        ),
+    ],
+)
+async def test_refused_at_submit(settings: Settings, url: str, code: str) -> None:
+    """A callback_url the server may not call is refused with 400 before anything runs."""
+    runner = FakeRunner()
+    async with app_client(settings, store=MemoryStore(), runner=runner) as api:
+        refused = await submit(api, {"callback_url": url})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, code)
+        evaluated = await api.post("/api/v1/eval", json={"code": "1", "callback_url": url})
+        assert (evaluated.status_code, evaluated.json()["error"]["code"]) == (400, code)
+    assert runner.started == []
+
+
+async def test_eval_takes_a_callback(api: httpx.AsyncClient, receiver: Receiver) -> None:
+    """The eval API delivers its final record to callback_url too."""
+    answer = await api.post("/api/v1/eval/async", json={"code": "1", "callback_url": receiver.url})
+    assert answer.status_code == 202
+    (got,) = await receiver.wait_for(1)
+    assert json.loads(got.body)["execution_id"] == answer.json()["execution_id"]
+
+
+def test_verify_recipe() -> None:
+    """verify accepts what sign made, within the tolerance only, and any of several v1s."""
+    header = sign(b"{}", "k", timestamp=1000)
+    verify(b"{}", header, "k", now=1000 + 299)
+    with pytest.raises(WebhookVerificationError, match="from now"):
+        verify(b"{}", header, "k", now=1000 + 301)
+    rotated = f"{header},v1={'0' * 64}"
+    verify(b"{}", rotated, "k", now=1000)
+    for bad in (None, "", "v1=abc", "t=1000"):
+        with pytest.raises(WebhookVerificationError):
+            verify(b"{}", bad, "k", now=1000)
