@@ -22,8 +22,8 @@ import attrs
 import httpx
 
 from .__about__ import __version__
-from .errors import Conflict, NotFound, PyexecError
-from .models import CallbackState, Execution
+from .errors import NotFound, PyexecError
+from .models import TERMINAL, CallbackState, Execution
 from .settings import Settings
 from .store import Store
 from .webhooks import EXECUTION_HEADER, SIGNATURE_HEADER, sign
@@ -36,8 +36,6 @@ log = logging.getLogger("pyexec.callbacks")
 ATTEMPT_TIMEOUT = 10.0
 FIRST_DELAY = 1.0
 MAX_DELAY = 60.0
-#: Tries at storing the delivery state against concurrent writers of the record.
-SAVE_ATTEMPTS = 5
 
 #: Observes each attempt (ok or not) and each delivery's end (``delivered``/``failed``).
 Observer = Callable[[str], None]
@@ -133,21 +131,17 @@ class CallbackSender:
         return f"HTTP {response.status_code}"
 
     async def _save(self, execution_id: str, state: CallbackState) -> None:
-        """Put ``state`` on the stored record, keeping whatever else others wrote."""
-        for _ in range(SAVE_ATTEMPTS):
-            try:
-                current = await self._store.get(execution_id)
-                await self._store.update(
-                    attrs.evolve(current, callback=state), expect={current.status}
-                )
-            except Conflict:
-                continue
-            except NotFound:
-                return  # expired and swept: the delivery goes on without a record to show it
-            except PyexecError as exc:
-                log.warning("callback state of %s not stored: %s", execution_id, exc.message)
-                return
-            return
+        """Put ``state`` on the stored record, inside the store's check-and-set loop."""
+
+        def with_state(record: Execution) -> Execution:
+            return attrs.evolve(record, callback=state)
+
+        try:
+            await self._store.transition(execution_id, with_state, expect=TERMINAL)
+        except NotFound:
+            return  # expired and swept: the delivery goes on without a record to show it
+        except PyexecError as exc:
+            log.warning("callback state of %s not stored: %s", execution_id, exc.message)
 
     async def aclose(self) -> None:
         """Stop deliveries still retrying (each is bounded anyway) and close the client."""
