@@ -56,13 +56,47 @@ log "uv sync (all extras, dev group)"
 (cd "$here" && uv sync --frozen --all-extras -q)
 
 # --- Docker ---------------------------------------------------------------
-apt_install docker.io debootstrap ca-certificates iproute2
+apt_install docker.io debootstrap ca-certificates iproute2 runsc
+
+# gVisor as the optional runtime `runsc` (PYEXEC_DOCKER_RUNTIME=runsc). The ptrace platform
+# needs no KVM; --network=host makes gVisor use the network namespace Docker made for the
+# container (its own copy of the interfaces fails on these machines), --oci-seccomp applies
+# the sandbox's seccomp profile inside gVisor too. Merged into an existing daemon.json.
+daemon_json=/etc/docker/daemon.json
+mkdir -p /etc/docker
+runsc_changed=$(python3 - "$daemon_json" <<'PY'
+import json, os, sys
+path = sys.argv[1]
+config = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+want = {"path": "/usr/bin/runsc",
+        "runtimeArgs": ["--platform=ptrace", "--network=host", "--oci-seccomp"]}
+if config.get("runtimes", {}).get("runsc") != want:
+    config.setdefault("runtimes", {})["runsc"] = want
+    with open(path + ".tmp", "w") as fh:
+        json.dump(config, fh, indent=2)
+        fh.write("\n")
+    os.replace(path + ".tmp", path)
+    print("bootstrap: registered runtime runsc in " + path, file=sys.stderr)
+    print("changed")
+PY
+)
+
 if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"
   mkdir -p /var/log
   nohup dockerd >/var/log/pyexec-dockerd.log 2>&1 &
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { log "dockerd did not come up; see /var/log/pyexec-dockerd.log"; exit 1; }
+fi
+runtimes() { docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null; }
+if [ -n "$runsc_changed" ] || ! runtimes | grep -qw runsc; then
+  # A running dockerd reloads daemon.json on SIGHUP (runtimes included), without stopping
+  # the containers it runs.
+  log "reloading dockerd to pick up the runsc runtime"
+  pid=$(cat /var/run/docker.pid 2>/dev/null || pidof dockerd || true)
+  [ -n "$pid" ] && kill -HUP "$pid"
+  for _ in $(seq 1 20); do runtimes | grep -qw runsc && break; sleep 0.5; done
+  runtimes | grep -qw runsc || { log "dockerd does not list runtime runsc; see /var/log/pyexec-dockerd.log"; exit 1; }
 fi
 
 # --- Runner image (no registry can be pulled from here) ---------------------

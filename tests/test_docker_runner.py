@@ -31,11 +31,13 @@ from pyexec.runner.docker_spec import (
     NOFILE,
     Phase,
     container_args,
+    disk_shares,
     plan,
     volume_args,
 )
 from pyexec.runner.docker_stream import Capture, Demux
 from pyexec.runner.docker_verdict import Ending, verdict
+from pyexec.sandbox import seccomp_profile
 from pyexec.sandbox.wire import ControlLine
 from pyexec.settings import Settings, SettingsError
 
@@ -116,10 +118,39 @@ def test_container_args_lock_the_sandbox_down(settings: Settings) -> None:
     assert host["mem_limit"] == host["memswap_limit"] == 64 * MiB
     assert host["pids_limit"] == 50
     assert host["cap_drop"] == ["ALL"]
-    assert host["security_opt"] == ["no-new-privileges"]
+    assert host["security_opt"] == ["no-new-privileges", f"seccomp={seccomp_profile()}"]
     assert host["log_config"]["Type"] == "none"
-    assert "size=8m" in host["tmpfs"]["/work"]
+    assert "size=6144k" in host["tmpfs"]["/work"]
     assert "uid=1000" in host["tmpfs"]["/work"]
+    assert "/proc/meminfo" in args["host_config_extra"]["MaskedPaths"]
+
+
+def test_disk_budget_covers_work_tmp_and_shm() -> None:
+    """/work, /tmp and /dev/shm together get exactly disk_mb; the scratch mounts stay small."""
+    for disk_mb in (1, 8, 64, 1024, 10_000):
+        shares = disk_shares(disk_mb)
+        assert shares.work + shares.tmp + shares.shm == disk_mb * 1024
+        assert 0 < shares.tmp == shares.shm <= 64 * 1024
+        assert shares.work >= disk_mb * 1024 * 3 // 4
+
+
+def test_seccomp_profile_allows_a_list_and_denies_tracing() -> None:
+    """The shipped profile is an allow-list (EPERM by default) whose rules never
+    contradict each other, and it denies ptrace, process_vm_* and personality."""
+    profile = json.loads(seccomp_profile())
+    assert (profile["defaultAction"], profile["defaultErrnoRet"]) == ("SCMP_ACT_ERRNO", 1)
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for rule in profile["syscalls"]:
+        names = set(rule["names"])
+        if rule["action"] == "SCMP_ACT_ALLOW":
+            assert not names & allowed or rule.get("args"), names & allowed
+            allowed |= names
+        else:
+            denied |= names
+    assert {"ptrace", "process_vm_readv", "process_vm_writev", "personality"} <= denied
+    assert {"io_uring_setup", "bpf", "unshare", "setns", "mount", "keyctl"} <= denied
+    assert not allowed & denied, allowed & denied
 
 
 def test_container_args_use_the_configured_runtime(settings: Settings) -> None:
@@ -147,7 +178,7 @@ def test_work_is_nosuid_nodev_as_a_tmpfs_and_as_a_volume(settings: Settings) -> 
     tmpfs = container_args(settings, request, "exe_x", plan(request, settings)[0])
     volume = volume_args(request, "exe_x", "h:1")
     for options in (tmpfs["host_config"]["tmpfs"]["/work"], volume["driver_opts"]["o"]):
-        assert {"nosuid", "nodev", "size=8m"} <= set(options.split(","))
+        assert {"nosuid", "nodev", "size=6144k"} <= set(options.split(","))
 
 
 def test_ca_bundle_is_mounted_into_setup_containers_only(settings: Settings) -> None:
@@ -313,6 +344,78 @@ except OSError as exc:
         runner, docker_client, settings, {"main.py": code}, config={"disk_mb": 8}
     )
     assert outcome.stdout.strip() == "ENOSPC", outcome
+
+
+HOST_DETAILS = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+facts = {}
+for name, call in (("ptrace", lambda: libc.ptrace(16, 1, 0, 0)),  # PTRACE_ATTACH to init
+                   ("personality", lambda: libc.personality(0x0040000)),  # ADDR_NO_RANDOMIZE
+                   ("unshare", lambda: libc.unshare(0x10000000))):  # CLONE_NEWUSER
+    facts[name] = (call(), errno.errorcode.get(ctypes.get_errno()))
+facts["meminfo"] = open("/proc/meminfo").read()
+facts["cmdline"] = open("/proc/cmdline").read()
+facts["block"] = os.listdir("/sys/block")
+facts["net"] = os.listdir("/sys/class/net")
+facts["cpus"] = os.cpu_count()
+print(json.dumps(facts))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_seccomp_and_masked_paths_hide_the_host(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """ptrace of init, personality and unshare fail with EPERM; the program then exits by
+    itself (not a timeout, init was never frozen); the host's memory, boot line and disks
+    are not readable, while what libc needs (the CPU count, /sys/class/net) still is."""
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": HOST_DETAILS}, config={"timeout_seconds": 10}
+    )
+    assert (outcome.reason, outcome.exit_code) == (Reason.EXITED, 0), outcome
+    facts = json.loads(outcome.stdout)
+    for name in ("ptrace", "personality", "unshare"):
+        assert facts[name] == [-1, "EPERM"], name
+    assert facts["meminfo"] == facts["cmdline"] == ""
+    assert facts["block"] == []
+    assert facts["net"] == ["lo"]
+    assert facts["cpus"] >= 1
+
+
+SCRATCH = """
+import errno, os
+def fill(path):
+    written = 0
+    try:
+        with open(path, "wb") as fh:
+            while True:
+                fh.write(b"x" * 65536)
+                fh.flush()
+                written += 65536
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    os.unlink(path)
+    return written // 1024
+print(fill("/tmp/fill"), fill("/dev/shm/fill"), fill("/work/fill"))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_tmp_and_shm_are_writable_and_counted_in_disk_mb(
+    runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
+) -> None:
+    """/tmp and /dev/shm are writable tmpfs mounts, and with /work they hold no more than
+    disk_mb in all."""
+    outcome = await execute(
+        runner, docker_client, settings, {"main.py": SCRATCH}, config={"disk_mb": 16}
+    )
+    assert outcome.reason is Reason.EXITED, outcome
+    tmp, shm, work = map(int, outcome.stdout.split())
+    assert tmp == shm == 2048
+    assert 12 * 1024 <= work + tmp + shm <= 16 * 1024
 
 
 @pytest.mark.docker

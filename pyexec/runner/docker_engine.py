@@ -107,7 +107,10 @@ class Engine:
         """
 
         def create(api: docker.APIClient) -> str:
-            kwargs = dict(args, host_config=api.create_host_config(**args["host_config"]))
+            host_config = api.create_host_config(**args["host_config"])
+            host_config.update(args.get("host_config_extra") or {})
+            kwargs = {k: v for k, v in args.items() if k != "host_config_extra"}
+            kwargs["host_config"] = host_config
             container = str(api.create_container(**kwargs)["Id"])
             on_created(container)
             return container

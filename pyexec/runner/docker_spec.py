@@ -13,7 +13,7 @@ import attrs
 from docker.types import LogConfig, Mount, Ulimit
 
 from pyexec.models import ExecutionRequest
-from pyexec.sandbox import bootstrap_source
+from pyexec.sandbox import bootstrap_source, seccomp_profile
 from pyexec.settings import Settings
 
 __all__ = [
@@ -21,11 +21,14 @@ __all__ = [
     "LABEL_EXECUTION",
     "LABEL_MANAGED",
     "LABEL_OWNER",
+    "MASKED_PATHS",
     "NOFILE",
     "WORKDIR",
+    "DiskShares",
     "Phase",
     "bootstrap_spec",
     "container_args",
+    "disk_shares",
     "labels",
     "plan",
     "volume_args",
@@ -43,6 +46,30 @@ MiB = 1024 * 1024
 NOFILE = 4096
 #: Seconds past the timeout before the in-container CPU backstop can fire.
 CPU_BACKSTOP_SLACK = 60
+#: Most of a run's disk budget that /tmp, and /dev/shm, may each take.
+SCRATCH_MAX_KIB = 64 * 1024
+#: What a run must not read of the host: empty files and directories in its place.
+#: It replaces the engine's own list, so that list is part of it (first line);
+#: a path the kernel does not have is skipped. /proc/cpuinfo, /proc/stat,
+#: /proc/loadavg, /proc/uptime and /sys/devices/system/cpu stay: libc and common
+#: libraries read them (the CPU count, load). See docs/security.md for what remains.
+MASKED_PATHS = (
+    *("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats"),
+    *("/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi"),
+    *("/sys/firmware", "/sys/devices/virtual/powercap"),
+    # The host's memory, disks, devices, modules and boot line.
+    *("/proc/meminfo", "/proc/vmstat", "/proc/zoneinfo", "/proc/buddyinfo"),
+    *("/proc/pagetypeinfo", "/proc/slabinfo", "/proc/vmallocinfo", "/proc/swaps"),
+    *("/proc/diskstats", "/proc/partitions", "/proc/mdstat", "/proc/modules"),
+    *("/proc/kallsyms", "/proc/iomem", "/proc/ioports", "/proc/cmdline", "/proc/config.gz"),
+    *("/proc/devices", "/proc/interrupts", "/proc/softirqs", "/proc/locks", "/proc/mtrr"),
+    *("/proc/misc", "/proc/consoles", "/proc/dma", "/proc/crypto", "/proc/key-users"),
+    *("/proc/pressure", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/driver", "/proc/tty"),
+    *("/sys/block", "/sys/class/block", "/sys/dev/block", "/sys/devices/virtual/block"),
+    *("/sys/devices/virtual/dmi", "/sys/class/dmi", "/sys/bus", "/sys/module", "/sys/kernel"),
+    *("/sys/hypervisor", "/sys/power", "/sys/devices/system/memory", "/sys/devices/system/node"),
+    *("/sys/devices/platform", "/sys/devices/pci0000:00", "/sys/devices/LNXSYSTM:00"),
+)
 
 
 @attrs.frozen
@@ -73,9 +100,28 @@ def labels(execution_id: str, owner: str) -> dict[str, str]:
     return {LABEL_MANAGED: "1", LABEL_EXECUTION: execution_id, LABEL_OWNER: owner}
 
 
+@attrs.frozen
+class DiskShares:
+    """How a run's ``disk_mb`` is split between its writable mounts (KiB each)."""
+
+    work: int
+    tmp: int
+    shm: int
+
+
+def disk_shares(disk_mb: int) -> DiskShares:
+    """/tmp and /dev/shm each get an eighth of ``disk_mb`` (at most 64 MiB), /work the
+    rest: all the run can write adds up to its disk budget (tmpfs pages also count
+    against its memory)."""
+    total = disk_mb * 1024
+    scratch = min(total // 8, SCRATCH_MAX_KIB)
+    return DiskShares(work=total - 2 * scratch, tmp=scratch, shm=scratch)
+
+
 def _work_options(request: ExecutionRequest) -> str:
     """Mount options of /work, a tmpfs of the container's own or a volume's alike."""
-    return f"nosuid,nodev,size={request.config.disk_mb}m,uid=1000,gid=1000,mode=0755"
+    size = disk_shares(request.config.disk_mb).work
+    return f"nosuid,nodev,size={size}k,uid=1000,gid=1000,mode=0755"
 
 
 def container_args(
@@ -91,9 +137,10 @@ def container_args(
     config = request.config
     memory = config.memory_mb * MiB
     mounts = []
-    tmpfs = None
+    # Sticky and world-writable like any /tmp; noexec (the engine's default for tmpfs).
+    tmpfs = {"/tmp": f"rw,nosuid,nodev,size={disk_shares(config.disk_mb).tmp}k,mode=1777"}
     if volume is None:
-        tmpfs = {WORKDIR: f"rw,exec,{_work_options(request)}"}
+        tmpfs[WORKDIR] = f"rw,exec,{_work_options(request)}"
     else:
         mounts.append(Mount(WORKDIR, volume, type="volume"))
     if phase.setup and settings.ca_bundle:
@@ -112,7 +159,8 @@ def container_args(
         # kernel memory; a script needs a few thousand descriptors at most.
         "ulimits": [Ulimit(name="nofile", soft=NOFILE, hard=NOFILE)],
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
+        "security_opt": ["no-new-privileges", f"seccomp={seccomp_profile()}"],
+        "shm_size": disk_shares(config.disk_mb).shm * 1024,
         "log_config": LogConfig(type="none"),
         "init": True,
     }
@@ -137,6 +185,8 @@ def container_args(
         "detach": False,  # with stdin_open: attach stdin/stdout/stderr, close stdin at EOF
         "tty": False,
         "host_config": host_config,
+        # Engine fields ``create_host_config`` has no argument for, set as they are.
+        "host_config_extra": {"MaskedPaths": list(MASKED_PATHS)},
     }
 
 

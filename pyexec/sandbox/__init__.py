@@ -6,14 +6,21 @@
 bootstrap (``bootstrap.py``), the tar rules (``tarcheck.py``) and a call to
 ``main()``; built-in modules only, so any image with Python 3.8+ runs them
 unchanged and fast.
+
+``seccomp_profile()`` is the system-call allow-list every sandbox container runs
+under (``seccomp.json``: Docker's ``security_opt`` format, used by the local runner
+and the Nomad runner jobs alike). It replaces the engine's default profile and
+denies on top of it what a sandboxed program never needs: ``ptrace``,
+``process_vm_readv``/``writev``, ``personality``, ``io_uring``, ``bpf``, namespaces.
 """
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from importlib import resources
 
-__all__ = ["bootstrap_source"]
+__all__ = ["bootstrap_source", "seccomp_profile"]
 
 # bootstrap.py first: its ``from __future__ import annotations`` must open the source.
 _PARTS = ("bootstrap.py", "tarcheck.py")
@@ -24,3 +31,11 @@ def bootstrap_source() -> str:
     here = resources.files(__name__)
     parts = [here.joinpath(name).read_text(encoding="utf-8") for name in _PARTS]
     return "\n\n".join([*parts, "main()\n"])
+
+
+@cache
+def seccomp_profile() -> str:
+    """The sandbox's seccomp profile as compact JSON text (``seccomp=<this>`` in
+    ``security_opt``; the engine takes the profile itself, not a path)."""
+    text = resources.files(__name__).joinpath("seccomp.json").read_text(encoding="utf-8")
+    return json.dumps(json.loads(text), separators=(",", ":"))
