@@ -1059,8 +1059,13 @@ async def test_a_long_wait_does_not_hold_the_engine_calls_of_others(
 ) -> None:
     """Waiting for a container that keeps running gives its thread back between slices."""
     engine = Engine(settings, docker_client, threads=1)
+    # Owned by this live process, so that a runner starting meanwhile (another test
+    # session on this engine) does not sweep it away as a crash's leftover.
     sleeper = docker_client.containers.run(
-        TEST_IMAGE, ["sleep", "60"], detach=True, labels={LABEL_MANAGED: "1"}
+        TEST_IMAGE,
+        ["sleep", "60"],
+        detach=True,
+        labels={LABEL_MANAGED: "1", LABEL_OWNER: owner_label()},
     )
     try:
         async with anyio.create_task_group() as group:
