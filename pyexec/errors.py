@@ -14,7 +14,8 @@ the mapping to an HTTP response happens in exactly one place
     │                                   code_too_large
     ├── Unauthorized               401  unauthorized
     ├── NotFound                   404  execution_not_found
-    ├── Conflict                   409  invalid_transition, already_exists
+    ├── Conflict                   409  invalid_transition, already_exists, idempotency_conflict
+    │   └── IdempotentReplay            (internal: a store met a known Idempotency-Key)
     │   └── TransitionRefused      409  invalid_transition (carries the record as it is)
     ├── TooManyExecutions          429  too_many_executions (this replica's in-flight cap)
     └── BackendError               502  store_error, runner_error, nomad_dispatch_failed
@@ -33,6 +34,7 @@ __all__ = [
     "BackendUnavailable",
     "BadRequest",
     "Conflict",
+    "IdempotentReplay",
     "LimitExceeded",
     "NotFound",
     "PayloadTooLarge",
@@ -103,6 +105,18 @@ class TransitionRefused(Conflict):
     def __init__(self, message: str, *, current: Execution) -> None:
         super().__init__(message, code="invalid_transition", status=current.status.value)
         self.current = current
+
+
+class IdempotentReplay(Conflict):
+    """``Store.create`` found the record's idempotency key taken: by ``execution_id``, for
+    a request with ``fingerprint``. The service turns it into that execution, or a 409."""
+
+    def __init__(self, *, execution_id: str, fingerprint: str) -> None:
+        super().__init__(
+            f"the idempotency key is taken by {execution_id}", code="idempotency_conflict"
+        )
+        self.execution_id = execution_id
+        self.fingerprint = fingerprint
 
 
 class TooManyExecutions(PyexecError):

@@ -25,10 +25,12 @@ from typing import Any, BinaryIO
 import attrs
 from anyio import to_thread
 
+from . import idempotency
 from .deadline import budget_seconds, execution_budget
 from .errors import (
     BackendError,
     BackendUnavailable,
+    IdempotentReplay,
     PayloadTooLarge,
     PyexecError,
     TooManyExecutions,
@@ -145,8 +147,12 @@ class ExecutionService:
         *,
         initial: Mapping[str, Any] | None = None,
         postprocess: Postprocess | None = None,
+        idempotency_key: str | None = None,
     ) -> Execution:
-        """Store and launch an execution; returns its record once launched."""
+        """Store and launch an execution; returns its record once launched.
+
+        With ``idempotency_key``, a key already used for the same request returns that
+        execution instead (launched by whoever stored it); for another request, 409."""
         if self._closing:
             raise BackendUnavailable("the service is shutting down", code="shutting_down")
         self.runner.check(request)
@@ -160,7 +166,7 @@ class ExecutionService:
         # Counted from admission, so concurrent submits cannot overshoot the cap.
         self._admitting += 1
         try:
-            return await self._launch(request, tar, initial, postprocess)
+            return await self._launch(request, tar, initial, postprocess, idempotency_key)
         finally:
             self._admitting -= 1
 
@@ -170,13 +176,22 @@ class ExecutionService:
         tar: BinaryIO,
         initial: Mapping[str, Any] | None,
         postprocess: Postprocess | None,
+        idempotency_key: str | None = None,
     ) -> Execution:
         await to_thread.run_sync(self._check_tar, tar, request.entrypoint)
-        record = Execution(execution_id=new_execution_id(), request=request)
+        claim = None
+        if idempotency_key is not None:
+            claim = await to_thread.run_sync(idempotency.bind, idempotency_key, request, tar)
+        record = Execution(execution_id=new_execution_id(), request=request, idempotency=claim)
         if initial:
             record = attrs.evolve(record, **initial)
         with bind_execution(record.execution_id):
-            await self.store.create(record, tar)
+            try:
+                await self.store.create(record, tar)
+            except IdempotentReplay as replay:
+                if claim is None or replay.fingerprint != claim.fingerprint:
+                    raise idempotency.refuse_reuse(replay.execution_id) from None
+                return await self.store.get(replay.execution_id)
             try:
                 await self.runner.start(
                     record,
@@ -200,9 +215,16 @@ class ExecutionService:
         *,
         initial: Mapping[str, Any] | None = None,
         postprocess: Postprocess | None = None,
+        idempotency_key: str | None = None,
     ) -> Execution:
         """Submit and wait until the execution is terminal (the sync API)."""
-        record = await self.submit(request, tar, initial=initial, postprocess=postprocess)
+        record = await self.submit(
+            request,
+            tar,
+            initial=initial,
+            postprocess=postprocess,
+            idempotency_key=idempotency_key,
+        )
         task = self._tasks.get(record.execution_id)
         if task is not None:
             try:

@@ -28,6 +28,7 @@ __all__ = [
     "Execution",
     "ExecutionConfig",
     "ExecutionRequest",
+    "IdempotencyKey",
     "Reason",
     "RunOutcome",
     "Status",
@@ -202,6 +203,19 @@ class CallbackState:
 
 
 @attrs.frozen(kw_only=True)
+class IdempotencyKey:
+    """A submit's ``Idempotency-Key``, as stores keep it: unique among live records."""
+
+    #: SHA-256 (hex) of the client's key: fixed length, safe in any store's key space.
+    key: str
+    #: SHA-256 (hex) of the request (metadata and tar): the same key must mean the same run.
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "fingerprint": self.fingerprint}
+
+
+@attrs.frozen(kw_only=True)
 class RunOutcome:
     """What a runner reports when a run is over."""
 
@@ -240,6 +254,8 @@ class Execution:
     auto_requirements: tuple[str, ...] | None = None
     #: The completion callback's delivery, when the request named a ``callback_url``.
     callback: CallbackState | None = None
+    #: The submit's idempotency key (stored, never shown in API answers).
+    idempotency: IdempotencyKey | None = None
     #: The request as submitted, kept so any replica or a Nomad task can run it (stored in
     #: its ``to_dict`` form).
     request: ExecutionRequest | None = None
@@ -273,6 +289,8 @@ class Execution:
             body["callback"] = self.callback.to_dict()
         if include_request and self.request is not None:
             body["request"] = self.request.to_dict()
+        if include_request and self.idempotency is not None:
+            body["idempotency"] = self.idempotency.to_dict()
         return body
 
     @classmethod
@@ -280,6 +298,7 @@ class Execution:
         auto = data.get("auto_requirements")
         request = data.get("request")
         callback = data.get("callback")
+        idempotency = data.get("idempotency")
         return cls(
             execution_id=data["execution_id"],
             status=Status(data["status"]),
@@ -298,6 +317,11 @@ class Execution:
             error_line=data.get("error_line"),
             auto_requirements=None if auto is None else tuple(auto),
             callback=None if callback is None else CallbackState.from_dict(callback),
+            idempotency=None
+            if idempotency is None
+            else IdempotencyKey(
+                key=str(idempotency["key"]), fingerprint=str(idempotency["fingerprint"])
+            ),
             request=None if request is None else ExecutionRequest.from_dict(request),
         )
 

@@ -220,21 +220,30 @@ def test_connection_refused_is_retried_then_reported(twin: Twin) -> None:
     assert len(attempts) == 3
 
 
-def test_reads_retry_503_but_runs_do_not(twin: Twin) -> None:
-    """A 503 is retried for a GET, but a run (not idempotent) is not resent."""
+def test_reads_retry_503_and_submits_resend_their_key(twin: Twin) -> None:
+    """A 503 is retried for a GET; a submit is resent only with its own Idempotency-Key."""
     answers = iter([error(503, "store_unavailable"), httpx.Response(200, json=record())])
     assert twin(lambda request: next(answers), "get", EXE).status is Status.COMPLETED
 
-    posts = []
+    posts: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         posts.append(request)
         return error(503, "runner_unavailable")
 
-    with pytest.raises(ServerError) as caught:
-        twin(handler, "run", {"main.py": "print(1)"})
-    assert caught.value.code == "runner_unavailable"
-    assert len(posts) == 1
+    for method, source in (("run", {"main.py": "print(1)"}), ("submit_eval", "1"), ("eval", "1")):
+        posts.clear()
+        with pytest.raises(ServerError) as caught:
+            twin(handler, method, source)
+        assert caught.value.code == "runner_unavailable"
+        keys = {post.headers["Idempotency-Key"] for post in posts}
+        assert (len(posts), len(keys)) == (3, 1), method
+    # Another call is another request: another key.
+    first = posts[0].headers["Idempotency-Key"]
+    posts.clear()
+    with pytest.raises(ServerError):
+        twin(handler, "submit", {"main.py": "print(1)"})
+    assert posts[0].headers["Idempotency-Key"] != first
 
 
 def test_retry_gives_up_after_the_limit(twin: Twin) -> None:

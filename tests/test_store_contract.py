@@ -11,11 +11,12 @@ import anyio
 import attrs
 import pytest
 
-from pyexec.errors import Conflict, NotFound
+from pyexec.errors import Conflict, IdempotentReplay, NotFound
 from pyexec.models import (
     TERMINAL,
     TRANSITIONS,
     Execution,
+    IdempotencyKey,
     Reason,
     RunOutcome,
     Status,
@@ -290,3 +291,53 @@ async def test_open_tar_of_unknown_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound) as caught:
         await read_tar(store, new_execution_id())
     assert caught.value.code == "execution_not_found"
+
+
+# --- Idempotency keys --------------------------------------------------------------------
+
+
+def keyed(key: str, fingerprint: str) -> Execution:
+    return attrs.evolve(new_record(), idempotency=IdempotencyKey(key=key, fingerprint=fingerprint))
+
+
+async def test_an_idempotency_key_is_held_by_one_record(store: Store) -> None:
+    """A second create with a taken key stores nothing and names the holder and its request."""
+    first = keyed("k" * 64, "f1")
+    await store.create(first, io.BytesIO(b"tar"))
+    second = keyed("k" * 64, "f2")
+    with pytest.raises(IdempotentReplay) as replay:
+        await store.create(second, io.BytesIO(b"tar"))
+    assert (replay.value.execution_id, replay.value.fingerprint) == (first.execution_id, "f1")
+    with pytest.raises(NotFound):
+        await store.get(second.execution_id)
+    assert (await store.get(first.execution_id)).idempotency == first.idempotency
+
+
+async def test_concurrent_creates_with_one_key_store_one(store: Store) -> None:
+    """Of creates racing with one key, exactly one is stored; the others are replays of it."""
+    records = [keyed("r" * 64, "same") for _ in range(4)]
+    outcomes: list[str] = []
+
+    async def create(record: Execution) -> None:
+        try:
+            await store.create(record, io.BytesIO(os.urandom(1024)))
+            outcomes.append(record.execution_id)
+        except IdempotentReplay as replay:
+            outcomes.append(f"replay:{replay.execution_id}")
+
+    async with anyio.create_task_group() as group:
+        for record in records:
+            group.start_soon(create, record)
+    winners = [o for o in outcomes if not o.startswith("replay:")]
+    assert len(winners) == 1
+    assert sorted(outcomes) == sorted([winners[0]] + [f"replay:{winners[0]}"] * 3)
+
+
+async def test_the_key_expires_with_its_record(store: Store) -> None:
+    """Deleting the record frees its key for a new execution."""
+    first = keyed("e" * 64, "f")
+    await store.create(first, io.BytesIO(b"tar"))
+    await store.delete(first.execution_id)
+    again = keyed("e" * 64, "f")
+    await store.create(again, io.BytesIO(b"tar"))
+    assert (await store.get(again.execution_id)).execution_id == again.execution_id

@@ -14,6 +14,8 @@ from pyexec.evaluate import EvalJob, parse_eval_request, prepare
 from pyexec.execution_service import ExecutionService
 from pyexec.settings import Settings
 
+from .executions import idempotency_key
+
 __all__ = ["eval_async_endpoint", "eval_endpoint", "max_body_bytes"]
 
 #: Room for the fields besides the code (stdin above all) in a request body.
@@ -60,18 +62,28 @@ async def _job(request: Request) -> tuple[ExecutionService, EvalJob]:
 
 
 async def eval_endpoint(request: Request) -> Response:
+    key = idempotency_key(request)
     service, job = await _job(request)
     record = await service.run(
-        job.request, job.tar, initial=job.initial, postprocess=job.postprocess
+        job.request,
+        job.tar,
+        initial=job.initial,
+        postprocess=job.postprocess,
+        idempotency_key=key,
     )
     return JSONResponse(record.to_dict())
 
 
 async def eval_async_endpoint(request: Request) -> Response:
     """Like ``eval_endpoint``, but answers 202 with the id at once (poll or kill it)."""
+    key = idempotency_key(request)
     service, job = await _job(request)
     record = await service.submit(
-        job.request, job.tar, initial=job.initial, postprocess=job.postprocess
+        job.request,
+        job.tar,
+        initial=job.initial,
+        postprocess=job.postprocess,
+        idempotency_key=key,
     )
     return JSONResponse(
         {"execution_id": record.execution_id, "status": record.status.value},

@@ -10,11 +10,19 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from pyexec import idempotency
 from pyexec.errors import BadRequest, NotFound, PayloadTooLarge
 from pyexec.execution_service import ExecutionService
 from pyexec.models import EXECUTION_ID, ExecutionRequest, parse_request
 
-__all__ = ["exec_async", "exec_sync", "execution_get", "execution_kill", "execution_logs"]
+__all__ = [
+    "exec_async",
+    "exec_sync",
+    "execution_get",
+    "execution_kill",
+    "execution_logs",
+    "idempotency_key",
+]
 
 #: The metadata part holds stdin too, so it may be larger than Starlette's 1 MiB default.
 MAX_METADATA_BYTES = 16 * 1024 * 1024
@@ -57,15 +65,22 @@ def _execution_id(request: Request) -> str:
     return execution_id
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` header, checked (``None`` without one)."""
+    return idempotency.check_key(request.headers.get(idempotency.HEADER))
+
+
 async def exec_sync(request: Request) -> JSONResponse:
+    key = idempotency_key(request)
     async with _upload(request) as (exec_request, tar):
-        record = await _service(request).run(exec_request, tar)
+        record = await _service(request).run(exec_request, tar, idempotency_key=key)
     return JSONResponse(record.to_dict())
 
 
 async def exec_async(request: Request) -> JSONResponse:
+    key = idempotency_key(request)
     async with _upload(request) as (exec_request, tar):
-        record = await _service(request).submit(exec_request, tar)
+        record = await _service(request).submit(exec_request, tar, idempotency_key=key)
     return JSONResponse(
         {"execution_id": record.execution_id, "status": record.status.value},
         status_code=202,

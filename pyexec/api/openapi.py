@@ -24,6 +24,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "Invalid request (unknown field, bad value, rejected tar)",
         401: "Missing or invalid bearer token",
         404: "No such execution",
+        409: "The Idempotency-Key was used for a different request (idempotency_conflict)",
         413: "Archive or code too large",
         429: "This replica runs as many executions as it may; retry later",
         502: "A backend failed",
@@ -53,6 +54,16 @@ _CALLBACK_URL = {
     "format": "uri",
     "description": "POSTed the final record, signed (X-Pyexec-Signature), when the execution "
     "ends; its host must be in PYEXEC_CALLBACK_ALLOWED_HOSTS",
+}
+
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "The same key with the same request returns the same execution (the code "
+    "runs once, on any replica); with another request, 409 idempotency_conflict. Expires "
+    "with the execution's record.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
 
 _METADATA = {
@@ -201,18 +212,20 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Run a tar and wait for the result",
                     "operationId": "execSync",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": _UPLOAD,
-                    "responses": {"200": execution, **_errors(400, 401, 413, 429, 502, 503)},
+                    "responses": {"200": execution, **_errors(400, 401, 409, 413, 429, 502, 503)},
                 }
             },
             "/api/v1/exec/async": {
                 "post": {
                     "summary": "Start a tar; poll the execution for the result",
                     "operationId": "execAsync",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": _UPLOAD,
                     "responses": {
                         "202": _json(_SUBMITTED, "Accepted"),
-                        **_errors(400, 401, 413, 429, 502, 503),
+                        **_errors(400, 401, 409, 413, 429, 502, 503),
                     },
                 }
             },
@@ -265,24 +278,26 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Run code given as JSON and wait for the result",
                     "operationId": "eval",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("EvalRequest")}},
                     },
-                    "responses": {"200": execution, **_errors(400, 401, 413, 429, 502, 503)},
+                    "responses": {"200": execution, **_errors(400, 401, 409, 413, 429, 502, 503)},
                 }
             },
             "/api/v1/eval/async": {
                 "post": {
                     "summary": "Start code given as JSON; poll the execution for the result",
                     "operationId": "evalAsync",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("EvalRequest")}},
                     },
                     "responses": {
                         "202": _json(_SUBMITTED, "Accepted"),
-                        **_errors(400, 401, 413, 429, 502, 503),
+                        **_errors(400, 401, 409, 413, 429, 502, 503),
                     },
                 }
             },

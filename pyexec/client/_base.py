@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
@@ -89,6 +90,7 @@ class Call:
     read_timeout: float | None = None
     #: The uploaded file, rewound before a retry.
     body: IO[bytes] | None = None
+    headers: Mapping[str, str] | None = None
 
 
 @attrs.frozen
@@ -102,6 +104,12 @@ class RetryPolicy:
     def delays(self) -> Iterator[float]:
         for attempt in range(self.attempts - 1):
             yield min(self.max_delay, self.base_delay * 2**attempt)
+
+
+def _submit_once() -> dict[str, Any]:
+    """What makes a submit safe to resend: a fresh ``Idempotency-Key``, kept across the
+    retries of this one call, so the server runs it once however often it arrives."""
+    return {"headers": {"Idempotency-Key": f"pyexec-{uuid.uuid4()}"}, "idempotent": True}
 
 
 def _retryable_exception(call: Call, exc: httpx.HTTPError) -> bool:
@@ -240,6 +248,8 @@ class BaseClient:
             args["data"] = dict(call.data or {})
         if call.read_timeout is not None:
             args["timeout"] = httpx.Timeout(self.timeout, read=call.read_timeout)
+        if call.headers:
+            args["headers"] = dict(call.headers)
         return args
 
     def _url(self, call: Call) -> str:
@@ -265,6 +275,7 @@ class BaseClient:
             data={"metadata": json.dumps(options.metadata())},
             read_timeout=read_timeout,
             body=body,
+            **_submit_once(),
         )
 
     def run_call(
@@ -332,9 +343,15 @@ class BaseClient:
         }
         body.update({k: v for k, v in extras.items() if v is not None})
         if submit:
-            return Call(method="POST", path=f"{API}/eval/async", json=body)
+            return Call(method="POST", path=f"{API}/eval/async", json=body, **_submit_once())
         read_timeout = run_wait(options, setup=True) + READ_MARGIN
-        return Call(method="POST", path=f"{API}/eval", json=body, read_timeout=read_timeout)
+        return Call(
+            method="POST",
+            path=f"{API}/eval",
+            json=body,
+            read_timeout=read_timeout,
+            **_submit_once(),
+        )
 
     # --- Parsing -----------------------------------------------------------------------
 

@@ -37,7 +37,14 @@ from typing import Any, BinaryIO
 import anyio
 import httpx
 
-from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PayloadTooLarge
+from pyexec.errors import (
+    BackendError,
+    BackendUnavailable,
+    Conflict,
+    IdempotentReplay,
+    NotFound,
+    PayloadTooLarge,
+)
 from pyexec.models import TERMINAL, Execution, Status
 from pyexec.settings import Settings
 from pyexec.store import CHUNK_SIZE, Change, apply_change
@@ -50,6 +57,7 @@ from pyexec.store.consul_keys import (
     execution_folder,
     executions_root,
     id_from_folder,
+    idempotency_key,
     manifest_key,
     output_chunk_key,
     output_folder,
@@ -236,17 +244,36 @@ class ConsulStore:
     async def create(self, record: Execution, tar: BinaryIO) -> None:
         rev = secrets.token_hex(4)
         raw, output_chunks = self._encode(record, rev)
-        index = await upload(
-            self._kv,
-            self._prefix,
-            record.execution_id,
-            record=raw,
-            status=record.status.value,
-            extra_chunks=output_chunks,
-            tar=tar,
-            chunk_size=self._chunk_size,
-            max_tar_bytes=self._max_tar_bytes,
-        )
+        unique = None
+        if record.idempotency is not None:
+            holder = {"execution_id": record.execution_id, **record.idempotency.to_dict()}
+            unique = (
+                idempotency_key(self._prefix, record.idempotency.key),
+                json.dumps(holder).encode(),
+            )
+        try:
+            index = await upload(
+                self._kv,
+                self._prefix,
+                record.execution_id,
+                record=raw,
+                status=record.status.value,
+                extra_chunks=output_chunks,
+                tar=tar,
+                chunk_size=self._chunk_size,
+                max_tar_bytes=self._max_tar_bytes,
+                unique=unique,
+            )
+        except Conflict:
+            if unique is not None:
+                item = await self._kv.get(unique[0])
+                if item is not None and item.get("Value") is not None:
+                    holder = json.loads(item["Value"])
+                    raise IdempotentReplay(
+                        execution_id=str(holder["execution_id"]),
+                        fingerprint=str(holder["fingerprint"]),
+                    ) from None
+            raise
         self._remember(record, index, rev if output_chunks else None)
 
     async def transition(
@@ -342,6 +369,24 @@ class ConsulStore:
 
     async def delete(self, execution_id: str) -> None:
         self._known.pop(execution_id, None)
+        try:
+            record, _, _ = await self._head(execution_id)
+        except NotFound:
+            record = None  # gone, or a leftover upload (which never holds a key)
+        if record is not None and record.idempotency is not None:
+            # The key expires with its record: deleted in the same transaction, and only
+            # while it still names this execution.
+            key = idempotency_key(self._prefix, record.idempotency.key)
+            item = await self._kv.get(key)
+            if item is not None and item.get("Value") is not None:
+                holder = json.loads(item["Value"])
+                if holder.get("execution_id") == execution_id:
+                    ops = [
+                        kv_op("delete-cas", key, index=int(item["ModifyIndex"])),
+                        kv_op("delete-tree", execution_folder(self._prefix, execution_id)),
+                    ]
+                    if (await self._kv.txn(ops)).ok:
+                        return
         await self._kv.delete_tree(execution_folder(self._prefix, execution_id))
 
     async def release_tar(self, execution_id: str) -> None:

@@ -10,6 +10,7 @@ describes the layout for people; this module is the layout for code::
     <prefix>/executions/<id>/tar/000000 ...          the tar, raw bytes, in order
     <prefix>/executions/<id>/output/<rev>/stdout/000000 ...   large output, raw UTF-8 bytes
     <prefix>/executions/<id>/upload                  claim of an upload in progress (JSON)
+    <prefix>/idempotency/<sha256 of the key>         {"execution_id", "fingerprint"} (JSON)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "execution_folder",
     "executions_root",
     "id_from_folder",
+    "idempotency_key",
     "manifest_key",
     "output_chunk_key",
     "output_folder",
@@ -78,6 +80,12 @@ def manifest_key(prefix: str, execution_id: str) -> str:
 
 def upload_key(prefix: str, execution_id: str) -> str:
     return execution_folder(prefix, execution_id) + "upload"
+
+
+def idempotency_key(prefix: str, key_digest: str) -> str:
+    """Where a submit's ``Idempotency-Key`` (its SHA-256, hex) names its execution; written
+    in the transaction that creates the record, deleted with the record."""
+    return f"{prefix.strip('/')}/idempotency/{key_digest}"
 
 
 def chunk_name(index: int) -> str:

@@ -12,8 +12,10 @@ check-not-exists on ``record`` and ``upload``. A larger one goes in three steps:
    writes ``manifest``, ``record`` (cas 0) and ``status`` and deletes the claim.
 
 Readers look only at ``record`` and ``manifest``, which appear together in the
-last step. If anything fails after step 1 the folder is deleted (best effort,
-shielded from cancellation); what a crash leaves is a folder with a claim and no
+last step. A ``unique`` key (a submit's idempotency key) is checked not to exist and
+written in that same transaction, so two creates with one key cannot both succeed.
+If anything fails after step 1 the folder is deleted (best effort, shielded from
+cancellation); what a crash leaves is a folder with a claim and no
 record, which ``list_expired`` reports once the claim is older than the TTL.
 """
 
@@ -44,7 +46,7 @@ from pyexec.store.consul_kv import ConsulKV, kv_op
 __all__ = ["COMMIT_OPS", "upload"]
 
 #: Operations of an upload's last transaction besides chunks: two checks (or a check
-#: and the claim's delete), manifest, record, status.
+#: and the claim's delete), manifest, record, status; a ``unique`` key adds two more.
 COMMIT_OPS = 5
 _WIDEST_MANIFEST = Manifest(chunks=999_999, size=10**15, sha256="0" * 64, chunk_size=10**9)
 
@@ -60,15 +62,22 @@ async def upload(
     tar: BinaryIO,
     chunk_size: int,
     max_tar_bytes: int,
+    unique: tuple[str, bytes] | None = None,
 ) -> int | None:
-    """Store a new execution: ``record`` JSON, ``status``, ``extra_chunks`` and the tar.
+    """Store a new execution: ``record`` JSON, ``status``, ``extra_chunks`` and the tar,
+    and ``unique`` (key, value), which must not exist yet.
 
     Returns the record's ModifyIndex (if Consul named it), so the next check-and-set
-    needs no read first."""
+    needs no read first. Raises ``Conflict`` if the record or the unique key exists."""
     rkey, ukey = record_key(prefix, execution_id), upload_key(prefix, execution_id)
     mkey = manifest_key(prefix, execution_id)
     record_op = kv_op("cas", rkey, record, index=0)
     status_op = kv_op("set", status_key(prefix, execution_id), status.encode())
+    unique_ops = (
+        [kv_op("check-not-exists", unique[0]), kv_op("set", unique[0], unique[1])]
+        if unique is not None
+        else []
+    )
     # What the last transaction adds to the chunks it carries, at its widest.
     reserve = [
         kv_op("check-index", ukey, index=2**63),
@@ -76,6 +85,7 @@ async def upload(
         kv_op("set", mkey, _WIDEST_MANIFEST.to_json().encode()),
         record_op,
         status_op,
+        *unique_ops,
     ]
     pending = kv.batch()
     claim_index: int | None = None
@@ -121,7 +131,12 @@ async def upload(
         manifest = Manifest(
             chunks=count, size=size, sha256=hasher.hexdigest(), chunk_size=chunk_size
         )
-        commit = [kv_op("set", mkey, manifest.to_json().encode()), record_op, status_op]
+        commit = [
+            kv_op("set", mkey, manifest.to_json().encode()),
+            record_op,
+            status_op,
+            *unique_ops,
+        ]
         if claim_index is None:
             lead = [kv_op("check-not-exists", rkey), kv_op("check-not-exists", ukey)]
             result = await kv.txn(lead + pending.ops + commit)
@@ -130,6 +145,8 @@ async def upload(
             return result.modify_index(rkey)
         lead = [kv_op("check-index", ukey, index=claim_index)]
         result = await kv.txn(lead + commit + [kv_op("delete", ukey)])
+        if not result.ok and unique is not None and await kv.get(unique[0]) is not None:
+            raise Conflict(f"{unique[0]} exists", code="already_exists")
         if not result.ok:
             raise BackendError(
                 f"the upload of {execution_id} was removed while in progress", code="store_error"

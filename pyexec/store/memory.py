@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from anyio import to_thread
 
-from pyexec.errors import Conflict, NotFound
+from pyexec.errors import Conflict, IdempotentReplay, NotFound
 from pyexec.models import Execution, Status
 
 from . import CHUNK_SIZE, Change, apply_change
@@ -30,6 +30,8 @@ class MemoryStore:
     def __init__(self, spool_dir: str | None = None) -> None:
         self._records: dict[str, Execution] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        #: Idempotency key -> the execution holding it (live records only).
+        self._keys: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._dir = tempfile.mkdtemp(prefix="pyexec-store-", dir=spool_dir)
 
@@ -38,17 +40,32 @@ class MemoryStore:
 
     async def create(self, record: Execution, tar: BinaryIO) -> None:
         async with self._lock:
-            if record.execution_id in self._records:
-                raise Conflict(f"execution {record.execution_id} exists", code="already_exists")
+            self._check_new(record)
         path = self._tar_path(record.execution_id)
         try:
             await to_thread.run_sync(_copy_to, tar, path)
+            async with self._lock:
+                # Again: another create may have taken the id or the key meanwhile.
+                self._check_new(record)
+                self._records[record.execution_id] = record
+                self._changed[record.execution_id] = asyncio.Event()
+                if record.idempotency is not None:
+                    self._keys[record.idempotency.key] = record.execution_id
         except BaseException:
             _unlink(path)
             raise
-        async with self._lock:
-            self._records[record.execution_id] = record
-            self._changed[record.execution_id] = asyncio.Event()
+
+    def _check_new(self, record: Execution) -> None:
+        """``Conflict`` if the id exists, ``IdempotentReplay`` if the key is taken."""
+        if record.execution_id in self._records:
+            raise Conflict(f"execution {record.execution_id} exists", code="already_exists")
+        if record.idempotency is not None:
+            holder = self._keys.get(record.idempotency.key)
+            if holder is not None:
+                held = self._records[holder].idempotency
+                raise IdempotentReplay(
+                    execution_id=holder, fingerprint=held.fingerprint if held else ""
+                )
 
     async def get(self, execution_id: str) -> Execution:
         try:
@@ -84,7 +101,10 @@ class MemoryStore:
 
     async def delete(self, execution_id: str) -> None:
         async with self._lock:
-            self._records.pop(execution_id, None)
+            record = self._records.pop(execution_id, None)
+            if record is not None and record.idempotency is not None:
+                # The key expires with its record.
+                self._keys.pop(record.idempotency.key, None)
             event = self._changed.pop(execution_id, None)
         if event is not None:
             event.set()
