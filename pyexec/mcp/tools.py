@@ -26,9 +26,9 @@ __all__ = ["Connect", "ExecutionResult", "Submitted", "artifact_content", "build
 Connect = Callable[[Mapping[str, str] | None], AbstractAsyncContextManager[AsyncClient]]
 
 SANDBOX = """\
-The code runs in a fresh, locked-down Linux container with CPython (3.12 unless
-python_version says otherwise), in /work, as an unprivileged user. It has NO network
-access while it runs: requirements are installed before, in a setup phase. It has a time
+The code runs in a fresh, locked-down Linux container (no capabilities) with CPython
+(the server's default version unless python_version says otherwise), in /work. It has
+NO network access while it runs: requirements are installed before, in a setup phase. It has a time
 limit (timeout_seconds, else the server's default) and a memory limit; a run that hits
 one ends with verdict "timeout" or "oom" instead of "exited". Nothing persists between
 calls: each call starts from an empty /work."""
@@ -216,6 +216,9 @@ def build_server(connect: Connect) -> MCPServer[Any]:
     server: MCPServer[Any] = MCPServer(
         "pyexec",
         version=__version__,
+        # The SDK configures logging only where nothing else has (``pyexec mcp``): there,
+        # stderr gets warnings, not a line per HTTP request to the pyexec server.
+        log_level="WARNING",
         instructions="Run Python code in a sandbox: run_python for quick work, "
         "run_python_async + get_execution for long work.",
     )
