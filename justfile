@@ -30,6 +30,7 @@ bootstrap-test:
 # Benchmarks (each prints its ratios; see bench/).
 bench: bootstrap-test
     uv run --frozen python bench/api_overhead.py
+    uv run --frozen python bench/runsc.py
 
 # A local Consul + Nomad dev cluster on loopback (says which binary is missing, if any).
 dev-cluster:

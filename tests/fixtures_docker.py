@@ -33,6 +33,7 @@ __all__ = [
     "execute",
     "gated_client",
     "leftovers",
+    "runtime_registered",
     "start",
     "tar_chunks",
 ]
@@ -45,6 +46,11 @@ def docker_client() -> Iterator[docker.DockerClient]:
         yield client
     finally:
         client.close()
+
+
+def runtime_registered(client: docker.DockerClient, runtime: str) -> bool:
+    """Whether dockerd lists ``runtime`` (``scripts/bootstrap.sh`` registers ``runsc``)."""
+    return runtime in (client.info().get("Runtimes") or {})
 
 
 async def tar_chunks(data: bytes, size: int = 256 * 1024) -> AsyncIterator[bytes]:

@@ -29,6 +29,7 @@ from pyexec.runner.docker_spec import (
     LABEL_MANAGED,
     LABEL_OWNER,
     NOFILE,
+    RUNSC_PIDS_OVERHEAD,
     Phase,
     container_args,
     disk_shares,
@@ -50,6 +51,7 @@ from .fixtures_docker import (
     execute,
     gated_client,
     leftovers,
+    runtime_registered,
     start,
     tar_chunks,
 )
@@ -61,9 +63,23 @@ MiB = 1024 * 1024
 FILES = {"main.py": "print('hi')\n"}
 
 
+#: Every verdict test runs under each runtime (``runsc``: gVisor, see scripts/bootstrap.sh).
+RUNTIMES = pytest.mark.parametrize("runtime", ["runc", "runsc"])
+
+
 @pytest.fixture
-def settings() -> Settings:
-    return make_settings(default_timeout=20, default_memory_mb=128, default_disk_mb=32)
+def runtime() -> str:
+    """The OCI runtime of the test's sandboxes; verdict tests parametrize it (``RUNTIMES``)."""
+    return "runc"
+
+
+@pytest.fixture
+def settings(runtime: str, docker_client: docker.DockerClient) -> Settings:
+    if runtime != "runc" and not runtime_registered(docker_client, runtime):
+        pytest.skip(f"dockerd has no runtime {runtime!r} (scripts/bootstrap.sh registers runsc)")
+    return make_settings(
+        default_timeout=20, default_memory_mb=128, default_disk_mb=32, docker_runtime=runtime
+    )
 
 
 @pytest.fixture
@@ -159,9 +175,10 @@ def test_container_args_use_the_configured_runtime(settings: Settings) -> None:
     assert settings.docker_runtime == "runc"
     gvisor = attrs.evolve(settings, docker_runtime="runsc")
     for phase in plan(request, gvisor):
-        assert container_args(gvisor, request, "exe_x", phase, "vol")["host_config"]["runtime"] == (
-            "runsc"
-        )
+        host = container_args(gvisor, request, "exe_x", phase, "vol")["host_config"]
+        assert host["runtime"] == "runsc"
+        # gVisor's own threads share the pids cgroup with the program's processes.
+        assert host["pids_limit"] == request.config.pids_limit + RUNSC_PIDS_OVERHEAD
 
 
 def test_runtime_setting_is_a_runtime_name() -> None:
@@ -420,6 +437,7 @@ async def test_tmp_and_shm_are_writable_and_counted_in_disk_mb(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_stdin_env_args_and_exit_code_arrive(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -464,6 +482,7 @@ async def test_nested_entrypoint_runs_in_work_with_its_package(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_memory_hog_is_oom(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -478,6 +497,7 @@ async def test_memory_hog_is_oom(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_exit_137_by_itself_is_not_oom(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -489,6 +509,7 @@ async def test_exit_137_by_itself_is_not_oom(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_busy_loop_times_out_on_time(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -514,6 +535,7 @@ async def test_busy_loop_times_out_on_time(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_closing_stdout_does_not_escape_the_timeout(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -577,6 +599,7 @@ except OSError as exc:
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_huge_output_is_cut_and_memory_stays_bounded(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -663,6 +686,7 @@ async def test_pre_commands_run_before_the_script(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_setup_failure_reports_setup_output(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -704,6 +728,7 @@ async def test_a_pre_command_cannot_end_the_run_with_a_forged_setup_ok(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_setup_has_its_own_timeout(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -727,6 +752,7 @@ async def test_setup_has_its_own_timeout(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_setup_out_of_memory_says_so(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -761,6 +787,7 @@ async def test_network_enabled_run_gets_an_interface(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_kill_while_running(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -805,6 +832,7 @@ async def test_aclose_removes_running_containers(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@RUNTIMES
 async def test_unsafe_tar_is_refused_inside_the_sandbox_too(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:

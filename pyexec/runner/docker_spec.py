@@ -23,6 +23,7 @@ __all__ = [
     "LABEL_OWNER",
     "MASKED_PATHS",
     "NOFILE",
+    "RUNSC_PIDS_OVERHEAD",
     "WORKDIR",
     "DiskShares",
     "Phase",
@@ -46,6 +47,9 @@ MiB = 1024 * 1024
 NOFILE = 4096
 #: Seconds past the timeout before the in-container CPU backstop can fire.
 CPU_BACKSTOP_SLACK = 60
+#: Processes and threads gVisor's own sandbox (sentry, gofer) holds in the container's
+#: pids cgroup under ``runsc``, added to the run's ``pids_limit`` (it needs about 40).
+RUNSC_PIDS_OVERHEAD = 64
 #: Most of a run's disk budget that /tmp, and /dev/shm, may each take.
 SCRATCH_MAX_KIB = 64 * 1024
 #: What a run must not read of the host: empty files and directories in its place.
@@ -154,7 +158,8 @@ def container_args(
         "mem_limit": memory,
         "memswap_limit": memory,
         "cpu_shares": config.cpu_shares,
-        "pids_limit": config.pids_limit,
+        "pids_limit": config.pids_limit
+        + (RUNSC_PIDS_OVERHEAD if settings.docker_runtime == "runsc" else 0),
         # The engine's default (often a million) times pids_limit processes is a lot of
         # kernel memory; a script needs a few thousand descriptors at most.
         "ulimits": [Ulimit(name="nofile", soft=NOFILE, hard=NOFILE)],
