@@ -5,9 +5,15 @@ through their interfaces (``pyexec.store.Store``, ``pyexec.runner.Runner``).
 
 Lifecycle of one execution::
 
-    submit ── validate tar ── store.create (pending) ── runner.start
-                                                           │ on_running → running
-                                  drive task: runner.wait ─┴─ store.transition (terminal, CAS)
+    submit ── validate tar ── store.create (pending) ──┬── answer (async: 202 here)
+                                                       │
+       background task: runner.start ── on_running → running (tar freed in the store)
+                        runner.wait ── store.transition (terminal, CAS)
+
+The tar is stored only for a runner that fetches it from the store (Nomad); the
+local runner gets it from a private spool file, so it never goes into Consul. A
+launch that fails lands on the record as ``failed`` (a sync caller also gets the
+error). The background task counts against the in-flight cap until it ends.
 
 A kill marks the record ``killed`` first (CAS), then stops the run, so a run that
 dies from the kill can never be recorded as an ordinary failure.
@@ -16,9 +22,12 @@ dies from the kill can never be recorded as an ordinary failure.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -49,7 +58,7 @@ from .models import (
 )
 from .runner import Runner
 from .settings import Settings
-from .store import Store
+from .store import CHUNK_SIZE, Store
 from .tarsafe import validate_tar
 
 __all__ = ["ExecutionService", "Postprocess"]
@@ -149,10 +158,53 @@ class ExecutionService:
         postprocess: Postprocess | None = None,
         idempotency_key: str | None = None,
     ) -> Execution:
-        """Store and launch an execution; returns its record once launched.
+        """Store an execution and return its record as soon as it is stored (pending).
 
-        With ``idempotency_key``, a key already used for the same request returns that
-        execution instead (launched by whoever stored it); for another request, 409."""
+        The launch follows in the background; if it fails, the record says ``failed``
+        with the reason. ``tar`` is not needed after this returns. With
+        ``idempotency_key``, a key already used for the same request returns that
+        execution instead (launched by whoever stored it); for another request, 409.
+        """
+        record, _ = await self._admit(request, tar, initial, postprocess, idempotency_key)
+        return record
+
+    async def run(
+        self,
+        request: ExecutionRequest,
+        tar: BinaryIO,
+        *,
+        initial: Mapping[str, Any] | None = None,
+        postprocess: Postprocess | None = None,
+        idempotency_key: str | None = None,
+    ) -> Execution:
+        """Submit and wait until the execution is terminal (the sync API); a launch that
+        fails raises its error (after recording it)."""
+        record, task = await self._admit(request, tar, initial, postprocess, idempotency_key)
+        if task is None:  # an idempotent replay: whoever stored it runs it
+            return await self.store.wait_terminal(record.execution_id, self._budget(request))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not (task.cancelled() and self._closing):
+                raise
+            raise BackendUnavailable(
+                f"the service is shutting down; execution {record.execution_id} goes on: "
+                f"read it with GET /api/v1/executions/{record.execution_id}",
+                code="shutting_down",
+                execution_id=record.execution_id,
+            ) from None
+
+    async def _admit(
+        self,
+        request: ExecutionRequest,
+        tar: BinaryIO,
+        initial: Mapping[str, Any] | None,
+        postprocess: Postprocess | None,
+        idempotency_key: str | None,
+    ) -> tuple[Execution, asyncio.Task[Execution] | None]:
+        """Check, store and hand the execution to a background task that launches and
+        follows it; the task counts against the in-flight cap from here on. An idempotent
+        replay returns the stored execution and no task."""
         if self._closing:
             raise BackendUnavailable("the service is shutting down", code="shutting_down")
         self.runner.check(request)
@@ -166,79 +218,63 @@ class ExecutionService:
         # Counted from admission, so concurrent submits cannot overshoot the cap.
         self._admitting += 1
         try:
-            return await self._launch(request, tar, initial, postprocess, idempotency_key)
+            await to_thread.run_sync(self._check_tar, tar, request.entrypoint)
+            claim = None
+            if idempotency_key is not None:
+                claim = await to_thread.run_sync(idempotency.bind, idempotency_key, request, tar)
+            record = Execution(execution_id=new_execution_id(), request=request, idempotency=claim)
+            if initial:
+                record = attrs.evolve(record, **initial)
+            with bind_execution(record.execution_id):
+                try:
+                    spool = await self._store_new(record, tar)
+                except IdempotentReplay as replay:
+                    if claim is None or replay.fingerprint != claim.fingerprint:
+                        raise idempotency.refuse_reuse(replay.execution_id) from None
+                    return await self.store.get(replay.execution_id), None
+                task = self._spawn(
+                    record.execution_id, self._execute(record, request, spool, postprocess)
+                )
         finally:
             self._admitting -= 1
+        return record, task
 
-    async def _launch(
+    async def _store_new(self, record: Execution, tar: BinaryIO) -> BinaryIO | None:
+        """Store ``record``, with its tar only if the runner fetches it from the store;
+        otherwise the tar waits for the launch in a private spool file (returned)."""
+        if self.runner.reads_stored_tar:
+            await self.store.create(record, tar)
+            return None
+        spool = await to_thread.run_sync(_spool, tar)
+        try:
+            await self.store.create(record, None)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    async def _execute(
         self,
+        record: Execution,
         request: ExecutionRequest,
-        tar: BinaryIO,
-        initial: Mapping[str, Any] | None,
+        spool: BinaryIO | None,
         postprocess: Postprocess | None,
-        idempotency_key: str | None = None,
     ) -> Execution:
-        await to_thread.run_sync(self._check_tar, tar, request.entrypoint)
-        claim = None
-        if idempotency_key is not None:
-            claim = await to_thread.run_sync(idempotency.bind, idempotency_key, request, tar)
-        record = Execution(execution_id=new_execution_id(), request=request, idempotency=claim)
-        if initial:
-            record = attrs.evolve(record, **initial)
-        with bind_execution(record.execution_id):
-            try:
-                await self.store.create(record, tar)
-            except IdempotentReplay as replay:
-                if claim is None or replay.fingerprint != claim.fingerprint:
-                    raise idempotency.refuse_reuse(replay.execution_id) from None
-                return await self.store.get(replay.execution_id)
-            try:
-                await self.runner.start(
-                    record,
-                    request,
-                    self.store.open_tar(record.execution_id),
-                    self._on_running(record.execution_id),
-                )
-            except PyexecError as exc:
-                # Nothing runs: record why, so the execution never sits in pending forever.
-                await self._store_final(
-                    record.execution_id, RunOutcome(reason=Reason.ERROR, error=exc.message)
-                )
-                raise
-            self._spawn(record, self._budget(request), postprocess)
-        return record
-
-    async def run(
-        self,
-        request: ExecutionRequest,
-        tar: BinaryIO,
-        *,
-        initial: Mapping[str, Any] | None = None,
-        postprocess: Postprocess | None = None,
-        idempotency_key: str | None = None,
-    ) -> Execution:
-        """Submit and wait until the execution is terminal (the sync API)."""
-        record = await self.submit(
-            request,
-            tar,
-            initial=initial,
-            postprocess=postprocess,
-            idempotency_key=idempotency_key,
-        )
-        task = self._tasks.get(record.execution_id)
-        if task is not None:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if not (task.cancelled() and self._closing):
-                    raise
-                raise BackendUnavailable(
-                    f"the service is shutting down; execution {record.execution_id} goes on: "
-                    f"read it with GET /api/v1/executions/{record.execution_id}",
-                    code="shutting_down",
-                    execution_id=record.execution_id,
-                ) from None
-        return await self.store.wait_terminal(record.execution_id, self._budget(request))
+        """Launch a stored execution, then follow it to its end."""
+        execution_id = record.execution_id
+        tar = self.store.open_tar(execution_id) if spool is None else _chunks(spool)
+        try:
+            await self.runner.start(record, request, tar, self._on_running(execution_id))
+        except PyexecError as exc:
+            # Nothing runs: record why, so the execution never sits in pending forever.
+            await self._store_final(
+                execution_id, RunOutcome(reason=Reason.ERROR, error=exc.message)
+            )
+            raise
+        finally:
+            if spool is not None:
+                spool.close()
+        return await self._drive(execution_id, self._budget(request), postprocess)
 
     def _check_tar(self, tar: BinaryIO, entrypoint: str) -> None:
         size = tar.seek(0, os.SEEK_END)
@@ -317,8 +353,11 @@ class ExecutionService:
 
             try:
                 stored = await self.store.transition(execution_id, running, expect={Status.PENDING})
-            except TransitionRefused:
-                return  # already running or finished; nothing to do
+            except TransitionRefused as exc:
+                if exc.current.terminal:
+                    # Killed while it launched: the run that just started must stop too.
+                    self._background(self._quietly(self.runner.kill(execution_id)), "kill")
+                return
             if self.hooks.on_started:
                 self.hooks.on_started(stored)
 
@@ -331,15 +370,32 @@ class ExecutionService:
             return budget_seconds(self.settings.default_timeout, setup=False, allowance=allowance)
         return execution_budget(request, allowance=allowance)
 
-    def _spawn(self, record: Execution, budget: float, postprocess: Postprocess | None) -> None:
+    def _spawn(
+        self, execution_id: str, work: Coroutine[Any, Any, Execution]
+    ) -> asyncio.Task[Execution]:
+        """Run ``work`` (launching and/or following one execution) as this replica's task
+        for ``execution_id``; it counts in flight until it ends."""
         # The task copies the context: its log lines carry the execution id.
-        with bind_execution(record.execution_id):
-            task = asyncio.create_task(
-                self._drive(record.execution_id, budget, postprocess),
-                name=f"pyexec-drive-{record.execution_id}",
-            )
-        self._tasks[record.execution_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(record.execution_id, None))
+        with bind_execution(execution_id):
+            task = asyncio.create_task(work, name=f"pyexec-drive-{execution_id}")
+        self._tasks[execution_id] = task
+        task.add_done_callback(functools.partial(self._task_done, execution_id))
+        return task
+
+    def _task_done(self, execution_id: str, task: asyncio.Task[Execution]) -> None:
+        self._tasks.pop(execution_id, None)
+        if task.cancelled():
+            return
+        # Retrieved here, so an async run's launch failure (already on its record) is not
+        # reported again as "never retrieved"; a sync caller still gets it from the task.
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, PyexecError):
+            log.error("execution task failed", exc_info=exc)
+
+    def _background(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(work, name=f"pyexec-{what}")
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
 
     async def _adopt(self, record: Execution) -> None:
         """After a restart: keep driving what the runner can still see; fail what it lost.
@@ -351,17 +407,18 @@ class ExecutionService:
         if await self.runner.resume(record):
             # An eval run's result channel must be read whichever replica finishes it.
             postprocess = finish_outcome if is_eval_request(record.request) else None
-            self._spawn(record, self._budget(record.request), postprocess)
+            self._spawn(
+                record.execution_id,
+                self._drive(record.execution_id, self._budget(record.request), postprocess),
+            )
             return
         age = (utcnow() - record.created_at).total_seconds()
         grace = self.settings.launch_grace_seconds
         if record.status is Status.PENDING and age < grace:
-            recheck = asyncio.create_task(
+            self._background(
                 self._adopt_later(record.execution_id, grace - age),
-                name=f"pyexec-recheck-{record.execution_id}",
+                f"recheck-{record.execution_id}",
             )
-            self._rechecks.add(recheck)
-            recheck.add_done_callback(self._rechecks.discard)
             return
         await self._store_final(
             record.execution_id,
@@ -452,3 +509,20 @@ class ExecutionService:
             log.warning("janitor: %s", exc.message)
             return 0
         return len(expired)
+
+
+def _spool(tar: BinaryIO) -> BinaryIO:
+    """A private copy of ``tar`` (a temporary file, gone once closed), positioned at 0."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the launch that reads it
+    try:
+        shutil.copyfileobj(tar, spool, CHUNK_SIZE)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+async def _chunks(tar: BinaryIO) -> AsyncIterator[bytes]:
+    while chunk := await to_thread.run_sync(tar.read, CHUNK_SIZE):
+        yield chunk

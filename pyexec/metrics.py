@@ -156,7 +156,7 @@ class MeteredStore:
         self.inner = store
         self._count = functools.partial(metrics.counting, "store")
 
-    async def create(self, record: Execution, tar: BinaryIO) -> None:
+    async def create(self, record: Execution, tar: BinaryIO | None) -> None:
         with self._count():
             await self.inner.create(record, tar)
 
@@ -216,6 +216,10 @@ class MeteredRunner:
     @property
     def launch_allowance(self) -> float:
         return self.inner.launch_allowance
+
+    @property
+    def reads_stored_tar(self) -> bool:
+        return self.inner.reads_stored_tar
 
     def check(self, request: ExecutionRequest) -> None:
         self.inner.check(request)

@@ -22,6 +22,7 @@ def echo_outcome(request: ExecutionRequest) -> RunOutcome:
 class FakeRunner:
     survives_restart = False
     launch_allowance = 0.0
+    reads_stored_tar = False
 
     def __init__(self, outcome: Callable[[ExecutionRequest], RunOutcome] = echo_outcome) -> None:
         self.outcome = outcome
@@ -30,6 +31,7 @@ class FakeRunner:
         self.tars: dict[str, bytes] = {}
         self.fail_start: BackendUnavailable | None = None
         self._done: dict[str, asyncio.Future[RunOutcome]] = {}
+        self._running: dict[str, asyncio.Event] = {}
 
     async def startup(self) -> None:
         return None
@@ -51,8 +53,15 @@ class FakeRunner:
         future: asyncio.Future[RunOutcome] = asyncio.get_running_loop().create_future()
         self._done[execution.execution_id] = future
         await on_running(utcnow())
+        self._running.setdefault(execution.execution_id, asyncio.Event()).set()
         if "hold" not in request.stdin:
             future.set_result(self.outcome(request))
+
+    async def wait_running(self, execution_id: str, timeout: float = 10) -> None:
+        """Return once the run of ``execution_id`` was launched and reported running
+        (an async submit answers before that)."""
+        event = self._running.setdefault(execution_id, asyncio.Event())
+        await asyncio.wait_for(event.wait(), timeout)
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
         return await asyncio.wait_for(asyncio.shield(self._done[execution_id]), timeout)

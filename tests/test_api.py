@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import tarfile
@@ -13,7 +14,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from pyexec.errors import BackendUnavailable
-from pyexec.models import Execution, new_execution_id
+from pyexec.models import Execution, Reason, new_execution_id
 from pyexec.store.memory import MemoryStore
 
 from .conftest import app_client, make_settings
@@ -85,6 +86,7 @@ async def test_kill_while_running(api: httpx.AsyncClient, runner: FakeRunner) ->
     execution_id = (
         await api.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
     ).json()["execution_id"]
+    await runner.wait_running(execution_id)
     assert (await api.get(f"/api/v1/executions/{execution_id}")).json()["status"] == "running"
     killed = await api.delete(f"/api/v1/executions/{execution_id}")
     assert killed.status_code == 200
@@ -106,11 +108,12 @@ async def test_killing_a_finished_execution_is_a_no_op(
     assert runner.killed == []
 
 
-async def test_logs_of_a_running_execution(api: httpx.AsyncClient) -> None:
+async def test_logs_of_a_running_execution(api: httpx.AsyncClient, runner: FakeRunner) -> None:
     """The logs endpoint returns the runner's output so far while it runs."""
     execution_id = (
         await api.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
     ).json()["execution_id"]
+    await runner.wait_running(execution_id)
     logs = (await api.get(f"/api/v1/executions/{execution_id}/logs")).json()
     assert logs == {
         "execution_id": execution_id,
@@ -220,14 +223,67 @@ async def test_tar_over_the_size_limit_is_413(runner: FakeRunner) -> None:
 
 
 async def test_runner_unreachable_is_503_and_recorded(runner: FakeRunner) -> None:
-    """A runner that cannot launch answers 503 with its code and leaves nothing pending."""
+    """A sync run whose runner cannot launch answers 503 with its code, and leaves nothing
+    pending."""
     runner.fail_start = BackendUnavailable("docker is down", code="runner_unavailable")
     store = MemoryStore()
     async with app_client(make_settings(), store=store, runner=runner) as client:
-        response = await client.post("/api/v1/exec/async", **upload())
+        response = await client.post("/api/v1/exec/sync", **upload())
         assert response.status_code == 503
         assert error_code(response) == "runner_unavailable"
         assert await store.list_active() == []
+
+
+async def test_an_async_launch_failure_lands_on_the_record(runner: FakeRunner) -> None:
+    """An async submit answers 202 before the launch; a launch that fails leaves the record
+    failed with the runner's reason."""
+    runner.fail_start = BackendUnavailable("docker is down", code="runner_unavailable")
+    async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:
+        response = await client.post("/api/v1/exec/async", **upload())
+        assert response.status_code == 202
+        location = response.headers["location"]
+        record = (await client.get(location, params={"wait": 5})).json()
+    assert record["status"] == "failed"
+    assert record["reason"] == "error"
+    assert "docker is down" in record["error"]
+
+
+async def test_async_submit_answers_before_the_launch(runner: FakeRunner) -> None:
+    """``POST /exec/async`` answers 202 with a pending record while the launch still waits."""
+    gate = asyncio.Event()
+    launch = runner.start
+
+    async def slow_start(*args: Any) -> None:
+        await gate.wait()
+        await launch(*args)
+
+    runner.start = slow_start  # type: ignore[method-assign]
+    async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:
+        response = await client.post("/api/v1/exec/async", **upload(metadata={"stdin": "x"}))
+        assert response.status_code == 202
+        assert response.json()["status"] == "pending"
+        location = response.headers["location"]
+        assert (await client.get(location)).json()["status"] == "pending"
+        gate.set()
+        record = (await client.get(location, params={"wait": 5})).json()
+    assert record["status"] == "completed"
+    assert record["stdout"] == "x"
+
+
+async def test_async_runs_count_against_the_in_flight_cap(runner: FakeRunner) -> None:
+    """Async runs that are stored but not yet finished count against ``max_in_flight``."""
+    settings = make_settings(max_in_flight=2)
+    async with app_client(settings, store=MemoryStore(), runner=runner) as client:
+        held = [
+            (await client.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"})))
+            for _ in range(2)
+        ]
+        assert [r.status_code for r in held] == [202, 202]
+        refused = await client.post("/api/v1/exec/async", **upload())
+        assert refused.status_code == 429
+        assert error_code(refused) == "too_many_executions"
+        for response in held:
+            await client.delete(response.headers["location"])
 
 
 async def test_unknown_route_and_method_use_the_error_shape(api: httpx.AsyncClient) -> None:
@@ -360,6 +416,7 @@ async def test_the_janitor_deletes_finished_executions_after_the_ttl(runner: Fak
         held = (
             await client.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
         ).json()["execution_id"]
+        await runner.wait_running(held)
         # The janitor loop may have swept already (its interval is 1 s at TTL 0): either way.
         await client.app.state.service.sweep()  # type: ignore[attr-defined]
         gone = await client.get(f"/api/v1/executions/{done}")
@@ -479,3 +536,24 @@ async def test_an_execution_launched_elsewhere_during_the_grace_is_left_alone(
         # Well past the grace: the re-check saw it running and left it so.
         after = await store.wait_terminal(young.execution_id, timeout=2)
         assert after.status is Status.RUNNING
+
+
+async def test_a_kill_during_the_launch_stops_the_run_that_follows(runner: FakeRunner) -> None:
+    """Killed while its launch was still under way, a run that starts anyway is stopped."""
+    gate = asyncio.Event()
+    launch = runner.start
+
+    async def slow_start(*args: Any) -> None:
+        await gate.wait()
+        await launch(*args)
+
+    runner.start = slow_start  # type: ignore[method-assign]
+    async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:
+        response = await client.post("/api/v1/exec/async", **upload(metadata={"stdin": "hold"}))
+        execution_id = response.json()["execution_id"]
+        killed = await client.delete(response.headers["location"])
+        assert killed.json()["status"] == "killed"
+        gate.set()
+        await runner.wait_running(execution_id)
+        outcome = await runner.wait(execution_id, 5)
+    assert outcome.reason is Reason.KILLED

@@ -514,25 +514,36 @@ async def test_token_comes_from_settings_not_the_environment(
     assert set(tokens) == {sent}
 
 
-# --- Releasing a tar once it was fetched ------------------------------------------------
+# --- Freeing a tar once it was fetched --------------------------------------------------
 
 
 @pytest.mark.consul
-async def test_release_tar_waits_until_the_run_fetched_it(consul_store: ConsulStore) -> None:
-    """A pending execution keeps its tar; once running, release_tar drops tar and manifest."""
+@pytest.mark.parametrize("leaves_to", [Status.RUNNING, Status.FAILED])
+async def test_leaving_pending_frees_the_tar(consul_store: ConsulStore, leaves_to: Status) -> None:
+    """A pending execution keeps its tar; the transition out of pending deletes tar and
+    manifest in the same transaction, whether the run started or never did."""
     record = new_record()
     await consul_store.create(record, io.BytesIO(os.urandom(3 * CHUNK_SIZE)))
-    with pytest.raises(Conflict):
-        await consul_store.release_tar(record.execution_id)
-    running = attrs.evolve(record, status=Status.RUNNING, started_at=utcnow())
-    await replace_record(consul_store, running, expect={Status.PENDING})
-    await consul_store.release_tar(record.execution_id)
-    await consul_store.release_tar(record.execution_id)
+    await consul_store.transition(record.execution_id, lambda r: r, expect={Status.PENDING})
+    assert "manifest" in folder_keys(consul_store, record.execution_id)
+    moved = attrs.evolve(record, status=leaves_to, started_at=utcnow())
+    await replace_record(consul_store, moved, expect={Status.PENDING})
     assert sorted(folder_keys(consul_store, record.execution_id)) == ["record", "status"]
     with pytest.raises(NotFound) as caught:
         await read_tar(consul_store, record.execution_id)
     assert caught.value.code == "tar_not_found"
-    assert (await consul_store.get(record.execution_id)).status is Status.RUNNING
+    assert (await consul_store.get(record.execution_id)).status is leaves_to
+
+
+@pytest.mark.consul
+async def test_an_execution_without_a_tar_stores_record_and_status_only(
+    consul_store: ConsulStore,
+) -> None:
+    """``create(record, None)`` (the runner gets the tar directly) writes no tar keys."""
+    record = new_record()
+    await consul_store.create(record, None)
+    assert sorted(folder_keys(consul_store, record.execution_id)) == ["record", "status"]
+    assert await consul_store.get(record.execution_id) == record
 
 
 # --- TLS against a real agent -----------------------------------------------------------

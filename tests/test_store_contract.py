@@ -286,6 +286,26 @@ async def test_tar_round_trips(store: Store, size: int) -> None:
     assert await read_tar(store, record.execution_id) == data
 
 
+async def test_the_tar_is_freed_once_the_execution_leaves_pending(store: Store) -> None:
+    """A stored tar serves only the launch: once running, the store no longer holds it."""
+    record = await created(store, b"needed once")
+    assert await read_tar(store, record.execution_id) == b"needed once"
+    await replace_record(store, moved_to(record, Status.RUNNING), expect={Status.PENDING})
+    with pytest.raises(NotFound) as caught:
+        await read_tar(store, record.execution_id)
+    assert caught.value.code == "tar_not_found"
+
+
+async def test_a_record_created_without_a_tar_has_none(store: Store) -> None:
+    """``create(record, None)`` keeps the record only; ``open_tar`` says there is no tar."""
+    record = new_record()
+    await store.create(record, None)
+    assert await store.get(record.execution_id) == record
+    with pytest.raises(NotFound) as caught:
+        await read_tar(store, record.execution_id)
+    assert caught.value.code == "tar_not_found"
+
+
 async def test_open_tar_of_unknown_is_not_found(store: Store) -> None:
     """Opening the tar of an unknown id raises NotFound(execution_not_found)."""
     with pytest.raises(NotFound) as caught:

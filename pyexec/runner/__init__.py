@@ -26,6 +26,12 @@ class Runner(Protocol):
         shutting-down service kills and records its runs)."""
 
     @property
+    def reads_stored_tar(self) -> bool:
+        """Whether the run fetches its tar from the store itself (Nomad: the task reads
+        Consul). If not (local Docker), the store never holds the tar: ``start`` gets it
+        as a stream straight from the upload."""
+
+    @property
     def launch_allowance(self) -> float:
         """Seconds this runner may need before a launched run starts, on top of the run's
         own budget (``pyexec.deadline``): Nomad's placement timeout; 0 for local Docker."""
@@ -47,9 +53,9 @@ class Runner(Protocol):
     ) -> None:
         """Launch the run and return once it is launched (not finished).
 
-        ``tar`` streams the stored archive (a backend that fetches it elsewhere need not
-        read it). Raises ``BackendError``/``BackendUnavailable`` if it cannot launch;
-        anything it created on the way is released before it raises.
+        ``tar`` streams the archive (a backend that ``reads_stored_tar`` need not read
+        it). Raises ``BackendError``/``BackendUnavailable`` if it cannot launch; anything
+        it created on the way is released before it raises.
         """
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:

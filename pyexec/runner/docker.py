@@ -114,6 +114,8 @@ class DockerRunner:
     #: A local run is pumped by this process; it cannot outlive it.
     survives_restart = False
     launch_allowance = 0.0
+    #: The tar is streamed into the container from the upload; the store never holds it.
+    reads_stored_tar = False
 
     def __init__(
         self,

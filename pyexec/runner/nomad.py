@@ -99,6 +99,8 @@ class _Run:
 
 class NomadRunner:
     survives_restart = True
+    #: The job's setup task fetches the tar from Consul.
+    reads_stored_tar = True
 
     def __init__(self, settings: Settings, api: NomadAPI, store: Store | None = None) -> None:
         self.settings = settings

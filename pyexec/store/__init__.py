@@ -24,11 +24,15 @@ CHUNK_SIZE = 256 * 1024
 
 
 class Store(Protocol):
-    async def create(self, record: Execution, tar: BinaryIO) -> None:
+    async def create(self, record: Execution, tar: BinaryIO | None) -> None:
         """Store a new record with its tar, all or nothing.
 
         ``tar`` is a readable binary file positioned at the start of the archive; it is
-        read in chunks, never whole. Raises ``Conflict`` if the id exists.
+        read in chunks, never whole. ``None``: no tar is kept (the runner gets it
+        directly). Raises ``Conflict`` if the id exists.
+
+        A stored tar is needed only while the execution is pending (its run fetches it
+        on the way to running): the transition out of ``pending`` frees it.
         """
 
     async def get(self, execution_id: str) -> Execution:
@@ -47,7 +51,8 @@ class Store(Protocol):
         """
 
     def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:
-        """The stored tar, chunk by chunk; ``NotFound`` if it is gone."""
+        """The stored tar, chunk by chunk; ``NotFound`` if there is none (not stored, or
+        freed once the execution left ``pending``)."""
 
     async def delete(self, execution_id: str) -> None:
         """Remove the record and its tar. Deleting what is gone succeeds."""

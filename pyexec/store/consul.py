@@ -241,7 +241,7 @@ class ConsulStore:
         record, _, _ = await self._current(execution_id)
         return record
 
-    async def create(self, record: Execution, tar: BinaryIO) -> None:
+    async def create(self, record: Execution, tar: BinaryIO | None) -> None:
         rev = secrets.token_hex(4)
         raw, output_chunks = self._encode(record, rev)
         unique = None
@@ -289,17 +289,21 @@ class ConsulStore:
             if record == current:
                 self._remember(current, index, old_rev)
                 return current
-            stored = await self._write(record, index, old_rev)
+            # Leaving pending, the run has its tar (if one was stored): free it in the
+            # same transaction.
+            free_tar = current.status is Status.PENDING and record.status is not Status.PENDING
+            stored = await self._write(record, index, old_rev, free_tar=free_tar)
             if stored is not None:
                 self._remember(record, *stored)
                 return record
         raise Conflict(f"execution {execution_id} changed too often", code="invalid_transition")
 
     async def _write(
-        self, record: Execution, index: int, old_rev: str | None
+        self, record: Execution, index: int, old_rev: str | None, *, free_tar: bool
     ) -> tuple[int | None, str | None] | None:
-        """Check-and-set ``record`` over the version at ``index``: its new ModifyIndex and
-        output revision, or ``None`` if somebody else wrote first."""
+        """Check-and-set ``record`` over the version at ``index`` (deleting the tar if
+        ``free_tar``): its new ModifyIndex and output revision, or ``None`` if somebody
+        else wrote first."""
         eid = record.execution_id
         rev = secrets.token_hex(4)
         raw, output_chunks = self._encode(record, rev)
@@ -311,6 +315,11 @@ class ConsulStore:
         )
         if old_rev is not None:
             batch.add(kv_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
+        if free_tar:
+            batch.add(
+                kv_op("delete", manifest_key(self._prefix, eid)),
+                kv_op("delete-tree", execution_folder(self._prefix, eid) + "tar/"),
+            )
         # Output that fits rides in the record's transaction (base64); more goes first, as
         # raw create-only PUTs under the fresh revision nobody reads until the record
         # written below points at it.
@@ -388,24 +397,6 @@ class ConsulStore:
                     if (await self._kv.txn(ops)).ok:
                         return
         await self._kv.delete_tree(execution_folder(self._prefix, execution_id))
-
-    async def release_tar(self, execution_id: str) -> None:
-        """Delete the tar (manifest first, in the same transaction) once the execution is no
-        longer pending, i.e. its run has fetched it. Idempotent; refused while pending."""
-        current, _, _ = await self._head(execution_id)
-        if current.status is Status.PENDING:
-            raise Conflict(
-                f"execution {execution_id} is pending: its tar is still needed",
-                code="invalid_transition",
-                status=current.status.value,
-            )
-        folder = execution_folder(self._prefix, execution_id)
-        await self._kv.write_all(
-            [
-                kv_op("delete", manifest_key(self._prefix, execution_id)),
-                kv_op("delete-tree", folder + "tar/"),
-            ]
-        )
 
     async def _ids(self) -> list[str]:
         keys = await self._kv.folders(executions_root(self._prefix))

@@ -59,13 +59,13 @@ async def upload(
     record: bytes,
     status: str,
     extra_chunks: Sequence[tuple[str, bytes]],
-    tar: BinaryIO,
+    tar: BinaryIO | None,
     chunk_size: int,
     max_tar_bytes: int,
     unique: tuple[str, bytes] | None = None,
 ) -> int | None:
-    """Store a new execution: ``record`` JSON, ``status``, ``extra_chunks`` and the tar,
-    and ``unique`` (key, value), which must not exist yet.
+    """Store a new execution: ``record`` JSON, ``status``, ``extra_chunks`` and the tar
+    (``None``: no tar, no manifest), and ``unique`` (key, value), which must not exist yet.
 
     Returns the record's ModifyIndex (if Consul named it), so the next check-and-set
     needs no read first. Raises ``Conflict`` if the record or the unique key exists."""
@@ -117,7 +117,7 @@ async def upload(
     try:
         for key, data in extra_chunks:
             await put(key, data)
-        while chunk := await to_thread.run_sync(tar.read, chunk_size):
+        while tar is not None and (chunk := await to_thread.run_sync(tar.read, chunk_size)):
             size += len(chunk)
             if size > max_tar_bytes:
                 raise PayloadTooLarge(
@@ -131,12 +131,9 @@ async def upload(
         manifest = Manifest(
             chunks=count, size=size, sha256=hasher.hexdigest(), chunk_size=chunk_size
         )
-        commit = [
-            kv_op("set", mkey, manifest.to_json().encode()),
-            record_op,
-            status_op,
-            *unique_ops,
-        ]
+        commit = [record_op, status_op, *unique_ops]
+        if tar is not None:
+            commit.append(kv_op("set", mkey, manifest.to_json().encode()))
         if claim_index is None:
             lead = [kv_op("check-not-exists", rkey), kv_op("check-not-exists", ukey)]
             result = await kv.txn(lead + pending.ops + commit)

@@ -38,12 +38,13 @@ class MemoryStore:
     def _tar_path(self, execution_id: str) -> str:
         return os.path.join(self._dir, f"{execution_id}.tar")
 
-    async def create(self, record: Execution, tar: BinaryIO) -> None:
+    async def create(self, record: Execution, tar: BinaryIO | None) -> None:
         async with self._lock:
             self._check_new(record)
         path = self._tar_path(record.execution_id)
         try:
-            await to_thread.run_sync(_copy_to, tar, path)
+            if tar is not None:
+                await to_thread.run_sync(_copy_to, tar, path)
             async with self._lock:
                 # Again: another create may have taken the id or the key meanwhile.
                 self._check_new(record)
@@ -85,6 +86,8 @@ class MemoryStore:
             event = self._changed[execution_id]
             self._changed[execution_id] = asyncio.Event()
         event.set()
+        if record.status is not Status.PENDING:
+            _unlink(self._tar_path(execution_id))  # its run has the tar: free it
         return record
 
     async def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:
