@@ -73,6 +73,8 @@ async def test_same_key_same_request_is_one_execution(
     )
     assert record.json()["stdout"] == "once"
     assert "idempotency" not in record.json()
+    # An async submit answers before its launch: wait for the unkeyed one to end too.
+    await client.get(f"/api/v1/executions/{other.json()['execution_id']}", params={"wait": 10})
     assert effect.runs == ["once", "once"]  # the keyed pair once, the unkeyed one once
 
 
