@@ -143,8 +143,11 @@ class CallbackSender:
         except PyexecError as exc:
             log.warning("callback state of %s not stored: %s", execution_id, exc.message)
 
-    async def aclose(self) -> None:
-        """Stop deliveries still retrying (each is bounded anyway) and close the client."""
+    async def aclose(self, grace: float = ATTEMPT_TIMEOUT) -> None:
+        """Give deliveries in progress ``grace`` seconds (the runs a shutdown just killed
+        are reported too), then stop those still retrying and close the client."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -198,6 +198,16 @@ async def test_refused_at_submit(settings: Settings, url: str, code: str) -> Non
     assert runner.started == []
 
 
+async def test_a_run_killed_by_shutdown_is_reported(receiver: Receiver) -> None:
+    """A run the shutting-down service kills still gets its callback before the app exits."""
+    async with app_client(callback_settings(), store=MemoryStore(), runner=FakeRunner()) as api:
+        answer = await submit(api, {"callback_url": receiver.url, "stdin": "hold"})
+        execution_id = answer.json()["execution_id"]
+    (got,) = await receiver.wait_for(1, timeout=1)
+    record = json.loads(got.body)
+    assert (record["execution_id"], record["status"]) == (execution_id, "killed")
+
+
 async def test_eval_takes_a_callback(api: httpx.AsyncClient, receiver: Receiver) -> None:
     """The eval API delivers its final record to callback_url too."""
     answer = await api.post("/api/v1/eval/async", json={"code": "1", "callback_url": receiver.url})
