@@ -105,7 +105,7 @@ async def test_20_mib_tar_round_trips_in_the_documented_layout(consul_store: Con
 
     chunks = 20 * MiB // CHUNK_SIZE
     assert sorted(folder_keys(consul_store, eid)) == sorted(
-        ["status", "record", "manifest", *(f"tar/{i:06d}" for i in range(chunks))]
+        ["status", "status=pending", "record", "manifest", *(f"tar/{i:06d}" for i in range(chunks))]
     )
     assert kv_raw(status_key(prefix, eid)) == b"pending"
     stored = json.loads(kv_raw(record_key(prefix, eid)) or b"")
@@ -528,7 +528,11 @@ async def test_leaving_pending_frees_the_tar(consul_store: ConsulStore, leaves_t
     assert "manifest" in folder_keys(consul_store, record.execution_id)
     moved = attrs.evolve(record, status=leaves_to, started_at=utcnow())
     await replace_record(consul_store, moved, expect={Status.PENDING})
-    assert sorted(folder_keys(consul_store, record.execution_id)) == ["record", "status"]
+    assert sorted(folder_keys(consul_store, record.execution_id)) == [
+        "record",
+        "status",
+        f"status={leaves_to.value}",
+    ]
     with pytest.raises(NotFound) as caught:
         await read_tar(consul_store, record.execution_id)
     assert caught.value.code == "tar_not_found"
@@ -542,7 +546,11 @@ async def test_an_execution_without_a_tar_stores_record_and_status_only(
     """``create(record, None)`` (the runner gets the tar directly) writes no tar keys."""
     record = new_record()
     await consul_store.create(record, None)
-    assert sorted(folder_keys(consul_store, record.execution_id)) == ["record", "status"]
+    assert sorted(folder_keys(consul_store, record.execution_id)) == [
+        "record",
+        "status",
+        "status=pending",
+    ]
     assert await consul_store.get(record.execution_id) == record
 
 

@@ -18,7 +18,7 @@ from pyexec.store.consul import ConsulStore
 from . import fixtures_consul
 from .conftest import app_client, make_settings
 from .fakes import FakeRunner
-from .fixtures_consul import RecordingTransport
+from .fixtures_consul import RecordingTransport, kv_keys, kv_raw
 from .tarfiles import make_tar
 
 pytestmark = [pytest.mark.anyio, pytest.mark.consul]
@@ -137,3 +137,36 @@ async def test_a_sync_run_costs_three_consul_requests(consul_prefix: str) -> Non
     assert [f"{r.method} {r.url.path}" for r in sent] == ["PUT /v1/txn"] * SYNC_RUN_REQUESTS
     written = [op["KV"]["Key"] for txn in transport.txns() for op in txn if "Value" in op["KV"]]
     assert not [key for key in written if "/tar/" in key or key.endswith("/manifest")]
+
+
+async def test_the_folder_shows_the_status_at_a_glance(
+    replicas: tuple[ConsulStore, ConsulStore],
+) -> None:
+    """Each execution folder holds exactly one ``status=<status>`` key, following the record."""
+    one, _ = replicas
+    record = Execution(execution_id=new_execution_id())
+    await one.create(record, None)
+
+    def markers() -> list[str]:
+        folder = f"{one.prefix}/executions/{record.execution_id}/"
+        return [k.removeprefix(folder) for k in kv_keys(one.prefix) if "status=" in k]
+
+    assert markers() == ["status=pending"]
+    await one.transition(record.execution_id, running, expect={Status.PENDING})
+    assert markers() == ["status=running"]
+    await one.transition(
+        record.execution_id,
+        lambda r: r.finished(RunOutcome(reason=Reason.EXITED, exit_code=0)),
+        expect={Status.RUNNING},
+    )
+    assert markers() == ["status=completed"]
+
+
+async def test_records_are_pretty_printed(replicas: tuple[ConsulStore, ConsulStore]) -> None:
+    """The record value is indented JSON, one field a line, readable in the Consul UI."""
+    one, _ = replicas
+    record = Execution(execution_id=new_execution_id())
+    await one.create(record, None)
+    raw = kv_raw(f"{one.prefix}/executions/{record.execution_id}/record") or b""
+    assert raw.startswith(b'{\n "execution_id"')
+    assert json.loads(raw)["status"] == "pending"

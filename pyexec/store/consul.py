@@ -2,7 +2,8 @@
 
 Layout (``consul_keys`` has the key functions, ``docs/consul-layout.md`` the prose)::
 
-    <prefix>/executions/<id>/status, record, manifest, upload, tar/NNNNNN, output/<rev>/...
+    <prefix>/executions/<id>/status, status=<status>, record, manifest, upload, tar/NNNNNN,
+    output/<rev>/...
 
 How the guarantees are met:
 
@@ -63,6 +64,7 @@ from pyexec.store.consul_keys import (
     output_folder,
     record_key,
     status_key,
+    status_marker_key,
     tar_chunk_key,
     upload_key,
 )
@@ -292,14 +294,22 @@ class ConsulStore:
             # Leaving pending, the run has its tar (if one was stored): free it in the
             # same transaction.
             free_tar = current.status is Status.PENDING and record.status is not Status.PENDING
-            stored = await self._write(record, index, old_rev, free_tar=free_tar)
+            stored = await self._write(
+                record, index, old_rev, free_tar=free_tar, old_status=current.status
+            )
             if stored is not None:
                 self._remember(record, *stored)
                 return record
         raise Conflict(f"execution {execution_id} changed too often", code="invalid_transition")
 
     async def _write(
-        self, record: Execution, index: int, old_rev: str | None, *, free_tar: bool
+        self,
+        record: Execution,
+        index: int,
+        old_rev: str | None,
+        *,
+        free_tar: bool,
+        old_status: Status,
     ) -> tuple[int | None, str | None] | None:
         """Check-and-set ``record`` over the version at ``index`` (deleting the tar if
         ``free_tar``): its new ModifyIndex and output revision, or ``None`` if somebody
@@ -313,6 +323,11 @@ class ConsulStore:
             kv_op("cas", rkey, raw, index=index),
             kv_op("set", status_key(self._prefix, eid), record.status.value.encode()),
         )
+        if record.status is not old_status:
+            batch.add(
+                kv_op("delete", status_marker_key(self._prefix, eid, old_status.value)),
+                kv_op("set", status_marker_key(self._prefix, eid, record.status.value), b""),
+            )
         if old_rev is not None:
             batch.add(kv_op("delete-tree", output_folder(self._prefix, eid, old_rev)))
         if free_tar:

@@ -5,6 +5,7 @@ with ``urllib``) and the docs can lean on one definition. ``docs/consul-layout.m
 describes the layout for people; this module is the layout for code::
 
     <prefix>/executions/<id>/status                  plain text: pending|running|completed|...
+    <prefix>/executions/<id>/status=<status>         empty; its name shows the status at a glance
     <prefix>/executions/<id>/record                  Execution.to_dict(include_request=True) JSON
     <prefix>/executions/<id>/manifest                tar completion marker (JSON, written last)
     <prefix>/executions/<id>/tar/000000 ...          the tar, raw bytes, in order
@@ -36,6 +37,7 @@ __all__ = [
     "output_folder",
     "record_key",
     "status_key",
+    "status_marker_key",
     "tar_chunk_key",
     "upload_key",
 ]
@@ -68,6 +70,13 @@ def id_from_folder(prefix: str, folder: str) -> str | None:
 
 def status_key(prefix: str, execution_id: str) -> str:
     return execution_folder(prefix, execution_id) + "status"
+
+
+def status_marker_key(prefix: str, execution_id: str, status: str) -> str:
+    """``<folder>status=<status>``: an empty key whose *name* carries the status, so the
+    Consul UI's folder listing shows it without opening anything; exactly one exists,
+    replaced in the transaction that changes the status."""
+    return f"{execution_folder(prefix, execution_id)}status={status}"
 
 
 def record_key(prefix: str, execution_id: str) -> str:

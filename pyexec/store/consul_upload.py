@@ -38,6 +38,7 @@ from pyexec.store.consul_keys import (
     manifest_key,
     record_key,
     status_key,
+    status_marker_key,
     tar_chunk_key,
     upload_key,
 )
@@ -46,8 +47,9 @@ from pyexec.store.consul_kv import ConsulKV, kv_op
 __all__ = ["COMMIT_OPS", "upload"]
 
 #: Operations of an upload's last transaction besides chunks: two checks (or a check
-#: and the claim's delete), manifest, record, status; a ``unique`` key adds two more.
-COMMIT_OPS = 5
+#: and the claim's delete), manifest, record, status and its marker; a ``unique`` key
+#: adds two more.
+COMMIT_OPS = 6
 _WIDEST_MANIFEST = Manifest(chunks=999_999, size=10**15, sha256="0" * 64, chunk_size=10**9)
 
 
@@ -73,6 +75,7 @@ async def upload(
     mkey = manifest_key(prefix, execution_id)
     record_op = kv_op("cas", rkey, record, index=0)
     status_op = kv_op("set", status_key(prefix, execution_id), status.encode())
+    marker_op = kv_op("set", status_marker_key(prefix, execution_id, status), b"")
     unique_ops = (
         [kv_op("check-not-exists", unique[0]), kv_op("set", unique[0], unique[1])]
         if unique is not None
@@ -85,6 +88,7 @@ async def upload(
         kv_op("set", mkey, _WIDEST_MANIFEST.to_json().encode()),
         record_op,
         status_op,
+        marker_op,
         *unique_ops,
     ]
     pending = kv.batch()
@@ -131,7 +135,7 @@ async def upload(
         manifest = Manifest(
             chunks=count, size=size, sha256=hasher.hexdigest(), chunk_size=chunk_size
         )
-        commit = [record_op, status_op, *unique_ops]
+        commit = [record_op, status_op, marker_op, *unique_ops]
         if tar is not None:
             commit.append(kv_op("set", mkey, manifest.to_json().encode()))
         if claim_index is None:

@@ -579,9 +579,15 @@ def store_final(consul: Consul, eid: str, found: dict[str, Any], streams: dict[s
                 "Verb": "cas",
                 "Key": folder + "record",
                 "Index": index,
-                "Value": b64(json.dumps(final, ensure_ascii=False).encode("utf-8")),
+                "Value": b64(json.dumps(final, ensure_ascii=False, indent=1).encode("utf-8")),
             },
             {"Verb": "set", "Key": folder + "status", "Value": b64(str(final["status"]).encode())},
+            # The status at a glance in the Consul UI (docs/consul-layout.md), and the tar,
+            # which nothing needs once the run is over.
+            {"Verb": "delete", "Key": "{}status={}".format(folder, record.get("status"))},
+            {"Verb": "set", "Key": "{}status={}".format(folder, final["status"]), "Value": ""},
+            {"Verb": "delete", "Key": folder + "manifest"},
+            {"Verb": "delete-tree", "Key": folder + "tar/"},
         ]
         if old_rev:
             ops.append({"Verb": "delete-tree", "Key": f"{folder}output/{old_rev}/"})
