@@ -15,6 +15,7 @@ from pyexec.errors import Conflict, IdempotentReplay, NotFound
 from pyexec.models import (
     TERMINAL,
     TRANSITIONS,
+    CallbackState,
     Execution,
     IdempotencyKey,
     Reason,
@@ -361,3 +362,14 @@ async def test_the_key_expires_with_its_record(store: Store) -> None:
     again = keyed("e" * 64, "f")
     await store.create(again, io.BytesIO(b"tar"))
     assert (await store.get(again.execution_id)).execution_id == again.execution_id
+
+
+async def test_callback_state_round_trips(store: Store) -> None:
+    """A terminal record's callback state is stored and read back unchanged."""
+    record = await at_status(store, Status.COMPLETED)
+    state = CallbackState(status="failed", attempts=3, last_error="HTTP 500")
+    stored = await store.transition(
+        record.execution_id, lambda r: attrs.evolve(r, callback=state), expect=TERMINAL
+    )
+    assert stored.callback == state
+    assert (await store.get(record.execution_id)).callback == state
