@@ -30,7 +30,7 @@ from pyexec.models import (
 from pyexec.settings import Settings, SettingsError
 from pyexec.store import CHUNK_SIZE
 from pyexec.store.consul import COMMIT_OPS, MAX_TXN_OPS, ConsulStore
-from pyexec.store.consul_http import AsyncConsul, ConsulEndpoint
+from pyexec.store.consul_http import ConsulEndpoint, ConsulHTTP
 from pyexec.store.consul_keys import (
     Manifest,
     UploadClaim,
@@ -476,14 +476,14 @@ async def test_https_verifies_certificates() -> None:
     settings = Settings(
         consul_addr="https://127.0.0.1:8501", consul_cacert="/etc/ssl/certs/ca-certificates.crt"
     )
-    client = AsyncConsul.from_settings(settings, max_connections=1)
+    client = ConsulHTTP.from_settings(settings, max_connections=1)
     try:
-        ctx = client._http_args["verify"]
+        ctx = client.verify
         assert isinstance(ctx, ssl.SSLContext)
         assert ctx.verify_mode is ssl.CERT_REQUIRED
         assert ctx.check_hostname
     finally:
-        await client.http.close()
+        await client.aclose()
 
 
 @pytest.mark.parametrize(("configured", "sent"), [("from-settings", "from-settings"), (None, None)])

@@ -49,7 +49,7 @@ from pyexec.errors import (
 from pyexec.models import TERMINAL, Execution, Status
 from pyexec.settings import Settings
 from pyexec.store import CHUNK_SIZE, Change, apply_change
-from pyexec.store.consul_http import AsyncConsul
+from pyexec.store.consul_http import ConsulHTTP
 from pyexec.store.consul_keys import (
     INLINE_OUTPUT_BYTES,
     STREAMS,
@@ -133,8 +133,8 @@ class ConsulStore:
         ``http_max_conns_per_client`` (200).
         """
 
-        def client(connections: int) -> AsyncConsul:
-            return AsyncConsul.from_settings(
+        def client(connections: int) -> ConsulHTTP:
+            return ConsulHTTP.from_settings(
                 settings, max_connections=connections, transport=transport
             )
 

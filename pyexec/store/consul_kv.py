@@ -1,4 +1,4 @@
-"""The few KV calls ``ConsulStore`` makes, on py-consul: transactions, raw values, trees.
+"""The few KV calls ``ConsulStore`` makes (``consul_http``): transactions, raw values, trees.
 
 Transactions are built from operations serialised once (``kv_op``) so a ``TxnBatch``
 can count them against Consul's limits (64 ops before Consul 1.14, a 512 KiB body
@@ -14,11 +14,10 @@ from typing import Any
 
 import anyio
 import attrs
-import consul.base
-import consul.callback
+import httpx
 
 from pyexec.errors import BackendError, Conflict
-from pyexec.store.consul_http import AsyncConsul
+from pyexec.store.consul_http import ConsulHTTP
 
 __all__ = ["MAX_TXN_BYTES", "MAX_TXN_OPS", "ConsulKV", "TxnBatch", "TxnResult", "kv_op"]
 
@@ -73,21 +72,18 @@ class TxnResult:
         return None
 
 
-def _txn_answer(response: consul.base.Response) -> TxnResult:
-    if response.code == 409:  # a check failed: nothing was applied
-        errors = json.loads(response.body).get("Errors") or []
+def _txn_answer(response: httpx.Response) -> TxnResult:
+    if response.status_code == 409:  # a check failed: nothing was applied
+        errors = response.json().get("Errors") or []
         return TxnResult(False, [], frozenset(int(e.get("OpIndex", -1)) for e in errors))
-    consul.callback.CB._status(response)
-    results = json.loads(response.body).get("Results") or []
+    results = response.json().get("Results") or []
     return TxnResult(True, [r["KV"] for r in results if "KV" in r], frozenset())
 
 
-def _raw_answer(response: consul.base.Response) -> bytes | None:
-    if response.code == 404:
-        return None
-    consul.callback.CB._status(response)
-    body: bytes = response.body
-    return body
+def _entry(item: dict[str, Any]) -> dict[str, Any]:
+    """A KV entry as ``/v1/kv`` lists it, with ``Value`` decoded to bytes (or None)."""
+    raw = item.get("Value")
+    return {**item, "Value": None if raw is None else base64.b64decode(raw)}
 
 
 class ConsulKV:
@@ -95,8 +91,8 @@ class ConsulKV:
 
     def __init__(
         self,
-        client: AsyncConsul,
-        watch_client: AsyncConsul,
+        client: ConsulHTTP,
+        watch_client: ConsulHTTP,
         *,
         max_txn_ops: int = MAX_TXN_OPS,
         max_txn_bytes: int = MAX_TXN_BYTES,
@@ -113,8 +109,8 @@ class ConsulKV:
         if len(ops) > self.max_txn_ops:
             raise BackendError(f"a transaction of {len(ops)} ops was planned", code="store_error")
         body = "[" + ",".join(ops) + "]"
-        result: TxnResult = await self.client.http.put(_txn_answer, "/v1/txn", data=body)
-        return result
+        response = await self.client.request("PUT", "/v1/txn", content=body, ok=(409,))
+        return _txn_answer(response)
 
     async def write_all(self, ops: list[str]) -> None:
         """Write ``ops`` in as many transactions as the limits need."""
@@ -133,37 +129,53 @@ class ConsulKV:
 
     async def get(self, key: str) -> dict[str, Any] | None:
         """The KV entry (``Value`` as bytes, ``ModifyIndex``, ...) or ``None``."""
-        _, item = await self.client.kv.get(key)
-        entry: dict[str, Any] | None = item
-        return entry
+        response = await self.client.request("GET", f"/v1/kv/{key}", ok=(404,))
+        if response.status_code == 404:
+            return None
+        items: list[dict[str, Any]] = response.json()
+        return _entry(items[0]) if items else None
 
     async def get_raw(self, key: str) -> bytes | None:
         """The value as stored, as ``GET ?raw`` returns it (uncompressed: chunks are big)."""
-        data: bytes | None = await self.client.http.get(
-            _raw_answer, f"/v1/kv/{key}", params=[("raw", "1")],
-            headers={"Accept-Encoding": "identity"}, raw=True,
+        response = await self.client.request(
+            "GET", f"/v1/kv/{key}", params={"raw": ""},
+            headers={"Accept-Encoding": "identity"}, ok=(404,),
         )  # fmt: skip
-        return data
+        return None if response.status_code == 404 else response.content
 
     async def put_new(self, key: str, value: bytes) -> bool:
         """Write ``value`` raw (no base64) if ``key`` does not exist yet; whether it did."""
-        created: bool = await self.client.kv.put(key, value, cas=0)
-        return created
+        response = await self.client.request(
+            "PUT", f"/v1/kv/{key}", params={"cas": 0}, content=value
+        )
+        return response.json() is True
 
     async def folders(self, root: str) -> list[str]:
         """The keys one level below ``root``, folders ending in ``/``."""
-        _, keys = await self.client.kv.get(root, keys=True, separator="/")
-        return list(keys or ())
+        response = await self.client.request(
+            "GET", f"/v1/kv/{root}", params={"keys": "", "separator": "/"}, ok=(404,)
+        )
+        if response.status_code == 404:
+            return []
+        keys: list[str] = response.json()
+        return keys
 
     async def block(self, key: str, index: int, wait_ms: int) -> tuple[int, bytes | None]:
         """A blocking read: returns once ``key`` changes after ``index`` or the wait ends."""
-        new_index, item = await self.watch_client.kv.get(
-            key, index=index or None, wait=f"{wait_ms}ms"
+        params: dict[str, str | int] = {"wait": f"{wait_ms}ms"}
+        if index:
+            params["index"] = index
+        response = await self.watch_client.request(
+            "GET", f"/v1/kv/{key}", params=params, wait_seconds=wait_ms / 1000, ok=(404,)
         )
-        return int(new_index), None if item is None else (item.get("Value") or b"")
+        new_index = int(response.headers.get("X-Consul-Index") or 0)
+        items = [] if response.status_code == 404 else response.json()
+        if not items:
+            return new_index, None
+        return new_index, _entry(items[0])["Value"] or b""
 
     async def delete_tree(self, folder: str) -> None:
-        await self.client.kv.delete(folder, recurse=True)
+        await self.client.request("DELETE", f"/v1/kv/{folder}", params={"recurse": ""})
 
     async def cleanup(self, folder: str) -> None:
         """Best effort, even while being cancelled; the janitor gets whatever stays."""
@@ -175,9 +187,11 @@ class ConsulKV:
             await self.delete_tree(folder)
 
     async def leader(self) -> str:
-        leader: str = await self.client.status.leader()
+        """The leader's address; empty while the cluster has none."""
+        response = await self.client.request("GET", "/v1/status/leader")
+        leader: str = response.json() or ""
         return leader
 
     async def aclose(self) -> None:
-        await self.client.http.close()
-        await self.watch_client.http.close()
+        await self.client.aclose()
+        await self.watch_client.aclose()
