@@ -18,6 +18,7 @@ from pyexec.settings import Settings
 from pyexec.store.memory import MemoryStore
 from pyexec.webhooks import SIGNATURE_HEADER, WebhookVerificationError, sign, verify
 
+from . import fixtures_consul
 from .conftest import app_client, make_settings
 from .fakes import FakeRunner
 from .tarfiles import make_tar
@@ -227,3 +228,31 @@ def test_verify_recipe() -> None:
     for bad in (None, "", "v1=abc", "t=1000"):
         with pytest.raises(WebhookVerificationError):
             verify(b"{}", bad, "k", now=1000)
+
+
+@pytest.mark.consul
+async def test_the_replica_that_ends_it_delivers(receiver: Receiver) -> None:
+    """Accepted by one replica and killed through another (one Consul): the killer reports."""
+    prefix = fixtures_consul.new_prefix()
+    settings = callback_settings(
+        consul_addr=fixtures_consul.CONSUL_ADDR, consul_prefix=prefix, callback_max_seconds=5.0
+    )
+    try:
+        async with (
+            app_client(settings, runner=FakeRunner()) as first,
+            app_client(settings, runner=FakeRunner()) as second,
+        ):
+            answer = await submit(first, {"callback_url": receiver.url, "stdin": "hold"})
+            execution_id = answer.json()["execution_id"]
+            killed = await second.delete(f"/api/v1/executions/{execution_id}")
+            assert killed.json()["status"] == "killed"
+            (got,) = await receiver.wait_for(1)
+            assert json.loads(got.body)["status"] == "killed"
+            state = await callback_state(first, execution_id, "delivered")
+            assert state["status"] == "delivered"
+            ok = 'pyexec_callback_attempts_total{outcome="ok"} 1.0'
+            assert ok in (await second.get("/metrics")).text
+            assert ok not in (await first.get("/metrics")).text
+        assert len(receiver.received) == 1
+    finally:
+        fixtures_consul.kv_delete_tree(prefix)
