@@ -161,6 +161,9 @@ job "pyexec-server" {
       # in the job spec, never in the image) and exported as environment variables: each
       # item of the variable becomes one variable of the same name (NOMAD_TOKEN,
       # CONSUL_HTTP_TOKEN, PYEXEC_API_TOKENS, ...), and an item left out is simply unset.
+      # The lookup is guarded: `nomadVar` alone blocks the task until the variable exists
+      # ("Template Missing"), so it is only read once nomadVarList (which does not block)
+      # lists it; with no variable the service starts with no secrets.
       # With Vault instead, read a `secret` here and add a `vault {}` block.
       template {
         destination = "${NOMAD_SECRETS_DIR}/pyexec.env"
@@ -168,9 +171,13 @@ job "pyexec-server" {
         change_mode = "restart"
         splay       = "10s"
         data        = <<-EOT
-        {{- with nomadVar "nomad/jobs/pyexec-server" -}}
+        {{- range nomadVarList "nomad/jobs/pyexec-server" }}
+        {{- if eq .Path "nomad/jobs/pyexec-server" }}
+        {{- with nomadVar .Path }}
         {{- range .Tuples }}
         {{ .K }}={{ .V }}
+        {{- end }}
+        {{- end }}
         {{- end }}
         {{- end }}
         EOT

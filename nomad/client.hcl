@@ -1,5 +1,8 @@
 # Nomad dev agent, client side: runs pyexec's runner jobs (and the service job) with Docker.
 
+# Never look up the vendor's update service at start (traffic that must not leave the machine).
+disable_update_check = true
+
 client {
   enabled = true
 
@@ -27,6 +30,10 @@ plugin "docker" {
 
     # No privileged containers, ever.
     allow_privileged = false
+
+    # OCI runtimes a task may ask for (the runner jobs' `runtime`, PYEXEC_DOCKER_RUNTIME):
+    # runc, and gVisor's runsc where it is installed and registered with Docker.
+    allow_runtimes = ["runc", "runsc"]
 
     # Runner tasks mount only tmpfs (/work, /tmp) and the alloc dir; host paths stay out.
     volumes {

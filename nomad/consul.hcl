@@ -7,6 +7,9 @@ client_addr = "127.0.0.1"
 log_level   = "INFO"
 ui          = true
 
+# Never look up the vendor's update service at start.
+disable_update_check = true
+
 ports {
   http = 8500
   grpc = 8502

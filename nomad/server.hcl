@@ -6,6 +6,9 @@ region     = "global"
 bind_addr  = "127.0.0.1"
 log_level  = "INFO"
 
+# Never look up the vendor's update service at start (traffic that must not leave the machine).
+disable_update_check = true
+
 advertise {
   http = "127.0.0.1"
   rpc  = "127.0.0.1"

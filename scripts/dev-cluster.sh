@@ -63,7 +63,8 @@ start() {
     log "Consul already answers on $consul_http; using it"
   else
     log "starting consul agent -dev on $consul_http"
-    nohup consul agent -dev -config-file "$here/nomad/consul.hcl" >"$state/consul.log" 2>&1 &
+    nohup consul agent -dev -config-file "$here/nomad/consul.hcl" \
+      -hcl 'disable_update_check = true' >"$state/consul.log" 2>&1 &
     echo $! >"$state/consul.pid"
     wait_for 30 Consul answers "http://$consul_http/v1/status/leader"
   fi

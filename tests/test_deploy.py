@@ -96,7 +96,11 @@ def test_server_job_takes_secrets_from_a_nomad_variable(server_group: dict[str, 
     template = block(task, "template")
     assert template["env"] is True
     assert template["destination"].startswith("${NOMAD_SECRETS_DIR}/")
-    assert 'nomadVar "nomad/jobs/pyexec-server"' in template["data"]
+    # Guarded: nomadVar alone would block the task until the variable exists.
+    assert 'range nomadVarList "nomad/jobs/pyexec-server"' in template["data"]
+    assert 'if eq .Path "nomad/jobs/pyexec-server"' in template["data"]
+    assert "with nomadVar .Path" in template["data"]
+    assert 'nomadVar "' not in template["data"]
     assert "{{ .K }}={{ .V }}" in template["data"]
     assert "attr.unique.network.ip-address" in env["NOMAD_ADDR"]
     assert "attr.unique.network.ip-address" in env["CONSUL_HTTP_ADDR"]
