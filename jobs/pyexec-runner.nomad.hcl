@@ -2,9 +2,10 @@
 #
 # This file is the readable form of what `pyexec job render --class small` prints and
 # `pyexec job register` (or the service at start-up) registers, one job per resource
-# class in PYEXEC_NOMAD_RESOURCE_CLASSES. tests/test_nomad_job.py keeps the two equal.
-# To register it by hand, run from the repository root (the templates read the task
-# script with file(), relative to where nomad runs):
+# class in PYEXEC_NOMAD_RESOURCE_CLASSES, plus a "-pip" variant per class with the
+# requirements installer. tests/test_nomad_job.py keeps the two equal.
+# To register it by hand, run from the repository root (the templates read the
+# service's own modules with file(), relative to where nomad runs):
 #
 #   nomad job run jobs/pyexec-runner.nomad.hcl
 #
@@ -52,61 +53,12 @@ job "pyexec-runner-small" {
       size = 1024
     }
 
-    # prestart: fetch the tar from Consul, verify, extract to /alloc, install
-    # requirements, run pre-commands. Needs the network (Consul, package index):
-    # "host" only because these default settings put Consul on loopback; with
-    # PYEXEC_NOMAD_CONSUL_ADDR at a node address setup and finish run on "bridge".
-    task "setup" {
-      driver       = "docker"
-      user         = "1000"
-      kill_timeout = "5s"
-
-      lifecycle {
-        hook    = "prestart"
-        sidecar = false
-      }
-
-      config {
-        image           = "${NOMAD_META_image}"
-        command         = "python3"
-        args            = ["/local/pyexec_task.py", "setup"]
-        network_mode    = "host"
-        readonly_rootfs = true
-        cap_drop        = ["all"]
-        security_opt    = ["no-new-privileges"]
-
-        mount {
-          type     = "tmpfs"
-          target   = "/tmp"
-          readonly = false
-          tmpfs_options {
-            size = 67108864
-          }
-        }
-      }
-
-      env {
-        PYEXEC_CONSUL_ADDR   = "http://127.0.0.1:8500"
-        PYEXEC_CONSUL_PREFIX = "pyexec"
-      }
-
-      template {
-        data            = file("pyexec/taskscripts/pyexec_task.py")
-        destination     = "local/pyexec_task.py"
-        change_mode     = "noop"
-        perms           = "0644"
-        left_delimiter  = "[[[pyexec"
-        right_delimiter = "pyexec]]]"
-      }
-
-      resources {
-        cpu    = 500
-        memory = 512
-      }
-    }
-
-    # main: the sandbox. No network, read-only root, no capabilities, pids and memory
-    # limits, tmpfs /work. Runs the entrypoint; records its verdict in /alloc.
+    # main: the sandbox, in the request's image. No network, read-only root, no
+    # capabilities, pids and memory limits, tmpfs /work. The Nomad client renders the
+    # tar, its manifest and the record from Consul into /local (the task holds no
+    # token); the task checks the tar (sha256, the API's tar rules), runs the
+    # pre-commands and the entrypoint, and leaves capped output and its verdict in
+    # /alloc/data/pyexec, where the service reads them.
     task "run" {
       driver       = "docker"
       user         = "1000"
@@ -115,7 +67,7 @@ job "pyexec-runner-small" {
       config {
         image           = "${NOMAD_META_image}"
         command         = "python3"
-        args            = ["/local/pyexec_task.py", "run"]
+        args            = ["-I", "-S", "/local/pyexec/nomad_run.py"]
         network_mode    = "none"
         readonly_rootfs = true
         cap_drop        = ["all"]
@@ -141,13 +93,48 @@ job "pyexec-runner-small" {
         }
       }
 
+      env {
+        PYEXEC_MAX_TAR_ENTRIES     = "10000"
+        PYEXEC_MAX_EXTRACTED_BYTES = "1073741824"
+      }
+
       template {
-        data            = file("pyexec/taskscripts/pyexec_task.py")
-        destination     = "local/pyexec_task.py"
+        data            = file("pyexec/taskscripts/nomad_run.py")
+        destination     = "local/pyexec/nomad_run.py"
         change_mode     = "noop"
         perms           = "0644"
         left_delimiter  = "[[[pyexec"
         right_delimiter = "pyexec]]]"
+      }
+
+      template {
+        data            = file("pyexec/sandbox/tarcheck.py")
+        destination     = "local/pyexec/tarcheck.py"
+        change_mode     = "noop"
+        perms           = "0644"
+        left_delimiter  = "[[[pyexec"
+        right_delimiter = "pyexec]]]"
+      }
+
+      template {
+        data        = "{{ range ls (printf \"pyexec/executions/%s/tar\" (env \"NOMAD_META_execution_id\")) }}{{ .Value }}{{ end }}"
+        destination = "local/bundle.tar"
+        change_mode = "noop"
+        perms       = "0644"
+      }
+
+      template {
+        data        = "{{ keyOrDefault (printf \"pyexec/executions/%s/manifest\" (env \"NOMAD_META_execution_id\")) \"\" }}"
+        destination = "local/manifest.json"
+        change_mode = "noop"
+        perms       = "0644"
+      }
+
+      template {
+        data        = "{{ keyOrDefault (printf \"pyexec/executions/%s/record\" (env \"NOMAD_META_execution_id\")) \"\" }}"
+        destination = "local/record.json"
+        change_mode = "noop"
+        perms       = "0644"
       }
 
       resources {
@@ -156,8 +143,10 @@ job "pyexec-runner-small" {
       }
     }
 
-    # poststop: write the final record to Consul (check-and-set, a terminal record is
-    # never overwritten) and print the verdict for the service.
+    # poststop: the record writer of a plain `nomad job dispatch`, in the trusted image
+    # ("host" network only because these default settings put Consul on loopback).
+    # Stores the final record (check-and-set: a terminal record is never overwritten).
+    # The service's own dispatches skip it and never wait for it.
     task "finish" {
       driver       = "docker"
       user         = "1000"
@@ -169,9 +158,9 @@ job "pyexec-runner-small" {
       }
 
       config {
-        image           = "${NOMAD_META_image}"
+        image           = "python:3.12-slim"
         command         = "python3"
-        args            = ["/local/pyexec_task.py", "finish"]
+        args            = ["-I", "/local/pyexec/nomad_finish.py"]
         network_mode    = "host"
         readonly_rootfs = true
         cap_drop        = ["all"]
@@ -188,13 +177,18 @@ job "pyexec-runner-small" {
       }
 
       env {
-        PYEXEC_CONSUL_ADDR   = "http://127.0.0.1:8500"
-        PYEXEC_CONSUL_PREFIX = "pyexec"
+        PYEXEC_CONSUL_ADDR         = "http://127.0.0.1:8500"
+        PYEXEC_RECORD_KEY          = "pyexec/executions/${NOMAD_META_execution_id}/record"
+        PYEXEC_STATUS_KEY          = "pyexec/executions/${NOMAD_META_execution_id}/status"
+        PYEXEC_OUTPUT_FOLDER       = "pyexec/executions/${NOMAD_META_execution_id}/output/"
+        PYEXEC_STATUS_OF           = "{\"exited\": \"completed\", \"timeout\": \"failed\", \"oom\": \"failed\", \"output_limit\": \"failed\", \"killed\": \"killed\", \"setup_failed\": \"failed\", \"error\": \"failed\"}"
+        PYEXEC_INLINE_OUTPUT_BYTES = "16384"
+        PYEXEC_OUTPUT_CHUNK_BYTES  = "262144"
       }
 
       template {
-        data            = file("pyexec/taskscripts/pyexec_task.py")
-        destination     = "local/pyexec_task.py"
+        data            = file("pyexec/taskscripts/nomad_finish.py")
+        destination     = "local/pyexec/nomad_finish.py"
         change_mode     = "noop"
         perms           = "0644"
         left_delimiter  = "[[[pyexec"

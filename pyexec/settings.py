@@ -382,6 +382,33 @@ class Settings:
         parse=float,
         help="Seconds an execution may wait for placement before it fails.",
     )
+    nomad_trusted_image: str | None = setting(
+        None,
+        "PYEXEC_NOMAD_TRUSTED_IMAGE",
+        parse=_optional_str,
+        help="Image of the runner jobs' trusted tasks (the requirements installer, the record "
+        "writer of plain dispatches); never the request's. Default: PYEXEC_DEFAULT_IMAGE.",
+    )
+    nomad_register_jobs: bool = setting(
+        True,
+        "PYEXEC_NOMAD_REGISTER_JOBS",
+        parse=_bool,
+        help="Register the runner jobs Nomad lacks at start-up (existing jobs are never "
+        "overwritten: `pyexec job register` updates them).",
+    )
+    nomad_task_env: tuple[tuple[str, str], ...] = setting(
+        (),
+        "PYEXEC_NOMAD_TASK_ENV",
+        parse=_mapping,
+        help="Extra environment of every runner task, as `KEY=VALUE`, comma-separated.",
+    )
+    nomad_consul_token_variable: str | None = setting(
+        None,
+        "PYEXEC_NOMAD_CONSUL_TOKEN_VARIABLE",
+        parse=_optional_str,
+        help="Path of a Nomad variable whose `consul_token` item the record writer task uses "
+        "as CONSUL_HTTP_TOKEN (absent variable: no token).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:

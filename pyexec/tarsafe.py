@@ -17,7 +17,14 @@ from typing import BinaryIO, cast
 import attrs
 
 from .errors import PayloadTooLarge, TarRejected
-from .sandbox.tarcheck import DIR, FILE, HARDLINK, SPECIAL, SYMLINK, TarChecker, TarProblem
+from .sandbox.tarcheck import (
+    FILE,
+    HARDLINK,
+    SYMLINK,
+    TarChecker,
+    TarProblem,
+    member_kind,
+)
 from .settings import Settings
 
 __all__ = ["TarSummary", "member_kind", "safe_extract", "validate_tar"]
@@ -124,19 +131,6 @@ def safe_extract(
     except (tarfile.TarError, EOFError, UnicodeError) as exc:
         raise TarRejected(f"the tar cannot be extracted: {exc}", code="tar_invalid") from None
     return TarSummary(entries=checker.entries, total_bytes=checker.total_bytes)
-
-
-def member_kind(member: tarfile.TarInfo) -> str:
-    """The ``tarcheck`` kind of a tar member."""
-    if member.isreg():  # includes contiguous and sparse files
-        return FILE
-    if member.isdir():
-        return DIR
-    if member.issym():
-        return SYMLINK
-    if member.islnk():
-        return HARDLINK
-    return SPECIAL  # character/block devices, fifos, anything else
 
 
 def extract_checked(archive: tarfile.TarFile, dest: str, checker: TarChecker) -> None:

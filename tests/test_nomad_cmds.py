@@ -30,12 +30,17 @@ def test_render_one_class_prints_the_job_as_api_json(capsys: pytest.CaptureFixtu
 def test_render_follows_the_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`job render` prints one job per class from PYEXEC_NOMAD_RESOURCE_CLASSES."""
+    """`job render` prints the jobs of each class (and its -pip variant) from the settings."""
     monkeypatch.setenv("PYEXEC_NOMAD_RESOURCE_CLASSES", "a:100:128:64,b:200:256:128")
     monkeypatch.setenv("PYEXEC_NOMAD_JOB_PREFIX", "sandbox")
     assert run_cli(["job", "render"]) == 0
     jobs = json.loads(capsys.readouterr().out)
-    assert [j["Job"]["ID"] for j in jobs] == ["sandbox-a", "sandbox-b"]
+    assert [j["Job"]["ID"] for j in jobs] == [
+        "sandbox-a",
+        "sandbox-a-pip",
+        "sandbox-b",
+        "sandbox-b-pip",
+    ]
 
 
 def test_render_unknown_class_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,7 +32,7 @@ from .conftest import CA_BUNDLE, app_client, make_settings
 from .fakes import replace_record
 from .fixtures_consul import CONSUL_ADDR, consul_url, kv_delete_tree, kv_raw, new_prefix
 from .nomadsim import NomadSim
-from .tarfiles import make_tar
+from .tarfiles import make_tar, symlink_tar
 
 REAL_NOMAD = os.environ.get("PYEXEC_TEST_NOMAD_ADDR")
 TASK_CONSUL = os.environ.get("PYEXEC_TEST_NOMAD_CONSUL_ADDR") or consul_url(CONSUL_ADDR)
@@ -56,7 +56,7 @@ def sim() -> Iterator[NomadSim | None]:
     if REAL_NOMAD:
         yield None
         return
-    double = NomadSim(heartbeat_s=1.0)
+    double = NomadSim(consul_addr=CONSUL_ADDR, heartbeat_s=1.0)
     double.start()
     try:
         yield double
@@ -90,7 +90,9 @@ def settings(sim: NomadSim | None, job_prefix: str) -> Iterator[Settings]:
         consul_addr=CONSUL_ADDR,
         consul_prefix=prefix,
         nomad_consul_addr=TASK_CONSUL,
-        nomad_job_prefix=job_prefix,
+        # The jobs read this test's Consul prefix, and the service never overwrites a
+        # registered job: each test registers its own.
+        nomad_job_prefix=f"{job_prefix}-{secrets.token_hex(2)}",
         nomad_placement_timeout=60.0,
     )
     with contextlib.suppress(httpx.HTTPError):
@@ -179,7 +181,7 @@ async def test_sync_run_returns_output_exit_code_and_timings(api: httpx.AsyncCli
     body = await run_sync(
         api, code, stdin="hello", env_vars=["GREETING=hi"], script_args=["a", "b c"]
     )
-    assert body["status"] == "completed"
+    assert body["status"] == "completed", (body["error"], body["stderr"])
     assert body["reason"] == "exited"
     assert body["exit_code"] == 3
     assert body["stdout"] == "in: hello env: hi args: ['a', 'b c']\n"
@@ -197,7 +199,7 @@ async def test_sandbox_has_no_network_and_runs_as_uid_1000(api: httpx.AsyncClien
         "open('/work/scratch', 'w').write('ok')\n"
     )
     body = await run_sync(api, code)
-    assert body["stdout"] == "['lo'] 1000 ro\n", body
+    assert body["stdout"] == "['lo'] 1000 ro\n", (body["error"], body["stderr"])
 
 
 async def test_async_run_and_logs(api: httpx.AsyncClient) -> None:
@@ -287,6 +289,20 @@ async def test_pre_commands_prepare_the_files(api: httpx.AsyncClient) -> None:
     assert body["stdout"] == "prepared\n\n"
 
 
+async def test_an_in_tree_symlink_behaves_as_on_docker(api: httpx.AsyncClient) -> None:
+    """The same tar with an in-tree symlink runs the same on Nomad as on the local Docker
+    runner (both apply the API's tar rules while unpacking)."""
+    upload = {
+        "files": {"tar": ("bundle.tar", symlink_tar(), "application/x-tar")},
+        "data": {"metadata": "{}"},
+    }
+    on_nomad = (await api.post("/api/v1/exec/sync", **upload)).json()
+    async with app_client(make_settings()) as local:
+        on_docker = (await local.post("/api/v1/exec/sync", **upload)).json()
+    seen = [(b["status"], b["exit_code"], b["stdout"]) for b in (on_nomad, on_docker)]
+    assert seen == [("completed", 0, "through the link\n")] * 2, (on_nomad, on_docker)
+
+
 async def test_no_class_fits_is_a_clear_400(api: httpx.AsyncClient) -> None:
     """A request no resource class can hold is refused with no_resource_class."""
     response = await api.post(
@@ -366,11 +382,11 @@ def node_consul(sim: NomadSim | None) -> Iterator[str]:
         yield f"http://{gateway}:{port}"
 
 
-async def test_setup_gets_its_own_network_when_consul_is_on_a_node_address(
+async def test_pre_commands_have_no_network_even_with_consul_on_a_node_address(
     settings: Settings, node_consul: str
 ) -> None:
-    """With Consul at a node address, setup fetches the tar through it, and pre-commands
-    cannot reach services on the node's loopback (setup runs on Docker's bridge)."""
+    """Pre-commands run in the run task: no network at all, not even the node's loopback
+    (the trusted tasks, which do talk to Consul, are the only ones on Docker's bridge)."""
     import attrs
 
     consul = httpx.URL(consul_url(CONSUL_ADDR))
@@ -388,6 +404,9 @@ async def test_setup_gets_its_own_network_when_consul_is_on_a_node_address(
         nomad_consul_addr=node_consul,
         nomad_job_prefix=f"{settings.nomad_job_prefix}-br",
     )
+    job = nomad_job.runner_job(bridged, bridged.nomad_resource_classes[0])
+    modes = {t["Name"]: t["Config"]["network_mode"] for t in job["TaskGroups"][0]["Tasks"]}
+    assert modes == {"run": "none", "finish": "bridge"}
     files = {"main.py": "print(open('probe.txt').read(), end='')\n", "probe.py": probe}
     async with pyexec_api(bridged) as api:
         response = await api.post(
@@ -398,7 +417,7 @@ async def test_setup_gets_its_own_network_when_consul_is_on_a_node_address(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "completed", body
-    assert body["stdout"] == "loopback blocked\n['eth0', 'lo']\n", body
+    assert body["stdout"] == "loopback blocked\n['lo']\n", body
 
 
 # --- service restart, direct dispatch ----------------------------------------------------------
@@ -594,13 +613,23 @@ async def test_job_register_cli_registers_every_class(
     for _ in range(2):
         assert await asyncio.to_thread(run_cli, ["job", "register"]) == 0
     printed = capsys.readouterr().out.split()
-    expected = [f"{settings.nomad_job_prefix}-{c}" for c in ("small", "medium", "large")]
+    expected = [
+        f"{settings.nomad_job_prefix}-{c}{pip}"
+        for c in ("small", "medium", "large")
+        for pip in ("", "-pip")
+    ]
     assert printed == expected * 2
     with nomad(settings) as client:
         for job_id in expected:
             job = client.get(f"/v1/job/{job_id}").json()
             assert job["ParameterizedJob"]["MetaRequired"] == ["execution_id"]
             assert job["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0
+            # The request's image runs only in the run task, and never with network.
+            for task in job["TaskGroups"][0]["Tasks"]:
+                requested = "${NOMAD_META_image}" in task["Config"]["image"]
+                assert requested == (task["Name"] == "run")
+                if requested:
+                    assert task["Config"]["network_mode"] == "none"
 
 
 async def test_lost_allocation_fails_the_run(

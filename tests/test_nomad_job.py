@@ -19,8 +19,6 @@ from pyexec.settings import ResourceClass, Settings, SettingsError
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden" / "nomad-runner-jobs.json"
 HCL = ROOT / "jobs" / "pyexec-runner.nomad.hcl"
-SCRIPT_PATH = "pyexec/taskscripts/pyexec_task.py"
-SCRIPT_PLACEHOLDER = f"<contents of {SCRIPT_PATH}>"
 NS = 1_000_000_000
 DURATION = re.compile(r"^(\d+)(s|m|h)$")
 
@@ -38,14 +36,16 @@ def golden_settings() -> Settings:
 
 
 def without_script(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The jobs with the task script replaced by a placeholder (it is checked on its own)."""
-    script = nomad_job.task_script()
+    """The jobs with each shipped module replaced by a placeholder naming it (the modules
+    are checked on their own)."""
     copied = json.loads(json.dumps(jobs))
     for job in copied:
         for task in job["TaskGroups"][0]["Tasks"]:
             for template in task["Templates"]:
-                if template["EmbeddedTmpl"] == script:
-                    template["EmbeddedTmpl"] = SCRIPT_PLACEHOLDER
+                source = nomad_job.TASK_FILES.get(template["DestPath"])
+                if source is not None:
+                    assert template["EmbeddedTmpl"] == nomad_job.task_file(template["DestPath"])
+                    template["EmbeddedTmpl"] = f"<contents of {source}>"
     return copied
 
 
@@ -58,20 +58,68 @@ def test_golden() -> None:
     assert rendered == json.loads(GOLDEN.read_text())
 
 
-def test_every_task_ships_the_script_verbatim() -> None:
-    """Each task's template holds the task script, untouched by template delimiters."""
-    script = nomad_job.task_script()
-    assert nomad_job.LEFT_DELIM not in script
-    assert nomad_job.RIGHT_DELIM not in script
-    job = nomad_job.runner_job(Settings(), Settings().nomad_resource_classes[0])
+def test_every_task_ships_the_services_own_modules_verbatim() -> None:
+    """Each task's code templates hold the service's modules as they are, untouched by
+    template delimiters; the run task gets the tar rules the API applies."""
+    job = nomad_job.runner_job(Settings(), Settings().nomad_resource_classes[0], pip=True)
+    shipped = {}
     for task in job["TaskGroups"][0]["Tasks"]:
-        (template,) = [t for t in task["Templates"] if t["DestPath"] == nomad_job.SCRIPT_DEST]
-        assert template["EmbeddedTmpl"] == script
-        assert (template["LeftDelim"], template["RightDelim"]) == ("[[[pyexec", "pyexec]]]")
+        for template in task["Templates"]:
+            source = nomad_job.TASK_FILES.get(template["DestPath"])
+            if source is None:
+                continue
+            assert template["EmbeddedTmpl"] == (ROOT / source).read_text()
+            assert nomad_job.LEFT_DELIM not in template["EmbeddedTmpl"]
+            assert nomad_job.RIGHT_DELIM not in template["EmbeddedTmpl"]
+            assert (template["LeftDelim"], template["RightDelim"]) == ("[[[pyexec", "pyexec]]]")
+            shipped.setdefault(task["Name"], []).append(source)
+    assert shipped == {
+        "install": ["pyexec/taskscripts/nomad_install.py"],
+        "run": ["pyexec/taskscripts/nomad_run.py", "pyexec/sandbox/tarcheck.py"],
+        "finish": ["pyexec/taskscripts/nomad_finish.py"],
+    }
+
+
+def test_the_run_task_gets_its_inputs_from_the_client_not_from_consul() -> None:
+    """The tar, manifest and record are templates the Nomad client renders from this
+    prefix's keys; the run task itself has no Consul address and no token."""
+    settings = Settings(consul_prefix="team/pyexec")
+    run = _task(nomad_job.runner_job(settings, settings.nomad_resource_classes[0]), "run")
+    inputs = {t["DestPath"]: t["EmbeddedTmpl"] for t in run["Templates"] if "LeftDelim" not in t}
+    meta = '(env "NOMAD_META_execution_id")'
+    assert inputs == {
+        "local/bundle.tar": '{{ range ls (printf "team/pyexec/executions/%s/tar" '
+        + meta
+        + ") }}{{ .Value }}{{ end }}",
+        "local/manifest.json": '{{ keyOrDefault (printf "team/pyexec/executions/%s/manifest" '
+        + meta
+        + ') "" }}',
+        "local/record.json": '{{ keyOrDefault (printf "team/pyexec/executions/%s/record" '
+        + meta
+        + ') "" }}',
+    }
+    assert all(t["ChangeMode"] == "noop" for t in run["Templates"])
+    assert not any("CONSUL" in name for name in run["Env"])
+
+
+def test_the_writer_agrees_with_the_service_on_keys_and_statuses() -> None:
+    """The finish task's keys come from consul_keys, each reason's status from Reason."""
+    from pyexec.models import Reason
+    from pyexec.store import consul_keys
+
+    settings = Settings(consul_prefix="p")
+    finish = _task(nomad_job.runner_job(settings, settings.nomad_resource_classes[0]), "finish")
+    env = finish["Env"]
+    eid = "${NOMAD_META_execution_id}"
+    assert env["PYEXEC_RECORD_KEY"] == consul_keys.record_key("p", eid)
+    assert env["PYEXEC_STATUS_KEY"] == consul_keys.status_key("p", eid)
+    assert json.loads(env["PYEXEC_STATUS_OF"]) == {r.value: r.status.value for r in Reason}
+    assert finish["Lifecycle"] == {"Hook": "poststop", "Sidecar": False}
+    assert finish["Config"]["image"] == settings.default_image
 
 
 def test_one_job_per_class() -> None:
-    """Each resource class gets its own job with the class's resources and tmpfs size."""
+    """Each resource class gets its job and its -pip variant with the class's resources."""
     settings = Settings(
         nomad_resource_classes=(
             ResourceClass("tiny", 100, 128, 64),
@@ -79,7 +127,12 @@ def test_one_job_per_class() -> None:
         )
     )
     jobs = {job["ID"]: job for job in nomad_job.runner_jobs(settings)}
-    assert set(jobs) == {"pyexec-runner-tiny", "pyexec-runner-big"}
+    assert set(jobs) == {
+        "pyexec-runner-tiny",
+        "pyexec-runner-tiny-pip",
+        "pyexec-runner-big",
+        "pyexec-runner-big-pip",
+    }
     run = _task(jobs["pyexec-runner-big"], "run")
     assert run["Resources"] == {"CPU": 4000, "MemoryMB": 16384}
     assert run["Config"]["mount"][0] == {
@@ -88,6 +141,15 @@ def test_one_job_per_class() -> None:
         "readonly": False,
         "tmpfs_options": {"size": 8192 * 1024 * 1024},
     }
+    assert [t["Name"] for t in jobs["pyexec-runner-big"]["TaskGroups"][0]["Tasks"]] == [
+        "run",
+        "finish",
+    ]
+    assert [t["Name"] for t in jobs["pyexec-runner-big-pip"]["TaskGroups"][0]["Tasks"]] == [
+        "install",
+        "run",
+        "finish",
+    ]
 
 
 def test_sandbox_matches_the_local_runner() -> None:
@@ -101,7 +163,48 @@ def test_sandbox_matches_the_local_runner() -> None:
     assert config["pids_limit"] == Settings().default_pids_limit
     assert config["image"] == "${NOMAD_META_image}"
     assert "Lifecycle" not in run
-    assert run["Env"] == {}  # the sandbox learns nothing about Consul
+
+
+@pytest.mark.parametrize("pip", [False, True])
+def test_only_the_run_task_runs_the_requests_image_and_never_with_network(pip: bool) -> None:
+    """Any task whose image the request names has network_mode none; the installer and
+    the writer run the operator's trusted image."""
+    settings = Settings(nomad_trusted_image="registry.example/pyexec-trusted:1")
+    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0], pip=pip)
+    for task in job["TaskGroups"][0]["Tasks"]:
+        if "NOMAD_META" in task["Config"]["image"]:
+            assert task["Name"] == "run"
+            assert task["Config"]["network_mode"] == "none"
+        else:
+            assert task["Config"]["image"] == "registry.example/pyexec-trusted:1"
+
+
+def test_installer_installs_wheels_only() -> None:
+    """The requirements installer asks pip for wheels only: no package build script runs."""
+    settings = Settings()
+    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0], pip=True)
+    install = _task(job, "install")
+    assert install["Lifecycle"] == {"Hook": "prestart", "Sidecar": False}
+    assert install["Env"]["PYEXEC_PIP_ONLY_BINARY"] == ":all:"
+
+
+def test_operator_task_env_reaches_every_task() -> None:
+    """PYEXEC_NOMAD_TASK_ENV is added to every task's environment."""
+    settings = Settings(nomad_task_env=(("HTTP_PROXY", "http://proxy:3128"),))
+    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0], pip=True)
+    for task in job["TaskGroups"][0]["Tasks"]:
+        assert task["Env"]["HTTP_PROXY"] == "http://proxy:3128"
+
+
+def test_consul_token_template_is_guarded() -> None:
+    """The writer's token comes from a Nomad variable through a lookup that renders nothing
+    (instead of blocking the task) while the variable does not exist."""
+    settings = Settings(nomad_consul_token_variable="nomad/jobs/pyexec-writer")
+    finish = _task(nomad_job.runner_job(settings, settings.nomad_resource_classes[0]), "finish")
+    (token,) = [t for t in finish["Templates"] if t.get("Envvars")]
+    assert token["EmbeddedTmpl"].startswith('{{ range nomadVarList "nomad/jobs/pyexec-writer" }}')
+    assert "{{ if eq .Path " in token["EmbeddedTmpl"]
+    assert token["DestPath"].startswith("secrets/")
 
 
 def test_code_never_runs_twice() -> None:
@@ -112,18 +215,19 @@ def test_code_never_runs_twice() -> None:
     assert group["ReschedulePolicy"] == {"Attempts": 0, "Unlimited": False}
 
 
-def test_ca_bundle_reaches_setup_only(tmp_path: Path) -> None:
-    """PYEXEC_CA_BUNDLE is shipped to the setup task as a template, with pip's variables."""
+def test_ca_bundle_reaches_the_installer_only(tmp_path: Path) -> None:
+    """PYEXEC_CA_BUNDLE is shipped to the installer task as a template, with pip's variables."""
     bundle = tmp_path / "ca.pem"
     bundle.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     job = nomad_job.runner_job(
-        Settings(ca_bundle=str(bundle)), Settings().nomad_resource_classes[0]
+        Settings(ca_bundle=str(bundle)), Settings().nomad_resource_classes[0], pip=True
     )
-    setup = _task(job, "setup")
-    (ca,) = [t for t in setup["Templates"] if t["DestPath"] == "local/ca-bundle.crt"]
+    install = _task(job, "install")
+    (ca,) = [t for t in install["Templates"] if t["DestPath"] == "local/ca-bundle.crt"]
     assert ca["EmbeddedTmpl"] == bundle.read_text()
-    assert setup["Env"]["PIP_CERT"] == setup["Env"]["SSL_CERT_FILE"] == "/local/ca-bundle.crt"
-    assert len(_task(job, "run")["Templates"]) == 1
+    assert install["Env"]["PIP_CERT"] == install["Env"]["SSL_CERT_FILE"] == "/local/ca-bundle.crt"
+    for name in ("run", "finish"):
+        assert all("ca-bundle" not in t["DestPath"] for t in _task(job, name)["Templates"])
 
 
 def test_missing_ca_bundle_is_a_settings_error(tmp_path: Path) -> None:
@@ -213,9 +317,23 @@ def _ns(text: str) -> int:
 
 
 def _file_ref(data: str) -> str:
+    """A ``file("x")`` template's path; any other data as it is."""
     match = re.fullmatch(r'\$\{file\("([^"]+)"\)\}', data)
-    assert match, data
-    return match.group(1)
+    return match.group(1) if match else data
+
+
+def _hcl_template(t: dict[str, Any]) -> dict[str, Any]:
+    template: dict[str, Any] = {
+        "EmbeddedTmpl": _file_ref(t["data"]),
+        "DestPath": t["destination"],
+        "ChangeMode": t["change_mode"],
+        "Perms": t["perms"],
+    }
+    if "left_delimiter" in t:
+        template |= {"LeftDelim": t["left_delimiter"], "RightDelim": t["right_delimiter"]}
+    if "env" in t:
+        template["Envvars"] = t["env"]
+    return template
 
 
 def _hcl_task(name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -229,17 +347,7 @@ def _hcl_task(name: str, body: dict[str, Any]) -> dict[str, Any]:
         "User": body["user"],
         "Config": config,
         "Env": _one(body.get("env")),
-        "Templates": [
-            {
-                "EmbeddedTmpl": _file_ref(t["data"]),
-                "DestPath": t["destination"],
-                "ChangeMode": t["change_mode"],
-                "Perms": t["perms"],
-                "LeftDelim": t["left_delimiter"],
-                "RightDelim": t["right_delimiter"],
-            }
-            for t in body.get("template", [])
-        ],
+        "Templates": [_hcl_template(t) for t in body.get("template", [])],
         "Resources": {"CPU": resources["cpu"], "MemoryMB": resources["memory"]},
         "KillTimeout": _ns(body["kill_timeout"]),
     }
@@ -291,19 +399,17 @@ def hcl_as_api_json(path: Path) -> dict[str, Any]:
 
 
 def test_hcl_file_agrees_with_the_function() -> None:
-    """jobs/pyexec-runner.nomad.hcl is the function's small-class job, field for field."""
+    """jobs/pyexec-runner.nomad.hcl is the function's small-class job, field for field; its
+    code templates file() the modules the function embeds."""
     settings = Settings()
     expected = nomad_job.runner_job(settings, settings.nomad_resource_classes[0])
     for task in expected["TaskGroups"][0]["Tasks"]:
         for template in task["Templates"]:
-            assert template["EmbeddedTmpl"] == nomad_job.task_script()
-            template["EmbeddedTmpl"] = SCRIPT_PATH
+            source = nomad_job.TASK_FILES.get(template["DestPath"])
+            if source is not None:
+                assert template["EmbeddedTmpl"] == (ROOT / source).read_text()
+                template["EmbeddedTmpl"] = source
     assert hcl_as_api_json(HCL) == expected
-
-
-def test_hcl_template_reads_the_packaged_script() -> None:
-    """The file() the HCL templates read is the script the function embeds."""
-    assert (ROOT / SCRIPT_PATH).read_text() == nomad_job.task_script()
 
 
 def _task(job: dict[str, Any], name: str) -> dict[str, Any]:
@@ -311,22 +417,12 @@ def _task(job: dict[str, Any], name: str) -> dict[str, Any]:
     return task
 
 
-def test_task_script_runs_on_python_3_10(tmp_path: Path) -> None:
-    """The task script imports on Python 3.10 (no 3.11-only names such as datetime.UTC)."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("source", sorted(set(nomad_job.TASK_FILES.values())))
+def test_task_modules_parse_as_python_3_8(source: str) -> None:
+    """The modules the tasks run parse with Python 3.8's grammar (images' Pythons vary)."""
+    import ast
 
-    script = ROOT / SCRIPT_PATH
-    probe = (
-        "import datetime, runpy, sys\n"
-        "del datetime.UTC  # as on Python 3.10\n"
-        f"runpy.run_path({str(script)!r}, run_name='probe')\n"
-        "print('ok')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+    ast.parse((ROOT / source).read_text(), feature_version=(3, 8))
 
 
 @pytest.mark.parametrize(
@@ -340,12 +436,11 @@ def test_task_script_runs_on_python_3_10(tmp_path: Path) -> None:
         ("http://[::1]:8500", "host"),
     ],
 )
-def test_setup_and_finish_use_bridge_unless_consul_is_on_loopback(
-    task_consul: str, mode: str
-) -> None:
-    """Setup and finish get their own network namespace unless Consul is only on loopback."""
+def test_trusted_tasks_use_bridge_unless_consul_is_on_loopback(task_consul: str, mode: str) -> None:
+    """The installer and the writer get their own network namespace unless Consul is only on
+    loopback; the run task never has a network."""
     settings = Settings(nomad_consul_addr=task_consul)
-    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0])
-    assert _task(job, "setup")["Config"]["network_mode"] == mode
+    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0], pip=True)
+    assert _task(job, "install")["Config"]["network_mode"] == mode
     assert _task(job, "finish")["Config"]["network_mode"] == mode
     assert _task(job, "run")["Config"]["network_mode"] == "none"

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pyexec.errors import BackendError, BackendUnavailable, LimitExceeded
+from pyexec.errors import BackendError, BackendUnavailable, BadRequest
 from pyexec.models import Execution, Reason, new_execution_id, parse_request
 from pyexec.runner.nomad import NomadRunner
 from pyexec.runner.nomad_http import NomadAPI
@@ -31,7 +31,6 @@ def alloc(*, dead: bool) -> dict[str, Any]:
         "ModifyIndex": 9 if dead else 7,
         "CreateIndex": 6,
         "TaskStates": {
-            "setup": {"State": "dead", "StartedAt": STARTED},
             "run": {"State": state, "StartedAt": STARTED},
             "finish": {"State": state, "StartedAt": STARTED if dead else "0001-01-01T00:00:00Z"},
         },
@@ -45,6 +44,10 @@ class ScriptedNomad:
         self.streams: list[httpx.Request] = []
         self.dispatches: list[httpx.Request] = []
         self.fail_dispatch: tuple[int, str] | None = None
+
+    def finished(self) -> bool:
+        """Whether the run task has written its results (by the second stream)."""
+        return len(self.streams) > 1
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -78,13 +81,16 @@ class ScriptedNomad:
             return httpx.Response(200, json=[])
         if path == "/v1/allocation/alloc-1":
             return httpx.Response(200, json=alloc(dead=True))
-        if path == "/v1/client/fs/logs/alloc-1":
-            task, kind = request.url.params["task"], request.url.params["type"]
+        if path == "/v1/client/fs/readat/alloc-1":
+            if not self.finished():
+                return httpx.Response(404, text="no such file or directory")
             body = {
-                ("run", "stdout"): "hello\n",
-                ("run", "stderr"): "",
-                ("finish", "stdout"): 'pyexec-verdict {"reason": "exited", "exit_code": 0}\n',
-            }.get((task, kind), "")
+                "alloc/data/pyexec/stdout": "hello\n",
+                "alloc/data/pyexec/stderr": "",
+                "alloc/data/pyexec/verdict.json": '{"reason": "exited", "exit_code": 0}',
+            }.get(request.url.params["path"])
+            if body is None:
+                return httpx.Response(404, text="no such file or directory")
             return httpx.Response(200, text=body)
         return httpx.Response(404, text=f"no route {path}")
 
@@ -170,23 +176,48 @@ async def test_dispatch_refused_is_a_backend_error_with_nomads_text() -> None:
     assert "required meta keys" in caught.value.message
 
 
-async def test_setup_without_network_is_refused_before_dispatch() -> None:
-    """With PYEXEC_SETUP_NETWORK off, a request needing setup is refused, nothing dispatched."""
+@pytest.mark.parametrize(
+    ("metadata", "code"),
+    [
+        ({"config": {"network_disabled": False}}, "network_unavailable"),
+        ({"config": {"cpu_shares": 512}}, "cpu_shares_unsupported"),
+        ({"requirements_txt": "six"}, "setup_network_unavailable"),
+    ],
+)
+async def test_what_the_runner_cannot_honour_is_refused_before_dispatch(
+    metadata: dict[str, Any], code: str
+) -> None:
+    """check() refuses network, a CPU weight, or requirements without the installer's
+    network with a 4xx code, and nothing is dispatched."""
     import attrs
 
     nomad = ScriptedNomad()
     runner = make_runner(nomad)
-    runner.settings = attrs.evolve(runner.settings, setup_network=False)
-    request = parse_request({"pre_commands": ["true"]}, runner.settings)
+    runner.settings = attrs.evolve(runner.settings, setup_network=False, allow_network=True)
+    request = parse_request(metadata, runner.settings)
     try:
-        with pytest.raises(LimitExceeded) as caught:
+        with pytest.raises(BadRequest) as checked:
+            runner.check(request)
+        with pytest.raises(BadRequest) as started:
             await runner.start(
                 Execution(execution_id=new_execution_id()), request, _no_tar(), _ignore
             )
     finally:
         await runner.aclose()
-    assert caught.value.code == "setup_network_unavailable"
+    assert checked.value.code == started.value.code == code
+    assert checked.value.status_code < 500
     assert nomad.dispatches == []
+
+
+async def test_pre_commands_need_no_network_on_nomad() -> None:
+    """Pre-commands run in the run task without network: accepted with setup_network off."""
+    import attrs
+
+    nomad = ScriptedNomad()
+    runner = make_runner(nomad)
+    runner.settings = attrs.evolve(runner.settings, setup_network=False)
+    runner.check(parse_request({"pre_commands": ["true"]}, runner.settings))
+    await runner.aclose()
 
 
 async def test_unreachable_nomad_is_runner_unavailable() -> None:
@@ -268,6 +299,9 @@ class StuckRun(ScriptedNomad):
         super().__init__()
         self.stopped = False
 
+    def finished(self) -> bool:
+        return self.stopped
+
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if request.method == "DELETE" and path == f"/v1/job/{CHILD}":
@@ -334,6 +368,9 @@ async def test_kill_finds_a_job_dispatched_after_the_last_listing() -> None:
 
 class OneRunUnreadable(ScriptedNomad):
     """Events arrive, but re-reading the run's allocations keeps failing with a 500."""
+
+    def finished(self) -> bool:
+        return True  # the first event already shows the run task dead
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path

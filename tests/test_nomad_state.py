@@ -15,7 +15,7 @@ ZERO = "0001-01-01T00:00:00Z"
 
 
 def task(
-    status: str, *, started: str = STARTED, finished: str = ZERO, **terminated: str
+    status: str, *, started: str | None = STARTED, finished: str = ZERO, **terminated: str
 ) -> dict[str, Any]:
     events = [{"Type": "Started"}]
     if terminated:
@@ -31,7 +31,6 @@ def alloc(
 
 def done(**overrides: dict[str, Any]) -> dict[str, Any]:
     tasks = {
-        "setup": task("dead", exit_code="0"),
         "run": task("dead", finished=FINISHED, exit_code="0"),
         "finish": task("dead", exit_code="0"),
     }
@@ -54,6 +53,14 @@ def test_failed_client_status_is_not_over_while_finish_runs() -> None:
     assert state.alloc_over(alloc("lost", run=task("running")))
 
 
+def test_the_run_is_over_when_the_run_task_is_dead_whatever_the_writer_does() -> None:
+    """The service concludes once the run task is dead; it never waits for poststop."""
+    assert state.run_over(alloc("running", **done(finish=task("running"))))
+    assert not state.run_over(alloc("running", run=task("running"), finish=task("pending")))
+    never = {"install": task("dead", exit_code="1"), "run": task("dead", started=ZERO)}
+    assert state.run_over(alloc("failed", **never))
+
+
 def test_run_started_only_once_the_run_task_runs() -> None:
     """The execution is running when the run task is, not during setup."""
     assert (
@@ -68,11 +75,12 @@ def test_run_started_only_once_the_run_task_runs() -> None:
 
 
 def verdict_line(**fields: Any) -> bytes:
-    return b"pyexec setup chatter\n" + state.VERDICT_PREFIX.encode() + json.dumps(fields).encode()
+    """A ``verdict.json`` as the run task writes it."""
+    return json.dumps(fields).encode()
 
 
 def test_the_verdict_decides_when_present() -> None:
-    """The finish task's verdict gives the reason, exit code, error and timings."""
+    """The run task's verdict gives the reason, exit code, error and timings."""
     verdict = state.parse_verdict(
         verdict_line(
             reason="timeout",
@@ -92,20 +100,32 @@ def test_the_verdict_decides_when_present() -> None:
     assert outcome.finished_at == datetime(2026, 1, 2, 3, 4, 7, 500000, tzinfo=UTC)
 
 
-def test_setup_failure_output_comes_from_the_verdict() -> None:
-    """A setup failure reports the setup's output as stderr."""
-    verdict = state.parse_verdict(
-        verdict_line(reason="setup_failed", error="pip failed", stderr="No matching distribution")
+def test_setup_failure_keeps_the_error_and_the_output_the_task_left() -> None:
+    """A setup failure reports its error, and the setup output the task left as stderr."""
+    verdict = state.parse_verdict(verdict_line(reason="setup_failed", error="pip failed"))
+    outcome = state.outcome(alloc(**done()), verdict, "", "No matching distribution", False)
+    assert (outcome.reason, outcome.error, outcome.stderr) == (
+        Reason.SETUP_FAILED,
+        "pip failed",
+        "No matching distribution",
     )
-    outcome = state.outcome(alloc(**done()), verdict, "", "", False)
-    assert (outcome.reason, outcome.stderr) == (Reason.SETUP_FAILED, "No matching distribution")
+
+
+def test_a_skipped_run_is_an_error_not_a_verdict_of_its_own() -> None:
+    """A run task that found its record terminal ran nothing: an error, never a success."""
+    verdict = state.parse_verdict(verdict_line(reason="skipped", error="already killed"))
+    assert verdict == {"reason": "error", "error": "already killed"}
 
 
 def test_unreadable_verdict_is_ignored() -> None:
-    """A verdict line with an unknown reason or bad JSON counts as no verdict."""
+    """A verdict with an unknown reason, bad JSON, no object or too many bytes is none."""
     assert state.parse_verdict(verdict_line(reason="sideways")) is None
-    assert state.parse_verdict(state.VERDICT_PREFIX.encode() + b"{not json") is None
+    assert state.parse_verdict(b"{not json") is None
+    assert state.parse_verdict(b"[]") is None
     assert state.parse_verdict(b"") is None
+    assert state.parse_verdict(None) is None
+    padded = verdict_line(reason="exited", pad="x" * state.VERDICT_BYTES)
+    assert state.parse_verdict(padded) is None
 
 
 def test_a_stopped_job_is_killed_not_completed() -> None:
@@ -130,23 +150,31 @@ def test_without_a_verdict_oom_comes_from_the_terminated_event() -> None:
     assert (outcome.reason, outcome.exit_code) == (Reason.OOM, 137)
 
 
-def test_without_a_verdict_the_exit_code_comes_from_the_terminated_event() -> None:
-    """With no verdict, the run task's exit code is reported as an ordinary exit."""
+def test_without_a_verdict_a_run_that_ended_is_an_error_with_its_exit_code() -> None:
+    """With no verdict, the run task died before it could write one: an error (never a
+    completion), with the exit code Nomad saw."""
     tasks = done(run=task("dead", finished=FINISHED, exit_code="4"))
     outcome = state.outcome(alloc("failed", **tasks), None, "o", "e", True)
-    assert (outcome.reason, outcome.exit_code, outcome.output_truncated) == (Reason.EXITED, 4, True)
+    assert (outcome.reason, outcome.exit_code, outcome.output_truncated) == (Reason.ERROR, 4, True)
 
 
-def test_without_a_verdict_a_run_that_never_started_is_a_setup_failure() -> None:
-    """With no verdict and a run task that never started, setup failed."""
+def test_without_a_verdict_a_failed_installer_is_a_setup_failure() -> None:
+    """With no verdict and a run task that never started after the installer failed."""
     tasks = {
-        "setup": task("dead", exit_code="1"),
-        "run": task("dead", started=ZERO),
-        "finish": task("dead", exit_code="1"),
+        "install": task("dead", exit_code="1"),
+        "run": task("dead", started=None),  # Nomad sends null for a task that never started
+        "finish": task("dead", exit_code="0"),
     }
     outcome = state.outcome(alloc("failed", **tasks), None, "", "", False)
     assert outcome.reason is Reason.SETUP_FAILED
     assert "exit code 1" in (outcome.error or "")
+    assert outcome.started_at is None
+
+
+def test_a_run_task_that_never_started_without_installer_is_an_error() -> None:
+    """A run task that never started (e.g. its image could not be pulled) is an error."""
+    outcome = state.outcome(alloc("failed", run=task("dead", started=ZERO)), None, "", "", False)
+    assert outcome.reason is Reason.ERROR
 
 
 def test_placement_failure_says_which_dimension_is_exhausted() -> None:

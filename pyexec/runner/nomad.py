@@ -1,10 +1,13 @@
 """The Nomad runner: each execution is a dispatch of a parameterized runner job.
 
-``start`` dispatches ``<prefix>-<class>`` with the execution id in the meta (the tar
-is already in Consul, where the job's setup task fetches it) and an idempotency
-token, then returns. One ``EventWatcher`` follows every run in flight over a single
-event stream; when a run's allocation is over, the runner reads the run's output and
-the finish task's verdict through the logs API and resolves ``wait``. A server-side
+``start`` dispatches ``<prefix>-<class>`` (``-pip`` with requirements) with the
+execution id in the meta (the tar is already in Consul, where the Nomad client renders
+it into the run task) and an idempotency token, then returns. One ``EventWatcher``
+follows every run in flight over a single event stream. The run task leaves its capped
+output and verdict in the allocation directory; the runner reads them through the
+client filesystem API as soon as they are there (it polls for the verdict while the
+allocation runs, and reads once more when Nomad reports the run task dead), never
+through the logs API and never waiting for the poststop writer. A server-side
 clock fails runs that cannot be placed within ``nomad_placement_timeout`` and stops
 runs that outlive their timeout (the task enforces it first; this is the backstop);
 it also purges a finished run's dispatched job a few minutes after handing over its
@@ -27,7 +30,7 @@ from typing import Any
 import attrs
 
 from pyexec.deadline import budget_seconds, execution_budget
-from pyexec.errors import BackendError, BackendUnavailable, LimitExceeded, PyexecError
+from pyexec.errors import BackendError, BackendUnavailable, BadRequest, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
 from pyexec.runner import OnRunning, nomad_job
 from pyexec.runner import nomad_state as state
@@ -48,7 +51,8 @@ TICK_SECONDS = 1.0
 UNCLAIMED_JOBS = 256
 #: How long one listing of dispatched jobs answers ``resume``/``kill`` lookups.
 LISTING_TTL_SECONDS = 5.0
-FINISH_VERDICT_BYTES = 256 * 1024
+#: Polling for the run task's verdict while its allocation runs: first and longest pause.
+VERDICT_POLL_SECONDS = (0.1, 1.0)
 #: How long a finished run's dispatched job stays before the runner purges it. Every
 #: child is a full copy of its runner job (the task script three times, ~80 KB; more
 #: with PYEXEC_CA_BUNDLE) held in the servers' memory and snapshots until Nomad's own
@@ -95,6 +99,8 @@ class _Run:
     #: Set when the service itself stops the run (deadlines): this verdict wins over
     #: the "stopped" that Nomad then reports.
     expired: RunOutcome | None = None
+    #: Polls the allocation directory for the verdict (from placement until concluded).
+    poller: asyncio.Task[None] | None = None
 
 
 class NomadRunner:
@@ -120,7 +126,11 @@ class NomadRunner:
         )
         self._clock: asyncio.Task[None] | None = None
         self._purges: deque[tuple[float, str]] = deque()  # (when, dispatched job id)
-        self._parents = {nomad_job.job_id(settings, c) for c in settings.nomad_resource_classes}
+        self._parents = {
+            nomad_job.job_id(settings, c, pip=pip)
+            for c in settings.nomad_resource_classes
+            for pip in (False, True)
+        }
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store | None = None) -> NomadRunner:
@@ -133,18 +143,43 @@ class NomadRunner:
         return self.settings.nomad_placement_timeout
 
     def check(self, request: ExecutionRequest) -> None:
-        """Nothing beyond ``start``'s own checks yet."""
-        return
+        """Refuse at submit what the runner jobs cannot honour (never drop it silently)."""
+        nomad_job.pick_class(self.settings, request.config)
+        if not request.config.network_disabled:
+            raise BadRequest(
+                "the Nomad runner runs every request without network "
+                "(its run task has network_mode none): network_disabled must be true",
+                code="network_unavailable",
+                field="config.network_disabled",
+            )
+        if request.requirements_txt.strip() and not self.settings.setup_network:
+            raise BadRequest(
+                "this server gives setup no network, which the requirements installer needs "
+                "(pre_commands run without it and are fine)",
+                code="setup_network_unavailable",
+                field="requirements_txt",
+            )
+        if request.config.cpu_shares != self.settings.default_cpu_shares:
+            raise BadRequest(
+                "the Nomad runner's CPU share is its resource class's cpu; config.cpu_shares "
+                f"must be left at the default ({self.settings.default_cpu_shares})",
+                code="cpu_shares_unsupported",
+                field="config.cpu_shares",
+            )
 
     async def startup(self) -> None:
-        """Register (or update) the runner jobs, then start watching."""
-        await self.register_jobs()
+        """Register the runner jobs Nomad lacks (unless turned off), then start watching."""
+        if self.settings.nomad_register_jobs:
+            await self.register_jobs(overwrite=False)
         self._start_watching()
 
-    async def register_jobs(self) -> list[str]:
-        """Register every resource class's job; unchanged jobs stay as they are."""
+    async def register_jobs(self, *, overwrite: bool = True) -> list[str]:
+        """Register every runner job; with ``overwrite=False`` only those Nomad does not
+        have, so what an operator changed in a registered job stays as it is."""
         registered = []
         for job in nomad_job.runner_jobs(self.settings):
+            if not overwrite and await self.api.get_job(job["ID"]) is not None:
+                continue
             await self.api.register_job(job)
             registered.append(job["ID"])
         return registered
@@ -162,16 +197,10 @@ class NomadRunner:
         on_running: OnRunning,
     ) -> None:
         # The tar is in Consul already; the job's setup task reads it from there.
+        self.check(request)
         resource_class = nomad_job.pick_class(self.settings, request.config)
-        if request.needs_setup and not self.settings.setup_network:
-            raise LimitExceeded(
-                "this server runs setup without the network, which the Nomad runner's setup "
-                "task needs (it fetches the code from Consul): requirements_txt and "
-                "pre_commands are not available",
-                code="setup_network_unavailable",
-                field="requirements_txt" if request.requirements_txt.strip() else "pre_commands",
-            )
-        parent = nomad_job.job_id(self.settings, resource_class)
+        pip = bool(request.requirements_txt.strip())
+        parent = nomad_job.job_id(self.settings, resource_class, pip=pip)
         # The service stores the final record itself (after post-processing, e.g. eval).
         meta = {
             "execution_id": execution.execution_id,
@@ -249,7 +278,7 @@ class NomadRunner:
             return "", ""
         if run.alloc is None:
             return "", f"pyexec: {run.placement}\n" if run.placement else ""
-        stdout, stderr, _ = await self._read_output(run)
+        stdout, stderr, _ = await self._read_output(run.alloc["ID"], run.max_output)
         return stdout, stderr
 
     async def kill(self, execution_id: str) -> None:
@@ -371,6 +400,10 @@ class NomadRunner:
         run.placement = None
         if run.placed_at is None:
             run.placed_at = time.monotonic()
+        if run.poller is None and not state.run_over(alloc):
+            run.poller = asyncio.create_task(self._poll_verdict(run, alloc["ID"]))
+            self._background.add(run.poller)
+            run.poller.add_done_callback(self._background.discard)
         started = state.run_started(alloc)
         if started is not None and not run.reported_running:
             run.reported_running = True
@@ -389,35 +422,60 @@ class NomadRunner:
     def _maybe_conclude(self, run: _Run) -> None:
         if run.concluding or run.outcome.done():
             return
-        if run.alloc is not None and state.alloc_over(run.alloc):
+        if run.alloc is not None and state.run_over(run.alloc):
             run.concluding = True
             self._spawn(self._conclude(run))
         elif run.alloc is None and run.job_stopped:
             # Stopped before anything was placed: nothing ran.
             self._resolve(run, RunOutcome(reason=Reason.KILLED, error="stopped before it ran"))
 
-    async def _conclude(self, run: _Run) -> None:
+    async def _poll_verdict(self, run: _Run, alloc_id: str) -> None:
+        """Conclude as soon as the run task has written its verdict: Nomad reports a task
+        dead only on the client's next sync with the servers, often most of a second
+        later. Pauses grow from 0.1 s to 1 s, so long runs cost little."""
+        pause, longest = VERDICT_POLL_SECONDS
+        while not (run.concluding or run.outcome.done()):
+            await asyncio.sleep(pause)
+            pause = min(longest, pause * 1.5)
+            if run.concluding or run.outcome.done() or run.alloc is None:
+                return
+            if run.alloc["ID"] != alloc_id:
+                return
+            try:
+                raw = await self.api.read_file(alloc_id, state.VERDICT_PATH, state.VERDICT_BYTES)
+            except PyexecError as exc:
+                log.debug("verdict of %s not readable yet: %s", run.execution_id, exc)
+                continue
+            verdict = state.parse_verdict(raw)
+            if verdict is not None and not (run.concluding or run.outcome.done()):
+                run.concluding = True
+                await self._conclude(run, verdict)
+                return
+
+    async def _conclude(self, run: _Run, verdict: dict[str, Any] | None = None) -> None:
         assert run.alloc is not None
+        alloc = run.alloc
         try:
-            stdout, stderr, truncated = await self._read_output(run)
-            finish, _ = await self.api.read_log(
-                run.alloc["ID"], nomad_job.TASKS["finish"], "stdout", FINISH_VERDICT_BYTES
-            )
-            outcome = state.outcome(
-                run.alloc, state.parse_verdict(finish), stdout, stderr, truncated
-            )
+            if verdict is None:
+                raw = await self.api.read_file(alloc["ID"], state.VERDICT_PATH, state.VERDICT_BYTES)
+                verdict = state.parse_verdict(raw)
+            stdout, stderr, truncated = await self._read_output(alloc["ID"], run.max_output)
+            outcome = state.outcome(alloc, verdict, stdout, stderr, truncated)
         except PyexecError as exc:
-            # The run is over but its output cannot be read (e.g. the alloc was collected).
-            outcome = state.outcome(run.alloc, None, "", "", False)
+            # The run is over but its results cannot be read (e.g. the alloc was collected).
+            outcome = state.outcome(alloc, None, "", "", False)
             outcome = attrs.evolve(outcome, error=outcome.error or exc.message)
         self._resolve(run, outcome)
 
-    async def _read_output(self, run: _Run) -> tuple[str, str, bool]:
-        assert run.alloc is not None
-        alloc_id, task = run.alloc["ID"], nomad_job.TASKS["run"]
-        out, out_cut = await self.api.read_log(alloc_id, task, "stdout", run.max_output)
-        err, err_cut = await self.api.read_log(alloc_id, task, "stderr", run.max_output)
-        return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), out_cut or err_cut
+    async def _read_output(self, alloc_id: str, cap: int) -> tuple[str, str, bool]:
+        """The capped output the run task left (one byte more tells truncation)."""
+        texts: list[str] = []
+        cut = False
+        for path in (state.OUTPUT_PATHS["stdout"], state.OUTPUT_PATHS["stderr"]):
+            data = await self.api.read_file(alloc_id, path, cap + 1) or b""
+            cut = cut or len(data) > cap
+            texts.append(data[:cap].decode("utf-8", "replace"))
+        return texts[0], texts[1], cut
 
     def _resolve(self, run: _Run, outcome: RunOutcome) -> None:
         if run.outcome.done():

@@ -31,6 +31,10 @@ REQUEST_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 STREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=75.0, write=30.0, pool=30.0)
 
 
+#: How the client filesystem API says a file (or the allocation's directory) is not there.
+_MISSING = ("no such file", "not exist", "not found", "unknown allocation")
+
+
 class NomadError(BackendError):
     """Nomad answered with an error status; ``status`` and Nomad's text are kept."""
 
@@ -237,6 +241,28 @@ class NomadAPI:
             ) from None
         data = b"".join(chunks)
         return data[:limit], len(data) > limit
+
+    # --- files of an allocation ----------------------------------------------------------------
+    async def read_file(self, alloc_id: str, path: str, limit: int) -> bytes | None:
+        """Up to ``limit`` bytes of a file in an allocation's directory (the client
+        filesystem API); ``None`` while it does not exist (or the allocation's directory
+        is not there yet, or no longer)."""
+        params = self._params({"path": path, "offset": 0, "limit": limit})
+        try:
+            response = await self._calls.get(f"/v1/client/fs/readat/{alloc_id}", params=params)
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(
+                f"Nomad at {self.base_url} is unreachable: {exc!r}", code="runner_unavailable"
+            ) from None
+        if response.status_code == 200:
+            return response.content[:limit]
+        text = response.text.strip()
+        if response.status_code in (404, 500) and any(m in text.lower() for m in _MISSING):
+            return None
+        raise NomadError(
+            f"Nomad read of {alloc_id}:{path} answered {response.status_code}: {text}",
+            status=response.status_code,
+        )
 
     # --- events --------------------------------------------------------------------------------
     async def events(self, topics: list[str], index: int) -> AsyncIterator[JSON]:

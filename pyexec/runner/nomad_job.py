@@ -1,62 +1,88 @@
 """The Nomad runner jobs as data: a pure function from ``Settings`` to Nomad's API JSON.
 
 One parameterized ``batch`` job is registered per resource class (Nomad cannot
-interpolate ``resources`` per dispatch), named ``<nomad_job_prefix>-<class>``.
-Each dispatch carries the execution id (and optionally the image) in its meta;
-everything else about the run is read from the execution's record in Consul.
+interpolate ``resources`` per dispatch), named ``<nomad_job_prefix>-<class>``, and one
+more per class for requests with requirements, ``<nomad_job_prefix>-<class>-pip``.
+Each dispatch carries the execution id (and optionally the image) in its meta.
 
-The task group has three tasks sharing the allocation directory ``/alloc``:
+The task group's tasks share the allocation directory ``/alloc``:
 
-``setup`` (prestart)
-    fetches the tar from Consul, verifies and extracts it, installs requirements and
-    runs the pre-commands. It needs the network (Consul, the package index).
+``install`` (prestart, ``-pip`` jobs only)
+    the trusted installer: the operator's image (``PYEXEC_NOMAD_TRUSTED_IMAGE``), never
+    the request's, with the network. Installs the record's requirements as wheels only
+    (no package build script runs) into ``/alloc/data/pyexec/site``.
 ``run`` (main)
-    the sandbox: no network, read-only root, no capabilities, pids and memory limits,
-    a tmpfs ``/work``. Runs the entrypoint and records its verdict in ``/alloc``.
+    the sandbox, in the request's image: no network, read-only root, no capabilities,
+    pids and memory limits, a tmpfs ``/work``. The Nomad client renders the tar, its
+    manifest and the record from Consul into ``/local`` (the task holds no Consul
+    token); the task checks and unpacks the tar with the API's tar rules, runs the
+    pre-commands and the entrypoint, and writes capped output and its verdict into
+    ``/alloc/data/pyexec``, where the service reads them (client filesystem API).
 ``finish`` (poststop)
-    writes the final record to Consul (check-and-set: a terminal record is never
-    overwritten) and prints the verdict, which the service reads through the logs API.
+    the record writer of a plain ``nomad job dispatch`` (trusted image, trusted code):
+    stores the final record in Consul unless it is terminal already. The service's own
+    dispatches store their record themselves and never wait for it.
 
-All three run ``pyexec/taskscripts/pyexec_task.py``, shipped as a plain-text template
-(unusual delimiters, so the Python source is never parsed as a Go template).
-``jobs/pyexec-runner.nomad.hcl`` is the same job in HCL; a test keeps the two in step.
+The code in the tasks is the service's own: ``pyexec/taskscripts/nomad_run.py``,
+``pyexec/sandbox/tarcheck.py`` and ``pyexec/taskscripts/nomad_finish.py``, shipped as
+plain-text templates (unusual delimiters, so their source is never parsed as a Go
+template); the key layout and the status of each reason reach the finish task as
+environment built here from ``consul_keys`` and ``Reason``.
+``jobs/pyexec-runner.nomad.hcl`` is the small class's job in HCL; a test keeps the two
+in step.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import shlex
 import urllib.parse
 from importlib import resources
 from typing import Any
 
 from pyexec.errors import LimitExceeded
-from pyexec.models import ExecutionConfig
+from pyexec.models import ExecutionConfig, Reason
 from pyexec.settings import MiB, ResourceClass, Settings, SettingsError
+from pyexec.store import CHUNK_SIZE, consul_keys
 
 __all__ = [
     "GROUP",
     "LEFT_DELIM",
     "RIGHT_DELIM",
     "TASKS",
+    "TASK_FILES",
     "consul_url",
     "job_id",
     "job_id_for",
     "pick_class",
     "runner_job",
     "runner_jobs",
+    "task_file",
     "task_network_mode",
-    "task_script",
 ]
 
 GROUP = "pyexec"
-#: Task names by lifecycle role.
-TASKS = {"setup": "setup", "run": "run", "finish": "finish"}
-#: Template delimiters nothing in Python source (or a CA bundle) contains.
+#: Task names by role.
+TASKS = {"install": "install", "run": "run", "finish": "finish"}
+#: Suffix of the job ID of a class's variant with the requirements installer.
+PIP_SUFFIX = "-pip"
+#: Template delimiters nothing in Python source contains.
 LEFT_DELIM = "[[[pyexec"
 RIGHT_DELIM = "pyexec]]]"
-SCRIPT_DEST = "local/pyexec_task.py"
-CA_DEST = "local/ca-bundle.crt"
+#: The service's own modules each task runs, by destination in the task dir.
+TASK_FILES = {
+    "local/pyexec/nomad_run.py": "pyexec/taskscripts/nomad_run.py",
+    "local/pyexec/tarcheck.py": "pyexec/sandbox/tarcheck.py",
+    "local/pyexec/nomad_finish.py": "pyexec/taskscripts/nomad_finish.py",
+    "local/pyexec/nomad_install.py": "pyexec/taskscripts/nomad_install.py",
+}
+#: Where the Nomad client renders the inputs of the run task from Consul.
+INPUTS = {
+    "tar": "local/bundle.tar",
+    "manifest": "local/manifest.json",
+    "record": "local/record.json",
+}
 SECOND = 1_000_000_000  # Nomad durations are nanoseconds
 #: Memory (MiB) and CPU (MHz) of the finish task; it only reads files and talks to Consul.
 FINISH_MEMORY_MB = 128
@@ -64,16 +90,20 @@ FINISH_CPU_MHZ = 100
 #: /tmp inside the sandbox, for libraries that insist on a temp dir.
 TMP_BYTES = 64 * MiB
 KILL_TIMEOUT_SECONDS = 5
+CA_DEST = "local/ca-bundle.crt"
+#: The Nomad client's Consul template for one execution's keys (the id from the meta).
+_ID = '(env "NOMAD_META_execution_id")'
 _OPERATORS = ("=", "!=", ">", ">=", "<", "<=", "regexp", "version", "semver", "set_contains")
 
 
-def task_script() -> str:
-    """The source of the script every runner task runs (stdlib only)."""
-    return (resources.files("pyexec.taskscripts") / "pyexec_task.py").read_text("utf-8")
+def task_file(dest: str) -> str:
+    """The source of one of the service's modules a task runs (``TASK_FILES``)."""
+    package, _, name = TASK_FILES[dest].removesuffix(".py").rpartition("/")
+    return (resources.files(package.replace("/", ".")) / f"{name}.py").read_text("utf-8")
 
 
-def job_id(settings: Settings, resource_class: ResourceClass) -> str:
-    return job_id_for(settings, resource_class.name)
+def job_id(settings: Settings, resource_class: ResourceClass, *, pip: bool = False) -> str:
+    return job_id_for(settings, resource_class.name) + (PIP_SUFFIX if pip else "")
 
 
 def job_id_for(settings: Settings, class_name: str) -> str:
@@ -88,14 +118,13 @@ def consul_url(settings: Settings) -> str:
 
 
 def task_network_mode(settings: Settings) -> str:
-    """The docker network of the setup and finish tasks (never of the run task).
+    """The docker network of the trusted tasks (installer, writer; never of the run task).
 
     ``bridge``: the task gets its own network namespace on Docker's default bridge. It
     reaches Consul at a node address (``PYEXEC_NOMAD_CONSUL_ADDR``, e.g.
     ``http://${attr.unique.network.ip-address}:8500``) and the package index through
-    NAT, but not the node's loopback services nor its abstract unix sockets, which
-    ``host`` would hand to requirements' build scripts and pre-commands. A Consul the
-    tasks reach on loopback leaves only ``host``.
+    NAT, but not the node's loopback services. A Consul the tasks reach on loopback
+    leaves only ``host``.
     """
     host = urllib.parse.urlsplit(consul_url(settings)).hostname or ""
     try:
@@ -142,15 +171,18 @@ def _constraint(spec: str) -> dict[str, str]:
     return {"LTarget": parts[0], "Operand": parts[1], "RTarget": parts[2]}
 
 
-def _template(data: str, dest: str) -> dict[str, Any]:
-    return {
+def _template(data: str, dest: str, *, literal: bool = True, env: bool = False) -> dict[str, Any]:
+    template: dict[str, Any] = {
         "EmbeddedTmpl": data,
         "DestPath": dest,
         "ChangeMode": "noop",
         "Perms": "0644",
-        "LeftDelim": LEFT_DELIM,
-        "RightDelim": RIGHT_DELIM,
     }
+    if literal:  # source code: delimiters it never contains, so nothing in it is an action
+        template |= {"LeftDelim": LEFT_DELIM, "RightDelim": RIGHT_DELIM}
+    if env:
+        template["Envvars"] = True
+    return template
 
 
 def _ca_bundle(settings: Settings) -> str | None:
@@ -166,20 +198,81 @@ def _ca_bundle(settings: Settings) -> str | None:
         ) from None
 
 
+def _code(*dests: str) -> list[dict[str, Any]]:
+    return [_template(task_file(dest), dest) for dest in dests]
+
+
+def _key_path(key_of: Any, prefix: str) -> str:
+    """A Go template expression for the key ``key_of(prefix, <the dispatch's id>)``."""
+    pattern = key_of(prefix.replace("%", "%%"), "%s")
+    return f"(printf {json.dumps(pattern)} {_ID})"
+
+
+def input_templates(settings: Settings) -> list[dict[str, Any]]:
+    """The run task's inputs, rendered by the Nomad client from Consul (its own access)."""
+    prefix = settings.consul_prefix
+    tar_folder = _key_path(lambda p, i: consul_keys.execution_folder(p, i) + "tar", prefix)
+    tar = f"{{{{ range ls {tar_folder} }}}}{{{{ .Value }}}}{{{{ end }}}}"
+    return [
+        _template(tar, INPUTS["tar"], literal=False),
+        _template(
+            f'{{{{ keyOrDefault {_key_path(consul_keys.manifest_key, prefix)} "" }}}}',
+            INPUTS["manifest"],
+            literal=False,
+        ),
+        _template(
+            f'{{{{ keyOrDefault {_key_path(consul_keys.record_key, prefix)} "" }}}}',
+            INPUTS["record"],
+            literal=False,
+        ),
+    ]
+
+
+def writer_env(settings: Settings) -> dict[str, str]:
+    """What the finish task must agree on with the service, from the service's definitions."""
+    prefix, eid = settings.consul_prefix, "${NOMAD_META_execution_id}"
+    return {
+        "PYEXEC_CONSUL_ADDR": consul_url(settings),
+        "PYEXEC_RECORD_KEY": consul_keys.record_key(prefix, eid),
+        "PYEXEC_STATUS_KEY": consul_keys.status_key(prefix, eid),
+        "PYEXEC_OUTPUT_FOLDER": consul_keys.execution_folder(prefix, eid) + "output/",
+        "PYEXEC_STATUS_OF": json.dumps({r.value: r.status.value for r in Reason}),
+        "PYEXEC_INLINE_OUTPUT_BYTES": str(consul_keys.INLINE_OUTPUT_BYTES),
+        "PYEXEC_OUTPUT_CHUNK_BYTES": str(CHUNK_SIZE),
+    }
+
+
+def _token_template(settings: Settings) -> dict[str, Any] | None:
+    """CONSUL_HTTP_TOKEN for the writer from a Nomad variable; none while it does not exist
+    (``nomadVar`` alone would block the task until it does)."""
+    path = settings.nomad_consul_token_variable
+    if not path:
+        return None
+    quoted = json.dumps(path)
+    data = (
+        f"{{{{ range nomadVarList {quoted} }}}}{{{{ if eq .Path {quoted} }}}}"
+        f"{{{{ with nomadVar .Path }}}}CONSUL_HTTP_TOKEN={{{{ .consul_token }}}}{{{{ end }}}}"
+        "{{ end }}{{ end }}\n"
+    )
+    return _template(data, "secrets/consul.env", literal=False, env=True)
+
+
 def _task(
-    name: str, hook: str | None, config: dict[str, Any], cpu: int, memory_mb: int
+    name: str,
+    hook: str | None,
+    image: str,
+    args: list[str],
+    config: dict[str, Any],
+    cpu: int,
+    memory_mb: int,
+    env: dict[str, str],
 ) -> dict[str, Any]:
     task: dict[str, Any] = {
         "Name": name,
         "Driver": "docker",
         "User": "1000",
-        "Config": {
-            "image": "${NOMAD_META_image}",
-            "command": "python3",
-            "args": [f"/{SCRIPT_DEST}", name],
-            **config,
-        },
-        "Env": {},
+        "Config": {"image": image, "command": "python3", "args": args, **config},
+        "Env": env,
         "Templates": [],
         "Resources": {"CPU": cpu, "MemoryMB": memory_mb},
         "KillTimeout": KILL_TIMEOUT_SECONDS * SECOND,
@@ -189,64 +282,94 @@ def _task(
     return task
 
 
-def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, Any]:
-    """The runner job of one resource class, as the body of ``PUT /v1/jobs`` wants ``Job``."""
-    script = task_script()
-    consul_env = {
-        "PYEXEC_CONSUL_ADDR": consul_url(settings),
-        "PYEXEC_CONSUL_PREFIX": settings.consul_prefix,
-    }
-    # setup and finish talk to Consul (and setup to the package index); they run the
-    # same image as the sandbox, but nothing of the user's runs in finish.
-    networked = {
+def _tmpfs(target: str, size: int) -> dict[str, Any]:
+    return {"type": "tmpfs", "target": target, "readonly": False, "tmpfs_options": {"size": size}}
+
+
+def runner_job(
+    settings: Settings, resource_class: ResourceClass, *, pip: bool = False
+) -> dict[str, Any]:
+    """The runner job of one resource class, as the body of ``PUT /v1/jobs`` wants ``Job``.
+
+    ``pip``: the variant with the trusted requirements installer before the run task.
+    """
+    extra_env = dict(settings.nomad_task_env)
+    trusted_image = settings.nomad_trusted_image or settings.default_image
+    trusted = {
         "network_mode": task_network_mode(settings),
         "readonly_rootfs": True,
         "cap_drop": ["all"],
         "security_opt": ["no-new-privileges"],
         "mount": [_tmpfs("/tmp", TMP_BYTES)],
     }
-
-    setup = _task(
-        TASKS["setup"],
-        "prestart",
-        dict(networked),
-        resource_class.cpu_mhz,
-        resource_class.memory_mb,
-    )
-    setup["Env"] = dict(consul_env)
-    setup["Templates"] = [_template(script, SCRIPT_DEST)]
-    ca = _ca_bundle(settings)
-    if ca is not None:
-        setup["Templates"].append(_template(ca, CA_DEST))
-        for var in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
-            setup["Env"][var] = f"/{CA_DEST}"
-
+    sandbox: dict[str, Any] = {
+        "network_mode": "none",
+        "readonly_rootfs": True,
+        "cap_drop": ["all"],
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": settings.default_pids_limit,
+        "mount": [_tmpfs("/work", resource_class.disk_mb * MiB), _tmpfs("/tmp", TMP_BYTES)],
+    }
     run = _task(
         TASKS["run"],
         None,
-        {
-            "network_mode": "none",
-            "readonly_rootfs": True,
-            "cap_drop": ["all"],
-            "security_opt": ["no-new-privileges"],
-            "pids_limit": settings.default_pids_limit,
-            "mount": [
-                _tmpfs("/work", resource_class.disk_mb * MiB),
-                _tmpfs("/tmp", TMP_BYTES),
-            ],
-        },
+        "${NOMAD_META_image}",
+        ["-I", "-S", "/local/pyexec/nomad_run.py"],
+        sandbox,
         resource_class.cpu_mhz,
         resource_class.memory_mb,
+        {
+            "PYEXEC_MAX_TAR_ENTRIES": str(settings.max_tar_entries),
+            "PYEXEC_MAX_EXTRACTED_BYTES": str(settings.max_extracted_bytes),
+            **extra_env,
+        },
     )
-    run["Templates"] = [_template(script, SCRIPT_DEST)]
+    run["Templates"] = [
+        *_code("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py"),
+        *input_templates(settings),
+    ]
 
-    finish = _task(TASKS["finish"], "poststop", dict(networked), FINISH_CPU_MHZ, FINISH_MEMORY_MB)
-    finish["Env"] = dict(consul_env)
-    finish["Templates"] = [_template(script, SCRIPT_DEST)]
+    finish = _task(
+        TASKS["finish"],
+        "poststop",
+        trusted_image,
+        ["-I", "/local/pyexec/nomad_finish.py"],
+        dict(trusted),
+        FINISH_CPU_MHZ,
+        FINISH_MEMORY_MB,
+        {**writer_env(settings), **extra_env},
+    )
+    finish["Templates"] = _code("local/pyexec/nomad_finish.py")
+    token = _token_template(settings)
+    if token is not None:
+        finish["Templates"].append(token)
+
+    tasks = [run, finish]
+    if pip:
+        install = _task(
+            TASKS["install"],
+            "prestart",
+            trusted_image,
+            ["-I", "/local/pyexec/nomad_install.py"],
+            dict(trusted),
+            resource_class.cpu_mhz,
+            resource_class.memory_mb,
+            {"PYEXEC_PIP_ONLY_BINARY": ":all:", **extra_env},
+        )
+        install["Templates"] = [
+            *_code("local/pyexec/nomad_install.py"),
+            input_templates(settings)[2],
+        ]
+        ca = _ca_bundle(settings)
+        if ca is not None:
+            install["Templates"].append(_template(ca, CA_DEST))
+            for var in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
+                install["Env"][var] = f"/{CA_DEST}"
+        tasks.insert(0, install)
 
     job: dict[str, Any] = {
-        "ID": job_id(settings, resource_class),
-        "Name": job_id(settings, resource_class),
+        "ID": job_id(settings, resource_class, pip=pip),
+        "Name": job_id(settings, resource_class, pip=pip),
         "Type": "batch",
         "Datacenters": list(settings.nomad_datacenters),
         "ParameterizedJob": {
@@ -277,7 +400,7 @@ def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, A
                 },
                 "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
                 "EphemeralDisk": {"SizeMB": resource_class.disk_mb},
-                "Tasks": [setup, run, finish],
+                "Tasks": tasks,
             }
         ],
     }
@@ -290,10 +413,10 @@ def runner_job(settings: Settings, resource_class: ResourceClass) -> dict[str, A
     return job
 
 
-def _tmpfs(target: str, size: int) -> dict[str, Any]:
-    return {"type": "tmpfs", "target": target, "readonly": False, "tmpfs_options": {"size": size}}
-
-
 def runner_jobs(settings: Settings) -> list[dict[str, Any]]:
-    """One runner job per resource class, smallest first."""
-    return [runner_job(settings, c) for c in settings.nomad_resource_classes]
+    """Per resource class, smallest first: the job, then its requirements variant."""
+    return [
+        runner_job(settings, c, pip=pip)
+        for c in settings.nomad_resource_classes
+        for pip in (False, True)
+    ]

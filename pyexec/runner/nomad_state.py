@@ -7,8 +7,9 @@ tested without an agent:
 - an allocation is over when every task is dead (or Nomad lost it);
 - ``DesiredStatus=stop`` means it was stopped: killed, not completed;
 - ``ClientStatus=lost`` means the node went away: a failure;
-- the finish task prints a verdict line; without one, the ``run`` task's
-  ``Terminated`` event gives the exit code and ``oom_killed``;
+- the run task writes its verdict (``verdict.json``) into the allocation
+  directory; without one, the ``run`` task's ``Terminated`` event gives the
+  exit code and ``oom_killed``;
 - a blocked evaluation's ``FailedTGAllocs`` says why nothing could be placed.
 """
 
@@ -28,14 +29,18 @@ __all__ = [
     "parse_time",
     "parse_verdict",
     "placement_failure",
+    "run_over",
     "run_started",
     "terminated_event",
 ]
 
 JSON = Mapping[str, Any]
 RUN_TASK = "run"
-SETUP_TASK = "setup"
-VERDICT_PREFIX = "pyexec-verdict "
+INSTALL_TASK = "install"
+#: Where the run task leaves its results, relative to the allocation directory.
+VERDICT_PATH = "alloc/data/pyexec/verdict.json"
+OUTPUT_PATHS = {"stdout": "alloc/data/pyexec/stdout", "stderr": "alloc/data/pyexec/stderr"}
+VERDICT_BYTES = 64 * 1024
 _FRACTION = re.compile(r"\.(\d+)")
 
 
@@ -74,6 +79,12 @@ def alloc_over(alloc: JSON) -> bool:
     return bool(states) and all(s.get("State") == "dead" for s in states.values())
 
 
+def run_over(alloc: JSON) -> bool:
+    """Whether the ``run`` task is done (its results are final), whatever the poststop
+    writer still does; also when it never ran and never will (all tasks dead, lost)."""
+    return _task(alloc, RUN_TASK).get("State") == "dead" or alloc_over(alloc)
+
+
 def terminated_event(alloc: JSON, task: str = RUN_TASK) -> JSON | None:
     """Details of the task's last ``Terminated`` event."""
     for event in reversed(_task(alloc, task).get("Events") or []):
@@ -83,17 +94,31 @@ def terminated_event(alloc: JSON, task: str = RUN_TASK) -> JSON | None:
     return None
 
 
-def parse_verdict(finish_stdout: bytes) -> dict[str, Any] | None:
-    """The finish task's verdict line, checked; ``None`` if it printed none."""
-    for line in reversed(finish_stdout.decode("utf-8", "replace").splitlines()):
-        if line.startswith(VERDICT_PREFIX):
-            try:
-                verdict = json.loads(line[len(VERDICT_PREFIX) :])
-            except ValueError:
-                return None
-            if isinstance(verdict, dict) and verdict.get("reason") in Reason.__members__.values():
-                return verdict
-            return None
+def parse_verdict(raw: bytes | None) -> dict[str, Any] | None:
+    """The run task's ``verdict.json``, checked (the program could have rewritten it);
+    ``None`` if there is none or it is not one."""
+    if raw is None or len(raw) > VERDICT_BYTES:
+        return None
+    try:
+        verdict = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(verdict, dict):
+        return None
+    if verdict.get("reason") == "skipped":
+        return {"reason": Reason.ERROR.value, "error": str(verdict.get("error") or "skipped")}
+    if verdict.get("reason") not in Reason.__members__.values():
+        return None
+    return verdict
+
+
+def _exit_code(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
     return None
 
 
@@ -104,13 +129,12 @@ def outcome(
     stderr: str,
     truncated: bool,
 ) -> RunOutcome:
-    """The outcome of an allocation that is over."""
+    """The outcome of an allocation whose run task is over."""
     started = run_started(alloc)
-    run_task = _task(alloc, RUN_TASK)
-    finished = parse_time(run_task.get("FinishedAt"))
+    finished = parse_time(_task(alloc, RUN_TASK).get("FinishedAt"))
 
     def seen(reason: Reason, error: str | None, exit_code: int | None = None) -> RunOutcome:
-        """What Nomad itself shows, with the output read from its logs."""
+        """What Nomad itself shows, with the output the task left."""
         return RunOutcome(
             reason=reason,
             exit_code=exit_code,
@@ -129,38 +153,35 @@ def outcome(
         return seen(Reason.KILLED, "stopped")
     if verdict is not None:
         reason = Reason(verdict["reason"])
-        exit_code = verdict.get("exit_code")
-        if reason is Reason.SETUP_FAILED and verdict.get("stderr"):
-            stderr = str(verdict["stderr"])
+        error = verdict.get("error")
         return RunOutcome(
             reason=reason,
-            exit_code=exit_code if isinstance(exit_code, int) else None,
+            exit_code=_exit_code(verdict.get("exit_code")),
             stdout=stdout,
             stderr=stderr,
-            output_truncated=bool(verdict.get("output_truncated")) or truncated,
-            started_at=parse_time(verdict.get("started_at")) or started,
-            finished_at=parse_time(verdict.get("finished_at")) or finished,
-            error=verdict.get("error"),
+            output_truncated=verdict.get("output_truncated") is True or truncated,
+            started_at=parse_time(_str(verdict.get("started_at"))) or started,
+            finished_at=parse_time(_str(verdict.get("finished_at"))) or finished,
+            error=str(error) if error else None,
         )
-    # No verdict: the finish task failed. Tell what Nomad itself saw.
+    # No verdict: the run task never got to write one. Tell what Nomad itself saw.
     if started is None:
-        setup = terminated_event(alloc, SETUP_TASK) or {}
-        return RunOutcome(
-            reason=Reason.SETUP_FAILED,
-            stdout=stdout,
-            stderr=stderr,
-            error=f"the setup task failed (exit code {setup.get('exit_code', '?')})",
-        )
+        install = terminated_event(alloc, INSTALL_TASK) or {}
+        if install:
+            return seen(
+                Reason.SETUP_FAILED,
+                f"the install task failed (exit code {install.get('exit_code', '?')})",
+            )
+        return seen(Reason.ERROR, "the run task never started")
     details = terminated_event(alloc) or {}
-    code = details.get("exit_code")
-    exit_code = (
-        int(code) if isinstance(code, (int, str)) and str(code).lstrip("-").isdigit() else None
-    )
+    exit_code = _exit_code(details.get("exit_code"))
     if str(details.get("oom_killed", "")).lower() == "true":
         return seen(Reason.OOM, "out of memory", exit_code)
-    if exit_code is None:
-        return seen(Reason.ERROR, "the run task left no exit code")
-    return seen(Reason.EXITED, None, exit_code)
+    return seen(Reason.ERROR, "the run task ended without a verdict", exit_code)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def placement_failure(evaluation: JSON) -> str | None:

@@ -16,6 +16,23 @@ SYMLINK = "symlink"
 HARDLINK = "hardlink"
 SPECIAL = "special"
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def member_kind(member: "Any") -> str:
+    """The kind of a ``tarfile.TarInfo`` (duck-typed: this module imports nothing)."""
+    if member.isreg():  # includes contiguous and sparse files
+        return FILE
+    if member.isdir():
+        return DIR
+    if member.issym():
+        return SYMLINK
+    if member.islnk():
+        return HARDLINK
+    return SPECIAL  # character/block devices, fifos, anything else
+
 
 class TarProblem(Exception):
     """A member breaks a rule; ``code`` is the stable error code the API reports."""

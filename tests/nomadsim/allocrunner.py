@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import docker.errors
+import httpx
 
+from . import consultmpl
 from .dockerconfig import blocks, container_kwargs
 from .jobspec import interpolate, interpolate_deep, task_env
 from .taskrunner import SetupError, TaskRunner, new_event
@@ -185,23 +187,30 @@ class AllocRunner(threading.Thread):
         return env
 
     def _render_template(self, task_dir: Path, tmpl: JSON, env: dict[str, str]) -> None:
-        """Only action-free templates: the sim has no consul-template engine."""
+        """Literal templates, and the few Consul actions ``consultmpl`` knows, rendered
+        with the client's Consul (the node's 127.0.0.1:8500 unless the sim was given one)."""
         text = tmpl.get("EmbeddedTmpl") or ""
         left = tmpl.get("LeftDelim") or "{{"
         right = tmpl.get("RightDelim") or "}}"
         if tmpl.get("SourcePath"):
             raise SetupError("nomadsim: template source files are not supported")
+        if tmpl.get("Envvars"):
+            raise SetupError("nomadsim: env templates are not supported")
+        data = text.encode("utf-8", "surrogateescape")
         if left in text or right in text:
-            raise SetupError(
-                "nomadsim: template actions are not supported (only literal templates render)"
-            )
+            if (left, right) != ("{{", "}}"):
+                raise SetupError("nomadsim: template actions need the default delimiters")
+            try:
+                data = consultmpl.render(data, self.sim.consul_addr, env)
+            except (consultmpl.TemplateError, httpx.HTTPError) as exc:
+                raise SetupError(f"nomadsim: template: {exc}") from None
         dest_rel = interpolate(tmpl.get("DestPath") or "", env, self.sim.node)
         dest = (task_dir / dest_rel).resolve()
         if not str(dest).startswith(str(task_dir.resolve())):
             # Nomad refuses templates that escape the task dir (template.go, sandboxing).
             raise SetupError(f"template destination {dest_rel!r} escapes the task directory")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(text)
+        dest.write_bytes(data)
         dest.chmod(int(tmpl.get("Perms") or "0644", 8))
 
     # -- docker --------------------------------------------------------------

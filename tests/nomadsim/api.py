@@ -142,6 +142,7 @@ class Api:
             Route("/v1/allocation/{alloc_id}", self.alloc, methods=["GET"]),
             Route("/v1/evaluation/{eval_id}", self.evaluation, methods=["GET"]),
             Route("/v1/client/fs/logs/{alloc_id}", self.logs, methods=["GET"]),
+            Route("/v1/client/fs/readat/{alloc_id}", self.readat, methods=["GET"]),
             Route("/v1/event/stream", self.event_stream, methods=["GET"]),
             Route("/v1/status/leader", self.leader, methods=["GET"]),
             Route("/v1/agent/self", self.agent_self, methods=["GET"]),
@@ -336,6 +337,35 @@ class Api:
         return await self._blocking(
             request, ("evals", eval_id), "evals", lambda: self.cluster.get_eval(eval_id)
         )
+
+    # -- files -------------------------------------------------------------------
+    async def readat(self, request: Request) -> Response:
+        """``GET /v1/client/fs/readat/<alloc>?path=&offset=&limit=``: raw bytes of a file in
+        the allocation directory (command/agent/fs_endpoint.go ``FileReadAtRequest``)."""
+        q = request.query_params
+        alloc_id = request.path_params["alloc_id"]
+        rel = q.get("path", "")
+        if not rel:
+            raise ApiError(400, "must provide a file path")
+        try:
+            offset = int(q.get("offset") or 0)
+            limit = int(q.get("limit") or 0)
+        except ValueError as exc:
+            raise ApiError(400, f"error parsing offset/limit: {exc}") from None
+        runner = self.cluster.runners.get(alloc_id)
+        if runner is None:
+            raise ApiError(404, f'Unknown allocation "{alloc_id}"')
+        root = runner.root.resolve()
+        path = (root / rel.lstrip("/")).resolve()
+        if path != root and root not in path.parents:
+            raise ApiError(400, "Path escapes the allocation directory")
+        try:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read(limit) if limit > 0 else fh.read()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ApiError(404, f"stat {path}: no such file or directory") from None
+        return Response(data, media_type="application/octet-stream")
 
     # -- logs --------------------------------------------------------------------
     async def logs(self, request: Request) -> Response:

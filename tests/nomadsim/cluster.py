@@ -61,8 +61,11 @@ class Cluster:
         max_kill_timeout_s: float = 30.0,
         client_gc_max_allocs: int | None = 50,
         client_gc_interval_s: float = 60.0,
+        consul_addr: str | None = None,
     ) -> None:
         self.docker = docker_client
+        #: The client's Consul, for templates (Nomad's default: the node's 127.0.0.1:8500).
+        self.consul_addr = consul_addr or "127.0.0.1:8500"
         self.data_dir = data_dir
         self.sim_id = uuid.uuid4().hex[:12]
         self.state = State(event_buffer)

@@ -39,7 +39,7 @@ class NomadSim:
         client_gc_max_allocs: int | None = 50,
         client_gc_interval_s: float = 60.0,
     ) -> None:
-        self.consul_addr = consul_addr  # tasks reach Consul themselves; kept for fixtures
+        self.consul_addr = consul_addr  # what the client renders templates from (default: local)
         self.host = host
         self.port = port
         self.token = token
@@ -51,6 +51,7 @@ class NomadSim:
         self.cluster = Cluster(
             self.docker,
             root,
+            consul_addr=consul_addr,
             node_cpu_mhz=node_cpu_mhz,
             node_memory_mb=node_memory_mb,
             event_buffer=event_buffer,

@@ -1,0 +1,395 @@
+"""The ``run`` task of pyexec's Nomad runner job: check the tar, unpack it, run the program.
+
+Runs as ``python3 -I -S /local/pyexec/nomad_run.py`` in the image the request names,
+with no network. ``pyexec.runner.nomad_job`` ships it as a template, beside
+``pyexec/sandbox/tarcheck.py`` (the tar rules the API applies), both unchanged; this
+file loads the rules into its own namespace before ``main()``. Built-in modules and
+``tarfile`` only, Python 3.8+ syntax.
+
+The Nomad client renders the inputs into ``/local`` from Consul before the task starts,
+with its own Consul access (the task holds no token and has no network):
+
+    bundle.tar      the execution's tar chunks, concatenated
+    manifest.json   the tar's size and sha256 (written by the service last)
+    record.json     the execution's record, with the request
+
+The task checks the tar against the manifest, unpacks it into ``/work`` member by member
+through ``TarChecker`` (the same rules as the upload check), runs the pre-commands
+(without network), then the entrypoint, keeping at most ``max_output_bytes`` of each
+stream. It writes, into the allocation's ``data/pyexec`` directory:
+
+    stdout, stderr  the captured output (capped)
+    verdict.json    written last, atomically: reason, exit_code, times, error
+
+The service reads those files through Nomad's client filesystem API as soon as they
+are there; the poststop ``finish`` task reads them to store a plain dispatch's record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    # In the task, tarcheck.py's source follows this file's.
+    from pyexec.sandbox.tarcheck import (
+        DIR,
+        FILE,
+        HARDLINK,
+        SYMLINK,
+        TarChecker,
+        TarProblem,
+        member_kind,
+    )
+
+LOCAL = os.environ.get("NOMAD_TASK_DIR", "/local")
+ALLOC = os.environ.get("NOMAD_ALLOC_DIR", "/alloc")
+#: Where the run's results go: alloc/data is shared by the allocation's tasks.
+OUT = os.path.join(ALLOC, "data", "pyexec")
+#: Requirements installed by the trusted installer task, if the job has one.
+SITE = os.path.join(OUT, "site")
+#: The tmpfs the program runs in (a setting only so tests can run the task on a host).
+WORK = os.environ.get("PYEXEC_WORK_DIR", "/work")
+TERMINAL = ("completed", "failed", "killed")
+#: Setup output kept (from the end) when a pre-command fails.
+SETUP_OUTPUT_BYTES = 64 * 1024
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_CAP = 1024 * 1024
+
+
+class SetupFailed(Exception):
+    """The program cannot start; ``output`` is what the failing step printed."""
+
+    def __init__(self, message: str, output: bytes = b"") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+class AlreadyOver(Exception):
+    """The record is terminal already: nothing runs."""
+
+
+def now_iso() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+def write_json(path: str, value: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(value, fh)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON object from a file of the allocation, or ``None``."""
+    try:
+        with open(path, "rb") as fh:
+            value = json.loads(fh.read(1024 * 1024))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_local(name: str) -> bytes:
+    try:
+        with open(os.path.join(LOCAL, name), "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def load_inputs() -> tuple[dict[str, Any], str]:
+    """(request, tar path): the record and the tar as the Nomad client rendered them."""
+    raw = read_local("record.json")
+    if not raw.strip():
+        raise SetupFailed("the execution has no record in Consul")
+    record = json.loads(raw)
+    if record.get("status") in TERMINAL:
+        raise AlreadyOver(str(record["status"]))
+    request = record.get("request")
+    if not isinstance(request, dict):
+        raise SetupFailed("the execution's record holds no request")
+    manifest_raw = read_local("manifest.json")
+    if not manifest_raw.strip():
+        raise SetupFailed("the execution's tar is not in Consul (no manifest)")
+    manifest = json.loads(manifest_raw)
+    path = os.path.join(LOCAL, "bundle.tar")
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(block)
+            size += len(block)
+    if size != int(manifest["size"]) or digest.hexdigest() != manifest["sha256"]:
+        raise SetupFailed(
+            f"the tar does not match its manifest ({size} bytes, expected {manifest['size']})"
+        )
+    return request, path
+
+
+def extract(path: str, limits: dict[str, int]) -> None:
+    """Unpack the tar into /work, each member through ``TarChecker`` before anything of it
+    is written (the rules of the upload check; a later member never writes through a
+    symlink, links never leave /work)."""
+    checker = TarChecker(limits["max_entries"], limits["max_bytes"])
+    with tarfile.open(path, "r:") as archive:
+        for member in archive:
+            kind = member_kind(member)
+            name = checker.add(
+                member.name, kind, member.size if kind == FILE else 0, member.linkname
+            )
+            if name is None:
+                continue
+            target = WORK + "/" + name
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if kind == DIR:
+                os.makedirs(target, mode=(member.mode & 0o755) | 0o700, exist_ok=True)
+                continue
+            if os.path.lexists(target) and not os.path.isdir(target):
+                os.unlink(target)  # a repeated name: the later member wins
+            if kind == SYMLINK:
+                os.symlink(member.linkname, target)
+            elif kind == HARDLINK:
+                os.link(
+                    WORK + "/" + checker.normalize(member.linkname), target, follow_symlinks=False
+                )
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                fd = os.open(target, flags, (member.mode & 0o755) | 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    source = archive.extractfile(member)
+                    if source is not None:
+                        while True:
+                            block = source.read(256 * 1024)
+                            if not block:
+                                break
+                            out.write(block)
+
+
+def base_env(request: dict[str, Any]) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": WORK,
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+    }
+    if os.path.isdir(SITE):
+        env["PYTHONPATH"] = SITE
+        env["PATH"] = SITE + "/bin:" + env["PATH"]
+    for item in request.get("env_vars") or []:
+        key, _, value = str(item).partition("=")
+        env[key] = value
+    return env
+
+
+def pre_commands(request: dict[str, Any], env: dict[str, str], deadline: float) -> None:
+    for command in request.get("pre_commands") or []:
+        command = str(command)
+        try:
+            proc = subprocess.run(
+                ["/bin/sh", "-c", command],
+                cwd=WORK,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=max(deadline - time.monotonic(), 0.001),
+                start_new_session=True,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise SetupFailed(f"setup timed out during {command!r}", exc.output or b"") from None
+        if proc.returncode != 0:
+            raise SetupFailed(
+                f"setup step {command!r} failed with exit code {proc.returncode}", proc.stdout
+            )
+
+
+def oom_kills() -> int:
+    """OOM kills in this container's memory cgroup so far (v2, then v1)."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path, encoding="ascii") as fh:
+                for line in fh:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+class Pump(threading.Thread):
+    """Copy one stream of the program to the task's own stream and to the capture file,
+    up to ``cap`` bytes; past it, set ``over``."""
+
+    def __init__(
+        self, source: IO[bytes], sink: IO[bytes], path: str, cap: int, over: threading.Event
+    ) -> None:
+        super().__init__(daemon=True)
+        self.source, self.sink, self.path, self.cap, self.over = source, sink, path, cap, over
+        self.count = 0
+
+    def run(self) -> None:
+        with open(self.path, "wb") as keep:
+            while True:
+                data = os.read(self.source.fileno(), 65536)
+                if not data:
+                    return
+                room = self.cap - self.count
+                if len(data) > room:
+                    data = data[: max(room, 0)]
+                    self.over.set()
+                self.count += len(data)
+                if data:
+                    keep.write(data)
+                    keep.flush()
+                    try:
+                        self.sink.write(data)
+                        self.sink.flush()
+                    except OSError:
+                        pass
+                if self.over.is_set():
+                    return
+
+
+def run_program(
+    request: dict[str, Any], env: dict[str, str], deadline: float, cap: int
+) -> dict[str, Any]:
+    argv = ["python3", str(request.get("entrypoint") or "main.py")]
+    argv += [str(a) for a in request.get("script_args") or []]
+    stdin = str(request.get("stdin") or "").encode("utf-8")
+    oom_before = oom_kills()
+    started = now_iso()
+    stopped = threading.Event()
+    proc = subprocess.Popen(
+        argv,
+        cwd=WORK,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+    def kill_group() -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def on_term(*_: object) -> None:
+        stopped.set()
+        kill_group()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    over = threading.Event()
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    pumps = [
+        Pump(proc.stdout, sys.stdout.buffer, os.path.join(OUT, "stdout"), cap, over),
+        Pump(proc.stderr, sys.stderr.buffer, os.path.join(OUT, "stderr"), cap, over),
+    ]
+    for pump in pumps:
+        pump.start()
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.write(stdin)
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+
+    threading.Thread(target=feed, daemon=True).start()
+    timed_out = False
+    while proc.poll() is None:
+        if over.is_set() or stopped.is_set():
+            kill_group()
+        elif time.monotonic() >= deadline:
+            timed_out = True
+            kill_group()
+        over.wait(0.02)
+    kill_group()  # whatever the entrypoint left behind in its session
+    for pump in pumps:
+        pump.join(timeout=5)
+    code = proc.returncode
+    exit_code = code if code >= 0 else 128 - code
+    if stopped.is_set():
+        reason = "killed"
+    elif timed_out:
+        reason = "timeout"
+    elif over.is_set():
+        reason = "output_limit"
+    elif code < 0 and oom_kills() > oom_before:
+        reason = "oom"
+    else:
+        reason = "exited"
+    return {
+        "reason": reason,
+        "exit_code": exit_code,
+        "started_at": started,
+        "finished_at": now_iso(),
+        "output_truncated": over.is_set(),
+    }
+
+
+def main() -> None:
+    os.makedirs(OUT, exist_ok=True)
+    for name in ("stdout", "stderr"):
+        open(os.path.join(OUT, name), "wb").close()
+    verdict: dict[str, Any]
+    try:
+        request, path = load_inputs()
+        config = request.get("config") or {}
+        timeout = float(config.get("timeout_seconds") or DEFAULT_TIMEOUT)
+        cap = int(config.get("max_output_bytes") or DEFAULT_CAP)
+        deadline = time.monotonic() + timeout
+        limits = {
+            "max_entries": int(os.environ.get("PYEXEC_MAX_TAR_ENTRIES") or 10000),
+            "max_bytes": int(os.environ.get("PYEXEC_MAX_EXTRACTED_BYTES") or 1 << 30),
+        }
+        try:
+            extract(path, limits)
+        except TarProblem as exc:
+            raise SetupFailed(f"the tar was refused: {exc.message}") from None
+        except OSError as exc:
+            raise SetupFailed(f"unpacking the tar failed (over the disk limit?): {exc}") from None
+        installed = read_json(os.path.join(OUT, "install.json"))
+        if installed is not None and installed.get("ok") is not True:
+            output = str(installed.get("output") or "").encode("utf-8", "replace")
+            raise SetupFailed(
+                str(installed.get("error") or "installing requirements failed"), output
+            )
+        env = base_env(request)
+        pre_commands(request, env, deadline)
+        verdict = run_program(request, env, deadline, cap)
+    except AlreadyOver as exc:
+        verdict = {"reason": "skipped", "error": f"the execution is already {exc}"}
+    except SetupFailed as exc:
+        with open(os.path.join(OUT, "stderr"), "wb") as err:
+            err.write(exc.output[-SETUP_OUTPUT_BYTES:])
+        verdict = {"reason": "setup_failed", "error": str(exc)}
+        print(f"pyexec: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - any crash must still leave a verdict
+        verdict = {"reason": "error", "error": f"the run task failed: {exc!r}"}
+        print(f"pyexec: {exc!r}", file=sys.stderr)
+    write_json(os.path.join(OUT, "verdict.json"), verdict)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    # The tar rules are the service's own module, shipped beside this file as it is.
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tarcheck.py")) as fh:
+        exec(compile(fh.read(), "tarcheck.py", "exec"))  # noqa: S102 - our own module
+    main()
