@@ -66,13 +66,17 @@ job "pyexec-runner-small" {
 
       config {
         image           = "${NOMAD_META_image}"
-        command         = "python3"
-        args            = ["-I", "-S", "/local/pyexec/nomad_run.py"]
+        entrypoint      = ["python3", "-I", "-S", "/local/pyexec/nomad_run.py"]
         network_mode    = "none"
+        runtime         = "runc"
         readonly_rootfs = true
         cap_drop        = ["all"]
-        security_opt    = ["no-new-privileges"]
+        security_opt    = ["no-new-privileges", "seccomp=${file("pyexec/sandbox/seccomp.json")}"]
         pids_limit      = 256
+
+        ulimit {
+          nofile = "4096:4096"
+        }
 
         mount {
           type     = "tmpfs"

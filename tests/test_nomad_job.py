@@ -162,7 +162,25 @@ def test_sandbox_matches_the_local_runner() -> None:
     assert config["cap_drop"] == ["all"]
     assert config["pids_limit"] == Settings().default_pids_limit
     assert config["image"] == "${NOMAD_META_image}"
+    assert config["entrypoint"][0] == "python3"  # the image's own ENTRYPOINT never runs
+    assert config["runtime"] == "runc"
+    assert config["ulimit"] == [{"nofile": "4096:4096"}]
     assert "Lifecycle" not in run
+
+
+def test_the_run_task_gets_the_sandboxs_seccomp_profile_and_runtime() -> None:
+    """The run task uses the local runner's seccomp profile and PYEXEC_DOCKER_RUNTIME."""
+    import json as json_module
+
+    from pyexec.sandbox import seccomp_profile
+
+    settings = Settings(docker_runtime="runsc")
+    run = _task(nomad_job.runner_job(settings, settings.nomad_resource_classes[0]), "run")
+    (profile,) = [o for o in run["Config"]["security_opt"] if o.startswith("seccomp=")]
+    assert json_module.loads(profile.removeprefix("seccomp=")) == json_module.loads(
+        seccomp_profile()
+    )
+    assert run["Config"]["runtime"] == "runsc"
 
 
 @pytest.mark.parametrize("pip", [False, True])
@@ -289,7 +307,10 @@ def test_pids_above_the_job_limit_is_refused() -> None:
 
 def _unquote(value: Any) -> Any:
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return json.loads(value)
+        try:
+            return json.loads(value)
+        except ValueError:  # an interpolation with quotes inside: "x=${file("y")}"
+            return value[1:-1]
     return value
 
 
@@ -403,12 +424,16 @@ def test_hcl_file_agrees_with_the_function() -> None:
     code templates file() the modules the function embeds."""
     settings = Settings()
     expected = nomad_job.runner_job(settings, settings.nomad_resource_classes[0])
+    seccomp = "seccomp=" + (ROOT / "pyexec/sandbox/seccomp.json").read_text()
     for task in expected["TaskGroups"][0]["Tasks"]:
         for template in task["Templates"]:
             source = nomad_job.TASK_FILES.get(template["DestPath"])
             if source is not None:
                 assert template["EmbeddedTmpl"] == (ROOT / source).read_text()
                 template["EmbeddedTmpl"] = source
+        options = task["Config"]["security_opt"]
+        if seccomp in options:  # the HCL reads the profile with file()
+            options[options.index(seccomp)] = 'seccomp=${file("pyexec/sandbox/seccomp.json")}'
     assert hcl_as_api_json(HCL) == expected
 
 

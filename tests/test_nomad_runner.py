@@ -525,3 +525,28 @@ async def test_a_run_whose_wait_timed_out_is_let_go_once_over(
     finally:
         await runner.aclose()
     assert deletes == ["None", "true"]
+
+
+async def test_a_placement_failure_that_arrives_before_start_tracks_the_run_is_kept() -> None:
+    """A dispatch's failed evaluation and the blocked one it creates can both arrive before
+    start() tracks the run: the placement failure is kept (it was lost, flakily, when only
+    the latest event per topic was)."""
+    runner = make_runner(ScriptedNomad())
+    failed = {
+        "ID": "e1",
+        "JobID": CHILD,
+        "Status": "complete",
+        "BlockedEval": "e2",
+        "FailedTGAllocs": {"pyexec": {"NodesEvaluated": 1, "DimensionExhausted": {"memory": 1}}},
+    }
+    blocked = {"ID": "e2", "JobID": CHILD, "Status": "blocked", "FailedTGAllocs": None}
+    for evaluation in (failed, blocked):
+        runner._on_event(
+            {"Topic": "Evaluation", "Key": evaluation["ID"], "Payload": {"Evaluation": evaluation}}
+        )
+    try:
+        runner._track(new_execution_id(), CHILD, 60.0, 1024, None)
+        (run,) = runner._runs.values()
+        assert "not enough memory" in (run.placement or "")
+    finally:
+        await runner.aclose()

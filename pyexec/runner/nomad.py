@@ -367,8 +367,11 @@ class NomadRunner:
             if run is not None:
                 self._apply(run, event)
             elif job_id.split("/", 1)[0] in self._parents and "/" in job_id:
-                # Only the latest event per topic matters (each carries the whole object).
-                self._unclaimed.setdefault(job_id, {})[str(event.get("Topic"))] = event
+                # Only the latest event per object matters (each carries the whole object).
+                # Per object, not per topic: a dispatch's first evaluation (with the
+                # placement failure) and the blocked one it creates arrive together.
+                key = f"{event.get('Topic')}:{event.get('Key')}"
+                self._unclaimed.setdefault(job_id, {})[key] = event
                 self._unclaimed.move_to_end(job_id)
                 while len(self._unclaimed) > UNCLAIMED_JOBS:
                     self._unclaimed.popitem(last=False)

@@ -43,6 +43,7 @@ from typing import Any
 
 from pyexec.errors import LimitExceeded
 from pyexec.models import ExecutionConfig, Reason
+from pyexec.runner.docker_spec import NOFILE
 from pyexec.settings import MiB, ResourceClass, Settings, SettingsError
 from pyexec.store import CHUNK_SIZE, consul_keys
 
@@ -94,6 +95,11 @@ CA_DEST = "local/ca-bundle.crt"
 #: The Nomad client's Consul template for one execution's keys (the id from the meta).
 _ID = '(env "NOMAD_META_execution_id")'
 _OPERATORS = ("=", "!=", ">", ">=", "<", "<=", "regexp", "version", "semver", "set_contains")
+
+
+def seccomp_text() -> str:
+    """The sandbox's seccomp profile (``pyexec/sandbox/seccomp.json``) as the file has it."""
+    return (resources.files("pyexec.sandbox") / "seccomp.json").read_text("utf-8")
 
 
 def task_file(dest: str) -> str:
@@ -271,7 +277,11 @@ def _task(
         "Name": name,
         "Driver": "docker",
         "User": "1000",
-        "Config": {"image": image, "command": "python3", "args": args, **config},
+        "Config": {
+            "image": image,
+            **({"command": "python3", "args": args} if args else {}),
+            **config,
+        },
         "Env": env,
         "Templates": [],
         "Resources": {"CPU": cpu, "MemoryMB": memory_mb},
@@ -303,18 +313,23 @@ def runner_job(
         "mount": [_tmpfs("/tmp", TMP_BYTES)],
     }
     sandbox: dict[str, Any] = {
+        # The image's own ENTRYPOINT (a wrapper script) never runs: this replaces it.
+        "entrypoint": ["python3", "-I", "-S", "/local/pyexec/nomad_run.py"],
         "network_mode": "none",
+        "runtime": settings.docker_runtime,
         "readonly_rootfs": True,
         "cap_drop": ["all"],
-        "security_opt": ["no-new-privileges"],
+        # The local runner's seccomp profile (no ptrace, process_vm_*, personality...).
+        "security_opt": ["no-new-privileges", f"seccomp={seccomp_text()}"],
         "pids_limit": settings.default_pids_limit,
+        "ulimit": [{"nofile": f"{NOFILE}:{NOFILE}"}],
         "mount": [_tmpfs("/work", resource_class.disk_mb * MiB), _tmpfs("/tmp", TMP_BYTES)],
     }
     run = _task(
         TASKS["run"],
         None,
         "${NOMAD_META_image}",
-        ["-I", "-S", "/local/pyexec/nomad_run.py"],
+        [],
         sandbox,
         resource_class.cpu_mhz,
         resource_class.memory_mb,

@@ -38,7 +38,7 @@ KNOWN = _words(
 DONE = _words(
     "image args command entrypoint cap_add cap_drop dns_servers extra_hosts force_pull "
     "hostname init image_pull_timeout labels memory_hard_limit mount network_mode "
-    "oom_score_adj pids_limit readonly_rootfs security_opt shm_size sysctl ulimit "
+    "oom_score_adj pids_limit readonly_rootfs runtime security_opt shm_size sysctl ulimit "
     "work_dir auth_soft_fail"
 )
 MiB = 1024 * 1024
@@ -120,6 +120,7 @@ def container_kwargs(
         "cap_drop": cfg.get("cap_drop") or None,
         "cap_add": cfg.get("cap_add") or None,
         "security_opt": cfg.get("security_opt") or None,
+        "runtime": cfg.get("runtime") or None,
         "pids_limit": int(cfg["pids_limit"]) if cfg.get("pids_limit") else None,
         "mounts": _mounts(cfg, alloc_dir, task_dir),
         "working_dir": cfg.get("work_dir") or None,
