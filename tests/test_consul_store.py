@@ -518,25 +518,33 @@ async def test_token_comes_from_settings_not_the_environment(
 
 
 @pytest.mark.consul
-@pytest.mark.parametrize("leaves_to", [Status.RUNNING, Status.FAILED])
-async def test_leaving_pending_frees_the_tar(consul_store: ConsulStore, leaves_to: Status) -> None:
-    """A pending execution keeps its tar; the transition out of pending deletes tar and
-    manifest in the same transaction, whether the run started or never did."""
+@pytest.mark.parametrize("via_running", [True, False])
+async def test_the_end_of_the_run_frees_the_tar(
+    consul_store: ConsulStore, via_running: bool
+) -> None:
+    """The tar stays while the execution is pending or running (the Nomad client renders it
+    into the run task from Consul); the transition to an end deletes tar and manifest in
+    the same transaction, whether the run started or never did."""
     record = new_record()
     await consul_store.create(record, io.BytesIO(os.urandom(3 * CHUNK_SIZE)))
     await consul_store.transition(record.execution_id, lambda r: r, expect={Status.PENDING})
     assert "manifest" in folder_keys(consul_store, record.execution_id)
-    moved = attrs.evolve(record, status=leaves_to, started_at=utcnow())
-    await replace_record(consul_store, moved, expect={Status.PENDING})
+    if via_running:
+        running = attrs.evolve(record, status=Status.RUNNING, started_at=utcnow())
+        await replace_record(consul_store, running, expect={Status.PENDING})
+        assert "manifest" in folder_keys(consul_store, record.execution_id)
+        record = running
+    ended = attrs.evolve(record, status=Status.FAILED, finished_at=utcnow())
+    await replace_record(consul_store, ended, expect={record.status})
     assert sorted(folder_keys(consul_store, record.execution_id)) == [
         "record",
         "status",
-        f"status={leaves_to.value}",
+        "status=failed",
     ]
     with pytest.raises(NotFound) as caught:
         await read_tar(consul_store, record.execution_id)
     assert caught.value.code == "tar_not_found"
-    assert (await consul_store.get(record.execution_id)).status is leaves_to
+    assert (await consul_store.get(record.execution_id)).status is Status.FAILED
 
 
 @pytest.mark.consul

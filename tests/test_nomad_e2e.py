@@ -501,8 +501,12 @@ async def test_direct_dispatch_without_the_server(
     assert record.status is Status.COMPLETED
     assert record.stdout == "direct input\n"
     assert record.stderr == "z" * 40000 + "\n"
-    status = kv_raw(f"{settings.consul_prefix}/executions/{execution_id}/status")
-    assert status == b"completed"
+    folder = f"{settings.consul_prefix}/executions/{execution_id}/"
+    assert kv_raw(folder + "status") == b"completed"
+    # As the service's store leaves it: the status marker, and the tar freed.
+    assert kv_raw(folder + "status=completed") == b""
+    assert kv_raw(folder + "status=pending") is None
+    assert kv_raw(folder + "manifest") is None
     async with pyexec_api(settings) as api:
         body = (await api.get(f"/api/v1/executions/{execution_id}")).json()
     assert (body["status"], body["exit_code"], body["stdout"]) == ("completed", 0, "direct input\n")

@@ -287,11 +287,15 @@ async def test_tar_round_trips(store: Store, size: int) -> None:
     assert await read_tar(store, record.execution_id) == data
 
 
-async def test_the_tar_is_freed_once_the_execution_leaves_pending(store: Store) -> None:
-    """A stored tar serves only the launch: once running, the store no longer holds it."""
+async def test_the_tar_is_freed_once_the_execution_is_over(store: Store) -> None:
+    """A stored tar is kept while the run may still read it (a Nomad client renders it into
+    the run task as that starts); once the execution is over the store no longer holds it."""
     record = await created(store, b"needed once")
     assert await read_tar(store, record.execution_id) == b"needed once"
-    await replace_record(store, moved_to(record, Status.RUNNING), expect={Status.PENDING})
+    running = moved_to(record, Status.RUNNING)
+    await replace_record(store, running, expect={Status.PENDING})
+    assert await read_tar(store, record.execution_id) == b"needed once"
+    await replace_record(store, moved_to(running, Status.COMPLETED), expect={Status.RUNNING})
     with pytest.raises(NotFound) as caught:
         await read_tar(store, record.execution_id)
     assert caught.value.code == "tar_not_found"

@@ -291,9 +291,11 @@ class ConsulStore:
             if record == current:
                 self._remember(current, index, old_rev)
                 return current
-            # Leaving pending, the run has its tar (if one was stored): free it in the
-            # same transaction.
-            free_tar = current.status is Status.PENDING and record.status is not Status.PENDING
+            # Once the run is over nothing needs its tar (if one was stored): free it in
+            # the same transaction. Not earlier: the Nomad client renders the tar into the
+            # run task from these keys, and a delete while the task starts would re-render
+            # it empty under the task's feet.
+            free_tar = record.terminal and not current.terminal
             stored = await self._write(
                 record, index, old_rev, free_tar=free_tar, old_status=current.status
             )

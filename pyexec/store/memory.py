@@ -86,8 +86,8 @@ class MemoryStore:
             event = self._changed[execution_id]
             self._changed[execution_id] = asyncio.Event()
         event.set()
-        if record.status is not Status.PENDING:
-            _unlink(self._tar_path(execution_id))  # its run has the tar: free it
+        if record.terminal:
+            _unlink(self._tar_path(execution_id))  # the run is over: free its tar
         return record
 
     async def open_tar(self, execution_id: str) -> AsyncIterator[bytes]:

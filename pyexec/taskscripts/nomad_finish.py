@@ -183,10 +183,17 @@ def store(consul: Consul) -> str:
         final, chunks = final_record(record, found, streams, rev)
         for key, piece in chunks:  # one chunk per transaction: a txn body holds 512 KiB
             consul.txn([{"Verb": "set", "Key": key, "Value": b64(piece)}])
-        body = json.dumps(final, ensure_ascii=False).encode("utf-8")
+        body = json.dumps(final, ensure_ascii=False, indent=1).encode("utf-8")
+        marker = env("PYEXEC_STATUS_MARKER_KEY")
         ops: list[dict[str, Any]] = [
             {"Verb": "cas", "Key": record_key, "Index": index, "Value": b64(body)},
             {"Verb": "set", "Key": status_key, "Value": b64(str(final["status"]).encode())},
+            # The status at a glance (an empty key whose name carries it), and the tar,
+            # which nothing needs once the run is over: as the service's store does.
+            {"Verb": "delete", "Key": f"{marker}{record.get('status')}"},
+            {"Verb": "set", "Key": f"{marker}{final['status']}", "Value": ""},
+            {"Verb": "delete", "Key": env("PYEXEC_MANIFEST_KEY")},
+            {"Verb": "delete-tree", "Key": env("PYEXEC_TAR_FOLDER")},
         ]
         if old_rev:
             ops.append({"Verb": "delete-tree", "Key": env("PYEXEC_OUTPUT_FOLDER") + old_rev + "/"})
