@@ -39,7 +39,7 @@ from pyexec.runner.docker_spec import (
 from pyexec.runner.docker_stream import Capture, Demux
 from pyexec.runner.docker_verdict import Ending, verdict
 from pyexec.sandbox import seccomp_profile
-from pyexec.sandbox.wire import ControlLine
+from pyexec.sandbox.wire import ControlLine, Trailer
 from pyexec.settings import Settings, SettingsError
 
 from .conftest import CA_BUNDLE, TEST_IMAGE, make_settings
@@ -238,7 +238,13 @@ RUN_ONLY = Phase(extract=False, setup=False, run=True, network=False)
         # no control line at all: the sandbox never started the program
         (Ending(phase=RUN_ONLY, status=None, exited=1), Reason.ERROR),
         # the program's own exit, whatever its code
-        (Ending(phase=SETUP_AND_RUN, status="ready", exited=137), Reason.EXITED),
+        (Ending(phase=SETUP_AND_RUN, status="ready", exited=137, ended="exit"), Reason.EXITED),
+        # the sandbox's own deadline, without the runner's
+        (Ending(phase=RUN_ONLY, status="ready", exited=137, ended="timeout"), Reason.TIMEOUT),
+        # SIGKILL that took the bootstrap too (no trailer): memory, however the engine saw it
+        (Ending(phase=RUN_ONLY, status="ready", exited=137), Reason.OOM),
+        (Ending(phase=RUN_ONLY, status="ready", exited=1), Reason.EXITED),
+        (Ending(phase=SETUP_ONLY, status=None, exited=137), Reason.SETUP_FAILED),
         # a setup-only container that succeeded does not end the execution
         (Ending(phase=SETUP_ONLY, status="setup_ok", exited=0), None),
     ],
@@ -287,6 +293,23 @@ def test_capture_keeps_whole_characters_at_the_cap() -> None:
         assert "\ufffd" not in text
         assert ("a😀é" * 3).startswith(text)
         assert len(text.encode()) <= limit
+
+
+def test_trailer_is_split_from_the_programs_stderr_wherever_chunks_break() -> None:
+    """The bootstrap's last stderr line is recognised across any chunking and removed;
+    one the program prints earlier, or a cut-off one, stays the program's text."""
+    stream = b"warn\0x\n" + b"\0pyexec end timeout 137\n"
+    for cut in range(len(stream) + 1):
+        trailer = Trailer()
+        kept = trailer.feed(stream[:cut]) + trailer.feed(stream[cut:]) + trailer.finish()
+        assert (kept, trailer.kind, trailer.code) == (b"warn\0x\n", "timeout", 137), cut
+    forged = Trailer()
+    text = b"\0pyexec end exit 0\nmore\n"
+    assert forged.feed(text) + forged.finish() == text
+    assert forged.kind is None
+    cut_off = Trailer()
+    assert cut_off.feed(b"err\0pyexec en") + cut_off.finish() == b"err\0pyexec en"
+    assert cut_off.kind is None
 
 
 def test_control_line_is_split_from_the_programs_output() -> None:

@@ -305,6 +305,7 @@ class DockerRunner:
         handle = await self._engine.attach(container)
         conn = AttachSocket(handle)
         control = wire.ControlLine()
+        trailer = wire.Trailer()
         try:
             await self._start(run, container)
             await self._drop_keeper(run)
@@ -319,7 +320,9 @@ class DockerRunner:
                 group.start_soon(
                     self._feed, conn, spec, tar if phase.extract else None, stdin, launched
                 )
-                deadline = await self._pump(run, conn, control, phase, on_running, deadline)
+                deadline = await self._pump(
+                    run, conn, control, trailer, phase, on_running, deadline
+                )
                 group.cancel_scope.cancel()
             setup_done = control.status == "setup_ok" and not phase.run
             if setup_done and run.verdict is None and not run.killed:
@@ -340,7 +343,7 @@ class DockerRunner:
             and await self._engine.oom_killed(container)
         )
         await self._discard(run, container)
-        self._judge(run, phase, control, exited, oom)
+        self._judge(run, phase, control, trailer, exited, oom)
 
     async def _start(self, run: _Run, container: str) -> None:
         """Start the container; if the run was killed meanwhile, stop it at once (a kill
@@ -358,7 +361,13 @@ class DockerRunner:
             await self._discard(run, container)
 
     def _judge(
-        self, run: _Run, phase: Phase, control: wire.ControlLine, exited: int | None, oom: bool
+        self,
+        run: _Run,
+        phase: Phase,
+        control: wire.ControlLine,
+        trailer: wire.Trailer,
+        exited: int | None,
+        oom: bool,
     ) -> None:
         """Raise ``_Ended`` with the outcome, unless a successful setup-only phase ended."""
         ending = Ending(
@@ -371,6 +380,8 @@ class DockerRunner:
             killed=run.killed,
             oom=oom,
             memory_mb=run.request.config.memory_mb,
+            ended=trailer.kind,
+            timeout_seconds=run.request.config.timeout_seconds,
         )
         decided = verdict(ending)
         if decided is None:
@@ -428,6 +439,7 @@ class DockerRunner:
         run: _Run,
         conn: AttachSocket,
         control: wire.ControlLine,
+        trailer: wire.Trailer,
         phase: Phase,
         on_running: OnRunning,
         deadline: float,
@@ -449,17 +461,27 @@ class DockerRunner:
                             # (In a phase that runs the program, "setup_ok" can only be
                             # a pre_command writing to the bootstrap's stdout: not trusted.)
                             return scope.deadline
+                    if stream == 2:
+                        payload = trailer.feed(payload)
                     if stream not in (1, 2) or not payload:
                         continue
-                    capture = run.stdout if stream == 1 else run.stderr
-                    if not capture.feed(payload):
-                        run.verdict = Reason.OUTPUT_LIMIT
-                        which = "stdout" if stream == 1 else "stderr"
-                        run.error = f"{which} exceeded {capture.limit} bytes"
+                    if not self._capture(run, stream, payload):
                         return scope.deadline
+            # The stream ended: what the trailer held back was the program's, unless a trailer.
+            self._capture(run, 2, trailer.finish())
         if scope.cancelled_caught:
             self._timed_out(run, phase, control)
         return scope.deadline
+
+    def _capture(self, run: _Run, stream: int, payload: bytes) -> bool:
+        """Keep output of ``stream``; ``False`` (and the verdict set) once it overflows."""
+        capture = run.stdout if stream == 1 else run.stderr
+        if capture.feed(payload):
+            return True
+        run.verdict = Reason.OUTPUT_LIMIT
+        which = "stdout" if stream == 1 else "stderr"
+        run.error = f"{which} exceeded {capture.limit} bytes"
+        return False
 
     def _timed_out(self, run: _Run, phase: Phase, control: wire.ControlLine) -> None:
         timeout = run.request.config.timeout_seconds

@@ -24,6 +24,7 @@ __all__ = [
     "MASKED_PATHS",
     "NOFILE",
     "RUNSC_PIDS_OVERHEAD",
+    "SANDBOX_DEADLINE_GRACE",
     "WORKDIR",
     "DiskShares",
     "Phase",
@@ -47,6 +48,8 @@ MiB = 1024 * 1024
 NOFILE = 4096
 #: Seconds past the timeout before the in-container CPU backstop can fire.
 CPU_BACKSTOP_SLACK = 60
+#: Seconds the bootstrap's own deadline comes after the runner's.
+SANDBOX_DEADLINE_GRACE = 0.5
 #: Processes and threads gVisor's own sandbox (sentry, gofer) holds in the container's
 #: pids cgroup under ``runsc``, added to the run's ``pids_limit`` (it needs about 40).
 RUNSC_PIDS_OVERHEAD = 64
@@ -234,5 +237,9 @@ def bootstrap_spec(settings: Settings, request: ExecutionRequest, phase: Phase) 
             # Wall-clock seconds whose CPU time (on every core) caps the program: it only
             # bites if this process dies and nobody enforces the timeout any more.
             "cpu_backstop": request.config.timeout_seconds + CPU_BACKSTOP_SLACK,
+            # The wall-clock limit, enforced in the sandbox too (by the bootstrap, which
+            # runs the program as its child): it holds if this process dies. A little
+            # later than the runner's own, which normally acts first.
+            "deadline": request.config.timeout_seconds + SANDBOX_DEADLINE_GRACE,
         }
     return spec

@@ -18,8 +18,12 @@ same ``TarChecker`` rules again before anything of it is written. The bootstrap
 then reports with one control line on stdout, ``\\0pyexec <status> <message>\\n``,
 which the runner strips: ``ready`` (the user's program follows), ``setup_ok``
 (a setup-only container is done), ``setup_failed`` (the setup output follows)
-or ``error``. After ``ready`` it execs ``python3 <entrypoint> <args>`` in /work,
-so the rest of stdin is the user program's stdin.
+or ``error``. After ``ready`` it runs ``python3 <entrypoint> <args>`` in /work,
+so the rest of stdin is the user program's stdin: with a ``deadline`` in the spec
+as its child, which it kills with everything it started when the deadline passes,
+ending with a trailer line on stderr, ``\\0pyexec end <exit|timeout> <code>\\n``
+(the runner strips it; a sandbox killed from outside has none); without one, it
+execs the program.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ WORK = "/work"
 STATE = WORK + "/.pyexec"
 SITE = STATE + "/site"
 CONTROL = b"\0pyexec "
+TRAILER = b"\0pyexec end "
 
 
 def read_exact(count: int) -> bytes:
@@ -193,7 +198,47 @@ def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
     os.chdir(WORK)
     control("ready")
     argv = [sys.executable, spec["entrypoint"], *spec.get("args", ())]
-    os.execve(sys.executable, argv, env)  # noqa: S606 - running the user program is the point
+    if not spec.get("deadline"):
+        os.execve(sys.executable, argv, env)  # noqa: S606 - running the user program is the point
+    supervise(argv, env, spec["deadline"])
+
+
+def supervise(argv: list[str], env: dict[str, str], deadline: float) -> NoReturn:
+    """Run the program as a child and end it, with everything it started, once
+    ``deadline`` seconds have passed: the wall-clock limit holds even when nobody
+    outside watches any more. The program's stdin, stdout and stderr are this
+    process's own, untouched. The last line on stderr says how it ended."""
+    import signal
+    import time
+
+    end = time.monotonic() + deadline
+    # Blocked before the fork, so that the child's exit cannot be missed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    pid = os.fork()
+    if pid == 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        os.execve(sys.executable, argv, env)  # noqa: S606 - running the user program is the point
+    os.close(0)  # the rest of stdin is the program's
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            # Every process of the sandbox but init and this one (they all share its uid).
+            os.kill(-1, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            ended("timeout", 128 + signal.SIGKILL)
+        signal.sigtimedwait({signal.SIGCHLD}, remaining)
+    code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    ended("exit", code)
+
+
+def ended(kind: str, code: int) -> NoReturn:
+    """The trailer, ``\\0pyexec end <kind> <code>``, as the last line on stderr (the
+    runner strips it), then exit as the program did."""
+    write_all(2, TRAILER + (kind + " " + str(code) + "\n").encode())
+    os._exit(code)
 
 
 def main() -> None:

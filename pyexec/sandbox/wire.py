@@ -17,12 +17,14 @@ from typing import Any
 from pyexec.sandbox.tarcheck import FILE
 from pyexec.tarsafe import member_kind
 
-__all__ = ["END", "ControlLine", "encode_archive", "frame", "spec_frame"]
+__all__ = ["END", "ControlLine", "Trailer", "encode_archive", "frame", "spec_frame"]
 
 _LENGTH = struct.Struct(">I")
 #: The empty frame that ends the archive (the request's stdin follows it).
 END = _LENGTH.pack(0)
 CONTROL = b"\0pyexec "
+TRAILER = b"\0pyexec end "
+_TRAILER_MAX = 64
 _CONTROL_MAX = 64 * 1024
 _CHUNK = 256 * 1024
 #: Readable by every Python 3.4+ inside whatever image a request names.
@@ -114,3 +116,46 @@ class ControlLine:
         else:
             self.status, self.message = "error", "the sandbox bootstrap misbehaved"
         return data[end + 1 :]
+
+
+class Trailer:
+    """The bootstrap's last line on stderr, ``\\0pyexec end <kind> <code>``, split from
+    the program's own stderr as it streams by.
+
+    Bytes that may begin the trailer are held back until more arrive; only a trailer
+    the stream ends with counts (a program printing one earlier prints text). After
+    ``finish``, ``kind`` is ``"exit"`` or ``"timeout"`` and ``code`` the exit code, or
+    both ``None``: the sandbox was killed from outside before its bootstrap could say.
+    """
+
+    def __init__(self) -> None:
+        self._held = b""
+        self.kind: str | None = None
+        self.code: int | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """The program's stderr in ``data`` (with what was held before); holds the rest."""
+        buf = self._held + data
+        start = buf.rfind(b"\0")
+        if start >= 0 and _may_be_trailer(buf[start:]):
+            self._held = buf[start:]
+            return buf[:start]
+        self._held = b""
+        return buf
+
+    def finish(self) -> bytes:
+        """At the end of the stream: parse the trailer; returns held bytes that were not one."""
+        held, self._held = self._held, b""
+        kind, _, code = held[len(TRAILER) : -1].decode("ascii", "replace").partition(" ")
+        if held.startswith(TRAILER) and held.endswith(b"\n") and code.isdigit():
+            self.kind, self.code = kind, int(code)
+            return b""
+        return held
+
+
+def _may_be_trailer(tail: bytes) -> bool:
+    if len(tail) > _TRAILER_MAX:
+        return False
+    if len(tail) <= len(TRAILER):
+        return TRAILER.startswith(tail)
+    return tail.startswith(TRAILER) and b"\n" not in tail[:-1]
