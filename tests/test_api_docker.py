@@ -79,3 +79,23 @@ async def test_async_kill_while_running(api: httpx.AsyncClient) -> None:
     assert final["status"] == "killed"
     assert final["reason"] == "killed"
     assert "started" in final["stdout"]
+
+
+@pytest.mark.parametrize(
+    ("field", "metadata"),
+    [
+        ("script_args", {"script_args": ["a\0b"]}),
+        ("env_vars", {"env_vars": ["NAME=a\0b"]}),
+        ("pre_commands", {"pre_commands": ["echo a\0b"]}),
+    ],
+)
+async def test_what_no_process_can_be_given_is_refused_before_it_runs(
+    api: httpx.AsyncClient, field: str, metadata: dict[str, Any]
+) -> None:
+    """A NUL byte in an argument, env value or setup command is a 400 with a stable code
+    (the local runner cannot pass it on), not a run that fails inside the sandbox."""
+    response = await api.post("/api/v1/exec/sync", **upload({"main.py": "print(1)"}, metadata))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "nul_in_argument"
+    assert field in error["message"]

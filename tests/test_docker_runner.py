@@ -28,7 +28,10 @@ from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
     LABEL_OWNER,
+    LABEL_PHASE,
+    LOG_SLACK_BYTES,
     NOFILE,
+    RUNSC_MEMORY_OVERHEAD_MB,
     RUNSC_PIDS_OVERHEAD,
     Phase,
     container_args,
@@ -135,7 +138,11 @@ def test_container_args_lock_the_sandbox_down(settings: Settings) -> None:
     assert host["pids_limit"] == 50
     assert host["cap_drop"] == ["ALL"]
     assert host["security_opt"] == ["no-new-privileges", f"seccomp={seccomp_profile()}"]
-    assert host["log_config"]["Type"] == "none"
+    # The engine keeps a run's output (bounded) for a service restarted meanwhile.
+    assert host["log_config"]["Type"] == "local"
+    assert int(host["log_config"]["Config"]["max-size"]) == 4 * request.config.max_output_bytes + (
+        LOG_SLACK_BYTES
+    )
     assert "size=6144k" in host["tmpfs"]["/work"]
     assert "uid=1000" in host["tmpfs"]["/work"]
     assert "/proc/meminfo" in args["host_config_extra"]["MaskedPaths"]
@@ -177,8 +184,9 @@ def test_container_args_use_the_configured_runtime(settings: Settings) -> None:
     for phase in plan(request, gvisor):
         host = container_args(gvisor, request, "exe_x", phase, "vol")["host_config"]
         assert host["runtime"] == "runsc"
-        # gVisor's own threads share the pids cgroup with the program's processes.
+        # gVisor's own threads and memory share the cgroups with the program.
         assert host["pids_limit"] == request.config.pids_limit + RUNSC_PIDS_OVERHEAD
+        assert host["mem_limit"] == (request.config.memory_mb + RUNSC_MEMORY_OVERHEAD_MB) * MiB
 
 
 def test_runtime_setting_is_a_runtime_name() -> None:
@@ -969,6 +977,40 @@ async def test_startup_sweeps_leftovers_of_dead_processes_only(
             all=True, filters={"label": f"{LABEL_EXECUTION}={made[live]}"}
         ):
             container.remove(force=True)
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_startup_leaves_a_crashed_runs_container_for_adoption_then_sweeps_it(
+    settings: Settings, docker_client: docker.DockerClient
+) -> None:
+    """A run container of a gone process survives startup (resume may adopt it); if
+    nothing adopts it within the adoption window, it is swept."""
+    execution_id = new_execution_id()
+    docker_client.containers.create(
+        TEST_IMAGE,
+        ["true"],
+        labels={
+            LABEL_MANAGED: "1",
+            LABEL_EXECUTION: execution_id,
+            LABEL_OWNER: "elsewhere:1",
+            LABEL_PHASE: "run",
+        },
+    )
+    runner = DockerRunner(settings, docker_client, adoption_window=0.5)
+    try:
+        await runner.startup()
+        assert len(leftovers(docker_client, execution_id)) == 1
+        # A created-but-never-started container holds no outcome: nothing to adopt.
+        execution = Execution(execution_id=execution_id, request=request_for(settings))
+        assert not await runner.resume(execution)
+        deadline = time.monotonic() + 20
+        while leftovers(docker_client, execution_id):
+            assert time.monotonic() < deadline, "the orphan was never swept"
+            await anyio.sleep(0.1)  # bounded poll: the sweep runs in the background
+    finally:
+        await runner.aclose()
+        await Engine(settings, docker_client).sweep({LABEL_EXECUTION: execution_id})
 
 
 @pytest.mark.docker

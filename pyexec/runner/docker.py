@@ -33,13 +33,22 @@ import attrs
 import docker
 from anyio import from_thread, to_thread
 
-from pyexec.errors import BackendError, BackendUnavailable, Conflict, NotFound, PyexecError
+from pyexec.errors import (
+    BackendError,
+    BackendUnavailable,
+    BadRequest,
+    Conflict,
+    NotFound,
+    PyexecError,
+)
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
 from pyexec.runner import OnRunning
-from pyexec.runner.docker_engine import THREADS, Engine, owner_label
+from pyexec.runner.docker_engine import THREADS, Engine, owner_alive, owner_label
 from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_PHASE,
     Phase,
     bootstrap_spec,
     container_args,
@@ -60,6 +69,8 @@ log = logging.getLogger("pyexec.runner.docker")
 _SETUP_GRACE = 5.0
 #: Bound on waiting for a killed container to be gone.
 _KILL_WAIT = 30.0
+#: How long run containers a crashed process left wait for ``resume`` after ``startup``.
+_ADOPTION_WINDOW = 300.0
 #: Finished runs kept for ``wait``/``logs`` (their output lives in the outcome only).
 _DONE_KEPT = 64
 #: Output (characters) of finished runs kept once ``wait`` has handed their outcome
@@ -123,8 +134,11 @@ class DockerRunner:
         client: docker.DockerClient | None = None,
         *,
         engine: Engine | None = None,
+        adoption_window: float = _ADOPTION_WINDOW,
     ) -> None:
         self._settings = settings
+        self._adoption_window = adoption_window
+        self._orphan_sweep: asyncio.Task[None] | None = None
         self._engine = engine or Engine(settings, client)
         # Archive transfers last as long as a sandbox takes to unpack: they get their own
         # threads, so they never queue the engine calls of other runs (creates, kills).
@@ -137,11 +151,40 @@ class DockerRunner:
     # --- Runner protocol ---------------------------------------------------------------
 
     async def startup(self) -> None:
-        await self._engine.sweep({LABEL_MANAGED: "1"}, spare_live_owners=True)
+        """Sweep what crashed processes left, except their run containers: ``resume``
+        adopts those (the engine's log kept their output), and what nobody adopts within
+        the adoption window is swept then."""
+        orphans = {
+            labels[LABEL_EXECUTION]
+            for item in await self._engine.containers({LABEL_MANAGED: "1", LABEL_PHASE: "run"})
+            if not owner_alive((labels := item.get("Labels") or {}).get(LABEL_OWNER))
+            and LABEL_EXECUTION in labels
+        }
+        await self._engine.sweep(
+            {LABEL_MANAGED: "1"},
+            spare_live_owners=True,
+            spare=lambda labels: labels.get(LABEL_EXECUTION) in orphans,
+        )
+        if orphans:
+            self._orphan_sweep = asyncio.create_task(self._sweep_orphans(orphans))
 
     def check(self, request: ExecutionRequest) -> None:
-        """Everything ``parse_request`` lets through runs here as asked."""
-        return
+        """Refuse what no process can be given: a NUL byte in an argument, an environment
+        value or a setup command (they travel as C strings). Everything else
+        ``parse_request`` lets through runs here as asked."""
+        fields = {
+            "script_args": request.script_args,
+            "env_vars": [value for _, value in request.env_vars],
+            "pre_commands": request.pre_commands,
+            "entrypoint": [request.entrypoint],
+        }
+        for field, values in fields.items():
+            if any("\0" in value for value in values):
+                raise BadRequest(
+                    f"{field} contains a NUL byte, which no program can be given",
+                    code="nul_in_argument",
+                    field=field,
+                )
 
     async def start(
         self,
@@ -209,21 +252,91 @@ class DockerRunner:
             await asyncio.wait({run.task}, timeout=_KILL_WAIT)
 
     async def resume(self, execution: Execution) -> bool:
-        # The output of a local container is only ever read by the process that
-        # attached to it; after a restart nobody can pump it, and startup swept it.
-        return False
+        """Adopt the run container a crashed process left for ``execution``: wait for it
+        (the sandbox enforces its deadline itself) and judge it from the engine's state
+        and log. ``False`` when there is none, or it never started."""
+        execution_id = execution.execution_id
+        request = execution.request
+        if request is None or execution_id in self._runs or self._closed:
+            return False
+        found = await self._engine.containers({LABEL_EXECUTION: execution_id, LABEL_PHASE: "run"})
+        adoptable = [
+            item
+            for item in found
+            if not owner_alive((item.get("Labels") or {}).get(LABEL_OWNER))
+            and item.get("State") != "created"
+        ]
+        if not adoptable:
+            return False
+        container = str(adoptable[0]["Id"])
+        limit = request.config.max_output_bytes
+        run = _Run(execution_id, request, Capture(limit), Capture(limit), containers=[container])
+        volumes = await self._engine.volumes({LABEL_EXECUTION: execution_id})
+        run.volume = volumes[0] if volumes else None
+        self._runs[execution_id] = run
+        run.task = asyncio.create_task(self._watch(run, container, execution.started_at))
+        return True
 
     async def ping(self) -> None:
         await self._engine.ping()
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._orphan_sweep is not None:
+            self._orphan_sweep.cancel()
         tasks = {run.task for run in self._runs.values() if run.task is not None}
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=_KILL_WAIT)
         self._engine.close()
+
+    # --- Runs adopted after a restart ---------------------------------------------------
+
+    async def _watch(self, run: _Run, container: str, started_at: datetime | None) -> RunOutcome:
+        """The outcome of an adopted run container, once it has ended."""
+        try:
+            state = (await self._engine.inspect(container))["State"]
+            run.started_at = started_at or _engine_time(state.get("StartedAt"))
+            ran = (utcnow() - run.started_at).total_seconds() if run.started_at else 0.0
+            budget = run.request.config.timeout_seconds + _SETUP_GRACE
+            phase = plan(run.request, self._settings)[-1]
+            control, trailer = wire.ControlLine(), wire.Trailer()
+            exited = await self._engine.wait(container, max(budget - ran, 1.0))
+            if exited is None:  # the sandbox's own deadline did not end it
+                self._timed_out(run, phase, control)
+                await self._engine.kill(container)
+                exited = await self._engine.wait(container, _KILL_WAIT)
+            state = (await self._engine.inspect(container))["State"]
+            run.finished_at = _engine_time(state.get("FinishedAt")) or utcnow()
+            stdout, stderr = await self._engine.output(container)
+            for stream, data in ((1, control.feed(stdout)), (2, trailer.feed(stderr))):
+                if run.verdict is None:
+                    self._capture(run, stream, data)
+            if run.verdict is None:
+                self._capture(run, 2, trailer.finish())
+            await self._discard(run, container)
+            self._judge(run, phase, control, trailer, exited, bool(state.get("OOMKilled")))
+            raise AssertionError("a run container always ends the execution")  # pragma: no cover
+        except _Ended as ended:
+            return ended.outcome
+        except PyexecError as exc:
+            return run.outcome(Reason.ERROR, f"the adopted run failed: {exc.message}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release(run)
+            self._runs.pop(run.execution_id, None)
+            self._done[run.execution_id] = run
+            self._trim_done()
+
+    async def _sweep_orphans(self, orphans: set[str]) -> None:
+        """Once the adoption window has passed, remove what no ``resume`` took."""
+        await asyncio.sleep(self._adoption_window)
+        for execution_id in orphans - set(self._runs) - set(self._done):
+            try:
+                await self._engine.sweep({LABEL_EXECUTION: execution_id})
+            except BackendError as exc:
+                log.warning("could not sweep the leftovers of %s: %s", execution_id, exc.message)
 
     # --- One execution -----------------------------------------------------------------
 
@@ -555,3 +668,11 @@ def _unwrap(exc: Exception) -> Exception:
     while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _engine_time(value: str | None) -> datetime | None:
+    """A timestamp as the engine gives it (RFC 3339, nanoseconds); ``None`` if unset."""
+    if not value or value.startswith("0001-"):
+        return None
+    head, _, fraction = value.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")

@@ -29,7 +29,7 @@ from pyexec.errors import BackendError, BackendUnavailable
 from pyexec.runner.docker_spec import LABEL_OWNER
 from pyexec.settings import Settings
 
-__all__ = ["Engine", "owner_label"]
+__all__ = ["Engine", "owner_alive", "owner_label"]
 
 T = TypeVar("T")
 
@@ -211,26 +211,65 @@ class Engine:
         with contextlib.suppress(docker.errors.NotFound):
             await self.call(partial(_remove_volume, volume))
 
-    async def sweep(self, labels: dict[str, str], *, spare_live_owners: bool = False) -> None:
+    async def sweep(
+        self,
+        labels: dict[str, str],
+        *,
+        spare_live_owners: bool = False,
+        spare: Callable[[dict[str, str]], bool] | None = None,
+    ) -> None:
         """Remove every container and volume carrying ``labels`` (leftovers, or a late kill).
 
         With ``spare_live_owners``, what a live pyexec process on this host still pumps
-        is left alone: nothing else can read its output, but that process can.
+        is left alone: nothing else can read its output, but that process can. What
+        ``spare`` says yes to (given the labels) is left alone too.
         """
         selector = [f"{key}={value}" for key, value in labels.items()]
-        containers = await self.call(
-            lambda api: api.containers(all=True, filters={"label": selector})
-        )
+        containers = await self.containers(labels)
+
+        def spared(item: dict[str, Any]) -> bool:
+            found = item.get("Labels") or {}
+            if spare_live_owners and owner_alive(found.get(LABEL_OWNER)):
+                return True
+            return spare is not None and spare(found)
+
         for item in containers:
-            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
+            if spared(item):
                 continue
             with contextlib.suppress(docker.errors.NotFound):
                 await self.call(partial(_remove_container, item["Id"]))
         volumes = await self.call(lambda api: api.volumes(filters={"label": selector}))
         for item in (volumes or {}).get("Volumes") or []:
-            if spare_live_owners and _owner_alive((item.get("Labels") or {}).get(LABEL_OWNER)):
+            if spared(item):
                 continue
             await self.remove_volume(item["Name"])
+
+    async def containers(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Every container (running or not) carrying ``labels``, as the engine lists them."""
+        selector = [f"{key}={value}" for key, value in labels.items()]
+        found = await self.call(lambda api: api.containers(all=True, filters={"label": selector}))
+        return list(found)
+
+    async def volumes(self, labels: dict[str, str]) -> list[str]:
+        """Names of the volumes carrying ``labels``."""
+        selector = [f"{key}={value}" for key, value in labels.items()]
+        found = await self.call(lambda api: api.volumes(filters={"label": selector}))
+        return [str(item["Name"]) for item in (found or {}).get("Volumes") or []]
+
+    async def inspect(self, container: str) -> dict[str, Any]:
+        state: dict[str, Any] = await self.call(lambda api: api.inspect_container(container))
+        return state
+
+    async def output(self, container: str) -> tuple[bytes, bytes]:
+        """What the engine's log kept of a container's stdout and stderr."""
+
+        def read(api: docker.APIClient, *, stdout: bool) -> bytes:
+            return bytes(api.logs(container, stdout=stdout, stderr=not stdout))
+
+        return (
+            await self.call(partial(read, stdout=True)),
+            await self.call(partial(read, stdout=False)),
+        )
 
     def close(self) -> None:
         if self._owns_client and self._client is not None:
@@ -279,7 +318,7 @@ def _start_ticks(pid: int) -> str:
     return fields[19].decode() if len(fields) > 19 else ""
 
 
-def _owner_alive(owner: str | None) -> bool:
+def owner_alive(owner: str | None) -> bool:
     """Whether ``owner`` (``host:pid[:start]``) names a live process on this host (so not
     a crash's leftover)."""
     host, _, rest = (owner or "").partition(":")

@@ -21,8 +21,11 @@ __all__ = [
     "LABEL_EXECUTION",
     "LABEL_MANAGED",
     "LABEL_OWNER",
+    "LABEL_PHASE",
+    "LOG_SLACK_BYTES",
     "MASKED_PATHS",
     "NOFILE",
+    "RUNSC_MEMORY_OVERHEAD_MB",
     "RUNSC_PIDS_OVERHEAD",
     "SANDBOX_DEADLINE_GRACE",
     "WORKDIR",
@@ -40,6 +43,8 @@ LABEL_MANAGED = "pyexec.managed"
 LABEL_EXECUTION = "pyexec.execution_id"
 #: ``host:pid`` of the service process that pumps the container.
 LABEL_OWNER = "pyexec.owner"
+#: ``run`` on a container that runs the program (after its setup, if any), else ``setup``.
+LABEL_PHASE = "pyexec.phase"
 SANDBOX_USER = "1000:1000"
 WORKDIR = "/work"
 CA_TARGET = "/usr/local/share/pyexec/ca.crt"
@@ -48,11 +53,16 @@ MiB = 1024 * 1024
 NOFILE = 4096
 #: Seconds past the timeout before the in-container CPU backstop can fire.
 CPU_BACKSTOP_SLACK = 60
+#: Room in a run container's engine log beyond its output caps (framing, control lines).
+LOG_SLACK_BYTES = 1024 * 1024
 #: Seconds the bootstrap's own deadline comes after the runner's.
 SANDBOX_DEADLINE_GRACE = 0.5
 #: Processes and threads gVisor's own sandbox (sentry, gofer) holds in the container's
 #: pids cgroup under ``runsc``, added to the run's ``pids_limit`` (it needs about 40).
 RUNSC_PIDS_OVERHEAD = 64
+#: Memory (MiB) gVisor's sandbox itself needs in the container's memory cgroup under
+#: ``runsc``, added to the run's ``memory_mb`` (hello-world does not start in 16 MiB).
+RUNSC_MEMORY_OVERHEAD_MB = 64
 #: Most of a run's disk budget that /tmp, and /dev/shm, may each take.
 SCRATCH_MAX_KIB = 64 * 1024
 #: What a run must not read of the host: empty files and directories in its place.
@@ -131,6 +141,17 @@ def _work_options(request: ExecutionRequest) -> str:
     return f"nosuid,nodev,size={size}k,uid=1000,gid=1000,mode=0755"
 
 
+def _log_config(request: ExecutionRequest, phase: Phase) -> LogConfig:
+    """A run container's output is kept by the engine too (its ``local`` log, bounded),
+    so that a restarted service can read what a run did while nobody attached."""
+    if not phase.run:
+        return LogConfig(type="none")
+    # Both streams at their cap, plus the engine's framing of many small writes.
+    size = 4 * request.config.max_output_bytes + LOG_SLACK_BYTES
+    options = {"max-size": str(size), "max-file": "1", "compress": "false"}
+    return LogConfig(type="local", config=options)
+
+
 def container_args(
     settings: Settings,
     request: ExecutionRequest,
@@ -142,7 +163,8 @@ def container_args(
     """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
     arguments of ``create_host_config`` (a pure function: shown and tested as data)."""
     config = request.config
-    memory = config.memory_mb * MiB
+    gvisor = settings.docker_runtime == "runsc"
+    memory = (config.memory_mb + (RUNSC_MEMORY_OVERHEAD_MB if gvisor else 0)) * MiB
     mounts = []
     # Sticky and world-writable like any /tmp; noexec (the engine's default for tmpfs).
     tmpfs = {"/tmp": f"rw,nosuid,nodev,size={disk_shares(config.disk_mb).tmp}k,mode=1777"}
@@ -161,15 +183,14 @@ def container_args(
         "mem_limit": memory,
         "memswap_limit": memory,
         "cpu_shares": config.cpu_shares,
-        "pids_limit": config.pids_limit
-        + (RUNSC_PIDS_OVERHEAD if settings.docker_runtime == "runsc" else 0),
+        "pids_limit": config.pids_limit + (RUNSC_PIDS_OVERHEAD if gvisor else 0),
         # The engine's default (often a million) times pids_limit processes is a lot of
         # kernel memory; a script needs a few thousand descriptors at most.
         "ulimits": [Ulimit(name="nofile", soft=NOFILE, hard=NOFILE)],
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges", f"seccomp={seccomp_profile()}"],
         "shm_size": disk_shares(config.disk_mb).shm * 1024,
-        "log_config": LogConfig(type="none"),
+        "log_config": _log_config(request, phase),
         "init": True,
     }
     return {
@@ -187,7 +208,7 @@ def container_args(
         ],
         "labels": {
             **labels(execution_id, owner),
-            "pyexec.phase": "run" if phase.run else "setup",
+            LABEL_PHASE: "run" if phase.run else "setup",
         },
         "stdin_open": True,
         "detach": False,  # with stdin_open: attach stdin/stdout/stderr, close stdin at EOF

@@ -1,0 +1,161 @@
+"""Fault tests of the local runner against real processes: the server killed with runs
+in flight (its deadlines still hold in the sandbox, a restarted server adopts the runs
+and records what really happened)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from pyexec.runner.docker_spec import LABEL_EXECUTION
+
+from .conftest import TEST_IMAGE, free_port
+from .fixtures_consul import CONSUL_ADDR, kv_delete_tree, new_prefix
+from .fixtures_docker import docker_client, leftovers
+from .tarfiles import make_tar
+
+__all__ = ["docker_client"]  # fixtures, imported to be found by pytest
+
+pytestmark = [pytest.mark.docker, pytest.mark.consul]
+
+SLEEPER = "print('started', flush=True)\nimport time\ntime.sleep(45)\nprint('never')\n"
+FINISHER = "import time\nprint('working', flush=True)\ntime.sleep(4)\nprint('done')\n"
+
+
+class Server:
+    """``pyexec serve`` as a separate process (Consul store, local Docker runner)."""
+
+    def __init__(self, tmp: Path, prefix: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "server.log"
+        self.env = {
+            **os.environ,
+            "PYEXEC_HOST": "127.0.0.1",
+            "PYEXEC_PORT": str(self.port),
+            "CONSUL_HTTP_ADDR": CONSUL_ADDR,
+            "PYEXEC_CONSUL_PREFIX": prefix,
+            "PYEXEC_DEFAULT_IMAGE": TEST_IMAGE,
+            "PYEXEC_PYTHON_IMAGES": f"3.11={TEST_IMAGE}",
+            "PYEXEC_DEFAULT_PYTHON_VERSION": "3.11",
+            "PYEXEC_DOCKER_PULL": "false",
+            "PYEXEC_LOG_FORMAT": "text",
+        }
+        for name in ("NOMAD_ADDR", "PYEXEC_NOMAD_ADDR", "PYEXEC_API_TOKENS"):
+            self.env.pop(name, None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pyexec.cli", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:  # bounded readiness poll: a separate process offers nothing to wait on
+            assert self.proc.poll() is None, self.log.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            assert time.monotonic() < deadline, "the server did not come up within 60 s"
+            time.sleep(0.1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def submit(self, code: str, timeout_seconds: int) -> str:
+        config = {"timeout_seconds": timeout_seconds}
+        metadata = json.dumps({"entrypoint": "main.py", "config": config})
+        response = httpx.post(
+            f"{self.url}/api/v1/exec/async",
+            files={"tar": ("code.tar", make_tar({"main.py": code}))},
+            data={"metadata": metadata},
+            timeout=60,
+        )
+        assert response.status_code in (200, 201, 202), response.text
+        execution_id: str = response.json()["execution_id"]
+        return execution_id
+
+    def get(self, execution_id: str, wait: float = 0) -> dict[str, Any]:
+        response = httpx.get(
+            f"{self.url}/api/v1/executions/{execution_id}",
+            params={"wait": wait} if wait else None,
+            timeout=wait + 30,
+        )
+        assert response.status_code == 200, response.text
+        record: dict[str, Any] = response.json()
+        return record
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    prefix = new_prefix()
+    server = Server(tmp_path, prefix)
+    try:
+        yield server
+    finally:
+        server.kill(signal.SIGTERM)
+        kv_delete_tree(prefix)
+
+
+def _container(client: docker.DockerClient, execution_id: str) -> Any:
+    found = client.containers.list(all=True, filters={"label": f"{LABEL_EXECUTION}={execution_id}"})
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _engine_time(value: str) -> datetime:
+    head, _, fraction = value.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
+
+
+def test_killed_server_runs_keep_their_deadline_and_are_adopted_after_restart(
+    server: Server, docker_client: docker.DockerClient
+) -> None:
+    """After `kill -9` of the server, a run with a 5 s timeout that sleeps 45 s still ends
+    after about 5 s, and one that finishes meanwhile keeps its output: the restarted
+    server records a timeout and an exit with the real output, not `lost`."""
+    server.start()
+    sleeper = server.submit(SLEEPER, timeout_seconds=5)
+    finisher = server.submit(FINISHER, timeout_seconds=30)
+    deadline = time.monotonic() + 60
+    while {server.get(i)["status"] for i in (sleeper, finisher)} != {"running"}:
+        assert time.monotonic() < deadline, "the runs never started"
+        time.sleep(0.1)
+    server.kill()
+
+    # Nobody watches the sandboxes now; the sleeper's own deadline must still end it.
+    container = _container(docker_client, sleeper)
+    assert container.wait(timeout=30)["StatusCode"] == 137
+    container.reload()
+    state = container.attrs["State"]
+    ran = (_engine_time(state["FinishedAt"]) - _engine_time(state["StartedAt"])).total_seconds()
+    assert 5 <= ran < 5 + 3, ran
+    assert _container(docker_client, finisher).wait(timeout=30)["StatusCode"] == 0
+
+    server.start()
+    timed_out = server.get(sleeper, wait=30)
+    assert (timed_out["status"], timed_out["reason"]) == ("failed", "timeout"), timed_out
+    assert timed_out["stdout"] == "started\n"
+    exited = server.get(finisher, wait=30)
+    assert (exited["status"], exited["reason"], exited["exit_code"]) == ("completed", "exited", 0)
+    assert (exited["stdout"], exited["stderr"]) == ("working\ndone\n", ""), exited
+    for execution_id in (sleeper, finisher):
+        assert leftovers(docker_client, execution_id) == []
