@@ -152,7 +152,7 @@ def test_killed_server_runs_keep_their_deadline_and_are_adopted_after_restart(
 
     server.start()
     timed_out = server.get(sleeper, wait=30)
-    assert (timed_out["status"], timed_out["reason"]) == ("failed", "timeout"), timed_out
+    assert (timed_out["status"], timed_out["reason"]) == ("failed", "timeout"), timed_out["error"]
     assert timed_out["stdout"] == "started\n"
     exited = server.get(finisher, wait=30)
     assert (exited["status"], exited["reason"], exited["exit_code"]) == ("completed", "exited", 0)
