@@ -3,6 +3,14 @@
 Interleaves the two in one run (so machine noise hits both alike) and prints p50/p95 of
 each and their ratio. Target: API p50 <= 1.10 x bare docker p50.
 
+Also, in the same run on the embedded default: how long ``POST /api/v1/exec/async``
+takes to answer 202 (the record is stored, the launch follows). Targets: p50 <= 20 ms
+and <= 0.1 x the bare ``docker run`` p50.
+
+And, with the Consul store (``--consul``, default ``127.0.0.1:8500``; skipped with a
+note when no agent answers there): the Consul requests one sync run sends, counted at
+the store's HTTP transport. Target: <= 5.
+
     uv run python bench/api_overhead.py [--runs 30] [--image pyexec-runner:bookworm]
 """
 
@@ -22,7 +30,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pyexec.runner.docker import DockerRunner
+from pyexec.store.consul import ConsulStore
 from tests.conftest import live_server, make_settings
+from tests.fixtures_consul import (
+    RecordingTransport,
+    consul_url,
+    kv_delete_tree,
+    new_prefix,
+)
 
 HELLO = "print('hello')\n"
 
@@ -64,11 +80,64 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def submit_async(http: httpx.Client, tar: bytes) -> float:
+    """Seconds until ``POST /exec/async`` answered 202; then waits (untimed) for the end."""
+    t0 = time.perf_counter()
+    response = http.post(
+        "/api/v1/exec/async",
+        files={"tar": ("code.tar", tar, "application/x-tar")},
+        data={"metadata": json.dumps({"entrypoint": "main.py"})},
+    )
+    elapsed = time.perf_counter() - t0
+    if response.status_code != 202:
+        raise RuntimeError(f"async submit failed: {response.status_code} {response.text}")
+    record = http.get(response.headers["location"], params={"wait": 60}).json()
+    if record.get("stdout") != "hello\n":
+        raise RuntimeError(f"async run failed: {record}")
+    return elapsed
+
+
+def consul_requests_per_sync_run(args: argparse.Namespace, tar: bytes) -> list[int] | None:
+    """Consul requests each of a few sync runs sent (local Docker runner, Consul store)."""
+    try:
+        httpx.get(f"{consul_url(args.consul)}/v1/status/leader", timeout=2).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    prefix = new_prefix()
+    settings = make_settings(
+        default_image=args.image, log_level="WARNING", consul_addr=args.consul,
+        consul_prefix=prefix,
+    )  # fmt: skip
+    transport = RecordingTransport()
+    store = ConsulStore.from_settings(settings, transport=transport)
+    counts = []
+    try:
+        with (
+            live_server(settings, store=store, runner=DockerRunner(settings)) as server,
+            httpx.Client(base_url=server.url, timeout=60) as http,
+        ):
+            for _ in range(args.consul_runs):
+                before = len(transport.requests)
+                response = http.post(
+                    "/api/v1/exec/sync",
+                    files={"tar": ("code.tar", tar, "application/x-tar")},
+                    data={"metadata": json.dumps({"entrypoint": "main.py"})},
+                )
+                if response.json().get("stdout") != "hello\n":
+                    raise RuntimeError(f"Consul sync run failed: {response.text}")
+                counts.append(len(transport.requests) - before)
+    finally:
+        kv_delete_tree(prefix, args.consul)
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--image", default="pyexec-runner:bookworm")
+    parser.add_argument("--consul", default="127.0.0.1:8500", help="Consul agent to count against")
+    parser.add_argument("--consul-runs", type=int, default=5)
     args = parser.parse_args()
 
     settings = make_settings(default_image=args.image, log_format="text", log_level="WARNING")
@@ -79,6 +148,7 @@ def main() -> int:
     tar = hello_tar()
     api_times: list[float] = []
     docker_times: list[float] = []
+    async_times: list[float] = []
     with live_server(settings) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         for i in range(args.warmup + args.runs):
             t0 = time.perf_counter()
@@ -98,9 +168,12 @@ def main() -> int:
             if done.returncode != 0 or done.stdout != "hello\n":
                 print(f"docker run failed: {done.returncode} {done.stderr}", file=sys.stderr)
                 return 1
+            async_time = submit_async(http, tar)
             if i >= args.warmup:
                 api_times.append(t1 - t0)
                 docker_times.append(t3 - t2)
+                async_times.append(async_time)
+    consul_counts = consul_requests_per_sync_run(args, tar)
 
     def row(name: str, values: list[float]) -> str:
         return (
@@ -114,6 +187,19 @@ def main() -> int:
     print(row("pyexec API", api_times))
     print(row("docker run", docker_times))
     print(f"ratio        p50 {ratio50:.3f}x   p95 {ratio95:.3f}x   (target <= 1.10x)")
+    async50 = statistics.median(async_times)
+    print(row("async 202", async_times))
+    print(
+        f"async submit p50 {async50 * 1000:.1f} ms (target <= 20 ms); "
+        f"{async50 / statistics.median(docker_times):.3f}x docker run p50 (target <= 0.1x)"
+    )
+    if consul_counts is None:
+        print(f"Consul requests per sync run: skipped (no Consul agent at {args.consul})")
+    else:
+        print(
+            f"Consul requests per sync run: max {max(consul_counts)} over "
+            f"{len(consul_counts)} runs {consul_counts} (target <= 5)"
+        )
     return 0
 
 
