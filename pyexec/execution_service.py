@@ -50,6 +50,7 @@ from .logs import bind_execution
 from .models import (
     Execution,
     ExecutionRequest,
+    IdempotencyKey,
     Reason,
     RunOutcome,
     Status,
@@ -218,16 +219,14 @@ class ExecutionService:
         # Counted from admission, so concurrent submits cannot overshoot the cap.
         self._admitting += 1
         try:
-            await to_thread.run_sync(self._check_tar, tar, request.entrypoint)
-            claim = None
-            if idempotency_key is not None:
-                claim = await to_thread.run_sync(idempotency.bind, idempotency_key, request, tar)
+            # One trip to a worker thread for all the work on the tar's bytes.
+            claim, spool = await to_thread.run_sync(self._take_tar, tar, request, idempotency_key)
             record = Execution(execution_id=new_execution_id(), request=request, idempotency=claim)
             if initial:
                 record = attrs.evolve(record, **initial)
             with bind_execution(record.execution_id):
                 try:
-                    spool = await self._store_new(record, tar)
+                    await self._store_new(record, tar, spool)
                 except IdempotentReplay as replay:
                     if claim is None or replay.fingerprint != claim.fingerprint:
                         raise idempotency.refuse_reuse(replay.execution_id) from None
@@ -239,19 +238,27 @@ class ExecutionService:
             self._admitting -= 1
         return record, task
 
-    async def _store_new(self, record: Execution, tar: BinaryIO) -> BinaryIO | None:
-        """Store ``record``, with its tar only if the runner fetches it from the store;
-        otherwise the tar waits for the launch in a private spool file (returned)."""
-        if self.runner.reads_stored_tar:
-            await self.store.create(record, tar)
-            return None
-        spool = await to_thread.run_sync(_spool, tar)
+    def _take_tar(
+        self, tar: BinaryIO, request: ExecutionRequest, idempotency_key: str | None
+    ) -> tuple[IdempotencyKey | None, BinaryIO | None]:
+        """In a worker thread: check the tar, bind the idempotency key to it, and copy it
+        to a private spool file when the runner does not read it from the store (the
+        launch reads that copy after the request that brought the tar is over)."""
+        self._check_tar(tar, request.entrypoint)
+        claim = None
+        if idempotency_key is not None:
+            claim = idempotency.bind(idempotency_key, request, tar)
+        return claim, None if self.runner.reads_stored_tar else _spool(tar)
+
+    async def _store_new(self, record: Execution, tar: BinaryIO, spool: BinaryIO | None) -> None:
+        """Store ``record``, with its tar only if there is no spool (the runner fetches it
+        from the store); the spool is closed if storing fails."""
         try:
-            await self.store.create(record, None)
+            await self.store.create(record, tar if spool is None else None)
         except BaseException:
-            spool.close()
+            if spool is not None:
+                spool.close()
             raise
-        return spool
 
     async def _execute(
         self,

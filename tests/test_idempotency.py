@@ -88,6 +88,8 @@ async def test_same_key_other_request_is_409(api: tuple[httpx.AsyncClient, SideE
         error = refused.json()["error"]
         assert error["code"] == "idempotency_conflict"
         assert error["details"]["execution_id"] == first.json()["execution_id"]
+    # An async submit answers before its launch: wait for the one that was accepted.
+    await client.get(first.headers["location"], params={"wait": 10})
     assert effect.runs == ["once"]
 
 
