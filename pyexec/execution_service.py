@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 import os
 import shutil
@@ -72,6 +73,8 @@ Postprocess = Callable[[RunOutcome], RunOutcome]
 
 ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
 
+#: Tars up to this size are checked on the event loop and spooled in memory.
+INLINE_TAR_BYTES = 256 * 1024
 #: Longest a client may long-poll one GET.
 MAX_POLL_SECONDS = 60.0
 
@@ -220,7 +223,14 @@ class ExecutionService:
         self._admitting += 1
         try:
             # One trip to a worker thread for all the work on the tar's bytes.
-            claim, spool = await to_thread.run_sync(self._take_tar, tar, request, idempotency_key)
+            # All the work on the tar's bytes in one go: on the event loop for a small tar
+            # (a trip to a worker thread costs more than checking it), else in a thread.
+            if _size(tar) <= INLINE_TAR_BYTES:
+                claim, spool = self._take_tar(tar, request, idempotency_key)
+            else:
+                claim, spool = await to_thread.run_sync(
+                    self._take_tar, tar, request, idempotency_key
+                )
             record = Execution(execution_id=new_execution_id(), request=request, idempotency=claim)
             if initial:
                 record = attrs.evolve(record, **initial)
@@ -241,9 +251,9 @@ class ExecutionService:
     def _take_tar(
         self, tar: BinaryIO, request: ExecutionRequest, idempotency_key: str | None
     ) -> tuple[IdempotencyKey | None, BinaryIO | None]:
-        """In a worker thread: check the tar, bind the idempotency key to it, and copy it
-        to a private spool file when the runner does not read it from the store (the
-        launch reads that copy after the request that brought the tar is over)."""
+        """Check the tar, bind the idempotency key to it, and copy it to a private spool
+        when the runner does not read it from the store (the launch reads that copy
+        after the request that brought the tar is over). Blocking."""
         self._check_tar(tar, request.entrypoint)
         claim = None
         if idempotency_key is not None:
@@ -518,8 +528,17 @@ class ExecutionService:
         return len(expired)
 
 
+def _size(tar: BinaryIO) -> int:
+    size = tar.seek(0, os.SEEK_END)
+    tar.seek(0)
+    return size
+
+
 def _spool(tar: BinaryIO) -> BinaryIO:
-    """A private copy of ``tar`` (a temporary file, gone once closed), positioned at 0."""
+    """A private copy of ``tar``, positioned at 0: in memory when small, else a temporary
+    file (gone once closed)."""
+    if _size(tar) <= INLINE_TAR_BYTES:
+        return io.BytesIO(tar.read())
     spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the launch that reads it
     try:
         shutil.copyfileobj(tar, spool, CHUNK_SIZE)
@@ -531,5 +550,9 @@ def _spool(tar: BinaryIO) -> BinaryIO:
 
 
 async def _chunks(tar: BinaryIO) -> AsyncIterator[bytes]:
+    if isinstance(tar, io.BytesIO):  # in memory: no thread needed to read it
+        while chunk := tar.read(CHUNK_SIZE):
+            yield chunk
+        return
     while chunk := await to_thread.run_sync(tar.read, CHUNK_SIZE):
         yield chunk
