@@ -39,3 +39,8 @@ dev-cluster:
 # Stop what `just dev-cluster` started.
 dev-cluster-stop:
     scripts/dev-cluster.sh stop
+
+# The Nomad suite against a real agent (`nomad` on PATH; starts a dev agent from nomad/
+# unless one answers on :4646). Says what is missing when there is no `nomad`.
+test-nomad-real *args:
+    scripts/test-nomad-real.sh {{args}}

@@ -71,7 +71,7 @@ job "pyexec-runner-small" {
         runtime         = "runc"
         readonly_rootfs = true
         cap_drop        = ["all"]
-        security_opt    = ["no-new-privileges", "seccomp=${file("pyexec/sandbox/seccomp.json")}"]
+        security_opt    = ["no-new-privileges"]
         pids_limit      = 256
 
         ulimit {

@@ -389,6 +389,14 @@ class Settings:
         help="Image of the runner jobs' trusted tasks (the requirements installer, the record "
         "writer of plain dispatches); never the request's. Default: PYEXEC_DEFAULT_IMAGE.",
     )
+    nomad_seccomp_profile: str | None = setting(
+        None,
+        "PYEXEC_NOMAD_SECCOMP_PROFILE",
+        parse=_optional_str,
+        help="Path, on every Nomad client, of the sandbox's seccomp profile (a copy of "
+        "pyexec/sandbox/seccomp.json) for the run task; the docker driver reads the file "
+        "itself. Unset: Docker's default profile.",
+    )
     nomad_register_jobs: bool = setting(
         True,
         "PYEXEC_NOMAD_REGISTER_JOBS",

@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,6 +36,7 @@ from .nomadsim import NomadSim
 from .tarfiles import make_tar, symlink_tar
 
 REAL_NOMAD = os.environ.get("PYEXEC_TEST_NOMAD_ADDR")
+SECCOMP_PROFILE = Path(__file__).resolve().parent.parent / "pyexec" / "sandbox" / "seccomp.json"
 TASK_CONSUL = os.environ.get("PYEXEC_TEST_NOMAD_CONSUL_ADDR") or consul_url(CONSUL_ADDR)
 
 pytestmark = [
@@ -94,6 +96,8 @@ def settings(sim: NomadSim | None, job_prefix: str) -> Iterator[Settings]:
         # registered job: each test registers its own.
         nomad_job_prefix=f"{job_prefix}-{secrets.token_hex(2)}",
         nomad_placement_timeout=60.0,
+        # The agent is on this machine: the profile's path here is its path on the client.
+        nomad_seccomp_profile=str(SECCOMP_PROFILE),
     )
     with contextlib.suppress(httpx.HTTPError):
         kv_delete_tree(prefix)
@@ -200,6 +204,22 @@ async def test_sandbox_has_no_network_and_runs_as_uid_1000(api: httpx.AsyncClien
     )
     body = await run_sync(api, code)
     assert body["stdout"] == "['lo'] 1000 ro\n", (body["error"], body["stderr"])
+
+
+async def test_the_run_task_has_the_sandboxs_seccomp_profile(api: httpx.AsyncClient) -> None:
+    """ptrace and personality are refused in the run task (the project's profile), as in the
+    local runner; Docker's default profile would allow both."""
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.ptrace(0, 0, 0, 0), os.strerror(ctypes.get_errno()))\n"
+        "print(libc.personality(0xffffffff), os.strerror(ctypes.get_errno()))\n"
+    )
+    body = await run_sync(api, code)
+    assert body["stdout"] == ("-1 Operation not permitted\n-1 Operation not permitted\n"), (
+        body["error"],
+        body["stderr"],
+    )
 
 
 async def test_async_run_and_logs(api: httpx.AsyncClient) -> None:
@@ -361,13 +381,12 @@ def tcp_forwarder(listen_host: str, upstream: tuple[str, int]) -> Iterator[int]:
 
 
 @pytest.fixture
-def node_consul(sim: NomadSim | None) -> Iterator[str]:
-    """Consul at an address a container on Docker's default bridge reaches (not loopback)."""
+def node_consul() -> Iterator[str]:
+    """Consul at an address a container on Docker's default bridge reaches (not loopback):
+    a forwarder on the bridge gateway when the tasks' Consul is on loopback."""
     if nomad_job.task_network_mode(Settings(nomad_consul_addr=TASK_CONSUL)) == "bridge":
         yield TASK_CONSUL
         return
-    if sim is None:
-        pytest.skip("PYEXEC_TEST_NOMAD_CONSUL_ADDR is loopback; bridge tasks need a node address")
     import docker
 
     client = docker.DockerClient()

@@ -169,18 +169,18 @@ def test_sandbox_matches_the_local_runner() -> None:
 
 
 def test_the_run_task_gets_the_sandboxs_seccomp_profile_and_runtime() -> None:
-    """The run task uses the local runner's seccomp profile and PYEXEC_DOCKER_RUNTIME."""
-    import json as json_module
-
-    from pyexec.sandbox import seccomp_profile
-
-    settings = Settings(docker_runtime="runsc")
+    """The run task uses the seccomp profile at PYEXEC_NOMAD_SECCOMP_PROFILE (a path on the
+    client: the driver reads the file) and PYEXEC_DOCKER_RUNTIME; without a profile,
+    Docker's default one applies."""
+    settings = Settings(docker_runtime="runsc", nomad_seccomp_profile="/etc/pyexec/seccomp.json")
     run = _task(nomad_job.runner_job(settings, settings.nomad_resource_classes[0]), "run")
-    (profile,) = [o for o in run["Config"]["security_opt"] if o.startswith("seccomp=")]
-    assert json_module.loads(profile.removeprefix("seccomp=")) == json_module.loads(
-        seccomp_profile()
-    )
+    assert run["Config"]["security_opt"] == [
+        "no-new-privileges",
+        "seccomp=/etc/pyexec/seccomp.json",
+    ]
     assert run["Config"]["runtime"] == "runsc"
+    default = _task(nomad_job.runner_job(Settings(), Settings().nomad_resource_classes[0]), "run")
+    assert default["Config"]["security_opt"] == ["no-new-privileges"]
 
 
 @pytest.mark.parametrize("pip", [False, True])
@@ -424,16 +424,12 @@ def test_hcl_file_agrees_with_the_function() -> None:
     code templates file() the modules the function embeds."""
     settings = Settings()
     expected = nomad_job.runner_job(settings, settings.nomad_resource_classes[0])
-    seccomp = "seccomp=" + (ROOT / "pyexec/sandbox/seccomp.json").read_text()
     for task in expected["TaskGroups"][0]["Tasks"]:
         for template in task["Templates"]:
             source = nomad_job.TASK_FILES.get(template["DestPath"])
             if source is not None:
                 assert template["EmbeddedTmpl"] == (ROOT / source).read_text()
                 template["EmbeddedTmpl"] = source
-        options = task["Config"]["security_opt"]
-        if seccomp in options:  # the HCL reads the profile with file()
-            options[options.index(seccomp)] = 'seccomp=${file("pyexec/sandbox/seccomp.json")}'
     assert hcl_as_api_json(HCL) == expected
 
 

@@ -81,17 +81,24 @@ class ScriptedNomad:
             return httpx.Response(200, json=[])
         if path == "/v1/allocation/alloc-1":
             return httpx.Response(200, json=alloc(dead=True))
-        if path == "/v1/client/fs/readat/alloc-1":
+        results = {
+            "alloc/data/pyexec/stdout": b"hello\n",
+            "alloc/data/pyexec/stderr": b"",
+            "alloc/data/pyexec/verdict.json": b'{"reason": "exited", "exit_code": 0}',
+        }
+        if path == "/v1/client/fs/ls/alloc-1":
             if not self.finished():
-                return httpx.Response(404, text="no such file or directory")
-            body = {
-                "alloc/data/pyexec/stdout": "hello\n",
-                "alloc/data/pyexec/stderr": "",
-                "alloc/data/pyexec/verdict.json": '{"reason": "exited", "exit_code": 0}',
-            }.get(request.url.params["path"])
-            if body is None:
-                return httpx.Response(404, text="no such file or directory")
-            return httpx.Response(200, text=body)
+                return httpx.Response(404, text="open /x/alloc/data/pyexec: no such file")
+            rows = [
+                {"Name": name.rsplit("/", 1)[1], "IsDir": False, "Size": len(data)}
+                for name, data in results.items()
+            ]
+            return httpx.Response(200, json=rows)
+        if path == "/v1/client/fs/readat/alloc-1":
+            data = results.get(request.url.params["path"]) if self.finished() else None
+            if data is None:  # Nomad 1.6.5 answers a failed read with 200 and the error
+                return httpx.Response(200, text="stat /x: no such file or directory")
+            return httpx.Response(200, content=data[: int(request.url.params["limit"])])
         return httpx.Response(404, text=f"no route {path}")
 
 

@@ -280,7 +280,7 @@ def test_prestart_failure_keeps_main_from_running(client: httpx.Client) -> None:
     assert alloc["TaskStates"]["pre"]["Failed"] is True
     main_state = alloc["TaskStates"]["main"]
     assert main_state["State"] == "dead"
-    assert main_state["StartedAt"].startswith("0001-01-01")
+    assert main_state["StartedAt"] is None  # null on Nomad 1.6.5, not Go's zero time
     assert "Started" not in events(alloc, "main")
     assert "Sibling Task Failed" in events(alloc, "main")
     r = logs(client, alloc["ID"], "main", type="stdout", plain="true")
@@ -431,7 +431,9 @@ def test_event_stream_delivers_allocation_updates(client: httpx.Client) -> None:
             if statuses and statuses[-1] == "complete":
                 break
     assert statuses[-1] == "complete"
-    assert "running" in statuses
+    # The client sends alloc updates in batches (200 ms): a short task may go from
+    # pending to complete with no running event between (seen on Nomad 1.6.5).
+    assert set(statuses) <= {"pending", "running", "complete"}
 
 
 @pytest.mark.docker
@@ -728,6 +730,31 @@ def test_client_gc_removes_old_terminal_allocs_and_their_logs() -> None:
         assert kept.text == "hello\n"
 
 
+def test_client_updates_between_two_syncs_reach_the_servers_as_one(only_sim: NomadSim) -> None:
+    """The double batches client updates as Nomad's client does: states a task passes
+    through between two syncs never show up (no running event for a short task)."""
+    cluster = only_sim.cluster
+    alloc_id = "00000000-0000-0000-0000-00000000c0a1"
+    with cluster.state.lock:
+        cluster.state.allocs[alloc_id] = {
+            "ID": alloc_id,
+            "Namespace": "default",
+            "JobID": "no-such-job",
+            "ClientStatus": "pending",
+            "TaskStates": {},
+        }
+    before = cluster.state.index
+    running = {"main": {"State": "running"}}
+    dead = {"main": {"State": "dead"}}
+    cluster.update_task_states(alloc_id, running, "running", "Tasks are running")
+    cluster.update_task_states(alloc_id, dead, "complete", "All tasks have completed")
+    cluster.sync_allocs()
+    with cluster.state.lock:
+        alloc = cluster.state.allocs.pop(alloc_id)
+    assert (alloc["ClientStatus"], alloc["TaskStates"]) == ("complete", dead)
+    assert cluster.state.index == before + 1  # one commit, one event
+
+
 @pytest.mark.docker
 def test_followed_logs_stream_new_output_while_the_task_runs(client: httpx.Client) -> None:
     """follow=true delivers output as the task writes it and stays open until we hang up."""
@@ -742,7 +769,10 @@ def test_followed_logs_stream_new_output_while_the_task_runs(client: httpx.Clien
     deadline = time.monotonic() + 30
     with client.stream("GET", f"/v1/client/fs/logs/{stub['ID']}", params=params) as r:
         assert r.status_code == 200
-        for chunk in r.iter_raw():
+        # Decoded: Nomad gzips the stream when the client accepts it (httpx does), flushing
+        # each write; the raw bytes never equal the output (seen on Nomad 1.6.5).
+        assert r.headers.get("Content-Encoding") == "gzip"
+        for chunk in r.iter_bytes():
             seen += chunk
             if seen == b"a\nb\n" or time.monotonic() > deadline:
                 break

@@ -435,7 +435,8 @@ class NomadRunner:
     async def _poll_verdict(self, run: _Run, alloc_id: str) -> None:
         """Conclude as soon as the run task has written its verdict: Nomad reports a task
         dead only on the client's next sync with the servers, often most of a second
-        later. Pauses grow from 0.1 s to 1 s, so long runs cost little."""
+        later. One listing per look; pauses grow from 0.1 s to 1 s, so long runs cost
+        little."""
         pause, longest = VERDICT_POLL_SECONDS
         while not (run.concluding or run.outcome.done()):
             await asyncio.sleep(pause)
@@ -445,24 +446,29 @@ class NomadRunner:
             if run.alloc["ID"] != alloc_id:
                 return
             try:
-                raw = await self.api.read_file(alloc_id, state.VERDICT_PATH, state.VERDICT_BYTES)
+                files = await self.api.list_files(alloc_id, state.RESULTS_DIR)
             except PyexecError as exc:
-                log.debug("verdict of %s not readable yet: %s", run.execution_id, exc)
+                log.debug("results of %s not readable yet: %s", run.execution_id, exc)
                 continue
-            verdict = state.parse_verdict(raw)
-            if verdict is not None and not (run.concluding or run.outcome.done()):
+            if files is None or state.VERDICT_FILE not in files:
+                continue
+            if not (run.concluding or run.outcome.done()):
                 run.concluding = True
-                await self._conclude(run, verdict)
+                await self._conclude(run, files)
                 return
 
-    async def _conclude(self, run: _Run, verdict: dict[str, Any] | None = None) -> None:
+    async def _conclude(self, run: _Run, files: dict[str, int] | None = None) -> None:
         assert run.alloc is not None
         alloc = run.alloc
         try:
-            if verdict is None:
-                raw = await self.api.read_file(alloc["ID"], state.VERDICT_PATH, state.VERDICT_BYTES)
+            if files is None:
+                files = await self.api.list_files(alloc["ID"], state.RESULTS_DIR) or {}
+            verdict = None
+            if state.VERDICT_FILE in files:
+                size = min(files[state.VERDICT_FILE], state.VERDICT_BYTES + 1)
+                raw = await self._read(alloc["ID"], state.VERDICT_FILE, size)
                 verdict = state.parse_verdict(raw)
-            stdout, stderr, truncated = await self._read_output(alloc["ID"], run.max_output)
+            stdout, stderr, truncated = await self._read_output(alloc["ID"], run.max_output, files)
             outcome = state.outcome(alloc, verdict, stdout, stderr, truncated)
         except PyexecError as exc:
             # The run is over but its results cannot be read (e.g. the alloc was collected).
@@ -470,14 +476,24 @@ class NomadRunner:
             outcome = attrs.evolve(outcome, error=outcome.error or exc.message)
         self._resolve(run, outcome)
 
-    async def _read_output(self, alloc_id: str, cap: int) -> tuple[str, str, bool]:
-        """The capped output the run task left (one byte more tells truncation)."""
+    async def _read(self, alloc_id: str, name: str, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return await self.api.read_file(alloc_id, f"{state.RESULTS_DIR}/{name}", length)
+
+    async def _read_output(
+        self, alloc_id: str, cap: int, files: dict[str, int] | None = None
+    ) -> tuple[str, str, bool]:
+        """The capped output the run task left (a file longer than the cap is truncated)."""
+        if files is None:
+            files = await self.api.list_files(alloc_id, state.RESULTS_DIR) or {}
         texts: list[str] = []
         cut = False
-        for path in (state.OUTPUT_PATHS["stdout"], state.OUTPUT_PATHS["stderr"]):
-            data = await self.api.read_file(alloc_id, path, cap + 1) or b""
-            cut = cut or len(data) > cap
-            texts.append(data[:cap].decode("utf-8", "replace"))
+        for name in ("stdout", "stderr"):
+            size = files.get(name, 0)
+            cut = cut or size > cap
+            data = await self._read(alloc_id, name, min(size, cap))
+            texts.append(data.decode("utf-8", "replace"))
         return texts[0], texts[1], cut
 
     def _resolve(self, run: _Run, outcome: RunOutcome) -> None:

@@ -31,10 +31,6 @@ REQUEST_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 STREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=75.0, write=30.0, pool=30.0)
 
 
-#: How the client filesystem API says a file (or the allocation's directory) is not there.
-_MISSING = ("no such file", "not exist", "not found", "unknown allocation")
-
-
 class NomadError(BackendError):
     """Nomad answered with an error status; ``status`` and Nomad's text are kept."""
 
@@ -243,26 +239,46 @@ class NomadAPI:
         return data[:limit], len(data) > limit
 
     # --- files of an allocation ----------------------------------------------------------------
-    async def read_file(self, alloc_id: str, path: str, limit: int) -> bytes | None:
-        """Up to ``limit`` bytes of a file in an allocation's directory (the client
-        filesystem API); ``None`` while it does not exist (or the allocation's directory
-        is not there yet, or no longer)."""
-        params = self._params({"path": path, "offset": 0, "limit": limit})
+    async def list_files(self, alloc_id: str, path: str) -> dict[str, int] | None:
+        """The files in a directory of an allocation, with their sizes (the client
+        filesystem API); ``None`` while the directory does not exist (Nomad 1.6.5: 404)."""
+        params = self._params({"path": path})
+        try:
+            response = await self._calls.get(f"/v1/client/fs/ls/{alloc_id}", params=params)
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(
+                f"Nomad at {self.base_url} is unreachable: {exc!r}", code="runner_unavailable"
+            ) from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise NomadError(
+                f"Nomad listing of {alloc_id}:{path} answered {response.status_code}: "
+                f"{response.text.strip()}",
+                status=response.status_code,
+            )
+        entries = response.json() or []
+        return {str(e["Name"]): int(e.get("Size") or 0) for e in entries if not e.get("IsDir")}
+
+    async def read_file(self, alloc_id: str, path: str, length: int) -> bytes:
+        """The first ``length`` bytes of a file of an allocation, which a listing showed to
+        be at least that long. Nomad 1.6.5 answers a read that fails (file gone, unknown
+        allocation) with 200 and the error as the body: a body of another length is
+        that error, raised."""
+        params = self._params({"path": path, "offset": 0, "limit": length})
         try:
             response = await self._calls.get(f"/v1/client/fs/readat/{alloc_id}", params=params)
         except httpx.TransportError as exc:
             raise BackendUnavailable(
                 f"Nomad at {self.base_url} is unreachable: {exc!r}", code="runner_unavailable"
             ) from None
-        if response.status_code == 200:
-            return response.content[:limit]
-        text = response.text.strip()
-        if response.status_code in (404, 500) and any(m in text.lower() for m in _MISSING):
-            return None
-        raise NomadError(
-            f"Nomad read of {alloc_id}:{path} answered {response.status_code}: {text}",
-            status=response.status_code,
-        )
+        if response.status_code != 200 or len(response.content) != length:
+            raise NomadError(
+                f"Nomad read of {alloc_id}:{path} answered {response.status_code}: "
+                f"{response.text.strip()[:300]}",
+                status=response.status_code,
+            )
+        return response.content
 
     # --- events --------------------------------------------------------------------------------
     async def events(self, topics: list[str], index: int) -> AsyncIterator[JSON]:

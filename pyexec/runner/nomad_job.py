@@ -97,11 +97,6 @@ _ID = '(env "NOMAD_META_execution_id")'
 _OPERATORS = ("=", "!=", ">", ">=", "<", "<=", "regexp", "version", "semver", "set_contains")
 
 
-def seccomp_text() -> str:
-    """The sandbox's seccomp profile (``pyexec/sandbox/seccomp.json``) as the file has it."""
-    return (resources.files("pyexec.sandbox") / "seccomp.json").read_text("utf-8")
-
-
 def task_file(dest: str) -> str:
     """The source of one of the service's modules a task runs (``TASK_FILES``)."""
     package, _, name = TASK_FILES[dest].removesuffix(".py").rpartition("/")
@@ -322,8 +317,10 @@ def runner_job(
         "runtime": settings.docker_runtime,
         "readonly_rootfs": True,
         "cap_drop": ["all"],
-        # The local runner's seccomp profile (no ptrace, process_vm_*, personality...).
-        "security_opt": ["no-new-privileges", f"seccomp={seccomp_text()}"],
+        # The local runner's seccomp profile (no ptrace, process_vm_*, personality...):
+        # the driver reads it from a path on the client (checked on Nomad 1.6.5).
+        "security_opt": ["no-new-privileges"]
+        + ([f"seccomp={settings.nomad_seccomp_profile}"] if settings.nomad_seccomp_profile else []),
         "pids_limit": settings.default_pids_limit,
         "ulimit": [{"nofile": f"{NOFILE}:{NOFILE}"}],
         "mount": [_tmpfs("/work", resource_class.disk_mb * MiB), _tmpfs("/tmp", TMP_BYTES)],

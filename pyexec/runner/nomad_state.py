@@ -37,9 +37,10 @@ __all__ = [
 JSON = Mapping[str, Any]
 RUN_TASK = "run"
 INSTALL_TASK = "install"
-#: Where the run task leaves its results, relative to the allocation directory.
-VERDICT_PATH = "alloc/data/pyexec/verdict.json"
-OUTPUT_PATHS = {"stdout": "alloc/data/pyexec/stdout", "stderr": "alloc/data/pyexec/stderr"}
+#: Where the run task leaves its results (stdout, stderr, verdict.json), relative to
+#: the allocation directory.
+RESULTS_DIR = "alloc/data/pyexec"
+VERDICT_FILE = "verdict.json"
 VERDICT_BYTES = 64 * 1024
 _FRACTION = re.compile(r"\.(\d+)")
 

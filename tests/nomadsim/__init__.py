@@ -1,5 +1,16 @@
 """nomadsim: a test double of Nomad's HTTP API that runs dispatched task groups on real Docker.
 
+Checked against Nomad v1.6.5 (dev agent, docker driver, Consul 1.8.7, 2026-11-30): the
+tests in ``tests/test_nomadsim.py`` and ``tests/test_nomad_e2e.py`` pass unchanged
+against that agent (``just test-nomad-real``). What the double got wrong until then,
+now imitated and pinned by those tests: ``StartedAt``/``FinishedAt``/``LastRestart``
+are ``null`` (not Go's zero time) before they happen; the client sends alloc updates
+in 200 ms batches, so a short task goes pending -> complete with no running event;
+answers are gzipped (streams flushed per write) for clients that accept it, so raw
+reads of a followed log see compressed bytes; ``fs/readat`` of a missing file answers
+200 with the error text as the body (``fs/ls``/``fs/stat`` answer 404); a docker
+``security_opt`` ``seccomp=`` value is a path on the client that the driver reads.
+
 Start it from a fixture::
 
     sim = NomadSim(docker_client=docker.from_env())
@@ -75,7 +86,8 @@ Faithful (with the source of each behaviour)
   (drivers/docker/handle.go): signal is always 0, non-zero exit message
   "Docker container exited with non-zero exit code: N", OOM → "OOM Killed".
   ``Time`` is unix nanoseconds; ``StartedAt``/``FinishedAt`` are RFC 3339
-  with Go's zero time "0001-01-01T00:00:00Z" before they happen.
+  ``null`` before they happen (Nomad 1.6.5: a task that never started has
+  ``StartedAt: null``, not Go's zero time).
 - Lifecycle (alloc_runner.go ``handleTaskStateUpdates``, lifecycle docs
   https://developer.hashicorp.com/nomad/docs/job-specification/lifecycle):
   prestart non-sidecar tasks must exit 0 before main tasks start; a failed
@@ -159,8 +171,11 @@ Simplified (and why it is fine for pyexec's tests)
   or spreads; no system/service scheduling beyond starting each group
   ``Count`` times; no capacity accounting between allocs (``hold`` stands
   in for a full cluster).
-- Only action-free templates render (no consul-template engine): a template
-  containing its delimiters fails the task with "Setup Failure".
+- Templates: literal ones, and the few consul-template actions pyexec's runner job
+  uses (``consultmpl``: ``range ls``/``.Value``, ``keyOrDefault``, ``env``,
+  ``printf``), rendered from the Consul given as ``consul_addr`` (default the
+  node's 127.0.0.1:8500, as Nomad's client); anything else fails the task with
+  "Setup Failure". ``nomadVar``/env templates are not supported.
 - Reschedule policies are recorded but never act (nothing is re-placed);
   restart policies with attempts > 0 do re-run the container.
 - Logs never rotate (one ``.0`` file per stream); the log copier is joined before the

@@ -18,6 +18,7 @@ import json
 import random
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from starlette.routing import Route
 
 from .cluster import ApiError
 from .state import Change
+from .taskrunner import fmt_time
 
 if TYPE_CHECKING:
     from .server import NomadSim
@@ -120,6 +122,56 @@ class Hub:
             q.put_nowait(None)
 
 
+class GzipFlushing:
+    """Nomad's HTTP server gzips answers for clients that accept it (NYTimes gziphandler,
+    command/agent/http.go): a body under 1,400 bytes goes as it is, a longer one or a
+    stream is compressed, and each write of a stream is flushed (seen on Nomad 1.6.5: a
+    followed log or the event stream arrives as gzip members, promptly). Clients reading
+    raw bytes see compressed data, as on a real agent."""
+
+    MIN_SIZE = 1400
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        accepts = dict(scope.get("headers") or []).get(b"accept-encoding", b"")
+        if b"gzip" not in accepts:
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        compressor: Any = None
+
+        async def wrapped(message: Any) -> None:
+            nonlocal compressor
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            body, more = message.get("body", b""), message.get("more_body", False)
+            if compressor is None:
+                if not more and len(body) < self.MIN_SIZE:
+                    await send(start)
+                    await send(message)
+                    return
+                headers = [
+                    (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
+                ]
+                headers += [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
+                await send({**start, "headers": headers})
+                compressor = zlib.compressobj(wbits=31)
+            data = compressor.compress(body)
+            data += compressor.flush(zlib.Z_SYNC_FLUSH if more else zlib.Z_FINISH)
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        await self.app(scope, receive, wrapped)
+
+
 class Api:
     """Route handlers; each parses the request, calls the cluster, shapes Nomad's answer."""
 
@@ -143,6 +195,7 @@ class Api:
             Route("/v1/evaluation/{eval_id}", self.evaluation, methods=["GET"]),
             Route("/v1/client/fs/logs/{alloc_id}", self.logs, methods=["GET"]),
             Route("/v1/client/fs/readat/{alloc_id}", self.readat, methods=["GET"]),
+            Route("/v1/client/fs/ls/{alloc_id}", self.ls, methods=["GET"]),
             Route("/v1/event/stream", self.event_stream, methods=["GET"]),
             Route("/v1/status/leader", self.leader, methods=["GET"]),
             Route("/v1/agent/self", self.agent_self, methods=["GET"]),
@@ -150,9 +203,11 @@ class Api:
             Route("/v1/node/{node_id}", self.node, methods=["GET"]),
             Route("/v1/system/gc", self.system_gc, methods=["PUT"]),
         ]
-        return Starlette(
+        app = Starlette(
             routes=[Route(r.path, self._wrap(r.endpoint), methods=r.methods) for r in routes]
         )
+        app.add_middleware(GzipFlushing)
+        return app
 
     def _wrap(
         self, handler: Callable[[Request], Awaitable[Response]]
@@ -339,32 +394,66 @@ class Api:
         )
 
     # -- files -------------------------------------------------------------------
-    async def readat(self, request: Request) -> Response:
-        """``GET /v1/client/fs/readat/<alloc>?path=&offset=&limit=``: raw bytes of a file in
-        the allocation directory (command/agent/fs_endpoint.go ``FileReadAtRequest``)."""
-        q = request.query_params
-        alloc_id = request.path_params["alloc_id"]
-        rel = q.get("path", "")
+    def _alloc_path(self, request: Request) -> Path | None:
+        """The host path a client filesystem request names; ``None`` for an unknown alloc."""
+        rel = request.query_params.get("path", "")
         if not rel:
             raise ApiError(400, "must provide a file path")
+        runner = self.cluster.runners.get(request.path_params["alloc_id"])
+        if runner is None:
+            return None
+        root = runner.root.resolve()
+        path = (root / rel.lstrip("/")).resolve()
+        if path != root and root not in path.parents:
+            raise ApiError(400, "Path escapes the allocation directory")
+        return path
+
+    async def ls(self, request: Request) -> Response:
+        """``GET /v1/client/fs/ls/<alloc>?path=``: ``AllocFileInfo`` rows; 404 "open <host
+        path>: no such file or directory" for a missing directory (Nomad 1.6.5)."""
+        path = self._alloc_path(request)
+        if path is None:
+            raise ApiError(404, f'Unknown allocation "{request.path_params["alloc_id"]}"')
+        try:
+            entries = sorted(path.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            raise ApiError(404, f"open {path}: no such file or directory") from None
+        rows = []
+        for entry in entries:
+            info = entry.stat()
+            rows.append(
+                {
+                    "Name": entry.name,
+                    "IsDir": entry.is_dir(),
+                    "Size": info.st_size,
+                    "FileMode": oct(info.st_mode & 0o777),
+                    "ModTime": fmt_time(int(info.st_mtime * 1e9)),
+                }
+            )
+        return _json(rows)
+
+    async def readat(self, request: Request) -> Response:
+        """``GET /v1/client/fs/readat/<alloc>?path=&offset=&limit=``: raw bytes of a file in
+        the allocation directory. As Nomad 1.6.5 does, a read that fails (missing file,
+        unknown allocation) still answers 200, with the error text as the body: the
+        stream had started."""
+        q = request.query_params
         try:
             offset = int(q.get("offset") or 0)
             limit = int(q.get("limit") or 0)
         except ValueError as exc:
             raise ApiError(400, f"error parsing offset/limit: {exc}") from None
-        runner = self.cluster.runners.get(alloc_id)
-        if runner is None:
-            raise ApiError(404, f'Unknown allocation "{alloc_id}"')
-        root = runner.root.resolve()
-        path = (root / rel.lstrip("/")).resolve()
-        if path != root and root not in path.parents:
-            raise ApiError(400, "Path escapes the allocation directory")
+        path = self._alloc_path(request)
+        if path is None:
+            body = f'Unknown allocation "{request.path_params["alloc_id"]}"'
+            return Response(body, media_type="text/plain; charset=utf-8")
         try:
             with path.open("rb") as fh:
                 fh.seek(offset)
                 data = fh.read(limit) if limit > 0 else fh.read()
         except (FileNotFoundError, NotADirectoryError):
-            raise ApiError(404, f"stat {path}: no such file or directory") from None
+            body = f"stat {path}: no such file or directory"
+            return Response(body, media_type="text/plain; charset=utf-8")
         return Response(data, media_type="application/octet-stream")
 
     # -- logs --------------------------------------------------------------------
@@ -394,7 +483,7 @@ class Api:
             raise ApiError(404, f'Unknown allocation "{alloc_id}"')
         if task not in states:
             raise ApiError(400, f'unknown task name "{task}"')
-        if states[task]["StartedAt"].startswith("0001-"):
+        if states[task]["StartedAt"] is None:
             raise ApiError(404, f'task "{task}" not started yet. No logs available')
         path = runner.log_path(task, kind)
         rel = f"alloc/logs/{path.name}"
@@ -515,7 +604,7 @@ class Api:
                     "Datacenter": "dc1",
                     "NodeName": "nomadsim-node",
                     "Version": {
-                        "Version": "1.10.0",
+                        "Version": "1.6.5",
                         "VersionPrerelease": "",
                         "VersionMetadata": "nomadsim",
                     },
@@ -526,7 +615,7 @@ class Api:
                     "Addr": "127.0.0.1",
                     "Port": 4648,
                     "Status": "alive",
-                    "Tags": {"region": "global", "dc": "dc1", "role": "nomad", "build": "1.10.0"},
+                    "Tags": {"region": "global", "dc": "dc1", "role": "nomad", "build": "1.6.5"},
                 },
                 "stats": {},
             }
@@ -540,7 +629,7 @@ class Api:
             "Datacenter": node["Datacenter"],
             "NodeClass": "",
             "NodePool": "default",
-            "Version": "1.10.0",
+            "Version": "1.6.5",
             "Address": "127.0.0.1",
             "Drain": False,
             "SchedulingEligibility": "eligible",

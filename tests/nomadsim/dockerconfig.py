@@ -88,6 +88,26 @@ def _mounts(cfg: JSON, alloc_dir: Path, task_dir: Path) -> list[docker.types.Mou
     return mounts
 
 
+def _security_opts(options: list[str] | None) -> list[str]:
+    """``parseSecurityOpts`` (drivers/docker/driver.go, checked on Nomad 1.6.5): a
+    ``seccomp=`` value is a *path on the client*, whose file the driver reads and hands
+    to the engine; anything else goes through as it is."""
+    out = []
+    for option in options or []:
+        name, sep, value = option.partition("=")
+        if name == "seccomp" and sep and value != "unconfined":
+            try:
+                value = Path(value).read_text()
+            except OSError as exc:
+                raise ConfigError(
+                    "failed to parse security_opt configuration: opening seccomp profile "
+                    f"({value}) failed: open {value}: {exc.strerror.lower()}"
+                ) from None
+            option = f"seccomp={value}"
+        out.append(option)
+    return out
+
+
 def container_kwargs(
     task: JSON, cfg: JSON, env: dict[str, str], alloc_dir: Path, task_dir: Path
 ) -> JSON:
@@ -119,7 +139,7 @@ def container_kwargs(
         "read_only": bool(cfg.get("readonly_rootfs", False)),
         "cap_drop": cfg.get("cap_drop") or None,
         "cap_add": cfg.get("cap_add") or None,
-        "security_opt": cfg.get("security_opt") or None,
+        "security_opt": _security_opts(cfg.get("security_opt")) or None,
         "runtime": cfg.get("runtime") or None,
         "pids_limit": int(cfg["pids_limit"]) if cfg.get("pids_limit") else None,
         "mounts": _mounts(cfg, alloc_dir, task_dir),

@@ -104,9 +104,11 @@ class TaskRunner(threading.Thread):
             "State": "pending",
             "Failed": False,
             "Restarts": 0,
-            "LastRestart": ZERO_TIME,
-            "StartedAt": ZERO_TIME,
-            "FinishedAt": ZERO_TIME,
+            # Checked on Nomad 1.6.5: the HTTP API shows a time that has not happened
+            # (a task never started, not finished, never restarted) as null.
+            "LastRestart": None,
+            "StartedAt": None,
+            "FinishedAt": None,
             "Events": [new_event("Received", display="Task received by client")],
         }
 
