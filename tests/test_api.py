@@ -532,12 +532,13 @@ async def test_an_execution_launched_elsewhere_during_the_grace_is_left_alone(
     store = MemoryStore()
     young = Execution(execution_id=new_execution_id())
     await store.create(young, io.BytesIO(HELLO))
-    settings = make_settings(launch_grace_seconds=0.5)
+    # A grace that outlasts building the app on a loaded machine (that took 0.7 s here).
+    settings = make_settings(launch_grace_seconds=3)
     async with app_client(settings, store=store, runner=runner):
         running = attrs.evolve(young, status=Status.RUNNING)
         await replace_record(store, running, expect={Status.PENDING})
         # Well past the grace: the re-check saw it running and left it so.
-        after = await store.wait_terminal(young.execution_id, timeout=2)
+        after = await store.wait_terminal(young.execution_id, timeout=4)
         assert after.status is Status.RUNNING
 
 
