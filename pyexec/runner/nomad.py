@@ -51,8 +51,10 @@ TICK_SECONDS = 1.0
 UNCLAIMED_JOBS = 256
 #: How long one listing of dispatched jobs answers ``resume``/``kill`` lookups.
 LISTING_TTL_SECONDS = 5.0
-#: Polling for the run task's verdict while its allocation runs: first and longest pause.
-VERDICT_POLL_SECONDS = (0.1, 1.0)
+#: Polling for the run task's verdict while its allocation runs: the pause, for the first
+#: seconds (a short run's whole life), then growing by half each time up to the longest.
+VERDICT_POLL_SECONDS = (0.05, 1.0)
+VERDICT_FAST_POLL_SECONDS = 2.0
 #: How long a finished run's dispatched job stays before the runner purges it. Every
 #: child is a full copy of its runner job (the task script three times, ~80 KB; more
 #: with PYEXEC_CA_BUNDLE) held in the servers' memory and snapshots until Nomad's own
@@ -435,12 +437,14 @@ class NomadRunner:
     async def _poll_verdict(self, run: _Run, alloc_id: str) -> None:
         """Conclude as soon as the run task has written its verdict: Nomad reports a task
         dead only on the client's next sync with the servers, often most of a second
-        later. One listing per look; pauses grow from 0.1 s to 1 s, so long runs cost
-        little."""
+        later. One listing per look: every 50 ms for the first 2 s, then pauses grow
+        to 1 s, so long runs cost little."""
         pause, longest = VERDICT_POLL_SECONDS
+        fast_until = time.monotonic() + VERDICT_FAST_POLL_SECONDS
         while not (run.concluding or run.outcome.done()):
             await asyncio.sleep(pause)
-            pause = min(longest, pause * 1.5)
+            if time.monotonic() > fast_until:
+                pause = min(longest, pause * 1.5)
             if run.concluding or run.outcome.done() or run.alloc is None:
                 return
             if run.alloc["ID"] != alloc_id:
