@@ -689,3 +689,115 @@ async def test_eval_result_survives_the_nomad_path(api: httpx.AsyncClient) -> No
     stored = (await api.get(f"/api/v1/executions/{body['execution_id']}")).json()
     assert stored["result"] == "42"
     assert "pyexec-eval-report" not in stored["stderr"]
+
+
+# --- Nomad variables (a real agent only: the double renders no nomadVar) ----------------
+
+
+def server_job_secrets_template() -> str:
+    """The data of jobs/pyexec-server.nomad.hcl's secrets template (heredoc unwrapped)."""
+    import textwrap
+
+    from .test_deploy import SERVER_JOB, block, load_hcl
+
+    job = block(load_hcl(SERVER_JOB), "job", "pyexec-server")
+    task = block(block(job, "group", "api"), "task", "server")
+    data: str = block(task, "template")["data"]
+    body = data.removeprefix("<<-EOT\n").rsplit("\n", 1)[0]
+    return textwrap.dedent(body) + "\n"
+
+
+def run_probe(client: httpx.Client, job_id: str, template: dict[str, Any]) -> str:
+    """Run a one-task batch job with ``template`` and return what it printed of PYEXEC_PROBE."""
+    task = {
+        "Name": "probe",
+        "Driver": "docker",
+        "User": "1000",
+        "Config": {
+            "image": make_settings().default_image,
+            "command": "python3",
+            "args": ["-c", "import os; print(os.environ.get('PYEXEC_PROBE', 'unset'))"],
+            "network_mode": "none",
+        },
+        "Templates": [template],
+        "Resources": {"CPU": 100, "MemoryMB": 64},
+    }
+    job = {
+        "ID": job_id,
+        "Name": job_id,
+        "Type": "batch",
+        "Datacenters": ["*"],
+        "TaskGroups": [
+            {
+                "Name": "probe",
+                "Count": 1,
+                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
+                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
+                "Tasks": [task],
+            }
+        ],
+    }
+    client.put("/v1/jobs", json={"Job": job}).raise_for_status()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            allocs = client.get(f"/v1/job/{job_id}/allocations").json()
+            if allocs and allocs[0]["ClientStatus"] in ("complete", "failed"):
+                alloc_id = allocs[0]["ID"]
+                assert allocs[0]["ClientStatus"] == "complete", allocs[0]["TaskStates"]
+                params = {"task": "probe", "type": "stdout", "plain": "true"}
+                return client.get(f"/v1/client/fs/logs/{alloc_id}", params=params).text
+            time.sleep(0.3)
+        raise AssertionError(f"{job_id} did not finish (a template still waiting?)")
+    finally:
+        client.delete(f"/v1/job/{job_id}", params={"purge": "true"})
+
+
+def test_the_service_jobs_secrets_need_no_variable(sim: NomadSim | None, job_prefix: str) -> None:
+    """jobs/pyexec-server.nomad.hcl's secrets template renders nothing (the task starts)
+    while its Nomad variable does not exist, and the variable's items once it does
+    (nomadVar alone would block the task: "Template Missing")."""
+    if sim is not None or not REAL_NOMAD:
+        pytest.skip("needs a real agent: the double renders no nomadVar templates")
+    template = {
+        "EmbeddedTmpl": server_job_secrets_template(),
+        "DestPath": "secrets/pyexec.env",
+        "ChangeMode": "noop",
+        "Envvars": True,
+    }
+    path = "nomad/jobs/pyexec-server"
+    with httpx.Client(base_url=REAL_NOMAD, timeout=30) as client:
+        if client.get(f"/v1/var/{path}").status_code != 404:
+            pytest.skip(f"the agent already has a variable {path}; not touching it")
+        assert run_probe(client, f"{job_prefix}-novar", template) == "unset\n"
+        client.put(f"/v1/var/{path}", json={"Items": {"PYEXEC_PROBE": "from-var"}})
+        try:
+            assert run_probe(client, f"{job_prefix}-var", template) == "from-var\n"
+        finally:
+            client.delete(f"/v1/var/{path}")
+
+
+def test_the_writers_token_template_needs_no_variable(
+    settings: Settings, sim: NomadSim | None
+) -> None:
+    """The finish task's CONSUL_HTTP_TOKEN template renders nothing while its variable does
+    not exist (the task runs, without a token) and the token once it does."""
+    if sim is not None or not REAL_NOMAD:
+        pytest.skip("needs a real agent: the double renders no nomadVar templates")
+    import attrs
+
+    path = f"nomad/jobs/{settings.nomad_job_prefix}-writer"
+    with_var = attrs.evolve(settings, nomad_consul_token_variable=path)
+    job = nomad_job.runner_job(with_var, with_var.nomad_resource_classes[0])
+    (finish,) = [t for t in job["TaskGroups"][0]["Tasks"] if t["Name"] == "finish"]
+    (token,) = [t for t in finish["Templates"] if t.get("Envvars")]
+    template = dict(
+        token, EmbeddedTmpl=token["EmbeddedTmpl"].replace("CONSUL_HTTP_TOKEN", "PYEXEC_PROBE")
+    )
+    with httpx.Client(base_url=REAL_NOMAD, timeout=30) as client:
+        assert run_probe(client, f"{settings.nomad_job_prefix}-notoken", template) == "unset\n"
+        client.put(f"/v1/var/{path}", json={"Items": {"consul_token": "t0ken"}})
+        try:
+            assert run_probe(client, f"{settings.nomad_job_prefix}-token", template) == "t0ken\n"
+        finally:
+            client.delete(f"/v1/var/{path}")
