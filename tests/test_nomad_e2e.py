@@ -323,6 +323,31 @@ async def test_an_in_tree_symlink_behaves_as_on_docker(api: httpx.AsyncClient) -
     assert seen == [("completed", 0, "through the link\n")] * 2, (on_nomad, on_docker)
 
 
+@pytest.mark.parametrize(
+    ("config", "code"),
+    [
+        ({"network_disabled": False}, "network_unavailable"),
+        ({"cpu_shares": 512}, "cpu_shares_unsupported"),
+    ],
+)
+async def test_what_the_runner_cannot_honour_is_a_clear_400(
+    settings: Settings, config: dict[str, Any], code: str
+) -> None:
+    """Network (even where the server allows it) and a CPU weight are refused at submit
+    with their code, never dropped silently; nothing is dispatched."""
+    import attrs
+
+    async with pyexec_api(attrs.evolve(settings, allow_network=True)) as api:
+        response = await api.post("/api/v1/exec/sync", **program("print(1)", config=config))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == code
+    with nomad(settings) as client:
+        assert (
+            client.get("/v1/jobs", params={"prefix": f"{settings.nomad_job_prefix}-small/"}).json()
+            == []
+        )
+
+
 async def test_no_class_fits_is_a_clear_400(api: httpx.AsyncClient) -> None:
     """A request no resource class can hold is refused with no_resource_class."""
     response = await api.post(
