@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import attrs
 
 from .errors import BackendError, BadRequest, LimitExceeded
-from .settings import Settings
+from .imageref import is_valid_reference
+from .settings import CONFIG_MINIMA, Settings
 
 __all__ = [
     "TERMINAL",
@@ -458,10 +459,10 @@ def parse_config(raw: Mapping[str, Any], settings: Settings) -> ExecutionConfig:
         raise BadRequest("config must be an object", code="invalid_field", field="config")
     _reject_unknown(raw, _CONFIG, "config.")
 
-    def number(key: str, default: int, low: int, high: int) -> int:
+    def number(key: str, default: int, high: int) -> int:
         if key not in raw or raw[key] is None:
             return default
-        return _bounded(key, _typed(raw, key, int, "config."), low, high)
+        return _bounded(key, _typed(raw, key, int, "config."), CONFIG_MINIMA[key], high)
 
     network_disabled = True
     if raw.get("network_disabled") is not None:
@@ -473,15 +474,13 @@ def parse_config(raw: Mapping[str, Any], settings: Settings) -> ExecutionConfig:
             field="config.network_disabled",
         )
     return ExecutionConfig(
-        timeout_seconds=number(
-            "timeout_seconds", settings.default_timeout, 1, settings.max_timeout
-        ),
-        memory_mb=number("memory_mb", settings.default_memory_mb, 16, settings.max_memory_mb),
-        disk_mb=number("disk_mb", settings.default_disk_mb, 1, settings.max_disk_mb),
-        cpu_shares=number("cpu_shares", settings.default_cpu_shares, 2, settings.max_cpu_shares),
-        pids_limit=number("pids_limit", settings.default_pids_limit, 8, settings.max_pids_limit),
+        timeout_seconds=number("timeout_seconds", settings.default_timeout, settings.max_timeout),
+        memory_mb=number("memory_mb", settings.default_memory_mb, settings.max_memory_mb),
+        disk_mb=number("disk_mb", settings.default_disk_mb, settings.max_disk_mb),
+        cpu_shares=number("cpu_shares", settings.default_cpu_shares, settings.max_cpu_shares),
+        pids_limit=number("pids_limit", settings.default_pids_limit, settings.max_pids_limit),
         max_output_bytes=number(
-            "max_output_bytes", settings.default_max_output_bytes, 1, settings.max_output_bytes
+            "max_output_bytes", settings.default_max_output_bytes, settings.max_output_bytes
         ),
         network_disabled=network_disabled,
     )
@@ -518,14 +517,23 @@ def parse_env_vars(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 def check_image(image: str, settings: Settings) -> str:
+    """A valid image reference this server allows: its defaults, PYEXEC_ALLOWED_IMAGES, or
+    any image when that list holds ``*``."""
+    if not is_valid_reference(image):
+        raise BadRequest(
+            f"docker_image {image[:300]!r} is not a valid image reference "
+            "([registry/]name[:tag][@digest], lower-case name)",
+            code="invalid_image",
+            field="docker_image",
+        )
     allowed = {
         settings.default_image,
         *settings.allowed_images,
         *dict(settings.python_images).values(),
     }
-    if settings.allowed_images and image not in allowed:
+    if image not in allowed and "*" not in settings.allowed_images:
         raise LimitExceeded(
-            f"image {image!r} is not allowed on this server",
+            f"image {image!r} is not allowed on this server (PYEXEC_ALLOWED_IMAGES)",
             code="image_not_allowed",
             field="docker_image",
         )
@@ -571,6 +579,18 @@ def check_callback_url(url: Any, settings: Settings) -> str:
     return url
 
 
+def check_setup(requirements_txt: str, settings: Settings) -> str:
+    """Requirements need the network to install: refused when setup has none."""
+    if requirements_txt.strip() and not settings.setup_network:
+        raise LimitExceeded(
+            "this server gives the setup phase no network (PYEXEC_SETUP_NETWORK), so "
+            "requirements_txt cannot be installed",
+            code="setup_network_unavailable",
+            field="requirements_txt",
+        )
+    return requirements_txt
+
+
 def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
     """Validate the metadata JSON (already decoded) against the schema and the server's limits."""
     if isinstance(raw, str | bytes):
@@ -589,7 +609,7 @@ def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
         entrypoint=check_entrypoint(entrypoint),
         docker_image=check_image(image or settings.default_image, settings),
         config=parse_config(data.get("config") or {}, settings),
-        requirements_txt=_typed(data, "requirements_txt", str)
+        requirements_txt=check_setup(_typed(data, "requirements_txt", str), settings)
         if "requirements_txt" in data
         else "",
         pre_commands=_str_list(data, "pre_commands") if "pre_commands" in data else (),

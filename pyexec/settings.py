@@ -8,17 +8,49 @@ Library code receives a ``Settings``; it never reads ``os.environ`` itself.
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
 
 from .errors import BadRequest
+from .imageref import is_valid_reference
 
-__all__ = ["ResourceClass", "Settings", "SettingsError", "env_names"]
+__all__ = [
+    "CONFIG_MINIMA",
+    "LOOPBACK_HOSTS",
+    "ResourceClass",
+    "Settings",
+    "SettingsError",
+    "env_names",
+]
 
 MiB = 1024 * 1024
+
+#: The smallest value of each request limit (``config.*``) a request or a default may set.
+CONFIG_MINIMA = {
+    "timeout_seconds": 1,
+    "memory_mb": 16,
+    "disk_mb": 1,
+    "cpu_shares": 2,
+    "pids_limit": 8,
+    "max_output_bytes": 1,
+}
+#: ``config.*`` name → (the default's field, the maximum's field) in ``Settings``.
+CONFIG_FIELDS = {
+    "timeout_seconds": ("default_timeout", "max_timeout"),
+    "memory_mb": ("default_memory_mb", "max_memory_mb"),
+    "disk_mb": ("default_disk_mb", "max_disk_mb"),
+    "cpu_shares": ("default_cpu_shares", "max_cpu_shares"),
+    "pids_limit": ("default_pids_limit", "max_pids_limit"),
+    "max_output_bytes": ("default_max_output_bytes", "max_output_bytes"),
+}
+#: Host names ``pyexec serve`` may bind without API tokens.
+LOOPBACK_HOSTS = frozenset({"localhost", "::1"})
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(BadRequest):
@@ -101,8 +133,20 @@ def env_names(field: attrs.Attribute[Any]) -> tuple[str, ...]:
 @attrs.frozen(kw_only=True)
 class Settings:
     # --- HTTP service ---------------------------------------------------------------
-    host: str = setting("0.0.0.0", "PYEXEC_HOST", help="Address `pyexec serve` binds to.")  # noqa: S104
+    host: str = setting(
+        "127.0.0.1",
+        "PYEXEC_HOST",
+        help="Address `pyexec serve` binds to. Any address but loopback needs API tokens, "
+        "or PYEXEC_ALLOW_UNAUTHENTICATED.",
+    )
     port: int = setting(8080, "PYEXEC_PORT", parse=int, help="Port `pyexec serve` listens on.")
+    allow_unauthenticated: bool = setting(
+        False,
+        "PYEXEC_ALLOW_UNAUTHENTICATED",
+        parse=_bool,
+        help="Serve on a non-loopback address without API tokens (anyone who reaches the "
+        "port can run code); logged as a warning at every start.",
+    )
     api_tokens: tuple[str, ...] = setting(
         (),
         "PYEXEC_API_TOKENS",
@@ -137,7 +181,11 @@ class Settings:
         "replica may be launching it, or an operator dispatching it) and checks it again later.",
     )
     log_format: str = setting("json", "PYEXEC_LOG_FORMAT", help="`json` or `text`.")
-    log_level: str = setting("INFO", "PYEXEC_LOG_LEVEL", help="Python logging level name.")
+    log_level: str = setting(
+        "INFO",
+        "PYEXEC_LOG_LEVEL",
+        help="Python logging level name (`DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL`).",
+    )
 
     # --- Request defaults -----------------------------------------------------------
     default_timeout: int = setting(
@@ -186,19 +234,22 @@ class Settings:
         (),
         "PYEXEC_ALLOWED_IMAGES",
         parse=_list,
-        help="If set, the only images a request may name (the defaults are always allowed).",
+        help="Images a request may name besides the defaults (PYEXEC_DEFAULT_IMAGE and "
+        "PYEXEC_PYTHON_IMAGES, always allowed); `*` allows any image.",
     )
     allow_network: bool = setting(
-        True,
+        False,
         "PYEXEC_ALLOW_NETWORK",
         parse=_bool,
-        help="Whether a request may turn the network on for its run phase.",
+        help="Whether a request may turn the network on for its run phase "
+        "(`network_disabled: false`); refused with 400 `network_not_allowed` when off.",
     )
     setup_network: bool = setting(
-        True,
+        False,
         "PYEXEC_SETUP_NETWORK",
         parse=_bool,
-        help="Whether the setup phase (requirements, pre_commands) gets the network.",
+        help="Whether the setup phase (requirements, pre_commands) gets the network; when off, "
+        "a request with requirements_txt is refused with 400 `setup_network_unavailable`.",
     )
     ca_bundle: str | None = setting(
         None,
@@ -437,6 +488,83 @@ class Settings:
         values.update(overrides)
         return cls(**values)
 
+    def __attrs_post_init__(self) -> None:
+        """Refuse values no service could run with, each error naming its variable."""
+        for problem in self._problems():
+            raise SettingsError(problem[1], name=problem[0])
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        """Each invalid value as (variable, one-line message), cross-field rules included."""
+
+        def var(name: str) -> str:
+            return env_names(attrs.fields_dict(Settings)[name])[0]
+
+        def shown(name: str) -> str:
+            return f"{var(name)}={getattr(self, name)}"
+
+        if not 1 <= self.port <= 65535:
+            yield var("port"), f"{shown('port')} is not a port number (1-65535)"
+        if not self.host.strip():
+            yield var("host"), f"{var('host')} is empty"
+        if self.log_format not in LOG_FORMATS:
+            yield (
+                var("log_format"),
+                f"{shown('log_format')} is not one of {', '.join(LOG_FORMATS)}",
+            )
+        if self.log_level.upper() not in LOG_LEVELS:
+            yield var("log_level"), f"{shown('log_level')} is not one of {', '.join(LOG_LEVELS)}"
+        for name in (
+            "shutdown_grace_seconds",
+            "launch_grace_seconds",
+            "max_in_flight",
+            "cleanup_ttl",
+        ):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                yield var(name), f"{shown(name)} must be 0 or more"
+        positive = (
+            "max_tar_bytes",
+            "max_tar_entries",
+            "max_extracted_bytes",
+            "max_eval_code_bytes",
+            "nomad_placement_timeout",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                yield var(name), f"{shown(name)} must be more than 0"
+        for key, (default, maximum) in CONFIG_FIELDS.items():
+            low = CONFIG_MINIMA[key]
+            if getattr(self, default) < low:
+                yield var(default), f"{shown(default)} is below the smallest allowed, {low}"
+            elif getattr(self, default) > getattr(self, maximum):
+                yield var(default), f"{shown(default)} exceeds {shown(maximum)}"
+        versions = dict(self.python_images)
+        if self.default_python_version not in versions:
+            yield (
+                var("default_python_version"),
+                f"{shown('default_python_version')} is not a version of PYEXEC_PYTHON_IMAGES "
+                f"({', '.join(versions) or 'none'})",
+            )
+        images = [
+            ("default_image", self.default_image),
+            *(("python_images", image) for _, image in self.python_images),
+            *(("allowed_images", image) for image in self.allowed_images if image != "*"),
+        ]
+        for name, image in images:
+            if not is_valid_reference(image):
+                yield var(name), f"{var(name)}: {image!r} is not a valid image reference"
+        names = [c.name for c in self.nomad_resource_classes]
+        if not names or len(set(names)) != len(names):
+            yield (
+                var("nomad_resource_classes"),
+                f"{var('nomad_resource_classes')} needs at least one class and unique names",
+            )
+        for rc in self.nomad_resource_classes:
+            if min(rc.cpu_mhz, rc.memory_mb, rc.disk_mb) <= 0:
+                yield (
+                    var("nomad_resource_classes"),
+                    f"{var('nomad_resource_classes')}: class {rc.name!r} needs sizes above 0",
+                )
+
     def tokens(self) -> frozenset[str]:
         """All accepted API tokens (inline and from the token file)."""
         tokens = set(self.api_tokens)
@@ -452,6 +580,18 @@ class Settings:
             stripped = (line.strip() for line in lines)
             tokens.update(line for line in stripped if line and not line.startswith("#"))
         return frozenset(tokens)
+
+    def exposed_without_tokens(self, tokens: frozenset[str]) -> bool:
+        """Whether serving on ``host`` with ``tokens`` lets anyone who reaches it run code."""
+        if tokens:
+            return False
+        host = self.host.strip().strip("[]")
+        if host.lower() in LOOPBACK_HOSTS:
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return True
 
     @property
     def backend(self) -> str:

@@ -34,7 +34,7 @@ def runner() -> FakeRunner:
 
 @pytest.fixture
 async def api(runner: FakeRunner) -> AsyncIterator[httpx.AsyncClient]:
-    settings = make_settings(max_eval_code_bytes=1000)
+    settings = make_settings(max_eval_code_bytes=1000, setup_network=True)
     async with app_client(settings, store=MemoryStore(), runner=runner) as client:
         yield client
 
@@ -103,7 +103,8 @@ async def test_record_shape_and_stored_request(api: httpx.AsyncClient, runner: F
 
 @pytest.fixture
 async def docker_api() -> AsyncIterator[httpx.AsyncClient]:
-    async with app_client(make_settings(default_timeout=60)) as client:
+    # Setup with the network, so auto-install is on (auto_requirements reported).
+    async with app_client(make_settings(default_timeout=60, setup_network=True)) as client:
         yield client
 
 
@@ -233,7 +234,7 @@ async def test_project_files_stdin_args_and_env(docker_api: httpx.AsyncClient) -
 @pytest.mark.network
 async def test_auto_install_through_the_package_index() -> None:
     """An import of six is detected, installed in the setup phase, and reported."""
-    settings = make_settings(default_timeout=120, ca_bundle=CA_BUNDLE)
+    settings = make_settings(default_timeout=120, ca_bundle=CA_BUNDLE, setup_network=True)
     async with app_client(settings) as client:
         record = await evaluate(
             client, code="import six\nsix.ensure_str(b'installed')", eval_last_expr=True

@@ -18,6 +18,7 @@ SETTINGS = Settings(
     python_images=(("3.11", "img:3.11"), ("3.12", "img:3.12")),
     default_python_version="3.12",
     max_eval_code_bytes=1000,
+    setup_network=True,  # auto-install is on only where setup has the network
 )
 
 

@@ -98,6 +98,7 @@ def settings(sim: NomadSim | None, job_prefix: str) -> Iterator[Settings]:
         nomad_placement_timeout=60.0,
         # The agent is on this machine: the profile's path here is its path on the client.
         nomad_seccomp_profile=str(SECCOMP_PROFILE),
+        setup_network=True,  # requirements_txt installs need it
     )
     with contextlib.suppress(httpx.HTTPError):
         kv_delete_tree(prefix)

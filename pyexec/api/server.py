@@ -9,17 +9,20 @@ Runs on Nomad are left running; the next instance adopts them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 
 import uvicorn
 
 from pyexec.execution_service import ExecutionService
 from pyexec.logs import configure_logging
-from pyexec.settings import Settings
+from pyexec.settings import Settings, SettingsError
 
 from .app import create_app
 
-__all__ = ["serve"]
+__all__ = ["check_exposure", "serve"]
+
+log = logging.getLogger("pyexec.server")
 
 
 class _DrainingServer(uvicorn.Server):
@@ -36,8 +39,30 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve code execution to the network without tokens unless opted in;
+    when opted in, say so in the log (at every start)."""
+    if not settings.exposed_without_tokens(settings.tokens()):
+        return
+    if not settings.allow_unauthenticated:
+        raise SettingsError(
+            f"PYEXEC_HOST={settings.host} is not a loopback address and no API tokens are "
+            "set (PYEXEC_API_TOKENS or PYEXEC_API_TOKEN_FILE): anyone who reaches the port "
+            "could run code. Set tokens, bind 127.0.0.1, or opt in with "
+            "PYEXEC_ALLOW_UNAUTHENTICATED=true (--allow-unauthenticated)",
+            name="PYEXEC_HOST",
+        )
+    log.warning(
+        "serving on %s:%d WITHOUT API tokens (PYEXEC_ALLOW_UNAUTHENTICATED): anyone who "
+        "reaches this port can run code",
+        settings.host,
+        settings.port,
+    )
+
+
 def serve(settings: Settings) -> None:
     configure_logging(settings)
+    check_exposure(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -31,6 +31,14 @@ def serve(
     *,
     host: Annotated[str | None, Parameter(help="Address to bind (default: PYEXEC_HOST).")] = None,
     port: Annotated[int | None, Parameter(help="Port to listen on (default: PYEXEC_PORT).")] = None,
+    allow_unauthenticated: Annotated[
+        bool,
+        Parameter(
+            help="Serve on a non-loopback address without API tokens: anyone who reaches the "
+            "port can run code (default: PYEXEC_ALLOW_UNAUTHENTICATED).",
+            negative=(),
+        ),
+    ] = False,
 ) -> int:
     """Start the pyexec service (configured by PYEXEC_* and the Nomad/Consul variables)."""
     from pyexec.errors import PyexecError
@@ -46,7 +54,11 @@ def serve(
             "pip install 'pyexec[server]'\n"
         )
         return 1
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    overrides: dict[str, object] = {
+        k: v for k, v in (("host", host), ("port", port)) if v is not None
+    }
+    if allow_unauthenticated:
+        overrides["allow_unauthenticated"] = True
     try:
         settings = Settings.from_env(os.environ, **overrides)
     except PyexecError as exc:
