@@ -1,3 +1,4 @@
+# Generated from _async.py by scripts/unasync.py: edit that file, then run the script.
 """The blocking client: ``BaseClient`` plus I/O over ``httpx.Client``."""
 
 from __future__ import annotations
