@@ -27,10 +27,9 @@ bootstrap:
 bootstrap-test:
     scripts/bootstrap.sh --consul
 
-# Benchmarks (each prints its ratios; see bench/).
+# Every benchmark in bench/, one after the other (each prints its ratios); stops at a failure.
 bench: bootstrap-test
-    uv run --frozen python bench/api_overhead.py
-    uv run --frozen python bench/runsc.py
+    for script in bench/*.py; do echo "== $script"; uv run --frozen python "$script"; done
 
 # A local Consul + Nomad dev cluster on loopback (says which binary is missing, if any).
 dev-cluster:

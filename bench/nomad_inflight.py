@@ -253,8 +253,25 @@ def main() -> int:
         and waiting["rss_mb_max"] <= TARGET_RSS_MB
         and report["correct"] == args.count
     )
+    # Ratios against the same server idle (the baseline, measured in this run).
+    idle_rss = report["idle"]["rss_mb_max"]
+    report["ratios"] = {
+        "rss_waiting_over_idle": round(waiting["rss_mb_max"] / idle_rss, 2),
+        "rss_running_over_idle": round(
+            report.get("while_running", {}).get("rss_mb_max", idle_rss) / idle_rss, 2
+        ),
+        "connections_waiting_over_target": round(
+            waiting["connections_max"] / TARGET_CONNECTIONS, 2
+        ),
+    }
     text = json.dumps(report, indent=2)
     print(text)
+    ratios = report["ratios"]
+    print(
+        f"ratio  RSS waiting/idle {ratios['rss_waiting_over_idle']:.2f}x  "
+        f"running/idle {ratios['rss_running_over_idle']:.2f}x  "
+        f"connections/target {ratios['connections_waiting_over_target']:.2f}x"
+    )
     if args.json:
         args.json.write_text(text + "\n")
     return 0 if report["targets_met"] else 1

@@ -373,16 +373,29 @@ class TestAuth:
             yield client
 
     async def test_requests_without_a_token_are_401(self, api: httpx.AsyncClient) -> None:
-        """With tokens configured, every endpoint but /health needs one."""
+        """With tokens configured, every endpoint but health and the API docs needs one."""
         for response in (
             await api.get("/api/v1/version"),
-            await api.get("/openapi.json"),
+            await api.get("/api/v1/executions/exe_00000000-0000-0000-0000-000000000000"),
+            await api.get("/metrics"),
             await api.post("/api/v1/exec/sync", **upload()),
+            await api.post("/api/v1/eval", json={"code": "1"}),
+            await api.get("/docsx"),
+            await api.get("/openapi.json/../api/v1/version"),
         ):
             assert response.status_code == 401
             assert error_code(response) == "unauthorized"
             assert response.headers["www-authenticate"] == "Bearer"
         assert (await api.get("/health")).status_code == 200
+
+    async def test_the_api_description_is_open(self, api: httpx.AsyncClient) -> None:
+        """/docs, its assets and /openapi.json load without a token: a schema is no secret."""
+        assert (await api.get("/openapi.json")).json()["openapi"] == "3.1.0"
+        page = await api.get("/docs")
+        assert page.status_code == 200
+        assert "swagger-ui" in page.text
+        asset = await api.get("/docs/static/swagger-ui.css")
+        assert asset.status_code == 200
 
     async def test_a_wrong_token_is_401(self, api: httpx.AsyncClient) -> None:
         """A token that is not configured is refused."""

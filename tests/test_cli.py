@@ -56,7 +56,9 @@ class Fake:
 @pytest.fixture(scope="module")
 def fake() -> Iterator[Fake]:
     runner = FakeRunner(scripted)
-    with live_server(make_settings(), store=MemoryStore(), runner=runner) as server:
+    # A permissive server, so every execution flag reaches the (fake) runner.
+    settings = make_settings(allow_network=True, setup_network=True, allowed_images=("*",))
+    with live_server(settings, store=MemoryStore(), runner=runner) as server:
         yield Fake(server, runner)
 
 
@@ -654,3 +656,14 @@ def test_help_lists_every_command_with_a_line() -> None:
     for command in (*commands, "job", "bundle", "config-reference"):
         assert helps.get(command), command
     assert out.splitlines()[-1] == "[]"
+
+
+def test_docs_list_every_command() -> None:
+    """docs/cli.md's command table names every command the CLI has, and no other."""
+    from pyexec.cli import app
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    table = docs.split("## Commands", 1)[1].split("\n\n", 2)[1]
+    documented = {row.split("`")[1].split()[0] for row in table.splitlines()[2:]}
+    commands = {name for name in app if not name.startswith("-")}
+    assert documented - {"--install-completion"} == commands

@@ -1,4 +1,9 @@
-"""Optional bearer-token auth: a pure ASGI middleware, so streaming bodies pass untouched."""
+"""Optional bearer-token auth: a pure ASGI middleware, so streaming bodies pass untouched.
+
+Health checks and the API's description (the OpenAPI document and Swagger UI) are open:
+a schema is not a secret, and Swagger UI must load before a token can be typed into it.
+Everything that reads or runs anything needs a token.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from .errors import error_response
 
 __all__ = ["BearerAuth"]
 
-OPEN_PATHS = frozenset({"/health", "/health/live"})
+OPEN_PATHS = frozenset({"/health", "/health/live", "/openapi.json", "/docs"})
+OPEN_PREFIXES = ("/docs/static/",)
 
 
 class BearerAuth:
@@ -19,7 +25,7 @@ class BearerAuth:
         self.tokens = tuple(t.encode() for t in tokens)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.tokens or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.tokens or _open(scope["path"]):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -33,3 +39,7 @@ class BearerAuth:
     def _valid(self, token: bytes) -> bool:
         # Compare against every token in constant time, so timing tells nothing.
         return any(hmac.compare_digest(token, known) for known in self.tokens)
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
