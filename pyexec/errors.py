@@ -8,7 +8,8 @@ the mapping to an HTTP response happens in exactly one place
     PyexecError
     ├── BadRequest                 400  invalid_request, unknown_field, invalid_field, ...
     │   ├── TarRejected            400  tar_invalid, tar_absolute_path, tar_path_traversal,
-    │   │                               tar_link_escape, tar_special_file, entrypoint_not_found
+    │   │                               tar_link_escape, tar_special_file, tar_name_clash,
+    │   │                               entrypoint_not_found
     │   ├── LimitExceeded          400  limit_exceeded (asks for more than the server allows)
     │   └── PayloadTooLarge        413  tar_too_large, tar_too_many_entries, tar_too_much_data,
     │                                   code_too_large

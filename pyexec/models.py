@@ -598,6 +598,8 @@ def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
             raw = json.loads(raw or "{}")
         except ValueError as exc:
             raise BadRequest(f"metadata is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:  # thousands of nested brackets
+            raise BadRequest("metadata is nested too deeply", code="invalid_json") from None
     if not isinstance(raw, Mapping):
         raise BadRequest("metadata must be a JSON object", code="invalid_request")
     _reject_unknown(raw, _TOP_LEVEL, "")

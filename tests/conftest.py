@@ -93,15 +93,13 @@ def live_server(settings: Settings, **app_kwargs: Any) -> Iterator[LiveServer]:
     import uvicorn
 
     from pyexec.api.app import create_app
+    from pyexec.api.server import uvicorn_config
 
     port = free_port()
     settings = attrs.evolve(settings, host="127.0.0.1", port=port)
-    config = uvicorn.Config(
-        create_app(settings, **app_kwargs),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
+    # The served configuration (protocol, limits), quieter and with a lifespan.
+    config = uvicorn_config(
+        create_app(settings, **app_kwargs), settings, log_level="warning", lifespan="on"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

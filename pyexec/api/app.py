@@ -25,7 +25,8 @@ from . import eval as eval_api
 from . import executions, meta
 from .auth import BearerAuth
 from .errors import exception_handlers
-from .middleware import RequestIdMiddleware
+from .middleware import HeadLimitMiddleware, RequestIdMiddleware
+from .protocol import MAX_HEAD_BYTES
 
 __all__ = ["build_backends", "create_app"]
 
@@ -96,8 +97,12 @@ def create_app(
         Route(MCP_PATH, mcp, methods=["GET", "POST", "DELETE"]),
         Route("/api/v1/exec/sync", executions.exec_sync, methods=["POST"]),
         Route("/api/v1/exec/async", executions.exec_async, methods=["POST"]),
-        Route("/api/v1/executions/{execution_id}", executions.execution_get, methods=["GET"]),
-        Route("/api/v1/executions/{execution_id}", executions.execution_kill, methods=["DELETE"]),
+        # One route per path, so a 405 lists every method the path has in its Allow.
+        Route(
+            "/api/v1/executions/{execution_id}",
+            executions.execution,
+            methods=["GET", "DELETE"],
+        ),
         Route("/api/v1/executions/{execution_id}/logs", executions.execution_logs, methods=["GET"]),
         Route("/api/v1/eval", eval_api.eval_endpoint, methods=["POST"]),
         Route("/api/v1/eval/async", eval_api.eval_async_endpoint, methods=["POST"]),
@@ -114,6 +119,7 @@ def create_app(
         exception_handlers=exception_handlers,
         middleware=[
             Middleware(RequestIdMiddleware),
+            Middleware(HeadLimitMiddleware, limit=MAX_HEAD_BYTES),
             Middleware(BearerAuth, tokens=settings.tokens()),
         ],
         lifespan=lifespan,

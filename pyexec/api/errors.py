@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,14 +25,23 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, **details: object) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **details: object,
+) -> JSONResponse:
     body: dict[str, object] = {"code": code, "message": message}
     if details:
         body["details"] = details
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    extra = dict(headers or {})
+    if status == 401:
+        extra["WWW-Authenticate"] = "Bearer"
     if status == 429:
-        headers = {"Retry-After": "1"}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+        extra["Retry-After"] = "1"
+    return JSONResponse({"error": body}, status_code=status, headers=extra or None)
 
 
 async def _pyexec_error(request: Request, exc: Exception) -> Response:
@@ -45,7 +55,8 @@ async def _pyexec_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    # Keep what the exception says about the answer (a 405's Allow).
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

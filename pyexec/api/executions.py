@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO
 
@@ -12,12 +13,13 @@ from starlette.responses import JSONResponse
 
 from pyexec import idempotency
 from pyexec.errors import BadRequest, NotFound, PayloadTooLarge
-from pyexec.execution_service import ExecutionService
+from pyexec.execution_service import MAX_POLL_SECONDS, ExecutionService
 from pyexec.models import EXECUTION_ID, ExecutionRequest, parse_request
 
 __all__ = [
     "exec_async",
     "exec_sync",
+    "execution",
     "execution_get",
     "execution_kill",
     "execution_logs",
@@ -58,6 +60,23 @@ async def _upload(request: Request) -> AsyncIterator[tuple[ExecutionRequest, Bin
         yield parse_request(raw, settings), tar.file
 
 
+def _wait(request: Request) -> float:
+    """``?wait=`` seconds, 0 to ``MAX_POLL_SECONDS``; anything else is refused, not clamped."""
+    raw = request.query_params.get("wait", "0")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= MAX_POLL_SECONDS:  # NaN fails too
+        raise BadRequest(
+            f"wait must be a number of seconds from 0 to {MAX_POLL_SECONDS:g}, got {raw[:40]!r}",
+            code="invalid_query",
+            field="wait",
+            maximum=MAX_POLL_SECONDS,
+        )
+    return wait
+
+
 def _execution_id(request: Request) -> str:
     execution_id: str = request.path_params["execution_id"]
     if not EXECUTION_ID.match(execution_id):
@@ -88,13 +107,15 @@ async def exec_async(request: Request) -> JSONResponse:
     )
 
 
+async def execution(request: Request) -> JSONResponse:
+    """``GET`` reads an execution, ``DELETE`` kills it."""
+    if request.method == "DELETE":
+        return await execution_kill(request)
+    return await execution_get(request)
+
+
 async def execution_get(request: Request) -> JSONResponse:
-    raw_wait = request.query_params.get("wait", "0")
-    try:
-        wait = float(raw_wait)
-    except ValueError:
-        raise BadRequest(f"wait must be a number of seconds, got {raw_wait!r}") from None
-    record = await _service(request).get(_execution_id(request), wait=wait)
+    record = await _service(request).get(_execution_id(request), wait=_wait(request))
     return JSONResponse(record.to_dict())
 
 

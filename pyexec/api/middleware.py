@@ -1,4 +1,5 @@
-"""ASGI middleware: a request id on every request, its response and its log lines."""
+"""ASGI middleware: a request id on every request, its response and its log lines; a cap
+on the size of a request's head."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pyexec.logs import ACCEPTABLE_ID, REQUEST_ID_HEADER, access_logger, request_id_var
 
-__all__ = ["RequestIdMiddleware"]
+from .errors import error_response
+
+__all__ = ["HeadLimitMiddleware", "RequestIdMiddleware"]
 
 
 class RequestIdMiddleware:
@@ -61,3 +64,24 @@ def _incoming_id(scope: Scope) -> str | None:
             text = value.decode("latin-1").strip()
             return text if ACCEPTABLE_ID.match(text) else None
     return None
+
+
+class HeadLimitMiddleware:
+    """Refuses a request whose path, query and headers exceed ``limit`` bytes with 431
+    ``headers_too_large``, the answer the protocol gives when its parser gives up first
+    (``pyexec.api.protocol``), whichever way the bytes arrived."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(key) + len(value) + 4 for key, value in scope["headers"])
+            if size > self.limit:
+                message = f"the request line and headers exceed {self.limit} bytes"
+                response = error_response(431, "headers_too_large", message)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -6,6 +6,7 @@ from functools import cache
 from typing import Any
 
 from pyexec.__about__ import __version__
+from pyexec.execution_service import MAX_POLL_SECONDS
 from pyexec.models import Reason, Status
 
 __all__ = ["openapi_document"]
@@ -239,7 +240,7 @@ def openapi_document() -> dict[str, Any]:
                             "name": "wait",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "number", "maximum": 60},
+                            "schema": {"type": "number", "minimum": 0, "maximum": MAX_POLL_SECONDS},
                         },
                     ],
                     "responses": {"200": execution, **_errors(400, 401, 404, 503)},

@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
+from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from pyexec.execution_service import ExecutionService
 from pyexec.logs import configure_logging
 from pyexec.settings import Settings, SettingsError
 
 from .app import create_app
+from .protocol import MAX_HEAD_BYTES, JsonErrorH11Protocol
 
-__all__ = ["check_exposure", "serve"]
+__all__ = ["check_exposure", "serve", "uvicorn_config"]
 
 log = logging.getLogger("pyexec.server")
 
@@ -60,21 +63,30 @@ def check_exposure(settings: Settings) -> None:
     )
 
 
+def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves ``app``: the one configuration for `pyexec serve` and the tests
+    (which override the log level, say, through ``overrides``)."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        # Malformed or oversized request heads get the JSON error shape too.
+        "http": JsonErrorH11Protocol,
+        "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
+        # Long enough for the drain to kill and record what is left, and answer.
+        "timeout_graceful_shutdown": int(settings.shutdown_grace_seconds) + 15,
+        "log_level": settings.log_level.lower(),
+        # Our JSON handler (pyexec.logs) formats uvicorn's lines too; the request-id
+        # middleware writes the access line, with the request id on it.
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": True,
+    }
+    return uvicorn.Config(app, **{**options, **overrides})
+
+
 def serve(settings: Settings) -> None:
     configure_logging(settings)
     check_exposure(settings)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        # Long enough for the drain to kill and record what is left, and answer.
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 15,
-        log_level=settings.log_level.lower(),
-        # Our JSON handler (pyexec.logs) formats uvicorn's lines too; the request-id
-        # middleware writes the access line, with the request id on it.
-        log_config=None,
-        access_log=False,
-        proxy_headers=True,
-    )
+    config = uvicorn_config(app, settings)
     _DrainingServer(config, app.state.service, settings.shutdown_grace_seconds).run()

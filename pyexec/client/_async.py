@@ -85,7 +85,7 @@ class AsyncClient(BaseClient):
 
     async def get(self, execution_id: str, *, wait: float = 0) -> Execution:
         """The current record; with ``wait``, the server holds the answer up to that many
-        seconds (it caps them) until the execution is terminal."""
+        seconds (0 to 60; it refuses more) until the execution is terminal."""
         return self.parse_execution(await self._send(self.get_call(execution_id, wait)))
 
     async def wait(self, execution_id: str, *, timeout: float = 300.0) -> Execution:

@@ -67,10 +67,12 @@ def _check_length(name: str, what: str) -> None:
 class _Node:
     """One path the archive names or walks through, in a tree of path parts."""
 
-    __slots__ = ("children", "symlink", "traversed_by")
+    __slots__ = ("children", "kind", "symlink", "traversed_by")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
+        #: The kind of the member of this path, if one has been seen (``None``: implied).
+        self.kind: str | None = None
         self.symlink = False
         #: The first member whose path (or link resolution) passes through this one.
         self.traversed_by: str | None = None
@@ -122,10 +124,11 @@ class TarChecker:
         nodes = self._traverse(parts[:-1], name)
         if kind == SYMLINK:
             _check_length(linkname, "symlink target")
-            self._symlink(parts, nodes, name, linkname)
+            self._symlink(parts, list(nodes), name, linkname)
         elif kind == HARDLINK:
             _check_length(linkname, "hardlink target")
             self._hardlink(name, linkname)
+        self._claim(nodes, parts, name, kind)
         self.kinds[path] = kind
         return path
 
@@ -173,6 +176,30 @@ class TarChecker:
         for part in dirs:
             self._enter(nodes, here, part, name)
         return nodes
+
+    def _claim(self, nodes: list[_Node], parts: list[str], name: str, kind: str) -> None:
+        """Record ``name``'s kind at its path; one path cannot be a directory and a file.
+
+        Unpacking ``a`` (a file) and ``a/b``, or a directory and a file both named ``a``,
+        cannot succeed: refused here, before anything is stored or unpacked.
+        """
+        for depth, parent in enumerate(nodes[1:], start=1):
+            if parent.kind not in (None, DIR, SYMLINK):  # a symlink is a link escape
+                prefix = "/".join(parts[:depth])
+                raise TarProblem(
+                    "tar_name_clash",
+                    f"{name!r} needs {prefix!r} to be a directory, but it is a {parent.kind}",
+                )
+        node = self._child(nodes[-1], parts[-1])
+        is_dir = kind == DIR
+        was_dir = node.kind == DIR or (node.kind is None and bool(node.children))
+        if (node.kind is not None or node.children) and is_dir != was_dir:
+            raise TarProblem(
+                "tar_name_clash",
+                f"{name!r} is a {kind}, but the archive also has {'/'.join(parts)!r} as a "
+                f"{'directory' if was_dir else node.kind}",
+            )
+        node.kind = kind
 
     def _symlink(self, parts: list[str], nodes: list[_Node], name: str, target: str) -> None:
         node = self._child(nodes[-1], parts[-1])
