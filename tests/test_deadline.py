@@ -115,7 +115,7 @@ def test_a_stored_request_round_trips() -> None:
             "script_args": ["--flag"],
             "config": {"timeout_seconds": 9, "memory_mb": 64},
         },
-        make_settings(),
+        make_settings(setup_network=True),  # requirements need the setup network
     )
     assert ExecutionRequest.from_dict(request.to_dict()) == request
     record = Execution(execution_id="exe_00000000-0000-0000-0000-000000000000", request=request)
