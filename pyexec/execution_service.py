@@ -63,7 +63,7 @@ from .settings import Settings
 from .store import CHUNK_SIZE, Store
 from .tarsafe import validate_tar
 
-__all__ = ["ExecutionService", "Postprocess"]
+__all__ = ["Admission", "ExecutionService", "Postprocess"]
 
 
 log = logging.getLogger("pyexec.execution_service")
@@ -85,6 +85,18 @@ class Hooks:
 
     on_finished: Callable[[Execution], None] | None = None
     on_started: Callable[[Execution], None] | None = None
+
+
+class Admission:
+    """One in-flight slot taken by ``ExecutionService.admit``; ``release`` is idempotent."""
+
+    def __init__(self, on_release: Callable[[], None]) -> None:
+        self._on_release: Callable[[], None] | None = on_release
+
+    def release(self) -> None:
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release()
 
 
 class ExecutionService:
@@ -161,6 +173,7 @@ class ExecutionService:
         initial: Mapping[str, Any] | None = None,
         postprocess: Postprocess | None = None,
         idempotency_key: str | None = None,
+        admission: Admission | None = None,
     ) -> Execution:
         """Store an execution and return its record as soon as it is stored (pending).
 
@@ -168,8 +181,13 @@ class ExecutionService:
         with the reason. ``tar`` is not needed after this returns. With
         ``idempotency_key``, a key already used for the same request returns that
         execution instead (launched by whoever stored it); for another request, 409.
+        ``admission`` is the in-flight slot the caller took with ``admit`` before it read
+        the request (the HTTP handlers do, so a refused upload is never read); without
+        one, a slot is taken here.
         """
-        record, _ = await self._admit(request, tar, initial, postprocess, idempotency_key)
+        record, _ = await self._admit(
+            request, tar, initial, postprocess, idempotency_key, admission
+        )
         return record
 
     async def run(
@@ -180,10 +198,13 @@ class ExecutionService:
         initial: Mapping[str, Any] | None = None,
         postprocess: Postprocess | None = None,
         idempotency_key: str | None = None,
+        admission: Admission | None = None,
     ) -> Execution:
         """Submit and wait until the execution is terminal (the sync API); a launch that
-        fails raises its error (after recording it)."""
-        record, task = await self._admit(request, tar, initial, postprocess, idempotency_key)
+        fails raises its error (after recording it). ``admission`` as for ``submit``."""
+        record, task = await self._admit(
+            request, tar, initial, postprocess, idempotency_key, admission
+        )
         if task is None:  # an idempotent replay: whoever stored it runs it
             return await self.store.wait_terminal(record.execution_id, self._budget(request))
         try:
@@ -205,24 +226,15 @@ class ExecutionService:
         initial: Mapping[str, Any] | None,
         postprocess: Postprocess | None,
         idempotency_key: str | None,
+        admission: Admission | None,
     ) -> tuple[Execution, asyncio.Task[Execution] | None]:
         """Check, store and hand the execution to a background task that launches and
-        follows it; the task counts against the in-flight cap from here on. An idempotent
-        replay returns the stored execution and no task."""
-        if self._closing:
-            raise BackendUnavailable("the service is shutting down", code="shutting_down")
-        self.runner.check(request)
-        cap = self.settings.max_in_flight
-        in_flight = len(self._tasks) + self._admitting
-        if cap and in_flight >= cap:
-            raise TooManyExecutions(
-                f"this server already runs {in_flight} executions (its cap is {cap}); retry later",
-                in_flight=in_flight,
-            )
-        # Counted from admission, so concurrent submits cannot overshoot the cap.
-        self._admitting += 1
+        follows it; the task counts against the in-flight cap from here on (and the
+        admission slot is released). An idempotent replay returns the stored execution
+        and no task."""
+        admission = admission or self.admit()
         try:
-            # One trip to a worker thread for all the work on the tar's bytes.
+            self.runner.check(request)
             # All the work on the tar's bytes in one go: on the event loop for a small tar
             # (a trip to a worker thread costs more than checking it), else in a thread.
             if _size(tar) <= INLINE_TAR_BYTES:
@@ -245,8 +257,27 @@ class ExecutionService:
                     record.execution_id, self._execute(record, request, spool, postprocess)
                 )
         finally:
-            self._admitting -= 1
+            admission.release()
         return record, task
+
+    def admit(self) -> Admission:
+        """Take one of this replica's in-flight slots, or refuse at once (429, or 503 while
+        shutting down): call it before reading an upload, so a refusal costs nothing."""
+        if self._closing:
+            raise BackendUnavailable("the service is shutting down", code="shutting_down")
+        cap = self.settings.max_in_flight
+        in_flight = len(self._tasks) + self._admitting
+        if cap and in_flight >= cap:
+            raise TooManyExecutions(
+                f"this server already runs {in_flight} executions (its cap is {cap}); retry later",
+                in_flight=in_flight,
+            )
+        # Counted from admission, so concurrent submits cannot overshoot the cap.
+        self._admitting += 1
+        return Admission(self._admitted)
+
+    def _admitted(self) -> None:
+        self._admitting -= 1
 
     def _take_tar(
         self, tar: BinaryIO, request: ExecutionRequest, idempotency_key: str | None

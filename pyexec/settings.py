@@ -261,7 +261,11 @@ class Settings:
 
     # --- Uploaded archives ------------------------------------------------------------
     max_tar_bytes: int = setting(
-        256 * MiB, "PYEXEC_MAX_TAR_BYTES", parse=int, help="Largest uploaded tar (413 above)."
+        256 * MiB,
+        "PYEXEC_MAX_TAR_BYTES",
+        parse=int,
+        help="Largest uploaded tar: reading stops at the first byte past it (413), and one "
+        "upload never spools more.",
     )
     max_tar_entries: int = setting(
         10_000, "PYEXEC_MAX_TAR_ENTRIES", parse=int, help="Most entries an uploaded tar may hold."

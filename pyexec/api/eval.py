@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -11,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from pyexec.errors import BadRequest, PayloadTooLarge
 from pyexec.evaluate import EvalJob, parse_eval_request, prepare
-from pyexec.execution_service import ExecutionService
+from pyexec.execution_service import Admission, ExecutionService
 from pyexec.settings import Settings
 
 from .executions import idempotency_key
@@ -29,16 +31,11 @@ def max_body_bytes(settings: Settings) -> int:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(
-            f"request body of {length} bytes exceeds {limit}", code="code_too_large"
-        )
     body = bytearray()
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        if len(body) + len(chunk) > limit:  # stop here: the rest is never read
             raise PayloadTooLarge(f"request body exceeds {limit} bytes", code="code_too_large")
+        body += chunk
     return bytes(body)
 
 
@@ -53,38 +50,52 @@ def _prepare(body: bytes, settings: Settings) -> EvalJob:
     return prepare(parse_eval_request(_decode(body), settings), settings)
 
 
-async def _job(request: Request) -> tuple[ExecutionService, EvalJob]:
+@contextlib.asynccontextmanager
+async def _job(request: Request) -> AsyncIterator[tuple[ExecutionService, EvalJob, Admission]]:
+    """An in-flight slot (taken before the body is read) and the prepared job."""
     service: ExecutionService = request.app.state.service
     settings = service.settings
-    body = await _read_body(request, max_body_bytes(settings))
-    # Decoding the JSON and parsing the code for imports is CPU work: off the event loop.
-    return service, await run_in_threadpool(_prepare, body, settings)
+    limit = max_body_bytes(settings)
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(
+            f"request body of {length} bytes exceeds {limit}", code="code_too_large"
+        )
+    admission = service.admit()
+    try:
+        body = await _read_body(request, limit)
+        # Decoding the JSON and parsing the code for imports is CPU work: off the event loop.
+        yield service, await run_in_threadpool(_prepare, body, settings), admission
+    finally:
+        admission.release()
 
 
 async def eval_endpoint(request: Request) -> Response:
     key = idempotency_key(request)
-    service, job = await _job(request)
-    record = await service.run(
-        job.request,
-        job.tar,
-        initial=job.initial,
-        postprocess=job.postprocess,
-        idempotency_key=key,
-    )
+    async with _job(request) as (service, job, admission):
+        record = await service.run(
+            job.request,
+            job.tar,
+            initial=job.initial,
+            postprocess=job.postprocess,
+            idempotency_key=key,
+            admission=admission,
+        )
     return JSONResponse(record.to_dict())
 
 
 async def eval_async_endpoint(request: Request) -> Response:
     """Like ``eval_endpoint``, but answers 202 with the id at once (poll or kill it)."""
     key = idempotency_key(request)
-    service, job = await _job(request)
-    record = await service.submit(
-        job.request,
-        job.tar,
-        initial=job.initial,
-        postprocess=job.postprocess,
-        idempotency_key=key,
-    )
+    async with _job(request) as (service, job, admission):
+        record = await service.submit(
+            job.request,
+            job.tar,
+            initial=job.initial,
+            postprocess=job.postprocess,
+            idempotency_key=key,
+            admission=admission,
+        )
     return JSONResponse(
         {"execution_id": record.execution_id, "status": record.status.value},
         status_code=202,

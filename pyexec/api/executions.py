@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import AsyncIterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pyexec import idempotency
 from pyexec.errors import BadRequest, NotFound, PayloadTooLarge
-from pyexec.execution_service import MAX_POLL_SECONDS, ExecutionService
+from pyexec.execution_service import MAX_POLL_SECONDS, Admission, ExecutionService
 from pyexec.models import EXECUTION_ID, ExecutionRequest, parse_request
+
+from .upload import MAX_METADATA_BYTES, MAX_PART_HEADER_BYTES, MAX_PARTS, read_upload
+
+#: Most bytes an upload may have besides the tar (a Content-Length above the sum is 413).
+UPLOAD_OVERHEAD = MAX_METADATA_BYTES + MAX_PARTS * (MAX_PART_HEADER_BYTES + 1024)
 
 __all__ = [
     "exec_async",
@@ -26,9 +30,6 @@ __all__ = [
     "idempotency_key",
 ]
 
-#: The metadata part holds stdin too, so it may be larger than Starlette's 1 MiB default.
-MAX_METADATA_BYTES = 16 * 1024 * 1024
-
 
 def _service(request: Request) -> ExecutionService:
     service: ExecutionService = request.app.state.service
@@ -36,28 +37,31 @@ def _service(request: Request) -> ExecutionService:
 
 
 @contextlib.asynccontextmanager
-async def _upload(request: Request) -> AsyncIterator[tuple[ExecutionRequest, BinaryIO]]:
-    """The parsed metadata and the spooled tar; the spool is closed on exit."""
-    settings = _service(request).settings
+async def _upload(
+    request: Request,
+) -> AsyncIterator[tuple[ExecutionRequest, BinaryIO, Admission]]:
+    """An in-flight slot (taken before the body is read), the parsed metadata and the
+    spooled tar; the slot is released and the spool closed on exit."""
+    service = _service(request)
+    settings = service.settings
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_tar_bytes + MAX_METADATA_BYTES:
+    if length and length.isdigit() and int(length) > settings.max_tar_bytes + UPLOAD_OVERHEAD:
         raise PayloadTooLarge(
             f"request body of {length} bytes exceeds the limit", code="tar_too_large"
         )
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise BadRequest(
-            "expected multipart/form-data with parts 'tar' and 'metadata'",
-            code="unsupported_media_type",
+    admission = service.admit()
+    try:
+        upload = await read_upload(
+            request.headers.get("content-type", ""),
+            request.stream(),
+            max_tar_bytes=settings.max_tar_bytes,
         )
-    async with request.form(max_files=2, max_fields=8, max_part_size=MAX_METADATA_BYTES) as form:
-        tar = form.get("tar")
-        if not isinstance(tar, UploadFile):
-            raise BadRequest("the multipart part 'tar' (a file) is missing", code="missing_tar")
-        raw: Any = form.get("metadata") or "{}"
-        if isinstance(raw, UploadFile):
-            raw = await raw.read()
-        yield parse_request(raw, settings), tar.file
+        try:
+            yield parse_request(upload.metadata, settings), upload.tar, admission
+        finally:
+            upload.close()
+    finally:
+        admission.release()
 
 
 def _wait(request: Request) -> float:
@@ -91,15 +95,19 @@ def idempotency_key(request: Request) -> str | None:
 
 async def exec_sync(request: Request) -> JSONResponse:
     key = idempotency_key(request)
-    async with _upload(request) as (exec_request, tar):
-        record = await _service(request).run(exec_request, tar, idempotency_key=key)
+    async with _upload(request) as (exec_request, tar, admission):
+        record = await _service(request).run(
+            exec_request, tar, idempotency_key=key, admission=admission
+        )
     return JSONResponse(record.to_dict())
 
 
 async def exec_async(request: Request) -> JSONResponse:
     key = idempotency_key(request)
-    async with _upload(request) as (exec_request, tar):
-        record = await _service(request).submit(exec_request, tar, idempotency_key=key)
+    async with _upload(request) as (exec_request, tar, admission):
+        record = await _service(request).submit(
+            exec_request, tar, idempotency_key=key, admission=admission
+        )
     return JSONResponse(
         {"execution_id": record.execution_id, "status": record.status.value},
         status_code=202,
