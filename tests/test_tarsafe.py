@@ -310,3 +310,34 @@ def test_too_many_implied_directories_is_413() -> None:
     with pytest.raises(PayloadTooLarge) as info:
         validate(data, max_entries=10)
     assert info.value.code == "tar_too_many_entries"
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        ((("d", tarfile.SYMTYPE, "main.py"), ("d", tarfile.REGTYPE, ""))),
+        ((("h", tarfile.LNKTYPE, "main.py"), ("h", tarfile.REGTYPE, ""))),
+        ((("main.py", tarfile.LNKTYPE, "main.py"),)),
+        ((("h", tarfile.LNKTYPE, "main.py"), ("h", tarfile.LNKTYPE, "main.py"))),
+        ((("x", tarfile.REGTYPE, ""), ("x", tarfile.LNKTYPE, "main.py"))),
+    ],
+    ids=[
+        "file-over-symlink",
+        "file-over-hardlink",
+        "hardlink-onto-itself",
+        "hardlink-twice",
+        "hardlink-over-file",
+    ],
+)
+def test_a_name_reused_over_a_link_is_a_clash(members: tuple[tuple[str, bytes, str], ...]) -> None:
+    """A file over a link of its name (written through it) or a hard link over an existing
+    name (cannot be made) is refused: found by the property test of extraction."""
+    rejected(
+        build(member("main.py"), *(member(n, kind, link=link) for n, kind, link in members)),
+        "tar_name_clash",
+    )
+
+
+def test_a_symlink_may_replace_a_file() -> None:
+    """A later symlink over a file of its name unpacks (the file is removed first)."""
+    validate(build(member("main.py"), member("x"), member("x", tarfile.SYMTYPE, link="main.py")))

@@ -181,7 +181,10 @@ class TarChecker:
         """Record ``name``'s kind at its path; one path cannot be a directory and a file.
 
         Unpacking ``a`` (a file) and ``a/b``, or a directory and a file both named ``a``,
-        cannot succeed: refused here, before anything is stored or unpacked.
+        cannot succeed, and a file over an earlier link of its name would be written
+        through the link, and a hard link cannot be made over an existing name: refused
+        here, before anything is stored or unpacked. (A symlink may replace a file or a
+        link: unpacking removes what was there.)
         """
         for depth, parent in enumerate(nodes[1:], start=1):
             if parent.kind not in (None, DIR, SYMLINK):  # a symlink is a link escape
@@ -198,6 +201,16 @@ class TarChecker:
                 "tar_name_clash",
                 f"{name!r} is a {kind}, but the archive also has {'/'.join(parts)!r} as a "
                 f"{'directory' if was_dir else node.kind}",
+            )
+        if (node.kind in (SYMLINK, HARDLINK) and kind != SYMLINK) or (
+            kind == HARDLINK and node.kind is not None
+        ):
+            # Unpacking would write through the earlier link (or into its shared inode),
+            # or could not link over what is there.
+            raise TarProblem(
+                "tar_name_clash",
+                f"{name!r} is a {kind}, but the archive already has {'/'.join(parts)!r} as a "
+                f"{node.kind}",
             )
         node.kind = kind
 
