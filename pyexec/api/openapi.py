@@ -7,7 +7,7 @@ from typing import Any
 
 from pyexec.__about__ import __version__
 from pyexec.execution_service import MAX_POLL_SECONDS
-from pyexec.models import Reason, Status
+from pyexec.models import EXECUTION_ID, Reason, Status
 
 __all__ = ["openapi_document"]
 
@@ -170,7 +170,12 @@ _SUBMITTED = {
     "properties": {"execution_id": {"type": "string"}, "status": {"type": "string"}},
 }
 
-_ID_PARAM = {"name": "execution_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID_PARAM = {
+    "name": "execution_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": EXECUTION_ID.pattern},
+}
 
 
 @cache
