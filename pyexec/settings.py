@@ -264,8 +264,8 @@ class Settings:
         256 * MiB,
         "PYEXEC_MAX_TAR_BYTES",
         parse=int,
-        help="Largest uploaded tar: reading stops at the first byte past it (413), and one "
-        "upload never spools more.",
+        help="Largest uploaded tar: reading stops at the first byte past it (413), so one "
+        "request spools at most this much (plus, on the local runner, one copy until launch).",
     )
     max_tar_entries: int = setting(
         10_000, "PYEXEC_MAX_TAR_ENTRIES", parse=int, help="Most entries an uploaded tar may hold."
