@@ -206,6 +206,17 @@ def test_auto_requirements_off_when_setup_has_no_network() -> None:
     assert (job.request.requirements_txt, job.initial) == ("", {})
 
 
+def test_asking_for_auto_requirements_without_setup_network_is_refused() -> None:
+    """An explicit auto_requirements: true where setup has no network is 400
+    setup_network_unavailable, never silently skipped; false is fine."""
+    settings = attrs.evolve(SETTINGS, setup_network=False)
+    with pytest.raises(BadRequest) as info:
+        parse_eval_request({"code": "import yaml", "auto_requirements": True}, settings)
+    assert (info.value.status_code, info.value.code) == (400, "setup_network_unavailable")
+    assert parse_eval_request({"code": "", "auto_requirements": False}, settings)
+    assert parse_eval_request({"code": ""}, settings).auto_requirements is False
+
+
 def test_server_default_can_turn_auto_requirements_off() -> None:
     """settings.eval_auto_requirements=False is the default a request can override."""
     settings = attrs.evolve(SETTINGS, eval_auto_requirements=False)

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from pyexec.errors import BadRequest, PayloadTooLarge
+from pyexec.errors import BadRequest, LimitExceeded, PayloadTooLarge
 from pyexec.models import ExecutionRequest, parse_request
 from pyexec.settings import Settings
 
@@ -78,9 +78,25 @@ def parse_eval_request(raw: Any, settings: Settings) -> EvalRequest:
         files=files,
         python_version=version,
         eval_last_expr=_flag(data, "eval_last_expr", default=False),
-        auto_requirements=_flag(data, "auto_requirements", default=settings.eval_auto_requirements),
+        auto_requirements=_auto_requirements(data, settings),
         execution=execution,
     )
+
+
+def _auto_requirements(data: Mapping[str, Any], settings: Settings) -> bool:
+    """On by default where setup has the network (an install could only fail without);
+    asked for explicitly where it has none, refused rather than silently dropped."""
+    wanted = _flag(data, "auto_requirements", default=settings.eval_auto_requirements)
+    if wanted and not settings.setup_network:
+        if "auto_requirements" in data:
+            raise LimitExceeded(
+                "this server gives the setup phase no network (PYEXEC_SETUP_NETWORK), so "
+                "auto_requirements cannot install anything",
+                code="setup_network_unavailable",
+                field="auto_requirements",
+            )
+        return False
+    return wanted
 
 
 def _python_version(data: Mapping[str, Any], settings: Settings) -> str:
