@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import tarfile
 from collections.abc import AsyncIterator, Iterator
@@ -180,3 +181,38 @@ def test_a_malformed_request_line_answers_400_in_the_json_shape(server: LiveServ
     status, body = raw_request(server, b"NOT HTTP AT ALL\r\n\r\n")
     assert status.split()[1] == b"400"
     assert b'"bad_http_request"' in body
+
+
+@pytest.fixture
+async def closed_api() -> AsyncIterator[httpx.AsyncClient]:
+    """A server on the default (closed) network policy."""
+    settings = make_settings()
+    assert not settings.allow_network
+    assert not settings.setup_network
+    async with app_client(settings, store=MemoryStore(), runner=FakeRunner()) as client:
+        yield client
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        (EXEC, {"config": {"network_disabled": False}}, "network_not_allowed"),
+        (EXEC, {"requirements_txt": "six"}, "setup_network_unavailable"),
+        (EVAL, {"code": "1", "config": {"network_disabled": False}}, "network_not_allowed"),
+        (EVAL, {"code": "1", "requirements_txt": "six"}, "setup_network_unavailable"),
+        (EVAL, {"code": "1", "auto_requirements": True}, "setup_network_unavailable"),
+    ],
+    ids=["exec-network", "exec-requirements", "eval-network", "eval-requirements", "eval-auto"],
+)
+async def test_network_the_server_does_not_allow_is_refused(
+    closed_api: httpx.AsyncClient, path: str, body: dict[str, Any], code: str
+) -> None:
+    """Asking for network the server does not give is a 400 with a stable code, never a
+    run without it."""
+    if path == EXEC:
+        response = await closed_api.post(path, **upload(metadata=json.dumps(body)))
+    else:
+        response = await closed_api.post(path, json=body)
+    assert error(response) == (400, code)
+    assert "network" in response.json()["error"]["message"]
