@@ -465,6 +465,14 @@ class Settings:
         parse=_mapping,
         help="Extra environment of every runner task, as `KEY=VALUE`, comma-separated.",
     )
+    nomad_templates: str | None = setting(
+        None,
+        "PYEXEC_NOMAD_TEMPLATES",
+        parse=_optional_str,
+        help="JSON file of extra templates for the runner tasks: a list of Nomad API "
+        "`Template` objects, each with an optional `Tasks` list (default: the trusted tasks "
+        "`install` and `finish`; name `run` only for what user code may read).",
+    )
     nomad_consul_token_variable: str | None = setting(
         None,
         "PYEXEC_NOMAD_CONSUL_TOKEN_VARIABLE",

@@ -465,3 +465,42 @@ def test_trusted_tasks_use_bridge_unless_consul_is_on_loopback(task_consul: str,
     assert _task(job, "install")["Config"]["network_mode"] == mode
     assert _task(job, "finish")["Config"]["network_mode"] == mode
     assert _task(job, "run")["Config"]["network_mode"] == "none"
+
+
+def test_operator_templates_reach_the_trusted_tasks_unless_they_name_others(
+    tmp_path: Path,
+) -> None:
+    """PYEXEC_NOMAD_TEMPLATES adds templates to install and finish by default, to the run
+    task only when it is named."""
+    path = tmp_path / "templates.json"
+    pip_conf = {"EmbeddedTmpl": "[global]\nindex-url = https://pypi.internal/simple\n",
+                "DestPath": "local/pip.conf"}  # fmt: skip
+    site = {"EmbeddedTmpl": "print('hi')\n", "DestPath": "local/site.py", "Tasks": ["run"]}
+    path.write_text(json.dumps([pip_conf, site]))
+    settings = Settings(nomad_templates=str(path))
+    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0], pip=True)
+    dests = {
+        t["Name"]: [x["DestPath"] for x in t["Templates"]] for t in job["TaskGroups"][0]["Tasks"]
+    }
+    assert "local/pip.conf" in dests["install"]
+    assert "local/pip.conf" in dests["finish"]
+    assert "local/pip.conf" not in dests["run"]
+    assert "local/site.py" in dests["run"]
+    assert all("Tasks" not in x for t in job["TaskGroups"][0]["Tasks"] for x in t["Templates"])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        '{"DestPath": "x"}',
+        '[{"EmbeddedTmpl": "x"}]',
+        '[{"DestPath": "x", "Tasks": ["setup"]}]',
+    ],
+)
+def test_bad_operator_templates_are_a_settings_error(tmp_path: Path, content: str) -> None:
+    """A templates file that is not a list of templates for known tasks is refused."""
+    path = tmp_path / "templates.json"
+    path.write_text(content)
+    with pytest.raises(SettingsError, match="PYEXEC_NOMAD_TEMPLATES"):
+        nomad_job.runner_jobs(Settings(nomad_templates=str(path)))

@@ -199,6 +199,42 @@ def _ca_bundle(settings: Settings) -> str | None:
         ) from None
 
 
+#: Tasks an operator's template goes to unless it names others: the trusted ones only, so
+#: nothing an operator renders (a pip.conf with credentials) reaches user code by default.
+TEMPLATE_TASKS_DEFAULT = ("install", "finish")
+
+
+def operator_templates(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """PYEXEC_NOMAD_TEMPLATES read and checked: the extra templates of each task."""
+    path = settings.nomad_templates
+    if not path:
+        return {}
+    name = "PYEXEC_NOMAD_TEMPLATES"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            entries = json.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror}", name=name) from None
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {path} is not JSON: {exc}", name=name) from None
+    if not isinstance(entries, list):
+        raise SettingsError(f"{name}: {path} must hold a list of templates", name=name)
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("DestPath"), str):
+            raise SettingsError(f"{name}: every template needs a DestPath: {entry!r}", name=name)
+        tasks = entry.get("Tasks", list(TEMPLATE_TASKS_DEFAULT))
+        if not isinstance(tasks, list):
+            raise SettingsError(f"{name}: Tasks must be a list of task names: {entry!r}", name=name)
+        unknown = sorted(str(t) for t in set(map(str, tasks)) - set(TASKS))
+        if unknown:
+            raise SettingsError(f"{name}: unknown task(s) {unknown} in {entry!r}", name=name)
+        template = {k: v for k, v in entry.items() if k != "Tasks"}
+        for task in tasks:
+            by_task.setdefault(task, []).append(template)
+    return by_task
+
+
 def _code(*dests: str) -> list[dict[str, Any]]:
     return [_template(task_file(dest), dest) for dest in dests]
 
@@ -359,6 +395,9 @@ def runner_job(
     if token is not None:
         finish["Templates"].append(token)
 
+    extra_templates = operator_templates(settings)
+    run["Templates"] += extra_templates.get("run", [])
+    finish["Templates"] += extra_templates.get("finish", [])
     tasks = [run, finish]
     if pip:
         install = _task(
@@ -380,6 +419,7 @@ def runner_job(
             install["Templates"].append(_template(ca, CA_DEST))
             for var in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
                 install["Env"][var] = f"/{CA_DEST}"
+        install["Templates"] += extra_templates.get("install", [])
         tasks.insert(0, install)
 
     job: dict[str, Any] = {
