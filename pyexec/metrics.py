@@ -27,7 +27,9 @@ from datetime import datetime
 from typing import BinaryIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -35,6 +37,7 @@ from starlette.routing import Route
 from .errors import BackendError
 from .models import Execution, ExecutionRequest, RunOutcome, Status
 from .runner import OnRunning, Runner
+from .runner.pool import WarmPool
 from .store import Change, Store
 
 __all__ = ["MeteredRunner", "MeteredStore", "Metrics", "metrics_route"]
@@ -43,6 +46,8 @@ __all__ = ["MeteredRunner", "MeteredStore", "Metrics", "metrics_route"]
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 #: Queue wait: container start on one machine, placement on a busy cluster.
 QUEUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: How long a pooled sandbox waited before it served (up to the idle limit, minutes).
+POOL_AGE_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
 class Metrics:
@@ -93,6 +98,31 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight.set_function(lambda: len(self._in_flight))
+        self.pool_hits = Counter(
+            "pyexec_pool_hits",
+            "Runs served by a warm pool's sandbox, by image.",
+            ["image"],
+            registry=self.registry,
+        )
+        self.pool_misses = Counter(
+            "pyexec_pool_misses",
+            "Runs that took the cold path, by image and reason (unpooled: no pool for that "
+            "image or shape; empty: none was ready).",
+            ["image", "reason"],
+            registry=self.registry,
+        )
+        self.pool_age = Histogram(
+            "pyexec_pool_sandbox_age_seconds",
+            "How long a pooled sandbox had waited when it was handed a run.",
+            buckets=POOL_AGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.pool_refill_failures = Counter(
+            "pyexec_pool_refill_failures",
+            "Pooled sandboxes that could not be made, by image and error code.",
+            ["image", "code"],
+            registry=self.registry,
+        )
 
     # --- the service's hooks -------------------------------------------------------------
 
@@ -108,6 +138,23 @@ class Metrics:
         self.executions.labels(status=record.status.value, reason=reason).inc()
         if record.duration_ms is not None:
             self.duration.observe(record.duration_ms / 1000)
+
+    # --- a warm pool's observer (``pyexec.runner.pool.PoolObserver``) ----------------------
+
+    def hit(self, image: str, age: float) -> None:
+        self.pool_hits.labels(image=image).inc()
+        self.pool_age.observe(age)
+
+    def miss(self, image: str, reason: str) -> None:
+        self.pool_misses.labels(image=image, reason=reason).inc()
+
+    def refill_failed(self, image: str, code: str) -> None:
+        self.pool_refill_failures.labels(image=image, code=code).inc()
+
+    def watch_pool(self, pool: WarmPool) -> None:
+        """Count what ``pool`` reports, and show its ready sandboxes per image."""
+        pool.observer = self
+        self.registry.register(_PoolReady(pool))
 
     def callback_attempted(self, outcome: str) -> None:
         self.callback_attempts.labels(outcome=outcome).inc()
@@ -270,6 +317,21 @@ class MeteredRunner:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class _PoolReady(Collector):
+    """``pyexec_pool_ready{image}``, read from the pool at each scrape."""
+
+    def __init__(self, pool: WarmPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "pyexec_pool_ready", "Warm pool sandboxes ready now, by image.", labels=["image"]
+        )
+        for image, count in sorted(self._pool.ready().items()):
+            family.add_metric([image], count)
+        yield family
 
 
 def metrics_route(metrics: Metrics, path: str = "/metrics") -> Route:

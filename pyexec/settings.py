@@ -352,6 +352,28 @@ class Settings:
         "docker driver): `runc`, or `runsc` for gVisor (see docs/security.md).",
     )
 
+    # --- Warm pool (local Docker runner) ---------------------------------------------------
+    pool_size: int = setting(
+        2,
+        "PYEXEC_POOL_SIZE",
+        parse=int,
+        help="Single-use sandboxes the local runner keeps started and waiting, per pooled "
+        "image, for requests of the default shape (0: no pool). Each serves one execution "
+        "and is then destroyed; they count against PYEXEC_MAX_IN_FLIGHT only while they serve.",
+    )
+    pool_images: tuple[str, ...] = setting(
+        (),
+        "PYEXEC_POOL_IMAGES",
+        parse=_list,
+        help="Images the pool keeps sandboxes of (empty: the default image and the eval images).",
+    )
+    pool_max_idle_seconds: float = setting(
+        300.0,
+        "PYEXEC_POOL_MAX_IDLE_SECONDS",
+        parse=float,
+        help="A pooled sandbox that waited this long unused is replaced by a fresh one.",
+    )
+
     # --- Consul store --------------------------------------------------------------------
     consul_addr: str | None = setting(
         None,
@@ -604,6 +626,14 @@ class Settings:
             return not ipaddress.ip_address(host).is_loopback
         except ValueError:  # a host name: it may resolve to anything
             return True
+
+    @property
+    def pooled_images(self) -> tuple[str, ...]:
+        """The images the warm pool keeps sandboxes of (none when ``pool_size`` is 0)."""
+        if self.pool_size <= 0:
+            return ()
+        images = self.pool_images or (self.default_image, *(i for _, i in self.python_images))
+        return tuple(dict.fromkeys(images))
 
     @property
     def backend(self) -> str:

@@ -41,6 +41,9 @@ def make_settings(**overrides: Any) -> Settings:
         "log_format": "text",
         # Tests never make the Docker daemon reach for a registry (only loopback traffic here).
         "docker_pull": False,
+        # No warm pool unless a test asks for one: an app per test would otherwise make
+        # (and remove) sandboxes nobody uses; pooled paths are tested where they are meant.
+        "pool_size": 0,
     }
     base.update(overrides)
     return Settings(**base)

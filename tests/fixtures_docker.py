@@ -74,6 +74,8 @@ class Started:
         self.execution_id = execution_id
         self.running: list[datetime] = []
         self.running_event = asyncio.Event()
+        #: The pooled sandbox the run took, if it took one.
+        self.sandbox: str | None = None
 
     async def on_running(self, started_at: datetime) -> None:
         self.running.append(started_at)
@@ -89,12 +91,24 @@ async def start(
     files: dict[str, str | bytes] | bytes,
     **metadata: Any,
 ) -> Started:
-    """Launch ``files`` (or a ready-made tar) with the request ``metadata``."""
+    """Launch ``files`` (or a ready-made tar) with the request ``metadata``. On a runner
+    with a pool, a request the pool can serve runs on a pooled sandbox made for its shape
+    (the launch asserts it did)."""
     request = parse_request(metadata, settings)
     execution = Execution(execution_id=new_execution_id())
     started = Started(runner, execution.execution_id)
     data = files if isinstance(files, bytes) else make_tar(files)
+    pool = runner.pool
+    if pool is None or not pool.poolable(request, settings):
+        await runner.start(execution, request, tar_chunks(data), started.on_running)
+        return started
+    key = pool.keep(request, 1)
+    await pool.wait_ready(key, 1, timeout=60)
+    served = len(pool.served)
     await runner.start(execution, request, tar_chunks(data), started.on_running)
+    pool.keep(request, 0)
+    assert len(pool.served) == served + 1, "the run did not take a pooled sandbox"
+    started.sandbox = pool.served[-1]
     return started
 
 
@@ -109,6 +123,9 @@ async def execute(
     started = await start(runner, settings, files, **metadata)
     outcome = await started.wait()
     assert leftovers(client, started.execution_id) == []
+    if started.sandbox is not None:
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(started.sandbox)
     return outcome
 
 

@@ -20,6 +20,7 @@ import docker
 import httpx
 import pytest
 
+from pyexec.runner.docker_pool import served_name
 from pyexec.runner.docker_spec import LABEL_EXECUTION
 
 from .conftest import TEST_IMAGE, free_port
@@ -93,6 +94,12 @@ class Server:
         execution_id: str = response.json()["execution_id"]
         return execution_id
 
+    def pool_ready(self) -> int:
+        """Pooled sandboxes of the test image ready now (0 without a pool)."""
+        health = httpx.get(f"{self.url}/health", timeout=10).json()
+        ready: int = (health.get("pool") or {}).get("ready", {}).get(TEST_IMAGE, 0)
+        return ready
+
     def get(self, execution_id: str, wait: float = 0) -> dict[str, Any]:
         response = httpx.get(
             f"{self.url}/api/v1/executions/{execution_id}",
@@ -116,7 +123,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def _container(client: docker.DockerClient, execution_id: str) -> Any:
+    """The run container of ``execution_id``: labelled with it, or a pooled sandbox
+    named for it."""
     found = client.containers.list(all=True, filters={"label": f"{LABEL_EXECUTION}={execution_id}"})
+    found += client.containers.list(all=True, filters={"name": served_name(execution_id)})
     assert len(found) == 1, found
     return found[0]
 
@@ -126,27 +136,38 @@ def _engine_time(value: str) -> datetime:
     return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
 
 
+@pytest.mark.parametrize("pool_size", ["0", "2"], ids=["cold", "pooled"])
 def test_killed_server_runs_keep_their_deadline_and_are_adopted_after_restart(
-    server: Server, docker_client: docker.DockerClient
+    server: Server, docker_client: docker.DockerClient, pool_size: str
 ) -> None:
     """After `kill -9` of the server, a run with a 5 s timeout that sleeps 45 s still ends
     after about 5 s, and one that finishes meanwhile keeps its output: the restarted
-    server records a timeout and an exit with the real output, not `lost`."""
+    server records a timeout and an exit with the real output, not `lost`; on a fresh
+    container and on a pooled sandbox alike."""
+    server.env["PYEXEC_POOL_SIZE"] = pool_size
     server.start()
+    deadline = time.monotonic() + 60
+    while int(pool_size) > server.pool_ready():
+        assert time.monotonic() < deadline, "the pool never filled"
+        time.sleep(0.1)  # bounded poll of /health: the pool fills in the background
     sleeper = server.submit(SLEEPER, timeout_seconds=5)
     finisher = server.submit(FINISHER, timeout_seconds=30)
     deadline = time.monotonic() + 60
     while {server.get(i)["status"] for i in (sleeper, finisher)} != {"running"}:
         assert time.monotonic() < deadline, "the runs never started"
         time.sleep(0.1)
+    started_at = datetime.fromisoformat(server.get(sleeper)["started_at"])
     server.kill()
+    pooled = docker_client.containers.list(all=True, filters={"name": served_name(sleeper)})
+    assert bool(pooled) == (pool_size != "0"), pooled
 
     # Nobody watches the sandboxes now; the sleeper's own deadline must still end it.
     container = _container(docker_client, sleeper)
     assert container.wait(timeout=30)["StatusCode"] == 137
     container.reload()
     state = container.attrs["State"]
-    ran = (_engine_time(state["FinishedAt"]) - _engine_time(state["StartedAt"])).total_seconds()
+    # From the run's start (a pooled sandbox's container started earlier).
+    ran = (_engine_time(state["FinishedAt"]) - started_at).total_seconds()
     assert 5 <= ran < 5 + 3, ran
     assert _container(docker_client, finisher).wait(timeout=30)["StatusCode"] == 0
 
@@ -159,3 +180,7 @@ def test_killed_server_runs_keep_their_deadline_and_are_adopted_after_restart(
     assert (exited["stdout"], exited["stderr"]) == ("working\ndone\n", ""), exited
     for execution_id in (sleeper, finisher):
         assert leftovers(docker_client, execution_id) == []
+        assert (
+            docker_client.containers.list(all=True, filters={"name": served_name(execution_id)})
+            == []
+        )

@@ -70,6 +70,16 @@ FILES = {"main.py": "print('hi')\n"}
 RUNTIMES = pytest.mark.parametrize("runtime", ["runc", "runsc"])
 
 
+#: Verdict tests run on a fresh container and on a pooled sandbox made for their shape.
+PATHS = pytest.mark.parametrize("path", ["cold", "pooled"])
+
+
+@pytest.fixture
+def path() -> str:
+    """How the test's runs get their sandbox; verdict tests parametrize it (``PATHS``)."""
+    return "cold"
+
+
 @pytest.fixture
 def runtime() -> str:
     """The OCI runtime of the test's sandboxes; verdict tests parametrize it (``RUNTIMES``)."""
@@ -93,9 +103,11 @@ def settings(runtime: str, docker_client: docker.DockerClient) -> Settings:
 
 @pytest.fixture
 async def runner(
-    settings: Settings, docker_client: docker.DockerClient
+    settings: Settings, docker_client: docker.DockerClient, path: str
 ) -> AsyncIterator[DockerRunner]:
-    runner = DockerRunner(settings, docker_client)
+    runner = DockerRunner(settings, docker_client, pooled=path == "pooled")
+    if runner.pool is not None:
+        runner.pool.start()
     try:
         yield runner
     finally:
@@ -359,6 +371,7 @@ print(json.dumps(facts))
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_sandbox_walls(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -380,6 +393,7 @@ async def test_sandbox_walls(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_work_is_capped_by_disk_mb(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -419,6 +433,7 @@ print(json.dumps(facts))
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_seccomp_and_masked_paths_hide_the_host(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -458,6 +473,7 @@ print(fill("/tmp/fill"), fill("/dev/shm/fill"), fill("/work/fill"))
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_tmp_and_shm_are_writable_and_counted_in_disk_mb(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -475,6 +491,7 @@ async def test_tmp_and_shm_are_writable_and_counted_in_disk_mb(
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_stdin_env_args_and_exit_code_arrive(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -520,6 +537,7 @@ async def test_nested_entrypoint_runs_in_work_with_its_package(
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_memory_hog_is_oom(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -535,6 +553,7 @@ async def test_memory_hog_is_oom(
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_exit_137_by_itself_is_not_oom(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -547,6 +566,7 @@ async def test_exit_137_by_itself_is_not_oom(
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_busy_loop_times_out_on_time(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -573,6 +593,7 @@ async def test_busy_loop_times_out_on_time(
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_closing_stdout_does_not_escape_the_timeout(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -586,6 +607,7 @@ async def test_closing_stdout_does_not_escape_the_timeout(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_cpu_time_and_open_files_are_capped_in_the_container(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -607,6 +629,7 @@ async def test_cpu_time_and_open_files_are_capped_in_the_container(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_fork_bomb_is_contained_and_the_next_run_is_fine(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -637,6 +660,7 @@ except OSError as exc:
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_huge_output_is_cut_and_memory_stays_bounded(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -676,6 +700,7 @@ async def test_collected_outcomes_are_not_hoarded(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_output_cap_never_splits_a_character(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -810,6 +835,7 @@ async def test_setup_out_of_memory_says_so(
 
 @pytest.mark.docker
 @pytest.mark.anyio
+@PATHS
 async def test_network_enabled_run_gets_an_interface(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -825,6 +851,7 @@ async def test_network_enabled_run_gets_an_interface(
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_kill_while_running(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:
@@ -870,6 +897,7 @@ async def test_aclose_removes_running_containers(
 @pytest.mark.docker
 @pytest.mark.anyio
 @RUNTIMES
+@PATHS
 async def test_unsafe_tar_is_refused_inside_the_sandbox_too(
     runner: DockerRunner, docker_client: docker.DockerClient, settings: Settings
 ) -> None:

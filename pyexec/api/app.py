@@ -18,6 +18,7 @@ from pyexec.mcp.http import MCP_PATH, McpEndpoint
 from pyexec.metrics import Metrics, metrics_route
 from pyexec.models import Execution
 from pyexec.runner import Runner
+from pyexec.runner.pool import WarmPool
 from pyexec.settings import Settings
 from pyexec.store import Store
 
@@ -86,6 +87,11 @@ def create_app(
         runner = runner or default_runner
     # Backend errors and runs in flight are counted at the seams (pyexec.metrics).
     metrics = Metrics()
+    pool = getattr(runner, "pool", None)
+    if not isinstance(pool, WarmPool):
+        pool = None
+    if pool is not None:
+        metrics.watch_pool(pool)
     store, runner = metrics.store(store), metrics.runner(runner)
 
     async def api(scope: Scope, receive: Receive, send: Send) -> None:
@@ -133,6 +139,7 @@ def create_app(
         on_finished=_each(metrics.execution_finished, log_finished, callbacks.on_finished),
     )
     app.state.metrics = metrics
+    app.state.pool = pool
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -16,13 +17,20 @@ __all__ = ["docs_page", "health", "liveness", "openapi", "swagger_assets", "vers
 
 
 async def health(request: Request) -> JSONResponse:
-    """Readiness: each backend checked separately; 503 when one is unreachable."""
+    """Readiness: each backend checked separately; 503 when one is unreachable. With a
+    warm pool, its ready sandboxes per image, and which pools are empty (runs still
+    work, on the cold path: ``degraded``, not unavailable)."""
     checks = await request.app.state.service.health()
     ok = all(value == "ok" for value in checks.values())
-    return JSONResponse(
-        {"status": "ok" if ok else "unavailable", "checks": checks},
-        status_code=200 if ok else 503,
-    )
+    body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+    pool = request.app.state.pool
+    if pool is not None:
+        ready = pool.ready()
+        empty = sorted(image for image, count in ready.items() if count == 0)
+        body["pool"] = {"ready": ready, "empty": empty}
+        if ok and empty:
+            body["status"] = "degraded"
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 async def liveness(request: Request) -> JSONResponse:

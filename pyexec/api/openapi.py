@@ -352,7 +352,10 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "health",
                     "security": [{}],
                     "responses": {
-                        "200": {"description": "All backends reachable"},
+                        "200": {
+                            "description": "All backends reachable (`degraded`: a warm "
+                            "pool is empty, runs take the cold path; `pool` says which)"
+                        },
                         "503": {"description": "A backend is unreachable"},
                     },
                 }

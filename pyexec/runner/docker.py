@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 import anyio
 import attrs
@@ -44,6 +45,7 @@ from pyexec.errors import (
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
 from pyexec.runner import OnRunning
 from pyexec.runner.docker_engine import THREADS, Engine, owner_alive, owner_label
+from pyexec.runner.docker_pool import LABEL_POOL, DockerPool, Sandbox, served_execution
 from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
@@ -135,7 +137,11 @@ class DockerRunner:
         *,
         engine: Engine | None = None,
         adoption_window: float = _ADOPTION_WINDOW,
+        pooled: bool | None = None,
     ) -> None:
+        """``pooled``: keep a warm pool (``docker_pool``); by default when settings pool
+        an image. A pool made here holds what settings ask for; more shapes can be kept
+        with ``pool.keep``."""
         self._settings = settings
         self._adoption_window = adoption_window
         self._orphan_sweep: asyncio.Task[None] | None = None
@@ -147,6 +153,11 @@ class DockerRunner:
         self._done: OrderedDict[str, _Run] = OrderedDict()
         self._closed = False
         self._owner = owner_label()
+        if pooled is None:
+            pooled = bool(settings.pooled_images)
+        self.pool = (
+            DockerPool.from_settings(self._engine, settings, self._owner) if pooled else None
+        )
 
     # --- Runner protocol ---------------------------------------------------------------
 
@@ -155,18 +166,20 @@ class DockerRunner:
         adopts those (the engine's log kept their output), and what nobody adopts within
         the adoption window is swept then."""
         orphans = {
-            labels[LABEL_EXECUTION]
+            execution_id
             for item in await self._engine.containers({LABEL_MANAGED: "1", LABEL_PHASE: "run"})
-            if not owner_alive((labels := item.get("Labels") or {}).get(LABEL_OWNER))
-            and LABEL_EXECUTION in labels
+            if not owner_alive((item.get("Labels") or {}).get(LABEL_OWNER))
+            and (execution_id := _execution_of(item)) is not None
         }
         await self._engine.sweep(
             {LABEL_MANAGED: "1"},
             spare_live_owners=True,
-            spare=lambda labels: labels.get(LABEL_EXECUTION) in orphans,
+            spare=lambda item: _execution_of(item) in orphans,
         )
         if orphans:
             self._orphan_sweep = asyncio.create_task(self._sweep_orphans(orphans))
+        if self.pool is not None:
+            self.pool.start()
 
     def check(self, request: ExecutionRequest) -> None:
         """Refuse what no process can be given: a NUL byte in an argument, an environment
@@ -243,7 +256,7 @@ class DockerRunner:
     async def kill(self, execution_id: str) -> None:
         run = self._runs.get(execution_id)
         if run is None:
-            await self._engine.sweep({LABEL_EXECUTION: execution_id})
+            await self._sweep_execution(execution_id)
             return
         run.killed = True
         for container in list(run.containers):
@@ -260,6 +273,11 @@ class DockerRunner:
         if request is None or execution_id in self._runs or self._closed:
             return False
         found = await self._engine.containers({LABEL_EXECUTION: execution_id, LABEL_PHASE: "run"})
+        found += [
+            item
+            for item in await self._engine.containers({LABEL_POOL: "1"})
+            if served_execution(item) == execution_id
+        ]
         adoptable = [
             item
             for item in found
@@ -289,6 +307,8 @@ class DockerRunner:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=_KILL_WAIT)
+        if self.pool is not None:
+            await self.pool.aclose()
         self._engine.close()
 
     # --- Runs adopted after a restart ---------------------------------------------------
@@ -334,9 +354,17 @@ class DockerRunner:
         await asyncio.sleep(self._adoption_window)
         for execution_id in orphans - set(self._runs) - set(self._done):
             try:
-                await self._engine.sweep({LABEL_EXECUTION: execution_id})
+                await self._sweep_execution(execution_id)
             except BackendError as exc:
                 log.warning("could not sweep the leftovers of %s: %s", execution_id, exc.message)
+
+    async def _sweep_execution(self, execution_id: str) -> None:
+        """Remove every container and volume of ``execution_id``: labelled with it, or a
+        pooled sandbox named for it."""
+        await self._engine.sweep({LABEL_EXECUTION: execution_id})
+        await self._engine.sweep(
+            {LABEL_POOL: "1"}, spare=lambda item: served_execution(item) != execution_id
+        )
 
     # --- One execution -----------------------------------------------------------------
 
@@ -412,15 +440,25 @@ class DockerRunner:
             self._settings, request, run.execution_id, phase, run.volume, self._owner
         )
         spec = wire.spec_frame(bootstrap_spec(self._settings, request, phase))
-        container = await self._engine.create(args, on_created=run.containers.append)
+        sandbox = await self._take_pooled(run, phase, args)
+        if sandbox is not None:
+            container = sandbox.container
+            run.containers.append(container)
+        else:
+            container = await self._engine.create(args, on_created=run.containers.append)
         if run.killed:
+            if sandbox is not None:
+                sandbox.conn.close()
             raise _Ended(run.outcome(Reason.KILLED))
-        handle = await self._engine.attach(container)
-        conn = AttachSocket(handle)
+        if sandbox is not None:
+            conn = sandbox.conn
+        else:
+            conn = AttachSocket(await self._engine.attach(container))
         control = wire.ControlLine()
         trailer = wire.Trailer()
         try:
-            await self._start(run, container)
+            if sandbox is None:  # (a pooled sandbox is running already)
+                await self._start(run, container)
             await self._drop_keeper(run)
             budget = float(request.config.timeout_seconds)
             if phase.setup:
@@ -457,6 +495,17 @@ class DockerRunner:
         )
         await self._discard(run, container)
         self._judge(run, phase, control, trailer, exited, oom)
+
+    async def _take_pooled(self, run: _Run, phase: Phase, args: dict[str, Any]) -> Sandbox | None:
+        """A pooled sandbox made with ``args`` (already started, waiting for its input),
+        if the pool has one; only a container that unpacks and runs without a setup
+        can be pooled."""
+        if self.pool is None or not phase.run:
+            return None
+        if phase.setup or not phase.extract:
+            self.pool.observer.miss(str(args["image"]), "unpooled")
+            return None
+        return await self.pool.take(args, run.execution_id)
 
     async def _start(self, run: _Run, container: str) -> None:
         """Start the container; if the run was killed meanwhile, stop it at once (a kill
@@ -661,6 +710,12 @@ class DockerRunner:
 
     def _find(self, execution_id: str) -> _Run | None:
         return self._runs.get(execution_id) or self._done.get(execution_id)
+
+
+def _execution_of(item: dict[str, Any]) -> str | None:
+    """The execution a container (as the engine lists it) belongs to, if any."""
+    labels = item.get("Labels") or {}
+    return labels.get(LABEL_EXECUTION) or served_execution(item)
 
 
 def _unwrap(exc: Exception) -> Exception:

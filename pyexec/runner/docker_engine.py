@@ -216,13 +216,13 @@ class Engine:
         labels: dict[str, str],
         *,
         spare_live_owners: bool = False,
-        spare: Callable[[dict[str, str]], bool] | None = None,
+        spare: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         """Remove every container and volume carrying ``labels`` (leftovers, or a late kill).
 
         With ``spare_live_owners``, what a live pyexec process on this host still pumps
         is left alone: nothing else can read its output, but that process can. What
-        ``spare`` says yes to (given the labels) is left alone too.
+        ``spare`` says yes to (given the engine's listing of it) is left alone too.
         """
         selector = [f"{key}={value}" for key, value in labels.items()]
         containers = await self.containers(labels)
@@ -231,7 +231,7 @@ class Engine:
             found = item.get("Labels") or {}
             if spare_live_owners and owner_alive(found.get(LABEL_OWNER)):
                 return True
-            return spare is not None and spare(found)
+            return spare is not None and spare(item)
 
         for item in containers:
             if spared(item):
