@@ -24,7 +24,7 @@ from pyexec.runner.docker import DockerRunner
 from pyexec.runner.docker_engine import Engine
 from pyexec.runner.docker_pool import LABEL_POOL, DockerPool
 from pyexec.runner.docker_spec import LABEL_OWNER, container_args, plan
-from pyexec.settings import Settings
+from pyexec.settings import Settings, SettingsError
 
 from .conftest import app_client, make_settings
 from .fixtures_docker import (
@@ -299,6 +299,13 @@ async def test_startup_sweeps_the_pool_a_crashed_process_left(
     assert pool_containers(docker_client, owner) == []
 
 
+def test_a_pooled_image_no_request_may_name_is_a_setting_error() -> None:
+    """PYEXEC_POOL_IMAGES naming an image outside PYEXEC_ALLOWED_IMAGES stops start-up."""
+    settings = pool_settings(pool_images=("elsewhere:1",), allowed_images=("other:1",))
+    with pytest.raises(SettingsError, match="PYEXEC_POOL_IMAGES"):
+        DockerRunner(settings)
+
+
 async def test_pool_args_are_the_cold_paths_own(settings: Settings) -> None:
     """A pooled sandbox is created with exactly a cold run's arguments but the labels."""
     settings = pool_settings()
@@ -372,7 +379,9 @@ async def test_the_pool_never_pulls_an_image() -> None:
     """An image that is not on the host is not pooled (a refill failure), and not pulled,
     even with pulling on: only a cold run pulls. (The image names a loopback registry.)"""
     image = "127.0.0.1:9/pyexec-absent:never"
-    settings = pool_settings(pool_size=1, pool_images=(image,), docker_pull=True)
+    settings = pool_settings(
+        pool_size=1, pool_images=(image,), allowed_images=(image,), docker_pull=True
+    )
     client = docker.DockerClient()
     client.api.close()
     api = client.api = PullCountingAPI()

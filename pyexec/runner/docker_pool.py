@@ -35,7 +35,7 @@ import anyio
 import attrs
 import docker.errors
 
-from pyexec.errors import BackendError, BackendUnavailable, PyexecError
+from pyexec.errors import BackendError, BackendUnavailable, BadRequest, PyexecError
 from pyexec.models import ExecutionRequest, parse_request
 from pyexec.runner.docker_engine import Engine
 from pyexec.runner.docker_spec import (
@@ -47,7 +47,7 @@ from pyexec.runner.docker_spec import (
 )
 from pyexec.runner.docker_stream import AttachSocket
 from pyexec.runner.pool import NullPoolObserver, PoolObserver
-from pyexec.settings import Settings
+from pyexec.settings import Settings, SettingsError
 
 __all__ = ["LABEL_POOL", "DockerPool", "Sandbox", "served_execution", "served_name", "shape_key"]
 
@@ -167,7 +167,13 @@ class DockerPool:
         """A pool of ``pool_size`` default-shaped sandboxes per pooled image."""
         pool = cls(engine, settings, owner)
         for image in settings.pooled_images:
-            pool.keep(parse_request({"docker_image": image}, settings), settings.pool_size)
+            try:
+                request = parse_request({"docker_image": image}, settings)
+            except BadRequest as exc:  # an image no request may name
+                raise SettingsError(
+                    f"PYEXEC_POOL_IMAGES: {exc.message}", name="PYEXEC_POOL_IMAGES"
+                ) from None
+            pool.keep(request, settings.pool_size)
         return pool
 
     # --- what the runner uses -------------------------------------------------------------
