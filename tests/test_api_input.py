@@ -216,3 +216,30 @@ async def test_network_the_server_does_not_allow_is_refused(
         response = await closed_api.post(path, json=body)
     assert error(response) == (400, code)
     assert "network" in response.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_the_served_document_is_narrowed_to_this_server(
+    closed_api: httpx.AsyncClient,
+) -> None:
+    """/openapi.json states this server's maxima, images, python versions and network policy."""
+    document = (await closed_api.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    settings = closed_api.app.state.service.settings  # type: ignore[attr-defined]
+    config = schemas["Config"]["properties"]
+    assert config["timeout_seconds"]["maximum"] == settings.max_timeout
+    assert config["memory_mb"] == {
+        "type": "integer",
+        "minimum": 16,
+        "maximum": settings.max_memory_mb,
+    }
+    assert config["network_disabled"]["const"] is True
+    images = schemas["ExecutionMetadata"]["properties"]["docker_image"]["enum"]
+    assert images == sorted({settings.default_image, *dict(settings.python_images).values()})
+    versions = schemas["EvalRequest"]["properties"]["python_version"]["enum"]
+    assert versions == [v for v, _ in settings.python_images]
+    assert schemas["EvalRequest"]["properties"]["auto_requirements"]["const"] is False
+    assert (
+        "maximum"
+        not in openapi_document()["components"]["schemas"]["Config"]["properties"]["memory_mb"]
+    )

@@ -44,7 +44,7 @@ async def version(request: Request) -> JSONResponse:
 
 
 async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(openapi_document())
+    return JSONResponse(openapi_document(request.app.state.service.settings))
 
 
 _DOCS_HTML = """<!doctype html>

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from functools import cache
+import copy
+import functools
 from typing import Any
 
 from pyexec.__about__ import __version__
 from pyexec.execution_service import MAX_POLL_SECONDS
 from pyexec.models import EXECUTION_ID, Reason, Status
+from pyexec.settings import CONFIG_FIELDS, CONFIG_MINIMA, Settings
 
 __all__ = ["openapi_document"]
 
@@ -38,13 +40,8 @@ _CONFIG = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "timeout_seconds": {"type": "integer", "minimum": 1},
         "network_disabled": {"type": "boolean", "default": True},
-        "memory_mb": {"type": "integer", "minimum": 16},
-        "disk_mb": {"type": "integer", "minimum": 1},
-        "cpu_shares": {"type": "integer", "minimum": 2},
-        "pids_limit": {"type": "integer", "minimum": 8},
-        "max_output_bytes": {"type": "integer", "minimum": 1},
+        **{key: {"type": "integer", "minimum": low} for key, low in CONFIG_MINIMA.items()},
     },
 }
 
@@ -178,8 +175,37 @@ _ID_PARAM = {
 }
 
 
-@cache
-def openapi_document() -> dict[str, Any]:
+@functools.lru_cache(maxsize=8)
+def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
+    """The API's document; with ``settings``, narrowed to what that server accepts (its
+    maxima, images, python versions, network policy), as ``/openapi.json`` serves it."""
+    document = copy.deepcopy(_document())  # narrowing must not touch the shared parts
+    if settings is not None:
+        _narrow(document["components"]["schemas"], settings)
+    return document
+
+
+def _narrow(schemas: dict[str, Any], settings: Settings) -> None:
+    config = schemas["Config"]["properties"]
+    for key, (_, maximum) in CONFIG_FIELDS.items():
+        config[key]["maximum"] = getattr(settings, maximum)
+    if not settings.allow_network:
+        config["network_disabled"]["const"] = True
+    metadata, eval_request = schemas["ExecutionMetadata"], schemas["EvalRequest"]
+    if "*" not in settings.allowed_images:
+        images = {settings.default_image, *settings.allowed_images}
+        images.update(image for _, image in settings.python_images)
+        metadata["properties"]["docker_image"]["enum"] = sorted(images)
+    versions = [version for version, _ in settings.python_images]
+    eval_request["properties"]["python_version"]["enum"] = versions
+    if not settings.setup_network:
+        blank = {"pattern": r"^\s*$", "description": "no setup network here: blank only"}
+        metadata["properties"]["requirements_txt"].update(blank)
+        eval_request["properties"]["requirements_txt"].update(blank)
+        eval_request["properties"]["auto_requirements"]["const"] = False
+
+
+def _document() -> dict[str, Any]:
     execution = _json(_ref("Execution"), "The execution record")
     return {
         "openapi": "3.1.0",
