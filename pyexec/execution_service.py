@@ -75,6 +75,13 @@ ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
 
 #: Tars up to this size are checked on the event loop and spooled in memory.
 INLINE_TAR_BYTES = 256 * 1024
+#: Pauses between attempts to store an execution's end while the store is unreachable
+#: (then the last one, until it lands).
+FINAL_WRITE_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+#: Extra time past a run's deadline before the reconciler of any replica takes it on.
+RECONCILE_MARGIN = 30.0
+#: How long the reconciler lets the runner report a run it still sees, past its deadline.
+RECONCILE_WAIT = 30.0
 #: Longest a client may long-poll one GET.
 MAX_POLL_SECONDS = 60.0
 
@@ -111,6 +118,8 @@ class ExecutionService:
         self._admitting = 0
         self._rechecks: set[asyncio.Task[None]] = set()
         self._closing = False
+        #: Sync runs waiting on their task, by id: set when the end could not be stored.
+        self._stalls: dict[str, asyncio.Event] = {}
 
     # --- lifecycle of the service ----------------------------------------------------------
     async def startup(self) -> None:
@@ -201,23 +210,48 @@ class ExecutionService:
         admission: Admission | None = None,
     ) -> Execution:
         """Submit and wait until the execution is terminal (the sync API); a launch that
-        fails raises its error (after recording it). ``admission`` as for ``submit``."""
+        fails raises its error (after recording it). ``admission`` as for ``submit``.
+
+        Every error raised once the execution has an id carries it (``execution_id`` in
+        the details), so the caller can read the result later: in particular a run that
+        ended while the store was unreachable answers 503 ``store_unavailable`` with the
+        id at once, while this replica keeps retrying to store the outcome.
+        """
         record, task = await self._admit(
             request, tar, initial, postprocess, idempotency_key, admission
         )
+        execution_id = record.execution_id
         if task is None:  # an idempotent replay: whoever stored it runs it
-            return await self.store.wait_terminal(record.execution_id, self._budget(request))
+            return await self.store.wait_terminal(execution_id, self._budget(request))
+        stalled = self._stalls.setdefault(execution_id, asyncio.Event())
+        stall = asyncio.create_task(stalled.wait(), name=f"pyexec-stall-{execution_id}")
         try:
-            return await asyncio.shield(task)
+            # Not cancelled with the caller: the task goes on if the client goes away.
+            await asyncio.wait({task, stall}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stall.cancel()
+            self._stalls.pop(execution_id, None)
+        if not task.done():
+            raise BackendUnavailable(
+                f"execution {execution_id} ended but the store is unreachable; its outcome "
+                f"is kept and retried: read it with GET /api/v1/executions/{execution_id}",
+                code="store_unavailable",
+                execution_id=execution_id,
+            )
+        try:
+            return task.result()
         except asyncio.CancelledError:
-            if not (task.cancelled() and self._closing):
+            if not self._closing:
                 raise
             raise BackendUnavailable(
-                f"the service is shutting down; execution {record.execution_id} goes on: "
-                f"read it with GET /api/v1/executions/{record.execution_id}",
+                f"the service is shutting down; execution {execution_id} goes on: "
+                f"read it with GET /api/v1/executions/{execution_id}",
                 code="shutting_down",
-                execution_id=record.execution_id,
+                execution_id=execution_id,
             ) from None
+        except PyexecError as exc:
+            exc.details.setdefault("execution_id", execution_id)
+            raise
 
     async def _admit(
         self,
@@ -253,6 +287,10 @@ class ExecutionService:
                     if claim is None or replay.fingerprint != claim.fingerprint:
                         raise idempotency.refuse_reuse(replay.execution_id) from None
                     return await self.store.get(replay.execution_id), None
+                except BackendError as exc:
+                    # The write may have landed although its answer was lost: name the id.
+                    exc.details.setdefault("execution_id", record.execution_id)
+                    raise
                 task = self._spawn(
                     record.execution_id, self._execute(record, request, spool, postprocess)
                 )
@@ -401,6 +439,10 @@ class ExecutionService:
 
             try:
                 stored = await self.store.transition(execution_id, running, expect={Status.PENDING})
+            except BackendError as exc:
+                # Only a milestone: the final write carries started_at again.
+                log.warning("could not record %s as running: %s", execution_id, exc.message)
+                return
             except TransitionRefused as exc:
                 if exc.current.terminal:
                     # Killed while it launched: the run that just started must stop too.
@@ -500,6 +542,28 @@ class ExecutionService:
         return await self._store_final(execution_id, outcome)
 
     async def _store_final(self, execution_id: str, outcome: RunOutcome) -> Execution:
+        """``_end``, retried with backoff while the store is unreachable, until it lands
+        (or another writer ended the execution first). What waits is this execution's
+        own task holding one capped outcome, so memory stays bounded by the in-flight
+        cap; a sync caller is told at the first failure (``run``)."""
+        delays = iter(FINAL_WRITE_BACKOFF)
+        while True:
+            try:
+                return await self._end(execution_id, outcome)
+            except BackendUnavailable as exc:
+                stalled = self._stalls.get(execution_id)
+                if stalled is not None:
+                    stalled.set()
+                delay = next(delays, FINAL_WRITE_BACKOFF[-1])
+                log.warning(
+                    "could not store the end of %s (%s); retrying in %.1f s",
+                    execution_id,
+                    exc.message,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _end(self, execution_id: str, outcome: RunOutcome) -> Execution:
         """Record ``outcome`` as the execution's end, unless it ended already; a run killed
         while it ran keeps its ``killed`` verdict and gets the output it produced."""
 
@@ -545,7 +609,51 @@ class ExecutionService:
         interval = max(1.0, min(60.0, self.settings.cleanup_ttl / 2))
         while True:
             await asyncio.sleep(interval)
+            await self.reconcile()
             await self.sweep()
+
+    async def reconcile(self) -> int:
+        """Finish or fail, once, every unfinished execution past its deadline that no task
+        of this replica follows, whoever launched it; safe on every replica at once.
+
+        The deadline is the run's budget (``pyexec.deadline``) plus the launch grace and
+        ``RECONCILE_MARGIN`` (room for its own replica to store the end after a store
+        outage). A run the runner still sees is followed for ``RECONCILE_WAIT`` seconds
+        more (then killed as a timeout); any other is failed as lost. Returns how many
+        it took on.
+        """
+        try:
+            active = await self.store.list_active()
+        except PyexecError as exc:
+            log.warning("reconciler: %s", exc.message)
+            return 0
+        now, taken = utcnow(), 0
+        for record in active:
+            execution_id = record.execution_id
+            overdue = self._budget(record.request) + self.settings.launch_grace_seconds
+            overdue += RECONCILE_MARGIN
+            if execution_id in self._tasks or (now - record.created_at).total_seconds() < overdue:
+                continue
+            taken += 1
+            with bind_execution(execution_id):
+                try:
+                    if await self.runner.resume(record):
+                        postprocess = finish_outcome if is_eval_request(record.request) else None
+                        self._spawn(
+                            execution_id, self._drive(execution_id, RECONCILE_WAIT, postprocess)
+                        )
+                        continue
+                    await self._end(
+                        execution_id,
+                        RunOutcome(
+                            reason=Reason.ERROR,
+                            error="lost: not finished within its deadline, and no replica "
+                            "was following it",
+                        ),
+                    )
+                except PyexecError as exc:
+                    log.warning("reconciler: %s: %s", execution_id, exc.message)
+        return taken
 
     async def sweep(self) -> int:
         """Delete expired executions once; safe to run on every replica at once."""

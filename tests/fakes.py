@@ -32,6 +32,9 @@ class FakeRunner:
         self.fail_start: BackendUnavailable | None = None
         self._done: dict[str, asyncio.Future[RunOutcome]] = {}
         self._running: dict[str, asyncio.Event] = {}
+        self._requests: dict[str, ExecutionRequest] = {}
+        #: Ids in the order their runs started (``await launches.get()`` to follow them).
+        self.launches: asyncio.Queue[str] = asyncio.Queue()
 
     async def startup(self) -> None:
         return None
@@ -54,8 +57,14 @@ class FakeRunner:
         self._done[execution.execution_id] = future
         await on_running(utcnow())
         self._running.setdefault(execution.execution_id, asyncio.Event()).set()
+        self._requests[execution.execution_id] = request
+        self.launches.put_nowait(execution.execution_id)
         if "hold" not in request.stdin:
             future.set_result(self.outcome(request))
+
+    def finish(self, execution_id: str) -> None:
+        """End a held run (``hold`` in its stdin) as if it exited by itself."""
+        self._done[execution_id].set_result(self.outcome(self._requests[execution_id]))
 
     async def wait_running(self, execution_id: str, timeout: float = 10) -> None:
         """Return once the run of ``execution_id`` was launched and reported running

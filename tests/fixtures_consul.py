@@ -183,7 +183,8 @@ class ConsulServer:
             f"-data-dir={self.data_dir}/data", "-bind=127.0.0.1", "-client=127.0.0.1",
             f"-http-port={self.http_port}", "-dns-port=-1", "-grpc-port=-1",
             f"-server-port={server}", f"-serf-lan-port={lan}", f"-serf-wan-port={wan}",
-            "-log-level=warn", "-hcl", "performance { raft_multiplier = 1 }", *self.extra,
+            "-log-level=warn", "-hcl", "performance { raft_multiplier = 1 }",
+            "-hcl", "disable_update_check = true", *self.extra,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
