@@ -223,6 +223,30 @@ async def test_the_run_task_has_the_sandboxs_seccomp_profile(api: httpx.AsyncCli
     )
 
 
+async def test_the_run_task_runs_under_runsc_when_configured(settings: Settings) -> None:
+    """PYEXEC_DOCKER_RUNTIME=runsc puts the run task under gVisor (its own kernel), and the
+    task's code works there (it starts no threads: runsc on ptrace cannot, here)."""
+    import platform
+
+    import attrs
+    import docker
+
+    engine = docker.from_env()
+    try:
+        runtimes = engine.info().get("Runtimes") or {}
+    finally:
+        engine.close()
+    if "runsc" not in runtimes:
+        pytest.skip("runsc is not registered with Docker here (scripts/bootstrap.sh does it)")
+    gvisor = attrs.evolve(settings, docker_runtime="runsc")
+    code = "import platform, sys\nprint(platform.release())\nprint(sys.stdin.read())\n"
+    async with pyexec_api(gvisor) as api:
+        body = await run_sync(api, code, stdin="fed")
+    assert body["status"] == "completed", (body["error"], body["stderr"])
+    release, fed = body["stdout"].splitlines()
+    assert (release != platform.release(), fed) == (True, "fed")
+
+
 async def test_async_run_and_logs(api: httpx.AsyncClient) -> None:
     """An async run answers 202 at once; GET ?wait returns the record once terminal."""
     execution_id = await submit(api, "print('async ok')")

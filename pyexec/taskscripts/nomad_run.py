@@ -31,16 +31,16 @@ import contextlib
 import hashlib
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import IO, Any
+    from typing import Any
 
     # In the task, tarcheck.py's source follows this file's.
     from pyexec.sandbox.tarcheck import (
@@ -231,49 +231,42 @@ def oom_kills() -> int:
     return 0
 
 
-class Pump(threading.Thread):
-    """Copy one stream of the program to the task's own stream and to the capture file,
-    up to ``cap`` bytes; past it, set ``over``."""
+class Capture:
+    """One stream of the program: kept in its capture file and echoed to the task's own
+    stream (for ``nomad alloc logs``), up to ``cap`` bytes; past it, ``over`` is set."""
 
-    def __init__(
-        self, source: IO[bytes], sink: IO[bytes], path: str, cap: int, over: threading.Event
-    ) -> None:
-        super().__init__(daemon=True)
-        self.source, self.sink, self.path, self.cap, self.over = source, sink, path, cap, over
-        self.count = 0
+    def __init__(self, path: str, echo: int, cap: int) -> None:
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.echo, self.cap, self.count, self.over = echo, cap, 0, False
 
-    def run(self) -> None:
-        with open(self.path, "wb") as keep:
-            while True:
-                data = os.read(self.source.fileno(), 65536)
-                if not data:
-                    return
-                room = self.cap - self.count
-                if len(data) > room:
-                    data = data[: max(room, 0)]
-                    self.over.set()
-                self.count += len(data)
-                if data:
-                    keep.write(data)
-                    keep.flush()
-                    try:
-                        self.sink.write(data)
-                        self.sink.flush()
-                    except OSError:
-                        pass
-                if self.over.is_set():
-                    return
+    def feed(self, data: bytes) -> None:
+        room = self.cap - self.count
+        if len(data) > room:
+            data = data[: max(room, 0)]
+            self.over = True
+        if data:
+            self.count += len(data)
+            self.file.write(data)
+            self.file.flush()
+            with contextlib.suppress(OSError):
+                os.write(self.echo, data)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def run_program(
     request: dict[str, Any], env: dict[str, str], deadline: float, cap: int
 ) -> dict[str, Any]:
+    """Run the entrypoint, feeding stdin and capturing both streams in one thread (no
+    threads at all: gVisor's runsc on the ptrace platform cannot start any here)."""
     argv = ["python3", str(request.get("entrypoint") or "main.py")]
     argv += [str(a) for a in request.get("script_args") or []]
     stdin = str(request.get("stdin") or "").encode("utf-8")
     oom_before = oom_kills()
     started = now_iso()
-    stopped = threading.Event()
+    stopped = []
+
     proc = subprocess.Popen(
         argv,
         cwd=WORK,
@@ -289,47 +282,75 @@ def run_program(
             os.killpg(proc.pid, signal.SIGKILL)
 
     def on_term(*_: object) -> None:
-        stopped.set()
+        stopped.append(True)
         kill_group()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    over = threading.Event()
+    assert proc.stdin is not None
     assert proc.stdout is not None
     assert proc.stderr is not None
-    pumps = [
-        Pump(proc.stdout, sys.stdout.buffer, os.path.join(OUT, "stdout"), cap, over),
-        Pump(proc.stderr, sys.stderr.buffer, os.path.join(OUT, "stderr"), cap, over),
-    ]
-    for pump in pumps:
-        pump.start()
-
-    def feed() -> None:
-        assert proc.stdin is not None
-        with contextlib.suppress(OSError):
-            proc.stdin.write(stdin)
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-
-    threading.Thread(target=feed, daemon=True).start()
+    captures = {
+        proc.stdout.fileno(): Capture(os.path.join(OUT, "stdout"), 1, cap),
+        proc.stderr.fileno(): Capture(os.path.join(OUT, "stderr"), 2, cap),
+    }
+    selector = selectors.DefaultSelector()
+    for fd in captures:
+        selector.register(fd, selectors.EVENT_READ)
+    stdin_fd = proc.stdin.fileno()
+    if stdin:
+        os.set_blocking(stdin_fd, False)
+        selector.register(stdin_fd, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    pending = memoryview(stdin)
     timed_out = False
-    while proc.poll() is None:
-        if over.is_set() or stopped.is_set():
+    drain_until = None
+    while selector.get_map():
+        over = any(c.over for c in captures.values())
+        now = time.monotonic()
+        if (over or stopped) and drain_until is None:
             kill_group()
-        elif time.monotonic() >= deadline:
+            drain_until = now + 5
+        elif now >= deadline and drain_until is None:
             timed_out = True
             kill_group()
-        over.wait(0.02)
-    kill_group()  # whatever the entrypoint left behind in its session
-    for pump in pumps:
-        pump.join(timeout=5)
-    code = proc.returncode
+            drain_until = now + 5
+        elif drain_until is None and proc.poll() is not None:
+            # The entrypoint is gone: whatever it left in its session goes too, and the
+            # pipes close once nothing holds them.
+            kill_group()
+            drain_until = now + 5
+        if drain_until is not None and now > drain_until:
+            break
+        for key, _ in selector.select(timeout=0.02):
+            fd = key.fd
+            if fd == stdin_fd:
+                try:
+                    pending = pending[os.write(fd, pending[:65536]) :]
+                except OSError:  # the program closed its stdin
+                    pending = pending[:0]
+                if not pending:
+                    selector.unregister(fd)
+                    proc.stdin.close()
+                continue
+            data = os.read(fd, 65536)
+            if data:
+                captures[fd].feed(data)
+            else:
+                selector.unregister(fd)
+    selector.close()
+    kill_group()
+    code = proc.wait()
+    over = any(c.over for c in captures.values())
+    for capture in captures.values():
+        capture.close()
     exit_code = code if code >= 0 else 128 - code
-    if stopped.is_set():
+    if stopped:
         reason = "killed"
     elif timed_out:
         reason = "timeout"
-    elif over.is_set():
+    elif over:
         reason = "output_limit"
     elif code < 0 and oom_kills() > oom_before:
         reason = "oom"
@@ -340,7 +361,7 @@ def run_program(
         "exit_code": exit_code,
         "started_at": started,
         "finished_at": now_iso(),
-        "output_truncated": over.is_set(),
+        "output_truncated": over,
     }
 
 
