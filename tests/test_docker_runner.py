@@ -271,6 +271,8 @@ RUN_ONLY = Phase(extract=False, setup=False, run=True, network=False)
         (Ending(phase=RUN_ONLY, status="ready", exited=137), Reason.OOM),
         (Ending(phase=RUN_ONLY, status="ready", exited=1), Reason.EXITED),
         (Ending(phase=SETUP_ONLY, status=None, exited=137), Reason.SETUP_FAILED),
+        # stopped from outside (the engine shutting down): not the program's own exit
+        (Ending(phase=RUN_ONLY, status="ready", exited=143, ended="stopped"), Reason.ERROR),
         # a setup-only container that succeeded does not end the execution
         (Ending(phase=SETUP_ONLY, status="setup_ok", exited=0), None),
     ],

@@ -36,8 +36,9 @@ class Ending:
     killed: bool = False
     oom: bool = False
     memory_mb: int = 0
-    #: How the bootstrap's trailer says the program ended (``exit``, ``timeout``), or
-    #: ``None``: it never said (a sandbox killed from outside, or no program ran).
+    #: How the bootstrap's trailer says the program ended (``exit``, ``timeout``,
+    #: ``stopped``), or ``None``: it never said (a sandbox killed from outside, or no
+    #: program ran).
     ended: str | None = None
     timeout_seconds: int = 0
 
@@ -63,6 +64,11 @@ def verdict(ending: Ending) -> tuple[Reason, str | None] | None:
         # SIGKILL of the whole sandbox during setup (see below).
         return Reason.SETUP_FAILED, f"setup was killed, most likely for using {memory}"
     if ending.phase.run and status == "ready":
+        if ending.ended == "stopped":
+            return (
+                Reason.ERROR,
+                "the sandbox was stopped from outside (the Docker engine shut down?)",
+            )
         if ending.ended == "timeout":
             # The sandbox's own deadline acted before the runner's (or without it).
             return Reason.TIMEOUT, f"the run exceeded its timeout of {ending.timeout_seconds}s"

@@ -21,7 +21,7 @@ which the runner strips: ``ready`` (the user's program follows), ``setup_ok``
 or ``error``. After ``ready`` it runs ``python3 <entrypoint> <args>`` in /work,
 so the rest of stdin is the user program's stdin: with a ``deadline`` in the spec
 as its child, which it kills with everything it started when the deadline passes,
-ending with a trailer line on stderr, ``\\0pyexec end <exit|timeout> <code>\\n``
+ending with a trailer line on stderr, ``\\0pyexec end <exit|timeout|stopped> <code>\\n``
 (the runner strips it; a sandbox killed from outside has none); without one, it
 execs the program.
 """
@@ -212,11 +212,13 @@ def supervise(argv: list[str], env: dict[str, str], deadline: float) -> NoReturn
     import time
 
     end = time.monotonic() + deadline
-    # Blocked before the fork, so that the child's exit cannot be missed.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    # Blocked before the fork, so that neither the child's exit nor a stop (SIGTERM from
+    # the engine, through init) can be missed.
+    signals = {signal.SIGCHLD, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     pid = os.fork()
     if pid == 0:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         os.execve(sys.executable, argv, env)  # noqa: S606 - running the user program is the point
     os.close(0)  # the rest of stdin is the program's
     while True:
@@ -229,7 +231,12 @@ def supervise(argv: list[str], env: dict[str, str], deadline: float) -> NoReturn
             os.kill(-1, signal.SIGKILL)
             os.waitpid(pid, 0)
             ended("timeout", 128 + signal.SIGKILL)
-        signal.sigtimedwait({signal.SIGCHLD}, remaining)
+        got = signal.sigtimedwait(signals, remaining)
+        if got is not None and got.si_signo == signal.SIGTERM:
+            # The container is being stopped (the engine shutting down, an operator).
+            os.kill(-1, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            ended("stopped", 128 + signal.SIGTERM)
     code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     ended("exit", code)
 

@@ -124,8 +124,9 @@ class Trailer:
 
     Bytes that may begin the trailer are held back until more arrive; only a trailer
     the stream ends with counts (a program printing one earlier prints text). After
-    ``finish``, ``kind`` is ``"exit"`` or ``"timeout"`` and ``code`` the exit code, or
-    both ``None``: the sandbox was killed from outside before its bootstrap could say.
+    ``finish``, ``kind`` is ``"exit"``, ``"timeout"`` or ``"stopped"`` and ``code`` the
+    exit code, or both ``None``: the sandbox was killed from outside before its
+    bootstrap could say.
     """
 
     def __init__(self) -> None:
