@@ -446,7 +446,9 @@ class ExecutionService:
             except TransitionRefused as exc:
                 if exc.current.terminal:
                     # Killed while it launched: the run that just started must stop too.
-                    self._background(self._quietly(self.runner.kill(execution_id)), "kill")
+                    # The kill coroutine is made inside the task: one made here and never
+                    # awaited (the task cancelled before it ran) would leak a warning.
+                    self._background(self._kill_quietly(execution_id), "kill")
                 return
             if self.hooks.on_started:
                 self.hooks.on_started(stored)
@@ -598,6 +600,9 @@ class ExecutionService:
     def _notify_finished(self, record: Execution) -> None:
         if self.hooks.on_finished:
             self.hooks.on_finished(record)
+
+    async def _kill_quietly(self, execution_id: str) -> None:
+        await self._quietly(self.runner.kill(execution_id))
 
     async def _quietly(self, call: Awaitable[Any]) -> None:
         try:
