@@ -41,5 +41,6 @@ dev-cluster-stop:
 
 # The Nomad suite against a real agent (`nomad` on PATH; starts a dev agent from nomad/
 # unless one answers on :4646). Says what is missing when there is no `nomad`.
+[positional-arguments]
 test-nomad-real *args:
-    scripts/test-nomad-real.sh {{args}}
+    scripts/test-nomad-real.sh "$@"

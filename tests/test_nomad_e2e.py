@@ -758,7 +758,7 @@ def server_job_secrets_template() -> str:
 
 
 def run_probe(client: httpx.Client, job_id: str, template: dict[str, Any]) -> str:
-    """Run a one-task batch job with ``template`` and return what it printed of PYEXEC_PROBE."""
+    """Run a one-task batch job with ``template``; what it saw of PYEXEC_PROBE."""
     task = {
         "Name": "probe",
         "Driver": "docker",
@@ -766,7 +766,12 @@ def run_probe(client: httpx.Client, job_id: str, template: dict[str, Any]) -> st
         "Config": {
             "image": make_settings().default_image,
             "command": "python3",
-            "args": ["-c", "import os; print(os.environ.get('PYEXEC_PROBE', 'unset'))"],
+            "args": [
+                "-c",
+                "import os\n"
+                "with open('/alloc/data/probe', 'w') as fh:\n"
+                "    print(os.environ.get('PYEXEC_PROBE', 'unset'), file=fh)\n",
+            ],
             "network_mode": "none",
         },
         "Templates": [template],
@@ -795,8 +800,13 @@ def run_probe(client: httpx.Client, job_id: str, template: dict[str, Any]) -> st
             if allocs and allocs[0]["ClientStatus"] in ("complete", "failed"):
                 alloc_id = allocs[0]["ID"]
                 assert allocs[0]["ClientStatus"] == "complete", allocs[0]["TaskStates"]
-                params = {"task": "probe", "type": "stdout", "plain": "true"}
-                return client.get(f"/v1/client/fs/logs/{alloc_id}", params=params).text
+                # A file in the alloc dir, not the logs API: a log read right after the
+                # task ended can come back empty on Nomad 1.6.5 (logmon ships later).
+                (entry,) = client.get(
+                    f"/v1/client/fs/ls/{alloc_id}", params={"path": "alloc/data"}
+                ).json()
+                params = {"path": "alloc/data/probe", "offset": 0, "limit": entry["Size"]}
+                return client.get(f"/v1/client/fs/readat/{alloc_id}", params=params).text
             time.sleep(0.3)
         raise AssertionError(f"{job_id} did not finish (a template still waiting?)")
     finally:
