@@ -415,6 +415,8 @@ class DockerRunner:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release(run)
+            if self.pool is not None:
+                self.pool.wake()
             launched.set()
             self._runs.pop(run.execution_id, None)
             if run.launch_error is None:
@@ -485,7 +487,7 @@ class DockerRunner:
         conn.close()
         if run.verdict is not None:
             await self._engine.kill(container)
-        exited = await self._wait_exit(run, container, phase, control, deadline)
+        exited = await self._wait_exit(run, container, phase, control, trailer, deadline)
         run.finished_at = utcnow()
         # A setup step killed for memory makes the bootstrap report setup_failed.
         oom = (
@@ -654,10 +656,24 @@ class DockerRunner:
             run.error = f"the run exceeded its timeout of {timeout}s"
 
     async def _wait_exit(
-        self, run: _Run, container: str, phase: Phase, control: wire.ControlLine, deadline: float
+        self,
+        run: _Run,
+        container: str,
+        phase: Phase,
+        control: wire.ControlLine,
+        trailer: wire.Trailer,
+        deadline: float,
     ) -> int | None:
         """The container's exit code, once it exits; a container that closed its output
-        but keeps running is stopped when its time is up."""
+        but keeps running is stopped when its time is up.
+
+        When the bootstrap's trailer gave the program's exit code, the container exits
+        with it (the bootstrap exits with that code, and so does init): no engine call
+        is needed, except for 137, where only the engine can tell memory from a kill.
+        """
+        code = trailer.code
+        if run.verdict is None and trailer.kind == "exit" and code is not None and code != 137:
+            return code
         if run.verdict is None:
             # Its output ended, so it has normally exited already and this returns at once.
             remaining = max(deadline - anyio.current_time(), 1.0)

@@ -223,7 +223,6 @@ class DockerPool:
         max_idle = self._settings.pool_max_idle_seconds
         while shape.ready:
             sandbox = shape.ready.pop(0)  # the oldest first: none idles to expiry in a queue
-            self._wake.set()
             if sandbox.age < max_idle and sandbox.waiting():
                 self._owned.discard(sandbox.container)
                 self.served.append(sandbox.container)
@@ -233,6 +232,12 @@ class DockerPool:
             self._spawn(self._discard(sandbox))
         self.observer.miss(image, "empty")
         return None
+
+    def wake(self) -> None:
+        """Check and refill now rather than at the next periodic check. The runner calls
+        it when a run is over: a sandbox made while a run it replaces still runs would
+        take the CPU that run needs."""
+        self._wake.set()
 
     def ready(self) -> dict[str, int]:
         """Sandboxes ready now, per pooled image."""

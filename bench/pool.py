@@ -1,0 +1,194 @@
+"""Warm pool: sync hello-world through the API with the pool, without it, and bare `docker run`.
+
+In one run, interleaved (machine noise hits all alike), ``--runs`` samples each of:
+sync hello-world through a server with the default pool (``PYEXEC_POOL_SIZE=2``), the
+same through a server with ``PYEXEC_POOL_SIZE=0``, and a bare ``docker run --rm`` with
+the sandbox flags (``bench/api_overhead.py``'s baseline); then eval hello-world with
+and without the pool, and a burst of ``--burst`` concurrent sync requests against each
+server (every one must print ``hello``). Measured quiet, then with both cores busy
+(two busy-loop processes, killed afterwards). Target: pooled p50 <= 0.4x bare docker.
+
+    uv run python bench/pool.py [--runs 20] [--burst 20] [--image pyexec-runner:bookworm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from api_overhead import docker_argv, hello_tar, percentile
+
+from tests.conftest import live_server, make_settings
+
+TARGET = 0.4
+
+
+def sync_run(http: httpx.Client, tar: bytes) -> float:
+    t0 = time.perf_counter()
+    response = http.post(
+        "/api/v1/exec/sync",
+        files={"tar": ("code.tar", tar, "application/x-tar")},
+        data={"metadata": json.dumps({"entrypoint": "main.py"})},
+    )
+    elapsed = time.perf_counter() - t0
+    if response.status_code != 200 or response.json().get("stdout") != "hello\n":
+        raise RuntimeError(f"sync run failed: {response.status_code} {response.text}")
+    return elapsed
+
+
+def eval_run(http: httpx.Client) -> float:
+    t0 = time.perf_counter()
+    response = http.post("/api/v1/eval", json={"code": "print('hello')"})
+    elapsed = time.perf_counter() - t0
+    if response.status_code != 200 or response.json().get("stdout") != "hello\n":
+        raise RuntimeError(f"eval run failed: {response.status_code} {response.text}")
+    return elapsed
+
+
+def docker_run(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - t0
+    if done.returncode != 0 or done.stdout != "hello\n":
+        raise RuntimeError(f"docker run failed: {done.returncode} {done.stderr}")
+    return elapsed
+
+
+def burst(url: str, tar: bytes, count: int) -> list[float]:
+    """``count`` sync runs sent at once, each on its own connection; their latencies."""
+
+    def one(_: int) -> float:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            return sync_run(http, tar)
+
+    with ThreadPoolExecutor(count) as executor:
+        return sorted(executor.map(one, range(count)))
+
+
+def pool_ready(http: httpx.Client) -> int:
+    health = http.get("/health").json()
+    return sum((health.get("pool") or {}).get("ready", {}).values())
+
+
+def wait_for_pool(http: httpx.Client, size: int, timeout: float = 60) -> None:
+    """Until the pooled server has its sandboxes back (bounded poll of /health)."""
+    deadline = time.monotonic() + timeout
+    while pool_ready(http) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the pool did not refill")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def row(name: str, values: list[float]) -> str:
+    return (
+        f"  {name:<22} p50 {statistics.median(values) * 1000:7.1f} ms"
+        f"   p95 {percentile(values, 0.95) * 1000:7.1f} ms"
+        f"   max {max(values) * 1000:7.1f} ms   (n={len(values)})"
+    )
+
+
+def measure(args: argparse.Namespace, label: str) -> bool:
+    """One interleaved round; prints its table; whether the target held."""
+    tar = hello_tar()
+    base = {"default_image": args.image, "python_images": (("3.11", args.image),)}
+    pooled_settings = make_settings(**base, pool_size=args.pool_size, log_level="WARNING")
+    cold_settings = make_settings(**base, pool_size=0, log_level="WARNING")
+    argv = docker_argv(
+        args.image, cold_settings.default_memory_mb, cold_settings.default_disk_mb,
+        cold_settings.default_pids_limit,
+    )  # fmt: skip
+    times: dict[str, list[float]] = {
+        name: [] for name in ("pooled", "cold", "docker", "eval pooled", "eval cold")
+    }
+    with (
+        live_server(pooled_settings) as pooled,
+        live_server(cold_settings) as cold,
+        httpx.Client(base_url=pooled.url, timeout=60) as pooled_http,
+        httpx.Client(base_url=cold.url, timeout=60) as cold_http,
+    ):
+        wait_for_pool(pooled_http, args.pool_size)
+        steps: list[tuple[str, Callable[[], float]]] = [
+            ("pooled", lambda: sync_run(pooled_http, tar)),
+            ("cold", lambda: sync_run(cold_http, tar)),
+            ("docker", lambda: docker_run(argv)),
+        ]
+        eval_steps: list[tuple[str, Callable[[], float]]] = [
+            ("eval pooled", lambda: eval_run(pooled_http)),
+            ("eval cold", lambda: eval_run(cold_http)),
+        ]
+        for rounds, kinds in ((args.runs, steps), (args.eval_runs, eval_steps)):
+            for i in range(args.warmup + rounds):
+                for name, step in kinds:
+                    if name.endswith("pooled"):
+                        # Steady state: the pool refilled since the last request.
+                        wait_for_pool(pooled_http, args.pool_size)
+                    elapsed = step()
+                    if i >= args.warmup:
+                        times[name].append(elapsed)
+        wait_for_pool(pooled_http, args.pool_size)
+        pooled_burst = burst(pooled.url, tar, args.burst)
+        cold_burst = burst(cold.url, tar, args.burst)
+
+    p50 = {name: statistics.median(values) for name, values in times.items()}
+    ratio = p50["pooled"] / p50["docker"]
+    print(f"== {label}: {args.runs} interleaved triples, {args.eval_runs} eval pairs")
+    for name, values in times.items():
+        print(row(name, values))
+    print(f"  pooled / docker run    p50 {ratio:.3f}x   (target <= {TARGET}x)")
+    print(f"  cold / docker run      p50 {p50['cold'] / p50['docker']:.3f}x")
+    print(f"  eval pooled / cold     p50 {p50['eval pooled'] / p50['eval cold']:.3f}x")
+    print(f"  burst of {args.burst} concurrent sync runs, all 'hello':")
+    print(row(f"pool size {args.pool_size}", pooled_burst))
+    print(row("pool size 0", cold_burst))
+    return ratio <= TARGET
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--eval-runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--burst", type=int, default=20)
+    parser.add_argument("--pool-size", type=int, default=2, help="the default pool size")
+    parser.add_argument("--image", default="pyexec-runner:bookworm")
+    parser.add_argument(
+        "--conditions", default="quiet,busy", help="quiet, busy (two busy-loop processes)"
+    )
+    args = parser.parse_args()
+    met = True
+    for condition in args.conditions.split(","):
+        if condition == "busy":
+            with busy_cores(2):
+                met &= measure(args, "both cores busy")
+        else:
+            met &= measure(args, "quiet")
+    print("target met" if met else "target NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
