@@ -504,3 +504,27 @@ def test_bad_operator_templates_are_a_settings_error(tmp_path: Path, content: st
     path.write_text(content)
     with pytest.raises(SettingsError, match="PYEXEC_NOMAD_TEMPLATES"):
         nomad_job.runner_jobs(Settings(nomad_templates=str(path)))
+
+
+@pytest.mark.parametrize(
+    ("line", "refused"),
+    [
+        ("six", False),
+        ("requests[socks]>=2.31 ; python_version >= '3.8'  # http", False),
+        ("# a comment", False),
+        ("", False),
+        ("pkg @ https://files.example/pkg-1.0-py3-none-any.whl", False),
+        ("-e git+https://github.com/x/y#egg=y", True),
+        ("--index-url https://evil.example/simple", True),
+        ("-r other.txt", True),
+        ("git+https://github.com/x/y", True),
+        ("pkg @ https://files.example/pkg-1.0.tar.gz", True),
+        ("./local/dir", True),
+        ("file:///tmp/pkg.zip", True),
+    ],
+)
+def test_requirements_the_wheel_installer_cannot_take_are_known_at_submit(
+    line: str, refused: bool
+) -> None:
+    """Lines that would need a source build, another file or another index are refused."""
+    assert (nomad_job.requirement_problem(line) is not None) is refused

@@ -189,6 +189,7 @@ async def test_dispatch_refused_is_a_backend_error_with_nomads_text() -> None:
         ({"config": {"network_disabled": False}}, "network_unavailable"),
         ({"config": {"cpu_shares": 512}}, "cpu_shares_unsupported"),
         ({"requirements_txt": "six"}, "setup_network_unavailable"),
+        ({"requirements_txt": "six\n-e ./src"}, "requirement_not_wheel"),
     ],
 )
 async def test_what_the_runner_cannot_honour_is_refused_before_dispatch(

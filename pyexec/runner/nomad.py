@@ -154,6 +154,15 @@ class NomadRunner:
                 code="network_unavailable",
                 field="config.network_disabled",
             )
+        for line in request.requirements_txt.splitlines():
+            problem = nomad_job.requirement_problem(line)
+            if problem is not None:
+                raise BadRequest(
+                    f"requirements_txt line {line.strip()!r}: {problem} (the Nomad runner "
+                    "installs wheels only, from the configured index)",
+                    code="requirement_not_wheel",
+                    field="requirements_txt",
+                )
         if request.requirements_txt.strip() and not self.settings.setup_network:
             raise BadRequest(
                 "this server gives setup no network, which the requirements installer needs "

@@ -57,6 +57,7 @@ __all__ = [
     "job_id",
     "job_id_for",
     "pick_class",
+    "requirement_problem",
     "runner_job",
     "runner_jobs",
     "task_file",
@@ -160,6 +161,22 @@ def pick_class(settings: Settings, config: ExecutionConfig) -> ResourceClass:
         code="no_resource_class",
         field="config.memory_mb",
     )
+
+
+def requirement_problem(line: str) -> str | None:
+    """Why the wheels-only installer cannot install this requirements line, when that is
+    known without the package index (``None``: it may be installable)."""
+    text = line.split(" #", 1)[0].strip()
+    if not text or text.startswith("#"):
+        return None
+    if text.startswith("-"):
+        return "pip options are not accepted (editable installs, other files, indexes)"
+    target = text.split("@", 1)[1].strip() if " @ " in text or "@ " in text else text
+    if "://" in target or target.startswith((".", "/", "file:")):
+        url = target.split(";", 1)[0].strip().split("#", 1)[0]
+        if not url.endswith(".whl"):
+            return "a URL or path that is not a wheel would be built from source"
+    return None
 
 
 def _constraint(spec: str) -> dict[str, str]:
