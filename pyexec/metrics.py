@@ -234,6 +234,10 @@ class MeteredStore:
         with self._count():
             return await self.inner.list_active()
 
+    async def list_callbacks_outstanding(self) -> list[Execution]:
+        with self._count():
+            return await self.inner.list_callbacks_outstanding()
+
     async def wait_terminal(self, execution_id: str, timeout: float) -> Execution:
         with self._count():
             return await self.inner.wait_terminal(execution_id, timeout)

@@ -36,6 +36,7 @@ __all__ = [
     "Reason",
     "RunOutcome",
     "Status",
+    "callback_outstanding",
     "new_execution_id",
     "parse_request",
     "utcnow",
@@ -213,15 +214,37 @@ class ExecutionRequest:
 
 @attrs.frozen(kw_only=True)
 class CallbackState:
-    """How the delivery of an execution's completion callback goes (``callback`` in a record)."""
+    """How the delivery of an execution's completion callback goes (``callback`` in a record).
+
+    One replica delivers at a time: the one whose ``owner`` token holds an unexpired
+    ``lease_until`` (renewed with every attempt it stores). A replica that dies mid-retry
+    leaves a lease that runs out, and another replica takes the delivery over, within
+    the same ``retry_until`` bound (``pyexec.callbacks``).
+    """
 
     #: ``pending`` (being tried), ``delivered`` (a 2xx answer), ``failed`` (gave up).
     status: str = "pending"
     attempts: int = 0
     last_error: str | None = None
+    #: Attempts stop after this (set when the delivery starts: the bound holds across replicas).
+    retry_until: datetime | None = None
+    #: Which replica delivers, and until when its claim holds.
+    owner: str | None = None
+    lease_until: datetime | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "attempts": self.attempts, "last_error": self.last_error}
+    def to_dict(self, *, stored: bool = False) -> dict[str, Any]:
+        """The public form (``status``, ``attempts``, ``last_error``); ``stored`` adds the
+        bound and the claim, which only replicas read."""
+        body: dict[str, Any] = {
+            "status": self.status,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+        }
+        if stored:
+            body["retry_until"] = _iso(self.retry_until)
+            body["owner"] = self.owner
+            body["lease_until"] = _iso(self.lease_until)
+        return body
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CallbackState:
@@ -229,7 +252,17 @@ class CallbackState:
             status=str(data.get("status", "pending")),
             attempts=int(data.get("attempts", 0)),
             last_error=data.get("last_error"),
+            retry_until=_parse_iso(data.get("retry_until")),
+            owner=data.get("owner"),
+            lease_until=_parse_iso(data.get("lease_until")),
         )
+
+
+def callback_outstanding(record: Execution) -> bool:
+    """Whether ``record`` ended and its completion callback is neither delivered nor given up."""
+    if not record.terminal or record.request is None or record.request.callback_url is None:
+        return False
+    return record.callback is None or record.callback.status == "pending"
 
 
 @attrs.frozen(kw_only=True)
@@ -316,7 +349,7 @@ class Execution:
         if self.auto_requirements is not None:
             body["auto_requirements"] = list(self.auto_requirements)
         if self.callback is not None:
-            body["callback"] = self.callback.to_dict()
+            body["callback"] = self.callback.to_dict(stored=include_request)
         if include_request and self.request is not None:
             body["request"] = self.request.to_dict()
         if include_request and self.idempotency is not None:

@@ -7,14 +7,26 @@ import http.server
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
 import httpx
 import pytest
 
+from pyexec.callbacks import LEASE_MARGIN, CallbackSender
+from pyexec.models import (
+    Execution,
+    Reason,
+    RunOutcome,
+    Status,
+    new_execution_id,
+    parse_request,
+    utcnow,
+)
 from pyexec.settings import Settings
+from pyexec.store.consul import ConsulStore
 from pyexec.store.memory import MemoryStore
 from pyexec.webhooks import SIGNATURE_HEADER, WebhookVerificationError, sign, verify
 
@@ -256,3 +268,114 @@ async def test_the_replica_that_ends_it_delivers(receiver: Receiver) -> None:
         assert len(receiver.received) == 1
     finally:
         fixtures_consul.kv_delete_tree(prefix)
+
+
+async def _finished_with_callback(store: Any, url: str) -> Execution:
+    """A completed execution whose request names ``url``, stored in ``store``."""
+    request = parse_request({"entrypoint": "main.py", "callback_url": url}, callback_settings())
+    record = Execution(execution_id=new_execution_id(), request=request)
+    await store.create(record, None)
+    done = record.finished(RunOutcome(reason=Reason.EXITED, exit_code=0, stdout="out"))
+    return await store.transition(record.execution_id, lambda _: done, expect={Status.PENDING})
+
+
+def _later(seconds: float) -> Callable[[], datetime]:
+    return lambda: utcnow() + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+async def two_replicas() -> AsyncIterator[tuple[ConsulStore, ConsulStore]]:
+    """Two Consul stores on one fresh prefix: two replicas' views of one execution."""
+    prefix = fixtures_consul.new_prefix()
+    settings = fixtures_consul.consul_settings_for(prefix)
+    first, second = ConsulStore.from_settings(settings), ConsulStore.from_settings(settings)
+    try:
+        yield first, second
+    finally:
+        await first.aclose()
+        await second.aclose()
+        fixtures_consul.kv_delete_tree(prefix)
+
+
+async def _dies_after_first_attempt(store: ConsulStore, record: Execution) -> None:
+    """The replica that finished ``record`` records its first attempt, then dies (its
+    delivery is cancelled while it waits to retry: it never writes again)."""
+    waiting = asyncio.Event()
+
+    async def sleep(_: float) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    dying = CallbackSender(callback_settings(callback_max_seconds=600.0), store, sleep=sleep)
+    dying.on_finished(record)
+    await asyncio.wait_for(waiting.wait(), 30)
+    await dying.aclose(grace=0)
+
+
+@pytest.mark.consul
+async def test_a_delivery_whose_replica_died_is_taken_over(
+    receiver: Receiver, two_replicas: tuple[ConsulStore, ConsulStore]
+) -> None:
+    """A replica dies mid-retry: its lease holds others off, then another replica delivers."""
+    first, second = two_replicas
+    receiver.statuses = [500]
+    record = await _finished_with_callback(first, receiver.url)
+    await _dies_after_first_attempt(first, record)
+    held = (await second.get(record.execution_id)).callback
+    assert held is not None
+    assert (held.status, held.attempts) == ("pending", 1)
+
+    settings = callback_settings(callback_max_seconds=600.0)
+    too_soon = CallbackSender(settings, second)
+    assert await too_soon.take_over() == 0
+    await too_soon.aclose()
+    heir = CallbackSender(settings, second, clock=_later(LEASE_MARGIN + 60))
+    assert await heir.take_over() == 1
+    await heir.aclose(grace=30)
+
+    bodies = [got.body for got in await receiver.wait_for(2)]
+    assert bodies[0] == bodies[1]
+    assert json.loads(bodies[1])["stdout"] == "out"
+    state = (await first.get(record.execution_id)).callback
+    assert state is not None
+    assert (state.status, state.attempts, state.owner) == ("delivered", 2, None)
+
+
+@pytest.mark.consul
+async def test_a_finished_run_whose_replica_died_before_delivering_is_taken_over(
+    receiver: Receiver, two_replicas: tuple[ConsulStore, ConsulStore]
+) -> None:
+    """No delivery started (its replica died as it finished): another replica sends it once
+    the finishing replica's margin has passed, not before."""
+    first, second = two_replicas
+    record = await _finished_with_callback(first, receiver.url)
+    settings = callback_settings()
+    early = CallbackSender(settings, second)
+    assert await early.take_over() == 0
+    await early.aclose()
+    heir = CallbackSender(settings, second, clock=_later(LEASE_MARGIN + 1))
+    assert await heir.take_over() == 1
+    await heir.aclose(grace=30)
+    (got,) = await receiver.wait_for(1)
+    assert json.loads(got.body)["execution_id"] == record.execution_id
+    state = (await second.get(record.execution_id)).callback
+    assert state is not None
+    assert (state.status, state.attempts) == ("delivered", 1)
+
+
+@pytest.mark.consul
+async def test_a_delivery_taken_over_past_its_bound_gives_up(
+    receiver: Receiver, two_replicas: tuple[ConsulStore, ConsulStore]
+) -> None:
+    """Taken over after its bound (set when the first replica started): failed, not re-sent."""
+    first, second = two_replicas
+    receiver.statuses = [500]
+    record = await _finished_with_callback(first, receiver.url)
+    await _dies_after_first_attempt(first, record)
+    heir = CallbackSender(callback_settings(), second, clock=_later(3600))
+    assert await heir.take_over() == 1
+    await heir.aclose(grace=30)
+    assert len(receiver.received) == 1
+    state = (await second.get(record.execution_id)).callback
+    assert state is not None
+    assert (state.status, state.attempts) == ("failed", 1)

@@ -72,6 +72,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         service = app.state.service
         await service.startup()
+        callbacks.start()
         try:
             async with mcp.manager.run():
                 yield

@@ -64,6 +64,10 @@ class Store(Protocol):
     async def list_active(self) -> list[Execution]:
         """Records that are not terminal (pending or running)."""
 
+    async def list_callbacks_outstanding(self) -> list[Execution]:
+        """Terminal records whose completion callback is still to be delivered
+        (``pyexec.models.callback_outstanding``)."""
+
     async def wait_terminal(self, execution_id: str, timeout: float) -> Execution:
         """Wait, without busy polling, until the record is terminal or ``timeout`` passes;
         returns the record as it is then (maybe still not terminal)."""

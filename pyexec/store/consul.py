@@ -46,7 +46,7 @@ from pyexec.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from pyexec.models import TERMINAL, Execution, Status
+from pyexec.models import TERMINAL, Execution, Status, callback_outstanding
 from pyexec.settings import Settings
 from pyexec.store import CHUNK_SIZE, Change, apply_change
 from pyexec.store.consul_http import ConsulHTTP
@@ -472,6 +472,20 @@ class ConsulStore:
             except NotFound:
                 continue  # deleted since the listing
         return active
+
+    async def list_callbacks_outstanding(self) -> list[Execution]:
+        outstanding = []
+        for raw, _ in (await self._heads()).values():
+            if raw is None:
+                continue
+            data = json.loads(raw)
+            data.pop("output", None)  # the head is enough to decide, and to deliver from below
+            if callback_outstanding(Execution.from_dict(data)):
+                try:
+                    outstanding.append(await self.get(data["execution_id"]))
+                except NotFound:
+                    continue  # deleted since the listing
+        return outstanding
 
     # --- Waiting --------------------------------------------------------------------------
 

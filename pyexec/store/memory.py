@@ -19,7 +19,7 @@ from typing import BinaryIO
 from anyio import to_thread
 
 from pyexec.errors import Conflict, IdempotentReplay, NotFound
-from pyexec.models import Execution, Status
+from pyexec.models import Execution, Status, callback_outstanding
 
 from . import CHUNK_SIZE, Change, apply_change
 
@@ -124,6 +124,9 @@ class MemoryStore:
 
     async def list_active(self) -> list[Execution]:
         return [r for r in list(self._records.values()) if not r.terminal]
+
+    async def list_callbacks_outstanding(self) -> list[Execution]:
+        return [r for r in list(self._records.values()) if callback_outstanding(r)]
 
     async def wait_terminal(self, execution_id: str, timeout: float) -> Execution:
         loop = asyncio.get_running_loop()
