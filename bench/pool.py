@@ -142,7 +142,10 @@ def measure(args: argparse.Namespace, label: str) -> bool:
         ]
         for rounds, kinds in ((args.runs, steps), (args.eval_runs, eval_steps)):
             for i in range(args.warmup + rounds):
-                for name, step in kinds:
+                # Each kind follows each other kind equally often (a `docker run --rm`
+                # leaves the engine removing its container while the next one starts).
+                shift = i % len(kinds)
+                for name, step in kinds[shift:] + kinds[:shift]:
                     if name.endswith("pooled"):
                         # Steady state: the pool refilled since the last request.
                         wait_for_pool(pooled_http, args.pool_size)

@@ -148,3 +148,52 @@ async def _tick() -> None:
     import anyio
 
     await anyio.sleep(0.1)  # bounded status poll; the API offers a wait only for the end
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_engine_restart_empties_the_warm_pool_and_it_refills(
+    own_dockerd: OwnDockerd,
+) -> None:
+    """dockerd restarted: the pooled sandboxes die with it and are never handed out;
+    once it is back the pool refills by itself with new ones and serves runs; shutdown
+    leaves no pooled sandbox in that engine."""
+    import docker
+
+    settings = make_settings(docker_host=own_dockerd.socket, pool_size=2)
+    image = settings.default_image
+    async with app_client(settings) as api:
+        pool = api.app.state.pool  # type: ignore[attr-defined]
+
+        async def ready() -> int:
+            health = (await api.get("/health")).json()
+            count: int = health.get("pool", {}).get("ready", {}).get(image, 0)
+            return count
+
+        deadline = time.monotonic() + 60
+        while await ready() < 2:
+            assert time.monotonic() < deadline, "the pool never filled"
+            await _tick()
+        before = pool.ready_containers()
+
+        own_dockerd.stop()
+        deadline = time.monotonic() + 60
+        while await ready() > 0:
+            assert time.monotonic() < deadline, "the pool kept sandboxes of a stopped engine"
+            await _tick()
+        own_dockerd.start()
+        deadline = time.monotonic() + 60
+        while len(pool.ready_containers() - before) < 2:
+            assert time.monotonic() < deadline, "the pool did not refill after the restart"
+            await _tick()
+
+        hello = await api.post("/api/v1/exec/sync", **upload("print('pooled')", {}))
+        assert (hello.json()["reason"], hello.json()["stdout"]) == ("exited", "pooled\n")
+        assert set(pool.served).isdisjoint(before)
+        metrics = (await api.get("/metrics")).text
+        assert f'pyexec_pool_hits_total{{image="{image}"}} 1.0' in metrics
+        assert 'code="runner_unavailable"' in metrics
+    client = docker.DockerClient(base_url=own_dockerd.socket)
+    try:
+        assert client.containers.list(all=True, filters={"label": "pyexec.pool=1"}) == []
+    finally:
+        client.close()
