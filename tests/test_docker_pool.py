@@ -398,3 +398,26 @@ async def test_the_pool_never_pulls_an_image() -> None:
     finally:
         await runner.aclose()
         client.close()
+
+
+async def test_ready_sandboxes_do_not_count_against_max_in_flight(
+    docker_client: docker.DockerClient,
+) -> None:
+    """With two sandboxes ready and PYEXEC_MAX_IN_FLIGHT=1, a run is admitted (and takes
+    one): only a sandbox that serves counts."""
+    settings = pool_settings(max_in_flight=1)
+    runner = DockerRunner(settings, docker_client)
+    assert runner.pool is not None
+    pool = runner.pool
+    key = default_key(runner, settings)
+    async with app_client(settings, runner=runner) as api:
+        await pool.wait_ready(key, 2, timeout=60)
+        response = await api.post(
+            "/api/v1/exec/sync",
+            files={"tar": ("code.tar", make_tar({"main.py": "print('in')"}), "application/x-tar")},
+            data={"metadata": "{}"},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["stdout"] == "in\n"
+        assert len(pool.served) == 1
+    assert pool_containers(docker_client, runner._owner) == []
