@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pyexec.models import parse_request
 from pyexec.runner.docker import DockerRunner
+from pyexec.runner.docker_spec import Phase, container_args
 from pyexec.store.consul import ConsulStore
 from tests.conftest import live_server, make_settings
 from tests.fixtures_consul import (
@@ -52,26 +55,50 @@ def hello_tar() -> bytes:
     return buf.getvalue()
 
 
-def docker_argv(image: str, memory_mb: int, disk_mb: int, pids: int) -> list[str]:
-    """The sandbox flags pyexec's local runner uses, spelled for the docker CLI."""
-    return [
-        "docker", "run", "--rm", "-i", "--init",
-        "--user", "1000:1000",
-        "--network", "none",
-        "--read-only",
-        "--tmpfs", f"/work:rw,exec,nosuid,nodev,size={disk_mb}m,uid=1000,gid=1000,mode=0755",
-        "--workdir", "/work",
-        "-e", "HOME=/work", "-e", "PYTHONUNBUFFERED=1",
-        "--memory", f"{memory_mb}m", "--memory-swap", f"{memory_mb}m",
-        "--cpu-shares", "1024",
-        "--pids-limit", str(pids),
-        "--cap-drop", "ALL",
-        "--security-opt", "no-new-privileges",
-        "--ulimit", "nofile=4096:4096",
-        "--entrypoint", "",
-        "--log-driver", "none",
-        image, "python3", "-c", HELLO,
-    ]  # fmt: skip
+def docker_argv(
+    image: str, memory_mb: int, disk_mb: int, pids: int, runtime: str = "runc"
+) -> list[str]:
+    """``docker run --rm`` with the local runner's own sandbox flags, running hello-world.
+
+    The flags are translated from ``container_args`` (the one place they are decided), so
+    the baseline cannot drift from the sandbox. Only the engine's masked paths have no
+    CLI flag; the runner's bootstrap (unpacking the tar over stdin) is what the API adds.
+    """
+    settings = make_settings(
+        default_image=image, default_memory_mb=memory_mb, default_disk_mb=disk_mb,
+        default_pids_limit=pids, docker_runtime=runtime,
+    )  # fmt: skip
+    request = parse_request({"entrypoint": "main.py"}, settings)
+    phase = Phase(extract=True, setup=False, run=True, network=False)
+    args = container_args(settings, request, "exe_bench", phase)
+    host = args["host_config"]
+    argv = ["docker", "run", "--rm", "-i", "--runtime", host["runtime"]]
+    argv += ["--init"] if host["init"] else []
+    argv += ["--user", args["user"], "--workdir", args["working_dir"]]
+    argv += ["--network", host["network_mode"] or "bridge"]
+    argv += ["--read-only"] if host["read_only"] else []
+    for target, options in host["tmpfs"].items():
+        argv += ["--tmpfs", f"{target}:{options}"]
+    for variable in args["environment"]:
+        argv += ["-e", variable]
+    argv += ["--memory", f"{host['mem_limit']}b", "--memory-swap", f"{host['memswap_limit']}b"]
+    argv += ["--cpu-shares", str(host["cpu_shares"]), "--pids-limit", str(host["pids_limit"])]
+    for limit in host["ulimits"]:
+        argv += ["--ulimit", f"{limit['Name']}={limit['Soft']}:{limit['Hard']}"]
+    for capability in host["cap_drop"]:
+        argv += ["--cap-drop", capability]
+    for option in host["security_opt"]:
+        if option.startswith("seccomp="):  # the CLI takes the profile as a file
+            profile = Path(tempfile.gettempdir()) / "pyexec-bench-seccomp.json"
+            profile.write_text(option.removeprefix("seccomp="))
+            option = f"seccomp={profile}"
+        argv += ["--security-opt", option]
+    argv += ["--shm-size", f"{host['shm_size']}b"]
+    log = host["log_config"]
+    argv += ["--log-driver", log["Type"]]
+    for key, value in (log.get("Config") or {}).items():
+        argv += ["--log-opt", f"{key}={value}"]
+    return [*argv, "--entrypoint", "", image, "python3", "-c", HELLO]
 
 
 def percentile(values: list[float], q: float) -> float:
