@@ -454,8 +454,9 @@ def node_consul() -> Iterator[str]:
 async def test_pre_commands_have_no_network_even_with_consul_on_a_node_address(
     settings: Settings, node_consul: str
 ) -> None:
-    """Pre-commands run in the run task: no network at all, not even the node's loopback
-    (the trusted tasks, which do talk to Consul, are the only ones on Docker's bridge)."""
+    """With PYEXEC_SETUP_NETWORK off (the default), pre-commands run in the run task: no
+    network at all, not even the node's loopback (the trusted tasks, which do talk to
+    Consul, are the only ones on Docker's bridge)."""
     import attrs
 
     consul = httpx.URL(consul_url(CONSUL_ADDR))
@@ -472,6 +473,7 @@ async def test_pre_commands_have_no_network_even_with_consul_on_a_node_address(
         settings,
         nomad_consul_addr=node_consul,
         nomad_job_prefix=f"{settings.nomad_job_prefix}-br",
+        setup_network=False,
     )
     job = nomad_job.runner_job(bridged, bridged.nomad_resource_classes[0])
     modes = {t["Name"]: t["Config"]["network_mode"] for t in job["TaskGroups"][0]["Tasks"]}
@@ -487,6 +489,66 @@ async def test_pre_commands_have_no_network_even_with_consul_on_a_node_address(
     body = response.json()
     assert body["status"] == "completed", body
     assert body["stdout"] == "loopback blocked\n['lo']\n", body
+
+
+async def test_with_setup_network_only_the_pre_commands_get_the_network(
+    settings: Settings,
+) -> None:
+    """PYEXEC_SETUP_NETWORK=true: the pre-commands run in the setup task, which has an
+    interface besides lo (its own bridge namespace: not the node's loopback, no outside
+    address contacted), and the program then sees only lo, in the files they left.
+    The registered -setup job says the same: only the setup task of the request's image
+    has a network, and it is never host."""
+    import attrs
+
+    assert settings.setup_network
+    consul = httpx.URL(consul_url(CONSUL_ADDR))
+    probe = (
+        "import os, socket, sys\n"
+        "nets = sorted(os.listdir('/sys/class/net'))\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {consul.port or 8500}), 2).close()\n"
+        "    reached = 'loopback reached'\n"
+        "except OSError:\n"
+        "    reached = 'loopback blocked'\n"
+        "open('probe.txt', 'w').write(f'{reached} {len(nets) > 1}\\n')\n"
+        "sys.exit(0 if [n for n in nets if n != 'lo'] else 7)\n"
+    )
+    main = (
+        "import os\n"
+        "print(open('probe.txt').read(), end='')\n"
+        "print(sorted(os.listdir('/sys/class/net')))\n"
+    )
+    opted = attrs.evolve(settings, nomad_job_prefix=f"{settings.nomad_job_prefix}-net")
+    files = {"main.py": main, "probe.py": probe}
+    async with pyexec_api(opted) as api:
+        response = await api.post(
+            "/api/v1/exec/async",
+            files={"tar": ("bundle.tar", make_tar(files), "application/x-tar")},
+            data={"metadata": json.dumps({"pre_commands": ["python3 probe.py"]})},
+        )
+        assert response.status_code == 202, response.text
+        execution_id = response.json()["execution_id"]
+        body = await final(api, execution_id)
+    assert body["status"] == "completed", body
+    assert body["stdout"] == "loopback blocked True\n['lo']\n", body
+    (child,) = children_of(opted, execution_id)
+    assert child["ParentID"] == f"{opted.nomad_job_prefix}-small-setup"
+    with nomad(opted) as client:
+        registered = client.get(f"/v1/job/{child['ParentID']}").json()
+    tasks = registered["TaskGroups"][0]["Tasks"]
+    from_request = {
+        t["Name"]: t["Config"]["network_mode"]
+        for t in tasks
+        if "NOMAD_META" in t["Config"]["image"]
+    }
+    assert from_request == {"setup": "bridge", "run": "none"}
+    for job_id in (f"{opted.nomad_job_prefix}-small", f"{opted.nomad_job_prefix}-small-pip"):
+        with nomad(opted) as client:
+            plain = client.get(f"/v1/job/{job_id}").json()
+        for task in plain["TaskGroups"][0]["Tasks"]:
+            if "NOMAD_META" in task["Config"]["image"]:
+                assert (task["Name"], task["Config"]["network_mode"]) == ("run", "none")
 
 
 # --- service restart, direct dispatch ----------------------------------------------------------

@@ -32,6 +32,7 @@ def golden_settings() -> Settings:
         nomad_node_pool="pyexec",
         nomad_namespace="sandbox",
         nomad_constraints=("${attr.kernel.name} = linux", "${node.class} != gpu"),
+        setup_network=True,  # every variant, the setup task's included
     )
 
 
@@ -185,16 +186,55 @@ def test_the_run_task_gets_the_sandboxs_seccomp_profile_and_runtime() -> None:
 
 @pytest.mark.parametrize("pip", [False, True])
 def test_only_the_run_task_runs_the_requests_image_and_never_with_network(pip: bool) -> None:
-    """Any task whose image the request names has network_mode none; the installer and
-    the writer run the operator's trusted image."""
+    """With PYEXEC_SETUP_NETWORK off (the default), every registered job's tasks whose
+    image the request names have network_mode none; the installer and the writer run the
+    operator's trusted image; there is no setup variant."""
     settings = Settings(nomad_trusted_image="registry.example/pyexec-trusted:1")
-    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0], pip=pip)
-    for task in job["TaskGroups"][0]["Tasks"]:
+    assert not settings.setup_network
+    jobs = nomad_job.runner_jobs(settings)
+    assert not [j["ID"] for j in jobs if j["ID"].endswith("-setup")]
+    for job in jobs:
+        for task in job["TaskGroups"][0]["Tasks"]:
+            if "NOMAD_META" in task["Config"]["image"]:
+                assert task["Name"] == "run"
+                assert task["Config"]["network_mode"] == "none"
+            else:
+                assert task["Config"]["image"] == "registry.example/pyexec-trusted:1"
+
+
+@pytest.mark.parametrize("pip", [False, True])
+def test_with_setup_network_only_the_setup_task_of_the_requests_image_has_network(
+    pip: bool,
+) -> None:
+    """With PYEXEC_SETUP_NETWORK=true the -setup variants add a prestart setup task in the
+    request's image on its own bridge network (never host), phase setup only; the run
+    task that runs the program still has network_mode none and takes /work from it."""
+    settings = Settings(setup_network=True, nomad_consul_addr="http://127.0.0.1:8500")
+    job = nomad_job.runner_job(settings, settings.nomad_resource_classes[0], pip=pip, setup=True)
+    assert job["ID"] == "pyexec-runner-small" + ("-pip" if pip else "") + "-setup"
+    tasks = job["TaskGroups"][0]["Tasks"]
+    names = [t["Name"] for t in tasks]
+    assert names == (["install"] if pip else []) + ["setup", "run", "finish"]
+    setup, run = _task(job, "setup"), _task(job, "run")
+    assert setup["Lifecycle"] == {"Hook": "prestart", "Sidecar": False}
+    assert setup["Config"]["network_mode"] == "bridge"  # host is what the trusted tasks get
+    assert setup["Env"]["PYEXEC_PHASE"] == "setup"
+    assert ("PYEXEC_WAIT_INSTALL" in setup["Env"]) is pip
+    assert run["Config"]["network_mode"] == "none"
+    assert run["Env"]["PYEXEC_PHASE"] == "run"
+    assert run["Env"]["PYEXEC_WORK_BYTES"] == str(
+        settings.nomad_resource_classes[0].disk_mb * 1024 * 1024
+    )
+    # Apart from the network, the setup task is the run task's sandbox.
+    for key in ("readonly_rootfs", "cap_drop", "security_opt", "pids_limit", "runtime", "mount"):
+        assert setup["Config"][key] == run["Config"][key]
+    assert setup["User"] == run["User"] == "1000"
+    for task in tasks:
         if "NOMAD_META" in task["Config"]["image"]:
-            assert task["Name"] == "run"
-            assert task["Config"]["network_mode"] == "none"
-        else:
-            assert task["Config"]["image"] == "registry.example/pyexec-trusted:1"
+            assert task["Name"] in ("setup", "run")
+            assert (task["Config"]["network_mode"] == "none") is (task["Name"] == "run")
+    ids = {j["ID"] for j in nomad_job.runner_jobs(settings)}
+    assert {"pyexec-runner-small-setup", "pyexec-runner-small-pip-setup"} <= ids
 
 
 def test_installer_installs_wheels_only() -> None:
@@ -495,7 +535,7 @@ def test_operator_templates_reach_the_trusted_tasks_unless_they_name_others(
         "not json",
         '{"DestPath": "x"}',
         '[{"EmbeddedTmpl": "x"}]',
-        '[{"DestPath": "x", "Tasks": ["setup"]}]',
+        '[{"DestPath": "x", "Tasks": ["bogus"]}]',
     ],
 )
 def test_bad_operator_templates_are_a_settings_error(tmp_path: Path, content: str) -> None:

@@ -171,6 +171,22 @@ def test_without_a_verdict_a_failed_installer_is_a_setup_failure() -> None:
     assert outcome.started_at is None
 
 
+def test_without_a_verdict_a_crashed_setup_task_is_a_setup_failure() -> None:
+    """A setup task (pre-commands with the network) that died, e.g. out of memory, before
+    the run task started is setup_failed naming it; a setup task that exited 0 is not."""
+    tasks = {
+        "setup": task("dead", exit_code="137"),
+        "run": task("dead", started=None),
+        "finish": task("dead", exit_code="0"),
+    }
+    outcome = state.outcome(alloc("failed", **tasks), None, "", "", False)
+    assert outcome.reason is Reason.SETUP_FAILED
+    assert outcome.error == "the setup task failed (exit code 137)"
+    tasks["setup"] = task("dead", exit_code="0")
+    outcome = state.outcome(alloc("failed", **tasks), None, "", "", False)
+    assert outcome.reason is Reason.ERROR
+
+
 def test_a_run_task_that_never_started_without_installer_is_an_error() -> None:
     """A run task that never started (e.g. its image could not be pulled) is an error."""
     outcome = state.outcome(alloc("failed", run=task("dead", started=ZERO)), None, "", "", False)

@@ -47,11 +47,17 @@ def run_task(
     *,
     status: str = "pending",
     manifest: dict[str, Any] | None = None,
+    phase: str | None = None,
+    work_dir: str = "work",
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], bytes, bytes]:
-    """Run the run task's code on the host; its verdict, stdout and stderr files."""
-    local, alloc, work = tmp_path / "local", tmp_path / "alloc", tmp_path / "work"
+    """Run the run task's code on the host; its verdict, stdout and stderr files.
+
+    ``phase``: ``PYEXEC_PHASE`` (then the verdict is ``{}`` for the setup phase, which
+    writes none); ``work_dir``: the task's own /work (each task has its tmpfs)."""
+    local, alloc, work = tmp_path / "local", tmp_path / "alloc", tmp_path / work_dir
     for path in (local / "pyexec", alloc / "data", work):
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
     for dest in ("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py"):
         (tmp_path / dest).write_text(nomad_job.task_file(dest))
     (local / "bundle.tar").write_bytes(tar)
@@ -66,6 +72,8 @@ def run_task(
         "NOMAD_TASK_DIR": str(local),
         "NOMAD_ALLOC_DIR": str(alloc),
         "PYEXEC_WORK_DIR": str(work),
+        **({"PYEXEC_PHASE": phase} if phase else {}),
+        **(extra_env or {}),
     }
     done = subprocess.run(
         [sys.executable, "-I", "-S", str(local / "pyexec" / "nomad_run.py")],
@@ -76,8 +84,19 @@ def run_task(
     )
     assert done.returncode == 0, done.stderr
     out = alloc / "data" / "pyexec"
+    if phase == "setup":
+        return {}, b"", b""
     verdict = json.loads((out / "verdict.json").read_text())
     return verdict, (out / "stdout").read_bytes(), (out / "stderr").read_bytes()
+
+
+def run_phases(
+    tmp_path: Path, tar: bytes, request: dict[str, Any]
+) -> tuple[dict[str, Any], bytes, bytes]:
+    """The setup task, then the run task in its own /work, as a ``-setup`` job runs them."""
+    run_task(tmp_path, tar, request, phase="setup", work_dir="setup-work")
+    assert not (tmp_path / "alloc" / "data" / "pyexec" / "verdict.json").exists()
+    return run_task(tmp_path, tar, request, phase="run", work_dir="work")
 
 
 def test_an_in_tree_symlink_unpacks_and_runs(tmp_path: Path) -> None:
@@ -140,6 +159,70 @@ def test_timeout_is_enforced_in_the_task(tmp_path: Path) -> None:
     )
     assert verdict["reason"] == "timeout"
     assert stdout == b"before\n"
+
+
+def test_pre_commands_in_the_setup_task_hand_work_to_the_run_task(tmp_path: Path) -> None:
+    """Phase setup runs the pre-commands and never the program; phase run unpacks what
+    they left (links in the tree included) into its own /work and runs the program there."""
+    code = "import os\nprint(open('made.txt').read().strip(), os.readlink('link'))\n"
+    pre = ["echo prepared > made.txt && ln -s made.txt link && mkdir -p d/e && touch d/e/f"]
+    tar = make_tar({"main.py": code})
+    verdict, stdout, _ = run_phases(tmp_path, tar, {"pre_commands": pre})
+    assert (verdict["reason"], verdict["exit_code"]) == ("exited", 0)
+    assert stdout == b"prepared made.txt\n"
+    assert (tmp_path / "work" / "d" / "e" / "f").exists()
+    assert not (tmp_path / "setup-work" / "__pycache__").exists()  # main.py never ran there
+
+
+def test_a_failing_pre_command_in_the_setup_task_is_setup_failed_with_its_output(
+    tmp_path: Path,
+) -> None:
+    """The setup task's failure reaches the run task's verdict; the program never runs."""
+    tar = make_tar({"main.py": "open('ran', 'w').write('yes')"})
+    verdict, stdout, stderr = run_phases(tmp_path, tar, {"pre_commands": ["echo prep; exit 3"]})
+    assert verdict["reason"] == "setup_failed"
+    assert "exit code 3" in verdict["error"]
+    assert (stdout, stderr) == (b"", b"prep\n")
+    assert not (tmp_path / "work" / "ran").exists()
+
+
+def test_the_setup_task_waits_for_the_installer_and_stops_at_its_failure(
+    tmp_path: Path,
+) -> None:
+    """In a -pip-setup job the setup task waits for install.json (its prestart sibling)
+    and runs no pre-command when the install failed; the run task reports the installer's
+    error."""
+    out = tmp_path / "alloc" / "data" / "pyexec"
+    out.mkdir(parents=True)
+    (out / "install.json").write_text(json.dumps({"ok": False, "error": "no wheel: x"}))
+    tar = make_tar({"main.py": "print(1)"})
+    request = {"pre_commands": ["touch ran"]}
+    run_task(
+        tmp_path, tar, request, phase="setup", work_dir="sw", extra_env={"PYEXEC_WAIT_INSTALL": "1"}
+    )
+    assert not (tmp_path / "sw" / "ran").exists()
+    verdict, _, _ = run_task(tmp_path, tar, request, phase="run")
+    assert (verdict["reason"], verdict["error"]) == ("setup_failed", "no wheel: x")
+
+
+def test_what_the_pre_commands_leave_passes_the_tar_rules(tmp_path: Path) -> None:
+    """A link out of /work left by a pre-command is refused by the run task's tar rules,
+    so the program never sees it."""
+    tar = make_tar({"main.py": "print(1)"})
+    verdict, _, _ = run_phases(tmp_path, tar, {"pre_commands": ["ln -s /etc out"]})
+    assert verdict["reason"] == "setup_failed"
+    assert "what the pre-commands left in /work was refused" in verdict["error"]
+    assert not (tmp_path / "work" / "out").exists()
+
+
+def test_a_run_task_without_the_setup_tasks_result_is_setup_failed(tmp_path: Path) -> None:
+    """Phase run never runs the program on a /work it was not handed."""
+    tar = make_tar({"main.py": "print(1)"})
+    verdict, _, _ = run_task(tmp_path, tar, {"pre_commands": ["true"]}, phase="run")
+    assert (verdict["reason"], verdict["error"]) == (
+        "setup_failed",
+        "the setup task left no result",
+    )
 
 
 def writer_env(monkeypatch: pytest.MonkeyPatch) -> None:

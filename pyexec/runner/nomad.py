@@ -1,6 +1,7 @@
 """The Nomad runner: each execution is a dispatch of a parameterized runner job.
 
-``start`` dispatches ``<prefix>-<class>`` (``-pip`` with requirements) with the
+``start`` dispatches ``<prefix>-<class>`` (``-pip`` with requirements, ``-setup`` with
+pre-commands when ``PYEXEC_SETUP_NETWORK`` gives them the network) with the
 execution id in the meta (the tar is already in Consul, where the Nomad client renders
 it into the run task) and an idempotency token, then returns. One ``EventWatcher``
 follows every run in flight over a single event stream. The run task leaves its capped
@@ -129,9 +130,9 @@ class NomadRunner:
         self._clock: asyncio.Task[None] | None = None
         self._purges: deque[tuple[float, str]] = deque()  # (when, dispatched job id)
         self._parents = {
-            nomad_job.job_id(settings, c, pip=pip)
+            nomad_job.job_id(settings, c, pip=pip, setup=setup)
             for c in settings.nomad_resource_classes
-            for pip in (False, True)
+            for pip, setup in nomad_job.variants(settings)
         }
 
     @classmethod
@@ -145,7 +146,11 @@ class NomadRunner:
         return self.settings.nomad_placement_timeout
 
     def check(self, request: ExecutionRequest) -> None:
-        """Refuse at submit what the runner jobs cannot honour (never drop it silently)."""
+        """Refuse at submit what the runner jobs cannot honour (never drop it silently).
+
+        Pre-commands are always honoured, as on the local Docker runner: in the run task
+        without network, or with ``PYEXEC_SETUP_NETWORK=true`` in a ``setup`` task with
+        it; only the checks every request gets apply to them."""
         nomad_job.pick_class(self.settings, request.config)
         if not request.config.network_disabled:
             raise BadRequest(
@@ -211,7 +216,8 @@ class NomadRunner:
         self.check(request)
         resource_class = nomad_job.pick_class(self.settings, request.config)
         pip = bool(request.requirements_txt.strip())
-        parent = nomad_job.job_id(self.settings, resource_class, pip=pip)
+        setup = nomad_job.uses_setup_task(self.settings, request.pre_commands)
+        parent = nomad_job.job_id(self.settings, resource_class, pip=pip, setup=setup)
         # The service stores the final record itself (after post-processing, e.g. eval).
         meta = {
             "execution_id": execution.execution_id,

@@ -2,7 +2,9 @@
 
 One parameterized ``batch`` job is registered per resource class (Nomad cannot
 interpolate ``resources`` per dispatch), named ``<nomad_job_prefix>-<class>``, and one
-more per class for requests with requirements, ``<nomad_job_prefix>-<class>-pip``.
+more per class for requests with requirements, ``<nomad_job_prefix>-<class>-pip``. With
+``PYEXEC_SETUP_NETWORK=true`` two more per class, ``-setup`` and ``-pip-setup``, take
+the requests with pre-commands (their ``setup`` task below).
 Each dispatch carries the execution id (and optionally the image) in its meta.
 
 The task group's tasks share the allocation directory ``/alloc``:
@@ -11,6 +13,12 @@ The task group's tasks share the allocation directory ``/alloc``:
     the trusted installer: the operator's image (``PYEXEC_NOMAD_TRUSTED_IMAGE``), never
     the request's, with the network. Installs the record's requirements as wheels only
     (no package build script runs) into ``/alloc/data/pyexec/site``.
+``setup`` (prestart, ``-setup`` jobs only, i.e. only with ``PYEXEC_SETUP_NETWORK=true``)
+    the pre-commands with the network, in the request's image and otherwise the run
+    task's sandbox (``bridge``, never the node's ``host`` network): unpacks the tar
+    with the tar rules, waits for ``install`` if there is one, runs the pre-commands and
+    leaves ``/work`` as a tar in ``/alloc/data/pyexec/setup``. The user's program never
+    runs here: the run task unpacks that tar (tar rules again) into its own tmpfs.
 ``run`` (main)
     the sandbox, in the request's image: no network, read-only root, no capabilities,
     pids and memory limits, a tmpfs ``/work``. The Nomad client renders the tar, its
@@ -66,9 +74,13 @@ __all__ = [
 
 GROUP = "pyexec"
 #: Task names by role.
-TASKS = {"install": "install", "run": "run", "finish": "finish"}
+TASKS = {"install": "install", "setup": "setup", "run": "run", "finish": "finish"}
 #: Suffix of the job ID of a class's variant with the requirements installer.
 PIP_SUFFIX = "-pip"
+#: Suffix of the job ID of a variant whose pre-commands get the network (setup task).
+SETUP_SUFFIX = "-setup"
+#: The docker network of the setup task: its own namespace, never the node's.
+SETUP_NETWORK_MODE = "bridge"
 #: Template delimiters nothing in Python source contains.
 LEFT_DELIM = "[[[pyexec"
 RIGHT_DELIM = "pyexec]]]"
@@ -104,8 +116,26 @@ def task_file(dest: str) -> str:
     return (resources.files(package.replace("/", ".")) / f"{name}.py").read_text("utf-8")
 
 
-def job_id(settings: Settings, resource_class: ResourceClass, *, pip: bool = False) -> str:
-    return job_id_for(settings, resource_class.name) + (PIP_SUFFIX if pip else "")
+def job_id(
+    settings: Settings, resource_class: ResourceClass, *, pip: bool = False, setup: bool = False
+) -> str:
+    return (
+        job_id_for(settings, resource_class.name)
+        + (PIP_SUFFIX if pip else "")
+        + (SETUP_SUFFIX if setup else "")
+    )
+
+
+def variants(settings: Settings) -> list[tuple[bool, bool]]:
+    """The (pip, setup) job variants of each class: setup ones only when the operator
+    gives pre-commands the network."""
+    setups = (False, True) if settings.setup_network else (False,)
+    return [(pip, setup) for setup in setups for pip in (False, True)]
+
+
+def uses_setup_task(settings: Settings, pre_commands: tuple[str, ...] | list[str]) -> bool:
+    """Whether a request's pre-commands run in a ``setup`` task with the network."""
+    return settings.setup_network and bool(pre_commands)
 
 
 def job_id_for(settings: Settings, class_name: str) -> str:
@@ -348,11 +378,12 @@ def _tmpfs(target: str, size: int) -> dict[str, Any]:
 
 
 def runner_job(
-    settings: Settings, resource_class: ResourceClass, *, pip: bool = False
+    settings: Settings, resource_class: ResourceClass, *, pip: bool = False, setup: bool = False
 ) -> dict[str, Any]:
     """The runner job of one resource class, as the body of ``PUT /v1/jobs`` wants ``Job``.
 
     ``pip``: the variant with the trusted requirements installer before the run task.
+    ``setup``: the variant whose pre-commands run in a ``setup`` task with the network.
     """
     extra_env = dict(settings.nomad_task_env)
     trusted_image = settings.nomad_trusted_image or settings.default_image
@@ -396,6 +427,33 @@ def runner_job(
         *_code("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py"),
         *input_templates(settings),
     ]
+    setup_task = None
+    if setup:
+        setup_task = _task(
+            TASKS["setup"],
+            "prestart",
+            "${NOMAD_META_image}",
+            [],
+            {**sandbox, "network_mode": SETUP_NETWORK_MODE},
+            resource_class.cpu_mhz,
+            resource_class.memory_mb,
+            {
+                **run["Env"],
+                "PYEXEC_PHASE": "setup",
+                **({"PYEXEC_WAIT_INSTALL": "1"} if pip else {}),
+            },
+        )
+        setup_task["Templates"] = list(run["Templates"])
+        # The run task only needs the record now: its /work comes from the setup task.
+        run["Env"] = {
+            **run["Env"],
+            "PYEXEC_PHASE": "run",
+            "PYEXEC_WORK_BYTES": str(resource_class.disk_mb * MiB),
+        }
+        run["Templates"] = [
+            *_code("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py"),
+            input_templates(settings)[2],
+        ]
 
     finish = _task(
         TASKS["finish"],
@@ -416,6 +474,9 @@ def runner_job(
     run["Templates"] += extra_templates.get("run", [])
     finish["Templates"] += extra_templates.get("finish", [])
     tasks = [run, finish]
+    if setup_task is not None:
+        setup_task["Templates"] += extra_templates.get("setup", [])
+        tasks.insert(0, setup_task)
     if pip:
         install = _task(
             TASKS["install"],
@@ -440,8 +501,8 @@ def runner_job(
         tasks.insert(0, install)
 
     job: dict[str, Any] = {
-        "ID": job_id(settings, resource_class, pip=pip),
-        "Name": job_id(settings, resource_class, pip=pip),
+        "ID": job_id(settings, resource_class, pip=pip, setup=setup),
+        "Name": job_id(settings, resource_class, pip=pip, setup=setup),
         "Type": "batch",
         "Datacenters": list(settings.nomad_datacenters),
         "ParameterizedJob": {
@@ -486,9 +547,10 @@ def runner_job(
 
 
 def runner_jobs(settings: Settings) -> list[dict[str, Any]]:
-    """Per resource class, smallest first: the job, then its requirements variant."""
+    """Per resource class, smallest first: the job, then its requirements variant (then,
+    with ``PYEXEC_SETUP_NETWORK=true``, the two with a setup task)."""
     return [
-        runner_job(settings, c, pip=pip)
+        runner_job(settings, c, pip=pip, setup=setup)
         for c in settings.nomad_resource_classes
-        for pip in (False, True)
+        for pip, setup in variants(settings)
     ]

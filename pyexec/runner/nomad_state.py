@@ -37,6 +37,7 @@ __all__ = [
 JSON = Mapping[str, Any]
 RUN_TASK = "run"
 INSTALL_TASK = "install"
+SETUP_TASK = "setup"
 #: Where the run task leaves its results (stdout, stderr, verdict.json), relative to
 #: the allocation directory.
 RESULTS_DIR = "alloc/data/pyexec"
@@ -167,12 +168,13 @@ def outcome(
         )
     # No verdict: the run task never got to write one. Tell what Nomad itself saw.
     if started is None:
-        install = terminated_event(alloc, INSTALL_TASK) or {}
-        if install:
-            return seen(
-                Reason.SETUP_FAILED,
-                f"the install task failed (exit code {install.get('exit_code', '?')})",
-            )
+        for name in (INSTALL_TASK, SETUP_TASK):
+            ended = terminated_event(alloc, name) or {}
+            if ended and str(ended.get("exit_code", "0")) != "0":
+                return seen(
+                    Reason.SETUP_FAILED,
+                    f"the {name} task failed (exit code {ended.get('exit_code', '?')})",
+                )
         return seen(Reason.ERROR, "the run task never started")
     details = terminated_event(alloc) or {}
     exit_code = _exit_code(details.get("exit_code"))

@@ -23,6 +23,17 @@ stream. It writes, into the allocation's ``data/pyexec`` directory:
 
 The service reads those files through Nomad's client filesystem API as soon as they
 are there; the poststop ``finish`` task reads them to store a plain dispatch's record.
+
+``PYEXEC_PHASE`` splits the work when the operator gives pre-commands the network
+(``PYEXEC_SETUP_NETWORK=true``, jobs ``<class>[-pip]-setup``):
+
+    all     (default) everything above, in the network-less run task
+    setup   the prestart ``setup`` task (the request's image, with network): unpack the
+            tar, wait for the installer if there is one, run the pre-commands, then pack
+            ``/work`` into ``data/pyexec/setup/work.tar`` and write ``setup.json``
+            (``ok``, ``error``, ``output``, ``seconds``) last; always exits 0
+    run     the run task after it (no network): unpack ``work.tar`` into its own tmpfs
+            ``/work`` with the same tar rules, then run the entrypoint
 """
 
 from __future__ import annotations
@@ -59,6 +70,10 @@ ALLOC = os.environ.get("NOMAD_ALLOC_DIR", "/alloc")
 OUT = os.path.join(ALLOC, "data", "pyexec")
 #: Requirements installed by the trusted installer task, if the job has one.
 SITE = os.path.join(OUT, "site")
+#: What the setup task hands to the run task (``PYEXEC_PHASE``).
+HANDOFF = os.path.join(OUT, "setup")
+#: Waiting for the installer's result (setup task of a ``-pip-setup`` job): the pause.
+INSTALL_POLL_SECONDS = 0.05
 #: The tmpfs the program runs in (a setting only so tests can run the task on a host).
 WORK = os.environ.get("PYEXEC_WORK_DIR", "/work")
 TERMINAL = ("completed", "failed", "killed")
@@ -110,8 +125,8 @@ def read_local(name: str) -> bytes:
         return b""
 
 
-def load_inputs() -> tuple[dict[str, Any], str]:
-    """(request, tar path): the record and the tar as the Nomad client rendered them."""
+def load_request() -> dict[str, Any]:
+    """The request from the record the Nomad client rendered."""
     raw = read_local("record.json")
     if not raw.strip():
         raise SetupFailed("the execution has no record in Consul")
@@ -121,6 +136,12 @@ def load_inputs() -> tuple[dict[str, Any], str]:
     request = record.get("request")
     if not isinstance(request, dict):
         raise SetupFailed("the execution's record holds no request")
+    return request
+
+
+def load_inputs() -> tuple[dict[str, Any], str]:
+    """(request, tar path): the record and the tar as the Nomad client rendered them."""
+    request = load_request()
     manifest_raw = read_local("manifest.json")
     if not manifest_raw.strip():
         raise SetupFailed("the execution's tar is not in Consul (no manifest)")
@@ -365,36 +386,116 @@ def run_program(
     }
 
 
+def tar_limits() -> dict[str, int]:
+    return {
+        "max_entries": int(os.environ.get("PYEXEC_MAX_TAR_ENTRIES") or 10000),
+        "max_bytes": int(os.environ.get("PYEXEC_MAX_EXTRACTED_BYTES") or 1 << 30),
+    }
+
+
+def unpack(path: str, limits: dict[str, int], what: str = "the tar") -> None:
+    try:
+        extract(path, limits)
+    except TarProblem as exc:
+        raise SetupFailed(f"{what} was refused: {exc.message}") from None
+    except OSError as exc:
+        raise SetupFailed(f"unpacking {what} failed (over the disk limit?): {exc}") from None
+
+
+def check_installed(deadline: float, wait: bool) -> None:
+    """Fail with the installer's error if it failed; ``wait``: until it has answered."""
+    path = os.path.join(OUT, "install.json")
+    installed = read_json(path)
+    while wait and installed is None and time.monotonic() < deadline:
+        time.sleep(INSTALL_POLL_SECONDS)  # a prestart sibling: Nomad starts both at once
+        installed = read_json(path)
+    if wait and installed is None:
+        raise SetupFailed("setup timed out waiting for the requirements installer")
+    if installed is not None and installed.get("ok") is not True:
+        output = str(installed.get("output") or "").encode("utf-8", "replace")
+        raise SetupFailed(str(installed.get("error") or "installing requirements failed"), output)
+
+
+def pack_work(path: str) -> None:
+    """``/work`` as a tar, links kept as links (the run task applies the tar rules)."""
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w:", format=tarfile.PAX_FORMAT) as archive:
+        for name in sorted(os.listdir(WORK)):
+            archive.add(os.path.join(WORK, name), arcname=name)
+    os.replace(tmp, path)
+
+
+def setup_phase() -> None:
+    """The prestart ``setup`` task: its result is ``setup.json``, never a verdict."""
+    os.makedirs(HANDOFF, exist_ok=True)
+    started = time.monotonic()
+    result: dict[str, Any]
+    try:
+        request, path = load_inputs()
+        timeout = float((request.get("config") or {}).get("timeout_seconds") or DEFAULT_TIMEOUT)
+        deadline = started + timeout
+        unpack(path, tar_limits())
+        check_installed(deadline, wait=os.environ.get("PYEXEC_WAIT_INSTALL") == "1")
+        pre_commands(request, base_env(request), deadline)
+        pack_work(os.path.join(HANDOFF, "work.tar"))
+        result = {"ok": True}
+    except AlreadyOver as exc:
+        result = {"ok": False, "error": str(exc), "skipped": True}
+    except SetupFailed as exc:
+        output = exc.output[-SETUP_OUTPUT_BYTES:].decode("utf-8", "replace")
+        result = {"ok": False, "error": str(exc), "output": output}
+        print(f"pyexec: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the run task reports whatever went wrong
+        result = {"ok": False, "error": f"the setup task failed: {exc!r}", "output": ""}
+        print(f"pyexec: {exc!r}", file=sys.stderr)
+    result["seconds"] = time.monotonic() - started
+    write_json(os.path.join(HANDOFF, "setup.json"), result)
+    sys.exit(0)
+
+
+def prepare(request: dict[str, Any], tar: str, deadline: float) -> float:
+    """Make ``/work`` ready for the entrypoint; the deadline, less what setup took."""
+    if os.environ.get("PYEXEC_PHASE") != "run":
+        unpack(tar, tar_limits())
+        check_installed(deadline, wait=False)
+        pre_commands(request, base_env(request), deadline)
+        return deadline
+    check_installed(deadline, wait=False)
+    done = read_json(os.path.join(HANDOFF, "setup.json"))
+    if done is None:
+        raise SetupFailed("the setup task left no result")
+    if done.get("skipped") is True:
+        raise AlreadyOver(str(done.get("error") or "over"))
+    if done.get("ok") is not True:
+        output = str(done.get("output") or "").encode("utf-8", "replace")
+        raise SetupFailed(str(done.get("error") or "the setup task failed"), output)
+    # What the pre-commands left is the requester's: the same tar rules as an upload,
+    # bounded by the run task's /work rather than the upload limits.
+    limits = {
+        "max_entries": int(os.environ.get("PYEXEC_HANDOFF_MAX_ENTRIES") or 1 << 20),
+        "max_bytes": int(os.environ.get("PYEXEC_WORK_BYTES") or 1 << 30),
+    }
+    unpack(os.path.join(HANDOFF, "work.tar"), limits, "what the pre-commands left in /work")
+    return deadline - float(done.get("seconds") or 0.0)
+
+
 def main() -> None:
+    if os.environ.get("PYEXEC_PHASE") == "setup":
+        setup_phase()
     os.makedirs(OUT, exist_ok=True)
     for name in ("stdout", "stderr"):
         open(os.path.join(OUT, name), "wb").close()
     verdict: dict[str, Any]
     try:
-        request, path = load_inputs()
+        if os.environ.get("PYEXEC_PHASE") == "run":
+            request, path = load_request(), ""
+        else:
+            request, path = load_inputs()
         config = request.get("config") or {}
         timeout = float(config.get("timeout_seconds") or DEFAULT_TIMEOUT)
         cap = int(config.get("max_output_bytes") or DEFAULT_CAP)
-        deadline = time.monotonic() + timeout
-        limits = {
-            "max_entries": int(os.environ.get("PYEXEC_MAX_TAR_ENTRIES") or 10000),
-            "max_bytes": int(os.environ.get("PYEXEC_MAX_EXTRACTED_BYTES") or 1 << 30),
-        }
-        try:
-            extract(path, limits)
-        except TarProblem as exc:
-            raise SetupFailed(f"the tar was refused: {exc.message}") from None
-        except OSError as exc:
-            raise SetupFailed(f"unpacking the tar failed (over the disk limit?): {exc}") from None
-        installed = read_json(os.path.join(OUT, "install.json"))
-        if installed is not None and installed.get("ok") is not True:
-            output = str(installed.get("output") or "").encode("utf-8", "replace")
-            raise SetupFailed(
-                str(installed.get("error") or "installing requirements failed"), output
-            )
-        env = base_env(request)
-        pre_commands(request, env, deadline)
-        verdict = run_program(request, env, deadline, cap)
+        deadline = prepare(request, path, time.monotonic() + timeout)
+        verdict = run_program(request, base_env(request), deadline, cap)
     except AlreadyOver as exc:
         verdict = {"reason": "skipped", "error": f"the execution is already {exc}"}
     except SetupFailed as exc:
