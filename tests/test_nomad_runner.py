@@ -230,6 +230,40 @@ async def test_pre_commands_need_no_network_on_nomad() -> None:
     await runner.aclose()
 
 
+@pytest.mark.parametrize(
+    ("setup_network", "metadata", "parent"),
+    [
+        (False, {"pre_commands": ["true"]}, "pyexec-runner-small"),
+        (True, {}, "pyexec-runner-small"),
+        (True, {"pre_commands": ["true"]}, "pyexec-runner-small-setup"),
+        (
+            True,
+            {"pre_commands": ["true"], "requirements_txt": "six"},
+            "pyexec-runner-small-pip-setup",
+        ),
+    ],
+)
+async def test_only_pre_commands_with_the_setup_network_go_to_a_setup_job(
+    setup_network: bool, metadata: dict[str, Any], parent: str
+) -> None:
+    """With PYEXEC_SETUP_NETWORK on, a request with pre_commands is dispatched to the
+    class's -setup variant (-pip-setup with requirements); everything else, and every
+    request with it off, to the jobs without a setup task. Pre-commands pass check."""
+    import attrs
+
+    nomad = ScriptedNomad()
+    runner = make_runner(nomad)
+    runner.settings = attrs.evolve(runner.settings, setup_network=setup_network)
+    request = parse_request(metadata, runner.settings)
+    try:
+        runner.check(request)
+        await runner.start(Execution(execution_id=new_execution_id()), request, _no_tar(), _ignore)
+    finally:
+        await runner.aclose()
+    (dispatch,) = nomad.dispatches
+    assert dispatch.url.path == f"/v1/job/{parent}/dispatch"
+
+
 async def test_unreachable_nomad_is_runner_unavailable() -> None:
     """A connection failure raises BackendUnavailable with code runner_unavailable."""
 
