@@ -147,10 +147,23 @@ class Engine:
 
         return await self.call_to_end(create)
 
-    async def attach(self, container: str) -> Any:
-        """docker-py's socket wrapper for the container's stdin, stdout and stderr."""
+    async def attach(self, container: str, on_attached: Callable[[Any], None] | None = None) -> Any:
+        """docker-py's socket wrapper for the container's stdin, stdout and stderr.
+
+        With ``on_attached``, it gets the wrapper in the worker thread, and a caller
+        cancelled meanwhile waits for the call (as ``create``): it can close what it got.
+        """
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-        return await self.call(lambda api: api.attach_socket(container, params=params))
+
+        def attach(api: docker.APIClient) -> Any:
+            handle = api.attach_socket(container, params=params)
+            if on_attached is not None:
+                on_attached(handle)
+            return handle
+
+        if on_attached is None:
+            return await self.call(attach)
+        return await self.call_to_end(attach)
 
     async def start(self, container: str) -> None:
         await self.call(lambda api: api.start(container))

@@ -227,9 +227,16 @@ class DockerPool:
                 self._owned.discard(sandbox.container)
                 self.served.append(sandbox.container)
                 self.observer.hit(image, sandbox.age)
-                await self._name(sandbox.container, served_name(execution_id))
+                try:
+                    await self._name(sandbox.container, served_name(execution_id))
+                except BaseException:  # cancelled before the caller holds it: ours to remove
+                    sandbox.conn.close()
+                    self._owned.add(sandbox.container)
+                    self._spawn(self._remove(sandbox.container))
+                    raise
                 return sandbox
-            self._spawn(self._discard(sandbox))
+            sandbox.conn.close()  # now: a task cancelled before it ran would leave it open
+            self._spawn(self._remove(sandbox.container))
         self.observer.miss(image, "empty")
         return None
 
@@ -304,8 +311,7 @@ class DockerPool:
             fresh = [s for s in shape.ready if s.age < max_idle and s.waiting()]
             stale += [s for s in shape.ready if s not in fresh]
             shape.ready = fresh
-        for sandbox in stale:
-            await self._discard(sandbox)
+        await self._discard(stale)
         for container in list(self._refused):
             await self._remove(container)
 
@@ -317,11 +323,15 @@ class DockerPool:
             async with self._slots:
                 await self._check_image(shape.image)
                 container = await self._engine.create(shape.args, on_created=self._owned.add)
-                conn = AttachSocket(await self._engine.attach(container))
+                handles: list[Any] = []
                 try:
+                    conn = AttachSocket(
+                        await self._engine.attach(container, on_attached=handles.append)
+                    )
                     await self._engine.start(container)
-                except BaseException:
-                    conn.close()
+                except BaseException:  # cancelled (shutdown) or failed: close what we got
+                    for handle in handles:
+                        AttachSocket(handle).close()
                     raise
             shape.ready.append(Sandbox(container, conn, shape.image, shape.key, time.monotonic()))
             shape.failures = 0
@@ -362,14 +372,19 @@ class DockerPool:
             log.info("could not name pooled sandbox %s %s: %s", container, name, exc)
 
     async def _empty(self) -> None:
+        stale: list[Sandbox] = []
         for shape in self._shapes.values():
-            stale, shape.ready = shape.ready, []
-            for sandbox in stale:
-                await self._discard(sandbox)
+            stale += shape.ready
+            shape.ready = []
+        await self._discard(stale)
 
-    async def _discard(self, sandbox: Sandbox) -> None:
-        sandbox.conn.close()
-        await self._remove(sandbox.container)
+    async def _discard(self, sandboxes: list[Sandbox]) -> None:
+        """Close every connection first (a cancellation may come at any removal; the
+        containers stay owned until removed, and ``aclose`` removes what is left)."""
+        for sandbox in sandboxes:
+            sandbox.conn.close()
+        for sandbox in sandboxes:
+            await self._remove(sandbox.container)
 
     async def _remove(self, container: str) -> None:
         """Remove a pool container; what Docker refuses stays owned, retried later."""
