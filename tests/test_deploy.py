@@ -256,6 +256,10 @@ def service_container(service_image: str) -> Iterator[str]:
             "-v", "/var/run/docker.sock:/var/run/docker.sock",
             "--group-add", str(gid),
             "-e", f"PYEXEC_DEFAULT_IMAGE={TEST_IMAGE}",
+            # The eval images, as `just serve` names them where none can be pulled (the
+            # warm pool waits for images on the host, and /health says when one is empty).
+            "-e", f"PYEXEC_PYTHON_IMAGES=3.11={TEST_IMAGE}",
+            "-e", "PYEXEC_DEFAULT_PYTHON_VERSION=3.11",
             "-e", "PYEXEC_DEFAULT_MEMORY_MB=256",
             "-e", "PYEXEC_DEFAULT_DISK_MB=64",
             # The image binds 0.0.0.0, which pyexec serves only behind tokens.
@@ -280,9 +284,17 @@ def service_container(service_image: str) -> Iterator[str]:
 @pytest.mark.network  # the host fetches the pinned dependency wheels from the package index
 def test_image_serves_health_and_a_sync_run(service_container: str) -> None:
     """The built image answers /health with both backends ok and runs a script end to end."""
-    health = httpx.get(f"{service_container}/health", timeout=10)
-    assert health.status_code == 200, health.text
-    assert health.json() == {"status": "ok", "checks": {"store": "ok", "runner": "ok"}}
+    # Live comes first; the warm pool fills just after (bounded wait for its first sandbox).
+    deadline = time.monotonic() + 60
+    while True:
+        health = httpx.get(f"{service_container}/health", timeout=10)
+        assert health.status_code == 200, health.text
+        body = health.json()
+        if body["status"] == "ok" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (body["status"], body["checks"]) == ("ok", {"store": "ok", "runner": "ok"}), body
+    assert body["pool"]["empty"] == []
     assert sync_run(service_container, 0).status_code == 401
     response = sync_run(service_container, 0, headers={"Authorization": f"Bearer {DEPLOY_TOKEN}"})
     assert response.status_code == 200, response.text
