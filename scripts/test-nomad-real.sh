@@ -33,4 +33,4 @@ trap stop EXIT
 cd "$here"
 PYEXEC_TEST_NOMAD_ADDR="http://$nomad_http" \
 PYEXEC_TEST_CONSUL_ADDR="${PYEXEC_TEST_CONSUL_ADDR:-127.0.0.1:8500}" \
-  uv run --frozen pytest tests/test_nomad_e2e.py tests/test_nomadsim.py -rs "$@"
+  uv run --frozen --all-extras pytest tests/test_nomad_e2e.py tests/test_nomadsim.py -rs "$@"
