@@ -29,7 +29,7 @@ bootstrap-test:
 
 # Every benchmark in bench/, one after the other (each prints its ratios); stops at a failure.
 bench: bootstrap-test
-    for script in bench/*.py; do echo "== $script"; uv run --frozen python "$script"; done
+    for script in bench/[!_]*.py; do echo "== $script"; uv run --frozen python "$script"; done
 
 # A local Consul + Nomad dev cluster on loopback (says which binary is missing, if any).
 dev-cluster:

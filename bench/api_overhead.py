@@ -17,12 +17,10 @@ the store's HTTP transport. Target: <= 5.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import percentile
 
 from pyexec.models import parse_request
 from pyexec.runner.docker import DockerRunner
@@ -42,17 +42,13 @@ from tests.fixtures_consul import (
     kv_delete_tree,
     new_prefix,
 )
+from tests.tarfiles import make_tar
 
 HELLO = "print('hello')\n"
 
 
 def hello_tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("main.py")
-        info.size = len(HELLO)
-        tar.addfile(info, io.BytesIO(HELLO.encode()))
-    return buf.getvalue()
+    return make_tar({"main.py": HELLO})
 
 
 def docker_argv(
@@ -99,12 +95,6 @@ def docker_argv(
     for key, value in (log.get("Config") or {}).items():
         argv += ["--log-opt", f"{key}={value}"]
     return [*argv, "--entrypoint", "", image, "python3", "-c", HELLO]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, round(q * (len(ordered) - 1)))
-    return ordered[index]
 
 
 def submit_async(http: httpx.Client, tar: bytes) -> float:

@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import multiprocessing
 import secrets
 import statistics
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,10 +35,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import busy_cores, percentile
+
 from pyexec.runner import nomad_job
 from pyexec.settings import Settings
 from tests.conftest import live_server, make_settings
 from tests.fixtures_consul import kv_delete_tree
+from tests.tarfiles import make_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = "print('hi')\n"
@@ -50,12 +50,7 @@ SECOND = 1_000_000_000
 
 
 def hello_tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("main.py")
-        info.size = len(HELLO)
-        tar.addfile(info, io.BytesIO(HELLO.encode()))
-    return buf.getvalue()
+    return make_tar({"main.py": HELLO})
 
 
 def bare_job(settings: Settings, job_id: str) -> dict[str, Any]:
@@ -128,30 +123,6 @@ def pyexec_sync(api: httpx.Client, tar: bytes) -> float:
     return elapsed
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _spin() -> None:
-    while True:
-        pass
-
-
-@contextlib.contextmanager
-def busy(count: int) -> Iterator[None]:
-    """``count`` busy-loop processes for the duration, killed afterwards."""
-    procs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(count)]
-    for proc in procs:
-        proc.start()
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.join(timeout=10)
-
-
 @contextlib.contextmanager
 def nomad_endpoint(addr: str | None, consul: str) -> Iterator[tuple[str, str]]:
     """(address, label): the given agent, or a double started here."""
@@ -204,7 +175,7 @@ def main() -> int:
                 pyexec_sync(api, tar)  # warm-up: registration, first image use
                 bare_dispatch(nomad, bare_id)
                 timings: dict[str, list[float]] = {"pyexec": [], "bare": []}
-                with busy(args.busy):
+                with busy_cores(args.busy):
                     for i in range(args.pairs):
                         order = ("pyexec", "bare") if i % 2 == 0 else ("bare", "pyexec")
                         for which in order:

@@ -14,13 +14,12 @@ server (every one must print ``hello``). Measured quiet, then with both cores bu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from api_overhead import docker_argv, hello_tar, percentile
+from _common import busy_cores, percentile
+from api_overhead import docker_argv, hello_tar
 
 from tests.conftest import live_server, make_settings
 
@@ -90,17 +90,6 @@ def wait_for_pool(http: httpx.Client, size: int, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the pool did not refill")
         time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def busy_cores(count: int) -> Iterator[None]:
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 def row(name: str, values: list[float]) -> str:

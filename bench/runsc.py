@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import busy_cores, percentile
 
 from pyexec.models import Execution, Reason, new_execution_id, parse_request
 from pyexec.runner.docker import DockerRunner
@@ -35,11 +34,6 @@ from tests.tarfiles import make_tar
 
 RUNTIMES = ("runc", "runsc")
 HELLO = make_tar({"main.py": "print('hello')\n"})
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def hello(runner: DockerRunner, settings: Settings) -> float:
@@ -79,21 +73,6 @@ def report(label: str, times: dict[str, list[float]]) -> None:
     print(f"{label:6} ratio  runsc/runc p50 = {p50['runsc'] / p50['runc']:.2f}x")
 
 
-@contextlib.contextmanager
-def busy_cores() -> Iterator[None]:
-    """Every core kept busy by a spinning process for the duration."""
-    spinners = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        for _ in range(os.cpu_count() or 2)
-    ]
-    try:
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
-
-
 async def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -111,7 +90,7 @@ async def main() -> int:
     try:
         await measure(runners, 1)  # warm-up: image layers, page cache
         report("quiet", await measure(runners, args.runs))
-        with busy_cores():
+        with busy_cores(os.cpu_count() or 2):
             report("busy", await measure(runners, args.runs))
     finally:
         for runner, _ in runners.values():
