@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from .errors import BackendError
 from .models import Execution, ExecutionRequest, RunOutcome, Status
-from .runner import OnRunning, Runner
+from .runner import OnOutput, OnRunning, Runner
 from .runner.pool import WarmPool
 from .store import Change, Store
 
@@ -285,9 +285,11 @@ class MeteredRunner:
         request: ExecutionRequest,
         tar: AsyncIterator[bytes],
         on_running: OnRunning,
+        *,
+        on_output: OnOutput | None = None,
     ) -> None:
         with self._count():
-            await self.inner.start(execution, request, tar, on_running)
+            await self.inner.start(execution, request, tar, on_running, on_output=on_output)
         self._metrics.launched(execution.execution_id)
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:

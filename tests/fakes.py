@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 
 from pyexec.errors import BackendUnavailable
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, Status, utcnow
-from pyexec.runner import OnRunning
+from pyexec.runner import OnOutput, OnRunning
 from pyexec.store import Store
 
 
@@ -35,6 +35,8 @@ class FakeRunner:
         self._requests: dict[str, ExecutionRequest] = {}
         #: Ids in the order their runs started (``await launches.get()`` to follow them).
         self.launches: asyncio.Queue[str] = asyncio.Queue()
+        #: The live output callback of each run (``emit`` calls it).
+        self.outputs: dict[str, OnOutput] = {}
 
     async def startup(self) -> None:
         return None
@@ -48,9 +50,13 @@ class FakeRunner:
         request: ExecutionRequest,
         tar: AsyncIterator[bytes],
         on_running: OnRunning,
+        *,
+        on_output: OnOutput | None = None,
     ) -> None:
         if self.fail_start is not None:
             raise self.fail_start
+        if on_output is not None:
+            self.outputs[execution.execution_id] = on_output
         self.tars[execution.execution_id] = b"".join([chunk async for chunk in tar])
         self.started.append(execution.execution_id)
         future: asyncio.Future[RunOutcome] = asyncio.get_running_loop().create_future()
@@ -61,6 +67,10 @@ class FakeRunner:
         self.launches.put_nowait(execution.execution_id)
         if "hold" not in request.stdin:
             future.set_result(self.outcome(request))
+
+    def emit(self, execution_id: str, stream: str, data: bytes) -> None:
+        """Produce output of a held run, as a runner does while the program prints."""
+        self.outputs[execution_id](stream, data)
 
     def finish(self, execution_id: str) -> None:
         """End a held run (``hold`` in its stdin) as if it exited by itself."""

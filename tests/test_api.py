@@ -256,9 +256,9 @@ async def test_async_submit_answers_before_the_launch(runner: FakeRunner) -> Non
     gate = asyncio.Event()
     launch = runner.start
 
-    async def slow_start(*args: Any) -> None:
+    async def slow_start(*args: Any, **kwargs: Any) -> None:
         await gate.wait()
-        await launch(*args)
+        await launch(*args, **kwargs)
 
     runner.start = slow_start  # type: ignore[method-assign]
     async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:
@@ -560,9 +560,9 @@ async def test_a_kill_during_the_launch_stops_the_run_that_follows(runner: FakeR
     gate = asyncio.Event()
     launch = runner.start
 
-    async def slow_start(*args: Any) -> None:
+    async def slow_start(*args: Any, **kwargs: Any) -> None:
         await gate.wait()
-        await launch(*args)
+        await launch(*args, **kwargs)
 
     runner.start = slow_start  # type: ignore[method-assign]
     async with app_client(make_settings(), store=MemoryStore(), runner=runner) as client:

@@ -15,7 +15,7 @@ import pytest
 from pyexec.cli import exitcodes
 from pyexec.client import Client, Status
 from pyexec.models import Execution, ExecutionRequest
-from pyexec.runner import OnRunning
+from pyexec.runner import OnOutput, OnRunning
 from pyexec.store.memory import MemoryStore
 
 from .conftest import LiveServer, live_server, make_settings
@@ -31,8 +31,11 @@ class HoldingRunner(FakeRunner):
         request: ExecutionRequest,
         tar: AsyncIterator[bytes],
         on_running: OnRunning,
+        *,
+        on_output: OnOutput | None = None,
     ) -> None:
-        await super().start(execution, attrs.evolve(request, stdin="hold"), tar, on_running)
+        held = attrs.evolve(request, stdin="hold")
+        await super().start(execution, held, tar, on_running, on_output=on_output)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 class FlakyRunner(FakeRunner):
     """A runner double: launches succeed, waits report an exit, pings fail."""
 
-    async def start(self, execution: Execution, *args: Any) -> None:
+    async def start(self, execution: Execution, *args: Any, **kwargs: Any) -> None:
         return None
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:
@@ -42,7 +42,7 @@ class FlakyRunner(FakeRunner):
 class BrokenRunner(FakeRunner):
     """A runner double whose every call fails as if Docker were gone."""
 
-    async def start(self, execution: Execution, *args: Any) -> None:
+    async def start(self, execution: Execution, *args: Any, **kwargs: Any) -> None:
         raise BackendUnavailable("docker is gone", code="runner_unavailable")
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:

@@ -18,7 +18,7 @@ from pathlib import Path
 import attrs
 
 from pyexec.models import Execution, ExecutionRequest
-from pyexec.runner import OnRunning
+from pyexec.runner import OnOutput, OnRunning
 from pyexec.store.memory import MemoryStore
 
 from .conftest import live_server, make_settings
@@ -48,9 +48,11 @@ class InstantRunner(FakeRunner):
         request: ExecutionRequest,
         tar: AsyncIterator[bytes],
         on_running: OnRunning,
+        *,
+        on_output: OnOutput | None = None,
     ) -> None:
         unheld = attrs.evolve(request, stdin=request.stdin.replace("hold", ""))
-        await super().start(execution, unheld, tar, on_running)
+        await super().start(execution, unheld, tar, on_running, on_output=on_output)
 
 
 def test_the_api_passes_every_schemathesis_check(tmp_path: Path) -> None:

@@ -13,10 +13,15 @@ from typing import Protocol
 
 from pyexec.models import Execution, ExecutionRequest, RunOutcome
 
-__all__ = ["OnRunning", "Runner"]
+__all__ = ["OnOutput", "OnRunning", "Runner"]
 
 #: Called once when the sandboxed process starts, with the time it started.
 OnRunning = Callable[[datetime], Awaitable[None]]
+#: Called with each piece of the program's output as it is produced: the stream
+#: (``"stdout"`` or ``"stderr"``) and its raw bytes, in order, already within the output
+#: cap. Synchronous and quick (it only queues): a runner calls it from its event loop and
+#: never waits for whoever reads the output.
+OnOutput = Callable[[str, bytes], None]
 
 
 class Runner(Protocol):
@@ -50,12 +55,15 @@ class Runner(Protocol):
         request: ExecutionRequest,
         tar: AsyncIterator[bytes],
         on_running: OnRunning,
+        *,
+        on_output: OnOutput | None = None,
     ) -> None:
         """Launch the run and return once it is launched (not finished).
 
         ``tar`` streams the archive (a backend that ``reads_stored_tar`` need not read
-        it). Raises ``BackendError``/``BackendUnavailable`` if it cannot launch; anything
-        it created on the way is released before it raises.
+        it). ``on_output`` gets the output while the run runs (live output); the outcome
+        still carries all of it. Raises ``BackendError``/``BackendUnavailable`` if it
+        cannot launch; anything it created on the way is released before it raises.
         """
 
     async def wait(self, execution_id: str, timeout: float) -> RunOutcome:

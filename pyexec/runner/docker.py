@@ -43,7 +43,7 @@ from pyexec.errors import (
     PyexecError,
 )
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
-from pyexec.runner import OnRunning
+from pyexec.runner import OnOutput, OnRunning
 from pyexec.runner.docker_engine import THREADS, Engine, owner_alive, owner_label
 from pyexec.runner.docker_pool import LABEL_POOL, DockerPool, Sandbox, served_execution
 from pyexec.runner.docker_spec import (
@@ -99,6 +99,8 @@ class _Run:
     launch_error: Exception | None = None
     #: ``wait`` has returned the outcome (whoever runs the execution has it now).
     collected: bool = False
+    #: Gets the output as it is captured (live output), if anybody asked.
+    on_output: OnOutput | None = None
 
     def outcome(self, reason: Reason, error: str | None = None) -> RunOutcome:
         return RunOutcome(
@@ -205,6 +207,8 @@ class DockerRunner:
         request: ExecutionRequest,
         tar: AsyncIterator[bytes],
         on_running: OnRunning,
+        *,
+        on_output: OnOutput | None = None,
     ) -> None:
         if self._closed:
             raise BackendUnavailable("the runner is shutting down", code="shutting_down")
@@ -212,7 +216,7 @@ class DockerRunner:
         if execution_id in self._runs:
             raise Conflict(f"{execution_id} is already running", code="already_exists")
         limit = request.config.max_output_bytes
-        run = _Run(execution_id, request, Capture(limit), Capture(limit))
+        run = _Run(execution_id, request, Capture(limit), Capture(limit), on_output=on_output)
         self._runs[execution_id] = run
         launched = asyncio.Event()
         task = asyncio.create_task(self._drive(run, tar, on_running, launched))
@@ -640,10 +644,14 @@ class DockerRunner:
     def _capture(self, run: _Run, stream: int, payload: bytes) -> bool:
         """Keep output of ``stream``; ``False`` (and the verdict set) once it overflows."""
         capture = run.stdout if stream == 1 else run.stderr
-        if capture.feed(payload):
+        which = "stdout" if stream == 1 else "stderr"
+        kept = len(capture.data)
+        fits = capture.feed(payload)
+        if run.on_output is not None and len(capture.data) > kept:
+            run.on_output(which, bytes(capture.data[kept:]))
+        if fits:
             return True
         run.verdict = Reason.OUTPUT_LIMIT
-        which = "stdout" if stream == 1 else "stderr"
         run.error = f"{which} exceeded {capture.limit} bytes"
         return False
 

@@ -33,7 +33,7 @@ import attrs
 from pyexec.deadline import budget_seconds, execution_budget
 from pyexec.errors import BackendError, BackendUnavailable, BadRequest, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
-from pyexec.runner import OnRunning, nomad_job
+from pyexec.runner import OnOutput, OnRunning, nomad_job
 from pyexec.runner import nomad_state as state
 from pyexec.runner.nomad_http import NomadAPI, NomadError
 from pyexec.runner.nomad_watch import EventWatcher
@@ -56,6 +56,9 @@ LISTING_TTL_SECONDS = 5.0
 #: seconds (a short run's whole life), then growing by half each time up to the longest.
 VERDICT_POLL_SECONDS = (0.05, 1.0)
 VERDICT_FAST_POLL_SECONDS = 2.0
+#: Longest pause between looks while the run's output is followed live (``on_output``):
+#: each look lists the results directory and reads what the output files gained.
+LIVE_POLL_SECONDS = 0.25
 #: How long a finished run's dispatched job stays before the runner purges it. Every
 #: child is a full copy of its runner job (the task script three times, ~80 KB; more
 #: with PYEXEC_CA_BUNDLE) held in the servers' memory and snapshots until Nomad's own
@@ -104,6 +107,10 @@ class _Run:
     expired: RunOutcome | None = None
     #: Polls the allocation directory for the verdict (from placement until concluded).
     poller: asyncio.Task[None] | None = None
+    #: Gets the output as the run task writes it (live output), if anybody asked.
+    on_output: OnOutput | None = None
+    #: Bytes of each output file handed to ``on_output`` so far.
+    streamed: dict[str, int] = attrs.Factory(lambda: {"stdout": 0, "stderr": 0})
 
 
 class NomadRunner:
@@ -211,6 +218,8 @@ class NomadRunner:
         request: ExecutionRequest,
         tar: AsyncIterator[bytes],
         on_running: OnRunning,
+        *,
+        on_output: OnOutput | None = None,
     ) -> None:
         # The tar is in Consul already; the job's setup task reads it from there.
         self.check(request)
@@ -242,13 +251,14 @@ class NomadRunner:
                 nomad_status=exc.status,
             ) from None
         self._start_watching()
-        self._track(
+        run = self._track(
             execution.execution_id,
             answer["DispatchedJobID"],
             execution_budget(request),
             request.config.max_output_bytes,
             on_running,
         )
+        run.on_output = on_output
 
     async def _dispatch(self, parent: str, meta: dict[str, str], token: str) -> JSON:
         """Dispatch, retrying briefly what may be transient: the idempotency token makes a
@@ -455,6 +465,8 @@ class NomadRunner:
         later. One listing per look: every 50 ms for the first 2 s, then pauses grow
         to 1 s, so long runs cost little."""
         pause, longest = VERDICT_POLL_SECONDS
+        if run.on_output is not None:
+            longest = min(longest, LIVE_POLL_SECONDS)
         fast_until = time.monotonic() + VERDICT_FAST_POLL_SECONDS
         while not (run.concluding or run.outcome.done()):
             await asyncio.sleep(pause)
@@ -469,6 +481,8 @@ class NomadRunner:
             except PyexecError as exc:
                 log.debug("results of %s not readable yet: %s", run.execution_id, exc)
                 continue
+            if files is not None and run.on_output is not None:
+                await self._stream_output(run, alloc_id, files)
             if files is None or state.VERDICT_FILE not in files:
                 continue
             if not (run.concluding or run.outcome.done()):
@@ -494,6 +508,26 @@ class NomadRunner:
             outcome = state.outcome(alloc, None, "", "", False)
             outcome = attrs.evolve(outcome, error=outcome.error or exc.message)
         self._resolve(run, outcome)
+
+    async def _stream_output(self, run: _Run, alloc_id: str, files: dict[str, int]) -> None:
+        """Hand ``on_output`` what the output files gained since the last look (the run
+        task writes and flushes them as the program prints, up to the cap). A read that
+        fails is retried on the next look; the outcome reads the files whole anyway."""
+        assert run.on_output is not None
+        for stream in ("stdout", "stderr"):
+            size = min(files.get(stream, 0), run.max_output)
+            start = run.streamed[stream]
+            if size <= start:
+                continue
+            try:
+                data = await self.api.read_file(
+                    alloc_id, f"{state.RESULTS_DIR}/{stream}", size - start, offset=start
+                )
+            except PyexecError as exc:
+                log.debug("output of %s not readable yet: %s", run.execution_id, exc)
+                return
+            run.streamed[stream] = size
+            run.on_output(stream, data)
 
     async def _read(self, alloc_id: str, name: str, length: int) -> bytes:
         if length <= 0:

@@ -260,12 +260,12 @@ class NomadAPI:
         entries = response.json() or []
         return {str(e["Name"]): int(e.get("Size") or 0) for e in entries if not e.get("IsDir")}
 
-    async def read_file(self, alloc_id: str, path: str, length: int) -> bytes:
-        """The first ``length`` bytes of a file of an allocation, which a listing showed to
-        be at least that long. Nomad 1.6.5 answers a read that fails (file gone, unknown
-        allocation) with 200 and the error as the body: a body of another length is
-        that error, raised."""
-        params = self._params({"path": path, "offset": 0, "limit": length})
+    async def read_file(self, alloc_id: str, path: str, length: int, *, offset: int = 0) -> bytes:
+        """``length`` bytes from ``offset`` of a file of an allocation, which a listing
+        showed to be at least that long. Nomad 1.6.5 answers a read that fails (file gone,
+        unknown allocation) with 200 and the error as the body: a body of another length
+        is that error, raised."""
+        params = self._params({"path": path, "offset": offset, "limit": length})
         try:
             response = await self._calls.get(f"/v1/client/fs/readat/{alloc_id}", params=params)
         except httpx.TransportError as exc:
