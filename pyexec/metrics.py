@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import datetime
 from typing import BinaryIO
 
@@ -38,7 +38,7 @@ from .errors import BackendError
 from .models import Execution, ExecutionRequest, RunOutcome, Status
 from .runner import OnOutput, OnRunning, Runner
 from .runner.pool import WarmPool
-from .store import Change, Store
+from .store import Change, LiveOutput, OutputChunk, Store
 
 __all__ = ["MeteredRunner", "MeteredStore", "Metrics", "metrics_route"]
 
@@ -248,6 +248,18 @@ class MeteredStore:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    async def append_output(self, execution_id: str, chunks: Sequence[OutputChunk]) -> None:
+        with self._count():
+            await self.inner.append_output(execution_id, chunks)
+
+    async def read_output(self, execution_id: str, stream: str, offset: int, limit: int) -> bytes:
+        with self._count():
+            return await self.inner.read_output(execution_id, stream, offset, limit)
+
+    async def watch_output(self, execution_id: str, version: int, timeout: float) -> LiveOutput:
+        with self._count():
+            return await self.inner.watch_output(execution_id, version, timeout)
 
 
 class MeteredRunner:

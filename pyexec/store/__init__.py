@@ -6,14 +6,25 @@ One module per backend: ``memory`` (the embedded default) and ``consul``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from datetime import datetime
 from typing import BinaryIO, Protocol
+
+import attrs
 
 from pyexec.errors import Conflict, TransitionRefused
 from pyexec.models import TRANSITIONS, Execution, Status
 
-__all__ = ["CHUNK_SIZE", "Change", "Store", "apply_change", "check_transition"]
+__all__ = [
+    "CHUNK_SIZE",
+    "OUTPUT_STREAMS",
+    "Change",
+    "LiveOutput",
+    "OutputChunk",
+    "Store",
+    "apply_change",
+    "check_transition",
+]
 
 #: A state change: the record as stored now -> the record to store. Pure: a store may
 #: call it again on a fresher record when another writer got in between.
@@ -21,6 +32,35 @@ Change = Callable[[Execution], Execution]
 
 #: Tars are read and written in pieces of this size (Consul caps a value at 512 KiB).
 CHUNK_SIZE = 256 * 1024
+
+#: The output streams of a run, in the order their positions are written.
+OUTPUT_STREAMS = ("stdout", "stderr")
+
+
+@attrs.frozen
+class OutputChunk:
+    """Bytes of one output stream, starting at byte ``offset`` of that stream."""
+
+    stream: str
+    offset: int
+    data: bytes
+
+
+@attrs.frozen
+class LiveOutput:
+    """How much live output the store holds for an execution, and its status.
+
+    ``version`` is opaque: it changes whenever the sizes or the status do (pass it to
+    ``watch_output`` to wait for the next change).
+    """
+
+    status: Status
+    stdout: int
+    stderr: int
+    version: int
+
+    def size(self, stream: str) -> int:
+        return self.stdout if stream == "stdout" else self.stderr
 
 
 class Store(Protocol):
@@ -77,6 +117,22 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Release connections; idempotent."""
+
+    async def append_output(self, execution_id: str, chunks: Sequence[OutputChunk]) -> None:
+        """Add to the live output of an execution that runs: each chunk continues its
+        stream at its ``offset`` (bytes the store holds already are skipped, so a retried
+        write is harmless; a gap raises ``Conflict``). Only the replica that drives the
+        run writes it. The live output is dropped when the execution turns terminal: its
+        record holds the output from then on. ``NotFound`` if there is no record."""
+
+    async def read_output(self, execution_id: str, stream: str, offset: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the live output of ``stream`` from ``offset``; fewer (or
+        none) once it ends there or was dropped."""
+
+    async def watch_output(self, execution_id: str, version: int, timeout: float) -> LiveOutput:
+        """The live output's state as soon as its ``version`` differs from ``version``
+        (``0``: at once), or when ``timeout`` seconds passed; ``NotFound`` if there is no
+        record. Waits without busy polling (Consul: a blocking query)."""
 
 
 def apply_change(current: Execution, change: Change, expect: Collection[Status]) -> Execution:

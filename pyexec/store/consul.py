@@ -31,7 +31,7 @@ import hashlib
 import json
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -48,7 +48,7 @@ from pyexec.errors import (
 )
 from pyexec.models import TERMINAL, Execution, Status, callback_outstanding
 from pyexec.settings import Settings
-from pyexec.store import CHUNK_SIZE, Change, apply_change
+from pyexec.store import CHUNK_SIZE, Change, LiveOutput, OutputChunk, apply_change, consul_live
 from pyexec.store.consul_http import ConsulHTTP
 from pyexec.store.consul_keys import (
     INLINE_OUTPUT_BYTES,
@@ -59,6 +59,7 @@ from pyexec.store.consul_keys import (
     executions_root,
     id_from_folder,
     idempotency_key,
+    live_folder,
     manifest_key,
     output_chunk_key,
     output_folder,
@@ -336,6 +337,8 @@ class ConsulStore:
             batch.add(
                 kv_op("delete", manifest_key(self._prefix, eid)),
                 kv_op("delete-tree", execution_folder(self._prefix, eid) + "tar/"),
+                # The record holds the output from now on: the live output goes too.
+                kv_op("delete-tree", live_folder(self._prefix, eid)),
             )
         # Output that fits rides in the record's transaction (base64); more goes first, as
         # raw create-only PUTs under the fresh revision nobody reads until the record
@@ -527,6 +530,17 @@ class ConsulStore:
             return
         self._closed = True
         await self._kv.aclose()
+
+    # --- Live output (``consul_live``) --------------------------------------------------
+
+    async def append_output(self, execution_id: str, chunks: Sequence[OutputChunk]) -> None:
+        await consul_live.append(self._kv, self._prefix, execution_id, chunks)
+
+    async def read_output(self, execution_id: str, stream: str, offset: int, limit: int) -> bytes:
+        return await consul_live.read(self._kv, self._prefix, execution_id, stream, offset, limit)
+
+    async def watch_output(self, execution_id: str, version: int, timeout: float) -> LiveOutput:
+        return await consul_live.watch(self._kv, self._prefix, execution_id, version, timeout)
 
 
 class _OutputMoved(Exception):

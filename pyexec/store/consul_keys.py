@@ -11,6 +11,8 @@ describes the layout for people; this module is the layout for code::
     <prefix>/executions/<id>/tar/000000 ...          the tar, raw bytes, in order
     <prefix>/executions/<id>/output/<rev>/stdout/000000 ...   large output, raw UTF-8 bytes
     <prefix>/executions/<id>/upload                  claim of an upload in progress (JSON)
+    <prefix>/executions/<id>/live/head               live output sizes {"stdout", "stderr"} (JSON)
+    <prefix>/executions/<id>/live/stdout/000000 ...  live output while it runs, raw, in blocks
     <prefix>/idempotency/<sha256 of the key>         {"execution_id", "fingerprint"} (JSON)
 """
 
@@ -32,6 +34,9 @@ __all__ = [
     "executions_root",
     "id_from_folder",
     "idempotency_key",
+    "live_block_key",
+    "live_folder",
+    "live_head_key",
     "manifest_key",
     "output_chunk_key",
     "output_folder",
@@ -47,6 +52,10 @@ __all__ = [
 INLINE_OUTPUT_BYTES = 16 * 1024
 
 STREAMS = ("stdout", "stderr")
+
+#: The live output of a running execution is kept in blocks of this many bytes: the
+#: last block is rewritten as it fills, so a flush rewrites at most one block per stream.
+LIVE_BLOCK_BYTES = 64 * 1024
 
 
 def executions_root(prefix: str) -> str:
@@ -155,3 +164,20 @@ class UploadClaim:
     def from_json(cls, raw: bytes | str) -> UploadClaim:
         data: Mapping[str, Any] = json.loads(raw)
         return cls(started_at=str(data["started_at"]), owner=str(data["owner"]))
+
+
+def live_folder(prefix: str, execution_id: str) -> str:
+    """The live output of a running execution (deleted when it turns terminal)."""
+    return f"{execution_folder(prefix, execution_id)}live/"
+
+
+def live_head_key(prefix: str, execution_id: str) -> str:
+    """``{"stdout": n, "stderr": m}``: bytes of each stream written, updated after the blocks."""
+    return f"{live_folder(prefix, execution_id)}head"
+
+
+def live_block_key(prefix: str, execution_id: str, stream: str, index: int) -> str:
+    """Bytes ``index * LIVE_BLOCK_BYTES`` onwards of a stream's live output."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}")
+    return f"{live_folder(prefix, execution_id)}{stream}/{chunk_name(index)}"

@@ -174,6 +174,19 @@ class ConsulKV:
             return new_index, None
         return new_index, _entry(items[0])["Value"] or b""
 
+    async def block_keys(self, folder: str, index: int, wait_ms: int) -> int | None:
+        """A blocking listing of the keys below ``folder``: returns its index once anything
+        there changes after ``index`` or the wait ends; ``None`` if the folder is empty."""
+        params: dict[str, str | int] = {"keys": "", "wait": f"{wait_ms}ms"}
+        if index:
+            params["index"] = index
+        response = await self.watch_client.request(
+            "GET", f"/v1/kv/{folder}", params=params, wait_seconds=wait_ms / 1000, ok=(404,)
+        )
+        if response.status_code == 404:
+            return None
+        return int(response.headers.get("X-Consul-Index") or 0)
+
     async def delete_tree(self, folder: str) -> None:
         await self.client.request("DELETE", f"/v1/kv/{folder}", params={"recurse": ""})
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime
 from typing import BinaryIO
 
@@ -21,7 +21,7 @@ from anyio import to_thread
 from pyexec.errors import Conflict, IdempotentReplay, NotFound
 from pyexec.models import Execution, Status, callback_outstanding
 
-from . import CHUNK_SIZE, Change, apply_change
+from . import CHUNK_SIZE, OUTPUT_STREAMS, Change, LiveOutput, OutputChunk, apply_change
 
 __all__ = ["MemoryStore"]
 
@@ -34,6 +34,10 @@ class MemoryStore:
         self._keys: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._dir = tempfile.mkdtemp(prefix="pyexec-store-", dir=spool_dir)
+        #: Live output of running executions, by id and stream (dropped once terminal).
+        self._live: dict[str, dict[str, bytearray]] = {}
+        #: Per id, bumped on every change of its record or live output (``watch_output``).
+        self._versions: dict[str, int] = {}
 
     def _tar_path(self, execution_id: str) -> str:
         return os.path.join(self._dir, f"{execution_id}.tar")
@@ -83,8 +87,11 @@ class MemoryStore:
             if record == current:
                 return current
             self._records[execution_id] = record
+            if record.terminal:
+                self._live.pop(execution_id, None)  # the record holds the output now
             event = self._changed[execution_id]
             self._changed[execution_id] = asyncio.Event()
+            self._versions[execution_id] = self._versions.get(execution_id, 1) + 1
         event.set()
         if record.terminal:
             _unlink(self._tar_path(execution_id))  # the run is over: free its tar
@@ -109,6 +116,8 @@ class MemoryStore:
                 # The key expires with its record.
                 self._keys.pop(record.idempotency.key, None)
             event = self._changed.pop(execution_id, None)
+            self._live.pop(execution_id, None)
+            self._versions.pop(execution_id, None)
         if event is not None:
             event.set()
         _unlink(self._tar_path(execution_id))
@@ -149,6 +158,57 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def append_output(self, execution_id: str, chunks: Sequence[OutputChunk]) -> None:
+        record = await self.get(execution_id)
+        if record.terminal:
+            return  # dropped already: the record holds the output
+        live = self._live.setdefault(execution_id, {s: bytearray() for s in OUTPUT_STREAMS})
+        grew = False
+        for chunk in chunks:
+            held = live[chunk.stream]
+            if chunk.offset > len(held):
+                raise Conflict(
+                    f"{chunk.stream} of {execution_id} has {len(held)} bytes; "
+                    f"a chunk at {chunk.offset} would leave a gap",
+                    code="output_gap",
+                )
+            new = chunk.data[len(held) - chunk.offset :]
+            held += new
+            grew = grew or bool(new)
+        if grew:
+            self._versions[execution_id] = self._versions.get(execution_id, 1) + 1
+            event = self._changed.get(execution_id)
+            if event is not None:
+                self._changed[execution_id] = asyncio.Event()
+                event.set()
+
+    async def read_output(self, execution_id: str, stream: str, offset: int, limit: int) -> bytes:
+        held = self._live.get(execution_id, {}).get(stream)
+        if held is None:
+            return b""
+        return bytes(held[offset : offset + max(limit, 0)])
+
+    async def watch_output(self, execution_id: str, version: int, timeout: float) -> LiveOutput:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while True:
+            record = await self.get(execution_id)
+            live = self._live.get(execution_id, {})
+            state = LiveOutput(
+                status=record.status,
+                stdout=len(live.get("stdout", b"")),
+                stderr=len(live.get("stderr", b"")),
+                version=self._versions.get(execution_id, 1),
+            )
+            remaining = deadline - loop.time()
+            event = self._changed.get(execution_id)
+            if state.version != version or remaining <= 0 or event is None:
+                return state
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                continue
 
 
 def _copy_to(src: BinaryIO, path: str) -> None:
