@@ -292,6 +292,10 @@ class RunOutcome:
     error: str | None = None
     #: Extra fields a wrapper inside the sandbox reported (eval: result, error_type, ...).
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    #: How requirements were served (``pyexec.deps``): ``hit`` (a ready cached
+    #: environment), ``miss`` (cached after a build this run waited for), ``off`` (installed
+    #: in the run's own setup phase); ``None`` without requirements.
+    deps_cache: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -322,6 +326,8 @@ class Execution:
     #: The request as submitted, kept so any replica or a Nomad task can run it (stored in
     #: its ``to_dict`` form).
     request: ExecutionRequest | None = None
+    #: How the run got its requirements (``RunOutcome.deps_cache``); ``None`` without.
+    deps_cache: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -348,6 +354,8 @@ class Execution:
                 body[name] = value
         if self.auto_requirements is not None:
             body["auto_requirements"] = list(self.auto_requirements)
+        if self.deps_cache is not None:
+            body["deps_cache"] = self.deps_cache
         if self.callback is not None:
             body["callback"] = self.callback.to_dict(stored=include_request)
         if include_request and self.request is not None:
@@ -386,6 +394,7 @@ class Execution:
                 key=str(idempotency["key"]), fingerprint=str(idempotency["fingerprint"])
             ),
             request=None if request is None else ExecutionRequest.from_dict(request),
+            deps_cache=data.get("deps_cache"),
         )
 
     def finished(self, outcome: RunOutcome) -> Execution:
@@ -411,6 +420,7 @@ class Execution:
             finished_at=finished,
             duration_ms=duration,
             error=outcome.error,
+            deps_cache=outcome.deps_cache,
             **extra,
         )
 

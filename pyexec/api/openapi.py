@@ -103,6 +103,12 @@ _EXECUTION = {
         "error_type": {**_NULLABLE_STR, "description": "eval: exception class name"},
         "error_line": {"type": ["integer", "null"], "description": "eval: line in entrypoint"},
         "auto_requirements": {**_STRINGS, "description": "eval: distributions auto-installed"},
+        "deps_cache": {
+            "type": "string",
+            "enum": ["hit", "miss", "off"],
+            "description": "requirements from a cached environment (hit, miss: built for this "
+            "run) or installed by the run itself (off); absent without requirements",
+        },
         "callback": {
             "type": "object",
             "description": "delivery of the completion callback, when callback_url was given",

@@ -45,6 +45,9 @@ class Execution:
     error_type: str | None = None
     error_line: int | None = None
     auto_requirements: tuple[str, ...] | None = None
+    #: ``hit``/``miss``: requirements came from the dependency cache; ``off``: installed
+    #: by the run; ``None`` without requirements.
+    deps_cache: str | None = None
     raw: Mapping[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
 
     @property
@@ -77,6 +80,7 @@ class Execution:
             error_type=data.get("error_type"),
             error_line=data.get("error_line"),
             auto_requirements=None if auto is None else tuple(auto),
+            deps_cache=data.get("deps_cache"),
             raw=dict(data),
         )
 
