@@ -623,11 +623,16 @@ def check_callback_url(url: Any, settings: Settings) -> str:
 
 
 def check_setup(requirements_txt: str, settings: Settings) -> str:
-    """Requirements need the network to install: refused when setup has none."""
-    if requirements_txt.strip() and not settings.setup_network:
+    """Requirements need the network to install: refused when setup has none, unless
+    they are a set the operator has the trusted builder prepare (PYEXEC_DEPS_PREWARM)."""
+    if (
+        requirements_txt.strip()
+        and not settings.setup_network
+        and not settings.deps_prewarmed(requirements_txt)
+    ):
         raise LimitExceeded(
             "this server gives the setup phase no network (PYEXEC_SETUP_NETWORK), so "
-            "requirements_txt cannot be installed",
+            "requirements_txt cannot be installed (only the sets of PYEXEC_DEPS_PREWARM)",
             code="setup_network_unavailable",
             field="requirements_txt",
         )

@@ -87,6 +87,21 @@ def _optional_str(raw: str) -> str | None:
     return raw or None
 
 
+def _requirement_sets(raw: str) -> tuple[tuple[str, ...], ...]:
+    """``numpy;pandas;numpy pandas`` as requirement sets (each checked by ``pyexec.deps``)."""
+    from .deps.key import NotCacheable, normalise_requirements
+
+    sets = []
+    for part in raw.split(";"):
+        if not part.strip():
+            continue
+        try:
+            sets.append(normalise_requirements("\n".join(part.split())))
+        except NotCacheable as exc:
+            raise ValueError(str(exc)) from None
+    return tuple(dict.fromkeys(sets))
+
+
 def _runtime(raw: str) -> str:
     """A runtime name as dockerd registers it (``runc``, ``runsc``, ``io.containerd.runc.v2``)."""
     name = raw.strip()
@@ -503,6 +518,65 @@ class Settings:
         "as CONSUL_HTTP_TOKEN (absent variable: no token).",
     )
 
+    # --- Dependency cache (pyexec.deps, docs/deps-cache.md) -------------------------------
+    deps_cache_bytes: int = setting(
+        4096 * MiB,
+        "PYEXEC_DEPS_CACHE_BYTES",
+        parse=int,
+        help="Size cap of the dependency cache (bytes): ready environments past it are evicted "
+        "least recently used first, never one in use. 0 turns the cache off (requirements are "
+        "installed by each run, as before).",
+    )
+    deps_cache_dir: str = setting(
+        "/var/lib/pyexec/deps",
+        "PYEXEC_DEPS_CACHE_DIR",
+        help="Directory of the local runner's dependency cache, a path on the Docker host (bind-"
+        "mounted read-only into runs); a service in a container needs it at the same path.",
+    )
+    deps_prewarm: tuple[tuple[str, ...], ...] = setting(
+        (),
+        "PYEXEC_DEPS_PREWARM",
+        parse=_requirement_sets,
+        help="Requirement sets built at start-up in the background, `;` between sets, spaces "
+        "within one (`numpy;pandas;numpy pandas matplotlib`). With PYEXEC_SETUP_NETWORK off, "
+        "exactly these sets are the requirements a request may have.",
+    )
+    deps_index_url: str | None = setting(
+        "https://pypi.org/simple",
+        "PYEXEC_DEPS_INDEX_URL",
+        parse=_optional_str,
+        help="Package index of the trusted builder (pip --index-url); empty: no index, only "
+        "PYEXEC_DEPS_FIND_LINKS (and the builder gets no network).",
+    )
+    deps_find_links: str | None = setting(
+        None,
+        "PYEXEC_DEPS_FIND_LINKS",
+        parse=_optional_str,
+        help="Host directory of wheels mounted read-only into the trusted builder (pip "
+        "--find-links), e.g. a mirror for hosts without an index.",
+    )
+    deps_builder_image: str | None = setting(
+        None,
+        "PYEXEC_DEPS_BUILDER_IMAGE",
+        parse=_optional_str,
+        help="Trusted image that builds environments (never the request's; needs pip). "
+        "Default: PYEXEC_NOMAD_TRUSTED_IMAGE, else PYEXEC_DEFAULT_IMAGE.",
+    )
+    deps_build_timeout: float = setting(
+        600.0,
+        "PYEXEC_DEPS_BUILD_TIMEOUT",
+        parse=float,
+        help="Seconds one environment may take to build; a request waiting for it (its own "
+        "build or another's) waits at most this long.",
+    )
+    nomad_deps_volume: str | None = setting(
+        None,
+        "PYEXEC_NOMAD_DEPS_VOLUME",
+        parse=_optional_str,
+        help="Nomad host volume holding each node's dependency cache (read-write in the "
+        "installer task, read-only in the run task); unset: the installer installs per run.",
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Build settings from an environment mapping; ``overrides`` win over it."""
@@ -552,6 +626,7 @@ class Settings:
             "launch_grace_seconds",
             "max_in_flight",
             "cleanup_ttl",
+            "deps_cache_bytes",
         ):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 yield var(name), f"{shown(name)} must be 0 or more"
@@ -561,6 +636,7 @@ class Settings:
             "max_extracted_bytes",
             "max_eval_code_bytes",
             "nomad_placement_timeout",
+            "deps_build_timeout",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -634,6 +710,24 @@ class Settings:
             return ()
         images = self.pool_images or (self.default_image, *(i for _, i in self.python_images))
         return tuple(dict.fromkeys(images))
+
+    @property
+    def deps_builder(self) -> str:
+        """The trusted image that builds dependency environments."""
+        return self.deps_builder_image or self.nomad_trusted_image or self.default_image
+
+    def deps_prewarmed(self, requirements_txt: str) -> bool:
+        """Whether ``requirements_txt`` is one of the operator's PYEXEC_DEPS_PREWARM sets
+        (with the cache on): the only requirements a server whose setup phase has no network
+        takes, served by the trusted builder (see docs/deps-cache.md)."""
+        if self.deps_cache_bytes <= 0 or not self.deps_prewarm:
+            return False
+        from .deps.key import NotCacheable, normalise_requirements
+
+        try:
+            return normalise_requirements(requirements_txt) in self.deps_prewarm
+        except NotCacheable:
+            return False
 
     @property
     def backend(self) -> str:

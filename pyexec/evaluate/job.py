@@ -37,9 +37,10 @@ def detected_requirements(job: EvalRequest, settings: Settings) -> tuple[str, ..
     """Distributions to install for the program's imports; ``None`` when auto-install is off.
 
     Off when the request or the server turns it off, and when the setup phase has no
-    network (an install could only fail; the missing import then says what is wrong).
+    network and the operator prewarms no dependency sets (an install could only fail;
+    the missing import then says what is wrong).
     """
-    if not (job.auto_requirements and settings.setup_network):
+    if not (job.auto_requirements and (settings.setup_network or settings.deps_prewarm)):
         return None
     modules = third_party_imports(dict(job.files), job.entrypoint, job.python_version)
     return distributions_for(modules)
@@ -49,6 +50,10 @@ def prepare(job: EvalRequest, settings: Settings) -> EvalJob:
     """Detect requirements, build the archive with the wrapper, and the post-processing."""
     detected = detected_requirements(job, settings)
     requirements, added = merge_requirements(job.execution.requirements_txt, detected or ())
+    if added and not settings.setup_network and not settings.deps_prewarmed(requirements):
+        # No network for setup: only a prewarmed set can be had. Anything else stays as
+        # asked, and the missing import's ModuleNotFoundError says what is wrong.
+        requirements, added = job.execution.requirements_txt, ()
     result_limit = min(MAX_RESULT_CHARS, job.execution.config.max_output_bytes // 2)
     wrapper = wrapper_source(
         {

@@ -87,7 +87,8 @@ def _auto_requirements(data: Mapping[str, Any], settings: Settings) -> bool:
     """On by default where setup has the network (an install could only fail without);
     asked for explicitly where it has none, refused rather than silently dropped."""
     wanted = _flag(data, "auto_requirements", default=settings.eval_auto_requirements)
-    if wanted and not settings.setup_network:
+    # Without a setup network only the operator's prewarmed sets can be had (eval.prepare).
+    if wanted and not settings.setup_network and not settings.deps_prewarm:
         if "auto_requirements" in data:
             raise LimitExceeded(
                 "this server gives the setup phase no network (PYEXEC_SETUP_NETWORK), so "

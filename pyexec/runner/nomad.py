@@ -175,7 +175,11 @@ class NomadRunner:
                     code="requirement_not_wheel",
                     field="requirements_txt",
                 )
-        if request.requirements_txt.strip() and not self.settings.setup_network:
+        if (
+            request.requirements_txt.strip()
+            and not self.settings.setup_network
+            and not self.settings.deps_prewarmed(request.requirements_txt)
+        ):
             raise BadRequest(
                 "this server gives setup no network, which the requirements installer needs "
                 "(pre_commands run without it and are fine)",
