@@ -44,6 +44,9 @@ def make_settings(**overrides: Any) -> Settings:
         # No warm pool unless a test asks for one: an app per test would otherwise make
         # (and remove) sandboxes nobody uses; pooled paths are tested where they are meant.
         "pool_size": 0,
+        # No dependency cache unless a test asks for one (tests/test_deps_cache*.py): a
+        # test with requirements otherwise installs them in its setup phase, as before.
+        "deps_cache_bytes": 0,
     }
     base.update(overrides)
     return Settings(**base)

@@ -34,6 +34,8 @@ import attrs
 import docker
 from anyio import from_thread, to_thread
 
+from pyexec.deps.cache import BuildFailed, Lease
+from pyexec.deps.docker import DockerDeps
 from pyexec.errors import (
     BackendError,
     BackendUnavailable,
@@ -99,6 +101,10 @@ class _Run:
     launch_error: Exception | None = None
     #: ``wait`` has returned the outcome (whoever runs the execution has it now).
     collected: bool = False
+    #: How its requirements are served (``RunOutcome.deps_cache``) and, when cached, the
+    #: host directory of the environment its run container mounts read-only.
+    deps_cache: str | None = None
+    deps_site: str | None = None
     #: Gets the output as it is captured (live output), if anybody asked.
     on_output: OnOutput | None = None
 
@@ -112,6 +118,7 @@ class _Run:
             started_at=self.started_at,
             finished_at=self.finished_at or utcnow(),
             error=error,
+            deps_cache=self.deps_cache,
         )
 
 
@@ -160,6 +167,12 @@ class DockerRunner:
         self.pool = (
             DockerPool.from_settings(self._engine, settings, self._owner) if pooled else None
         )
+        #: The dependency cache (``pyexec.deps``), unless PYEXEC_DEPS_CACHE_BYTES is 0.
+        self.deps = (
+            DockerDeps(settings, self._engine, self._owner)
+            if settings.deps_cache_bytes > 0
+            else None
+        )
 
     # --- Runner protocol ---------------------------------------------------------------
 
@@ -182,6 +195,8 @@ class DockerRunner:
             self._orphan_sweep = asyncio.create_task(self._sweep_orphans(orphans))
         if self.pool is not None:
             self.pool.start()
+        if self.deps is not None:
+            await self.deps.startup()
 
     def check(self, request: ExecutionRequest) -> None:
         """Refuse what no process can be given: a NUL byte in an argument, an environment
@@ -313,6 +328,8 @@ class DockerRunner:
             await asyncio.wait(tasks, timeout=_KILL_WAIT)
         if self.pool is not None:
             await self.pool.aclose()
+        if self.deps is not None:
+            await self.deps.aclose()
         self._engine.close()
 
     # --- Runs adopted after a restart ---------------------------------------------------
@@ -390,7 +407,10 @@ class DockerRunner:
         on_running: OnRunning,
         launched: asyncio.Event,
     ) -> RunOutcome:
+        lease = None
         try:
+            if run.request.requirements_txt.strip():
+                lease = await self._deps(run)
             phases = plan(run.request, self._settings)
             if len(phases) > 1:
                 # Registered from the worker thread: a cancellation that lands while
@@ -417,6 +437,8 @@ class DockerRunner:
             )
             return run.outcome(Reason.ERROR, f"the run failed: {message}")
         finally:
+            if lease is not None:
+                lease.release()
             with anyio.CancelScope(shield=True):
                 await self._release(run)
             if self.pool is not None:
@@ -426,6 +448,27 @@ class DockerRunner:
             if run.launch_error is None:
                 self._done[run.execution_id] = run
                 self._trim_done()
+
+    async def _deps(self, run: _Run) -> Lease | None:
+        """Serve the run's requirements from the dependency cache when it can: the run
+        then installs nothing and mounts the environment read-only. ``None`` when the run
+        installs them itself (no cache, or a build that failed while setup has the network);
+        ``_Ended`` (``setup_failed``) when they cannot be had at all."""
+        if self.deps is None:
+            run.deps_cache = "off"
+            return None
+        try:
+            prepared = await self.deps.prepare(run.request)
+        except BuildFailed as exc:
+            run.deps_cache = "miss"
+            if exc.output:
+                run.stderr.feed(exc.output.encode("utf-8", "replace"))
+            raise _Ended(run.outcome(Reason.SETUP_FAILED, exc.message)) from None
+        run.deps_cache = prepared.status
+        if prepared.lease is not None:
+            run.deps_site = prepared.lease.site
+            run.request = attrs.evolve(run.request, requirements_txt="")
+        return prepared.lease
 
     async def _phase(
         self,
@@ -443,9 +486,10 @@ class DockerRunner:
         """
         request = run.request
         args = container_args(
-            self._settings, request, run.execution_id, phase, run.volume, self._owner
+            self._settings, request, run.execution_id, phase, run.volume, self._owner, run.deps_site
         )
-        spec = wire.spec_frame(bootstrap_spec(self._settings, request, phase))
+        deps = run.deps_site is not None
+        spec = wire.spec_frame(bootstrap_spec(self._settings, request, phase, deps=deps))
         sandbox = await self._take_pooled(run, phase, args)
         if sandbox is not None:
             container = sandbox.container

@@ -18,6 +18,7 @@ from pyexec.settings import Settings
 
 __all__ = [
     "CA_TARGET",
+    "DEPS_TARGET",
     "LABEL_EXECUTION",
     "LABEL_MANAGED",
     "LABEL_OWNER",
@@ -48,6 +49,8 @@ LABEL_PHASE = "pyexec.phase"
 SANDBOX_USER = "1000:1000"
 WORKDIR = "/work"
 CA_TARGET = "/usr/local/share/pyexec/ca.crt"
+#: Where a run sees its cached dependency environment (read-only; ``pyexec.deps``).
+DEPS_TARGET = "/opt/pyexec/deps"
 MiB = 1024 * 1024
 #: Open files per sandbox process.
 NOFILE = 4096
@@ -159,9 +162,13 @@ def container_args(
     phase: Phase,
     volume: str | None = None,
     owner: str = "",
+    deps: str | None = None,
 ) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
-    arguments of ``create_host_config`` (a pure function: shown and tested as data)."""
+    arguments of ``create_host_config`` (a pure function: shown and tested as data).
+
+    ``deps``: the host directory of a cached dependency environment (``pyexec.deps``),
+    bind-mounted read-only at ``DEPS_TARGET`` into a container that runs the program."""
     config = request.config
     gvisor = settings.docker_runtime == "runsc"
     memory = (config.memory_mb + (RUNSC_MEMORY_OVERHEAD_MB if gvisor else 0)) * MiB
@@ -174,6 +181,8 @@ def container_args(
         mounts.append(Mount(WORKDIR, volume, type="volume"))
     if phase.setup and settings.ca_bundle:
         mounts.append(Mount(CA_TARGET, settings.ca_bundle, type="bind", read_only=True))
+    if deps is not None and phase.run:
+        mounts.append(Mount(DEPS_TARGET, deps, type="bind", read_only=True))
     host_config: dict[str, Any] = {
         "network_mode": None if phase.network else "none",
         "runtime": settings.docker_runtime,
@@ -228,8 +237,11 @@ def volume_args(request: ExecutionRequest, execution_id: str, owner: str) -> dic
     }
 
 
-def bootstrap_spec(settings: Settings, request: ExecutionRequest, phase: Phase) -> dict[str, Any]:
-    """What the in-container bootstrap is told to do (the first frame on its stdin)."""
+def bootstrap_spec(
+    settings: Settings, request: ExecutionRequest, phase: Phase, *, deps: bool = False
+) -> dict[str, Any]:
+    """What the in-container bootstrap is told to do (the first frame on its stdin);
+    ``deps``: the program gets the cached environment at ``DEPS_TARGET`` on its path."""
     env = dict(request.env_vars)
     spec: dict[str, Any] = {
         "extract": phase.extract,
@@ -263,4 +275,6 @@ def bootstrap_spec(settings: Settings, request: ExecutionRequest, phase: Phase) 
             # later than the runner's own, which normally acts first.
             "deadline": request.config.timeout_seconds + SANDBOX_DEADLINE_GRACE,
         }
+        if deps:
+            spec["run"]["deps"] = DEPS_TARGET
     return spec

@@ -195,6 +195,10 @@ def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
     if os.path.isdir(SITE):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, env.get("PYTHONPATH")) if p)
         env["PATH"] = SITE + "/bin:" + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    deps = spec.get("deps")  # a cached environment, mounted read-only (pyexec.deps)
+    if deps:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (deps, env.get("PYTHONPATH")) if p)
+        env["PATH"] = deps + "/bin:" + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     os.chdir(WORK)
     control("ready")
     argv = [sys.executable, spec["entrypoint"], *spec.get("args", ())]
