@@ -20,6 +20,7 @@ the mapping to an HTTP response happens in exactly one place
     │   └── IdempotentReplay            (internal: a store met a known Idempotency-Key)
     │   └── TransitionRefused      409  invalid_transition (carries the record as it is)
     ├── TooManyExecutions          429  too_many_executions (this replica's in-flight cap)
+    ├── TooManySubscribers         429  too_many_subscribers (event streams of one execution)
     └── BackendError               502  store_error, runner_error, nomad_dispatch_failed
         └── BackendUnavailable     503  store_unavailable, runner_unavailable, shutting_down
 """
@@ -43,6 +44,7 @@ __all__ = [
     "PyexecError",
     "TarRejected",
     "TooManyExecutions",
+    "TooManySubscribers",
     "TransitionRefused",
     "Unauthorized",
 ]
@@ -124,6 +126,11 @@ class IdempotentReplay(Conflict):
 class TooManyExecutions(PyexecError):
     status_code = 429
     default_code = "too_many_executions"
+
+
+class TooManySubscribers(PyexecError):
+    status_code = 429
+    default_code = "too_many_subscribers"
 
 
 class BackendError(PyexecError):

@@ -47,6 +47,7 @@ from .errors import (
     TransitionRefused,
 )
 from .evaluate.outcome import finish_outcome, is_eval_request
+from .events import EventHub, Subscription
 from .logs import bind_execution
 from .models import (
     Execution,
@@ -120,6 +121,8 @@ class ExecutionService:
         self._closing = False
         #: Sync runs waiting on their task, by id: set when the end could not be stored.
         self._stalls: dict[str, asyncio.Event] = {}
+        #: Live output: logs of the runs this replica drives, feeds of event streams.
+        self.events = EventHub(settings, store)
 
     # --- lifecycle of the service ----------------------------------------------------------
     async def startup(self) -> None:
@@ -156,6 +159,7 @@ class ExecutionService:
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop the janitor; give local runs ``grace`` seconds, then kill and record them."""
         self._closing = True
+        await self.events.aclose()  # event streams end; their clients reconnect elsewhere
         background = [t for t in (self._janitor, self._preparing, *self._rechecks) if t is not None]
         for task in background:
             task.cancel()
@@ -349,8 +353,12 @@ class ExecutionService:
         """Launch a stored execution, then follow it to its end."""
         execution_id = record.execution_id
         tar = self.store.open_tar(execution_id) if spool is None else _chunks(spool)
+        # Live output, until the task ends (``_task_done`` releases it).
+        output = self.events.output_log(execution_id)
         try:
-            await self.runner.start(record, request, tar, self._on_running(execution_id))
+            await self.runner.start(
+                record, request, tar, self._on_running(execution_id), on_output=output.feed
+            )
         except PyexecError as exc:
             # Nothing runs: record why, so the execution never sits in pending forever.
             await self._store_final(
@@ -403,6 +411,11 @@ class ExecutionService:
         if record.terminal:
             return record
         return await self._kill(execution_id)
+
+    async def subscribe(self, execution_id: str, position: dict[str, int]) -> Subscription:
+        """The events of an execution from ``position`` (``pyexec.events``); ``NotFound``,
+        or ``TooManySubscribers`` past the per-execution cap."""
+        return await self.events.open(execution_id, position)
 
     async def health(self) -> dict[str, str]:
         checks = {}
@@ -476,6 +489,7 @@ class ExecutionService:
 
     def _task_done(self, execution_id: str, task: asyncio.Task[Execution]) -> None:
         self._tasks.pop(execution_id, None)
+        self.events.release(execution_id)
         if task.cancelled():
             return
         # Retrieved here, so an async run's launch failure (already on its record) is not

@@ -320,6 +320,22 @@ class Settings:
         help="How long a callback is retried (with backoff) before it is given up.",
     )
 
+    # --- Live output (GET /api/v1/executions/{id}/events) -------------------------------
+    output_flush_seconds: float = setting(
+        0.25,
+        "PYEXEC_OUTPUT_FLUSH_SECONDS",
+        parse=float,
+        help="How often the replica that drives a run writes its new output to the store, "
+        "where other replicas stream it from (0.05 to 10; also as soon as 64 KiB wait).",
+    )
+    max_event_subscribers: int = setting(
+        64,
+        "PYEXEC_MAX_EVENT_SUBSCRIBERS",
+        parse=int,
+        help="Most event streams one replica serves for one execution; more are refused "
+        "with 429 `too_many_subscribers`.",
+    )
+
     # --- Eval API -----------------------------------------------------------------------
     python_images: tuple[tuple[str, str], ...] = setting(
         (
@@ -674,6 +690,16 @@ class Settings:
                     var("nomad_resource_classes"),
                     f"{var('nomad_resource_classes')}: class {rc.name!r} needs sizes above 0",
                 )
+        if not 0.05 <= self.output_flush_seconds <= 10:  # also refuses NaN
+            yield (
+                var("output_flush_seconds"),
+                f"{shown('output_flush_seconds')} must be from 0.05 to 10",
+            )
+        if not self.max_event_subscribers >= 1:
+            yield (
+                var("max_event_subscribers"),
+                f"{shown('max_event_subscribers')} must be 1 or more",
+            )
 
     def tokens(self) -> frozenset[str]:
         """All accepted API tokens (inline and from the token file)."""

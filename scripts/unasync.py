@@ -32,6 +32,11 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"\b__aexit__\b", "__exit__"),
     (r"\baclose\(\)", "close()"),
     (r"\bdef aclose\b", "def close"),
+    (r"\bAsyncIterator\b", "Iterator"),
+    (r"\basync for\b", "for"),
+    (r"\basync with\b", "with"),
+    (r"\baread\(\)", "read()"),
+    (r"\baiter_lines\(\)", "iter_lines()"),
     (r"\basync def\b", "def"),
     (r"\bawait ", ""),
 ]

@@ -46,7 +46,7 @@ def test_a_construct_without_a_rule_is_refused() -> None:
     """An async construct the substitutions do not cover fails generation instead of leaking."""
     unasync = load_unasync()
     with pytest.raises(ValueError, match="async"):
-        unasync.generate("async with lock:\n    pass\n")
+        unasync.generate("await asyncio.gather(a, b)\n")
 
 
 def test_the_twins_offer_the_same_methods() -> None:

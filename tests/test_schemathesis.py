@@ -91,4 +91,4 @@ def test_the_api_passes_every_schemathesis_check(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
-    assert "11 selected / 11 total" in done.stdout
+    assert "12 selected / 12 total" in done.stdout

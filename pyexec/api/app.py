@@ -23,7 +23,7 @@ from pyexec.settings import Settings
 from pyexec.store import Store
 
 from . import eval as eval_api
-from . import executions, meta
+from . import events, executions, meta
 from .auth import BearerAuth
 from .errors import exception_handlers
 from .middleware import HeadLimitMiddleware, RequestIdMiddleware
@@ -111,6 +111,7 @@ def create_app(
             methods=["GET", "DELETE"],
         ),
         Route("/api/v1/executions/{execution_id}/logs", executions.execution_logs, methods=["GET"]),
+        Route("/api/v1/executions/{execution_id}/events", events.execution_events, methods=["GET"]),
         Route("/api/v1/eval", eval_api.eval_endpoint, methods=["POST"]),
         Route("/api/v1/eval/async", eval_api.eval_async_endpoint, methods=["POST"]),
         Route("/api/v1/version", meta.version, methods=["GET"]),

@@ -25,6 +25,7 @@ __all__ = [
     "exec_sync",
     "execution",
     "execution_get",
+    "execution_id_of",
     "execution_kill",
     "execution_logs",
     "idempotency_key",
@@ -86,6 +87,10 @@ def _execution_id(request: Request) -> str:
     if not EXECUTION_ID.match(execution_id):
         raise NotFound(f"no execution {execution_id}")
     return execution_id
+
+
+#: The execution id of a request's path, checked (for the handlers of other modules).
+execution_id_of = _execution_id
 
 
 def idempotency_key(request: Request) -> str | None:

@@ -181,6 +181,59 @@ _ID_PARAM = {
 }
 
 
+_EVENTS = {
+    "get": {
+        "summary": "Live output: status changes and output as server-sent events",
+        "description": "A `text/event-stream` of `status` (each state change while pending "
+        "or running; data: the record), `stdout` and `stderr` (data: `{offset, text}`, the "
+        "byte offset in that stream and the output as produced, whole UTF-8 characters) and "
+        "last `end` (data: the final record), after which the stream closes. Each output "
+        "event's `id` is `<stdout bytes>-<stderr bytes>` sent up to and including it: "
+        "reconnecting with `Last-Event-ID` continues exactly there. A finished execution "
+        "replays its whole (capped) output, then `end`. A comment line every 15 s keeps a "
+        "quiet stream open. See docs/events.md.",
+        "operationId": "streamEvents",
+        "parameters": [
+            _ID_PARAM,
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": "Resume after this event (the `id` of the last event received)",
+                "schema": {"type": "string", "pattern": r"^(\d{1,15}-\d{1,15})?$"},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The event stream",
+                "content": {
+                    "text/event-stream": {
+                        # One event (OpenAPI 3.1 has no itemSchema: schema is per event).
+                        "schema": {
+                            "type": "object",
+                            "required": ["event", "data"],
+                            "properties": {
+                                "event": {"enum": ["status", "stdout", "stderr", "end"]},
+                                "data": {"type": "string", "contentMediaType": "application/json"},
+                                "id": {"type": "string", "pattern": r"^\d+-\d+$"},
+                                "retry": {"type": "integer"},
+                            },
+                        }
+                    }
+                },
+            },
+            **_errors(400, 401, 404),
+            "429": _json(
+                _ref("Error"),
+                "The execution has as many event streams on this replica as it may "
+                "(too_many_subscribers; PYEXEC_MAX_EVENT_SUBSCRIBERS); retry later",
+            ),
+            **_errors(503),
+        },
+    }
+}
+
+
 @functools.lru_cache(maxsize=8)
 def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
     """The API's document; with ``settings``, narrowed to what that server accepts (its
@@ -312,6 +365,7 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/executions/{execution_id}/events": _EVENTS,
             "/api/v1/eval": {
                 "post": {
                     "summary": "Run code given as JSON and wait for the result",

@@ -35,6 +35,7 @@ from .errors import (
     Timeout,
     WaitTimeout,
 )
+from .events import EndEvent, OutputEvent, StatusEvent, StreamEvent
 from .models import Execution, Logs, Reason, RunOptions, ServerVersion, Status, Submitted
 
 __all__ = [
@@ -48,10 +49,12 @@ __all__ = [
     "ClientError",
     "ConflictError",
     "ConnectionFailed",
+    "EndEvent",
     "Execution",
     "InvalidServerURL",
     "Logs",
     "NotFoundError",
+    "OutputEvent",
     "Reason",
     "RetryPolicy",
     "RunOptions",
@@ -59,6 +62,8 @@ __all__ = [
     "ServerVersion",
     "Source",
     "Status",
+    "StatusEvent",
+    "StreamEvent",
     "Submitted",
     "Timeout",
     "WaitTimeout",

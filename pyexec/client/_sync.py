@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -18,9 +18,12 @@ from ._base import (
     Source,
     WaitPlan,
     body_start,
+    check_execution_id,
     retry_decision,
     rewind,
+    translate,
 )
+from .events import EndEvent, StreamEvent, StreamPlan
 from .models import Execution, Logs, RunOptions, ServerVersion, Submitted
 
 __all__ = ["Client"]
@@ -150,3 +153,31 @@ class Client(BaseClient):
             submit=True,
         )
         return self.parse_submitted(self._send(call))
+
+    def stream(
+        self, execution_id: str, *, last_event_id: str | None = None
+    ) -> Iterator[StreamEvent]:
+        """The execution's events as they happen: ``StatusEvent``, ``OutputEvent`` (each
+        piece of output), and last ``EndEvent`` with the final record. A dropped
+        connection is reopened from the last event received (``Last-Event-ID``), so no
+        output is lost or repeated; ``last_event_id`` resumes an earlier stream."""
+        plan = StreamPlan(check_execution_id(execution_id), last_event_id)
+        while True:
+            error: Exception | None = None
+            try:
+                with self._http.stream(**plan.request_args(self.timeout)) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        refused = plan.refused(response)
+                        if refused is not None:
+                            raise refused
+                    else:
+                        for line in response.iter_lines():
+                            event = plan.feed(line)
+                            if event is not None:
+                                yield event
+                            if isinstance(event, EndEvent):
+                                return
+            except httpx.HTTPError as exc:
+                error = translate(exc, self.base_url)
+            time.sleep(plan.broken(error))

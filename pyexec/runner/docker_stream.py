@@ -13,7 +13,7 @@ import anyio
 
 from pyexec.errors import BackendError
 
-__all__ = ["AttachSocket", "Capture", "Demux"]
+__all__ = ["AttachSocket", "Capture", "Demux", "cut_partial_utf8"]
 
 _RECV = 64 * 1024
 _MUX_HEADER = struct.Struct(">BxxxL")  # stream (1 stdout, 2 stderr), 3 pad bytes, length
@@ -40,11 +40,11 @@ class Capture:
     def text(self, *, final: bool = True) -> str:
         data = bytes(self.data)
         if self.truncated or not final:
-            data = _cut_partial_utf8(data)
+            data = cut_partial_utf8(data)
         return data.decode("utf-8", errors="replace")
 
 
-def _cut_partial_utf8(data: bytes) -> bytes:
+def cut_partial_utf8(data: bytes) -> bytes:
     """Drop a multibyte character cut off at the end (by the cap, or not yet complete)."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]

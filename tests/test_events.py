@@ -1,0 +1,301 @@
+"""``GET /executions/{id}/events`` over HTTP, with a runner double that prints on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import socket
+import tarfile
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pyexec.client import Client, EndEvent, OutputEvent, StatusEvent
+from pyexec.client.errors import APIError
+from pyexec.models import Reason, RunOutcome
+from pyexec.store.memory import MemoryStore
+
+from .conftest import LiveServer, live_server, make_settings
+from .fakes import FakeRunner
+
+
+class PrintingRunner(FakeRunner):
+    """Held runs whose output the test produces (from its own thread) and that finish
+    with exactly what they printed, like a real runner's outcome."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.printed: dict[str, dict[str, bytearray]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(
+        self, execution: Any, request: Any, tar: Any, on_running: Any, **kw: Any
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.printed[execution.execution_id] = {"stdout": bytearray(), "stderr": bytearray()}
+        await super().start(execution, request, tar, on_running, **kw)
+
+    def print(self, execution_id: str, stream: str, data: bytes) -> None:
+        assert self.loop is not None
+        self.printed[execution_id][stream] += data
+        self.loop.call_soon_threadsafe(self.emit, execution_id, stream, data)
+
+    def end(self, execution_id: str) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self.finish, execution_id)
+
+
+def hello_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b"print('hi')\n"
+        info = tarfile.TarInfo("main.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def printing() -> Iterator[tuple[LiveServer, PrintingRunner]]:
+    runner = PrintingRunner()
+    settings = make_settings(max_event_subscribers=3, output_flush_seconds=0.05)
+    with live_server(settings, store=MemoryStore(), runner=runner) as server:
+        yield server, runner
+
+
+def submit_held(server: LiveServer, runner: PrintingRunner) -> str:
+    with httpx.Client(base_url=server.url) as http:
+        answer = http.post(
+            "/api/v1/exec/async",
+            files={"tar": ("code.tar", hello_tar())},
+            data={"metadata": '{"stdin": "hold"}'},
+        )
+    assert answer.status_code == 202
+    execution_id: str = answer.json()["execution_id"]
+    runner.outcome = lambda request: _outcome_of(runner, execution_id)
+    return execution_id
+
+
+def _outcome_of(runner: PrintingRunner, execution_id: str) -> RunOutcome:
+    out = runner.printed[execution_id]
+    return RunOutcome(
+        reason=Reason.EXITED,
+        exit_code=0,
+        stdout=bytes(out["stdout"]).decode(),
+        stderr=bytes(out["stderr"]).decode(),
+    )
+
+
+def started(server: LiveServer, runner: PrintingRunner) -> str:
+    execution_id = submit_held(server, runner)
+    with Client(server.url) as client:
+        for event in client.stream(execution_id):
+            if isinstance(event, StatusEvent) and event.execution.status.value == "running":
+                break
+    return execution_id
+
+
+def collect(
+    events: Iterator[Any], stop: int | None = None, after: str = "0-0"
+) -> tuple[dict[str, str], list[Any]]:
+    """The texts of the output events (checking each starts where the last ended), and
+    every event; ``after``: the position the stream resumed from."""
+    texts = {"stdout": "", "stderr": ""}
+    base = dict(zip(("stdout", "stderr"), map(int, after.split("-")), strict=True))
+    seen = []
+    for event in events:
+        seen.append(event)
+        if isinstance(event, OutputEvent):
+            assert event.offset == base[event.stream] + len(texts[event.stream].encode())
+            texts[event.stream] += event.text
+        if stop is not None and len(seen) >= stop:
+            break
+    return texts, seen
+
+
+def test_a_run_streams_status_output_and_end(printing: tuple[LiveServer, PrintingRunner]) -> None:
+    """Status changes, each piece of output in order, then the final record, then the end."""
+    server, runner = printing
+    eid = started(server, runner)
+    with Client(server.url) as client:
+        events = client.stream(eid)
+        first = next(events)
+        assert isinstance(first, StatusEvent)
+        assert first.execution.status.value == "running"
+        runner.print(eid, "stdout", b"one\n")
+        out = next(events)
+        assert isinstance(out, OutputEvent)
+        assert (out.stream, out.offset, out.text, out.id) == ("stdout", 0, "one\n", "4-0")
+        runner.print(eid, "stderr", "é!\n".encode())
+        err = next(events)
+        assert isinstance(err, OutputEvent)
+        assert (err.stream, err.text, err.id) == ("stderr", "é!\n", "4-4")
+        runner.end(eid)
+        end = next(events)
+        assert isinstance(end, EndEvent)
+        assert end.execution.stdout == "one\n"
+        assert list(events) == []
+
+
+def test_reconnecting_with_last_event_id_yields_exactly_the_rest(
+    printing: tuple[LiveServer, PrintingRunner],
+) -> None:
+    """A stream reopened with the last id it got continues with no byte lost or repeated."""
+    server, runner = printing
+    eid = started(server, runner)
+    for i in range(5):
+        runner.print(eid, "stdout", f"line {i}\n".encode())
+        runner.print(eid, "stderr", f"err {i}\n".encode())
+    with Client(server.url) as client:
+        texts, seen = collect(client.stream(eid), stop=2)  # running, then some output
+        last = [e for e in seen if isinstance(e, OutputEvent)][-1]
+        for i in range(5, 8):
+            runner.print(eid, "stdout", f"line {i}\n".encode())
+        runner.end(eid)
+        rest, tail = collect(client.stream(eid, last_event_id=last.id), after=last.id)
+    assert isinstance(tail[-1], EndEvent)
+    assert texts["stdout"] + rest["stdout"] == "".join(f"line {i}\n" for i in range(8))
+    assert texts["stderr"] + rest["stderr"] == "".join(f"err {i}\n" for i in range(5))
+    assert not any(isinstance(e, StatusEvent) and e.execution.terminal for e in tail)
+
+
+def test_a_finished_execution_replays_its_output_and_ends(
+    printing: tuple[LiveServer, PrintingRunner],
+) -> None:
+    """After the end, a stream replays the whole output at once and ends with the record."""
+    server, runner = printing
+    eid = started(server, runner)
+    runner.print(eid, "stdout", b"x" * 100_000)
+    runner.print(eid, "stderr", b"bad\n")
+    runner.end(eid)
+    with Client(server.url) as client:
+        client.wait(eid, timeout=10)
+        texts, seen = collect(client.stream(eid))
+    assert texts == {"stdout": "x" * 100_000, "stderr": "bad\n"}
+    assert isinstance(seen[-1], EndEvent)
+    assert not any(isinstance(e, StatusEvent) for e in seen)
+    assert seen[-2].id == "100000-4"
+
+
+def test_subscribers_past_the_cap_get_429(printing: tuple[LiveServer, PrintingRunner]) -> None:
+    """The per-execution subscriber cap answers 429 ``too_many_subscribers``; a slot
+    frees once a subscriber leaves."""
+    server, runner = printing
+    eid = started(server, runner)
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        opened = []
+        try:
+            for _ in range(3):
+                stream = http.stream("GET", f"/api/v1/executions/{eid}/events")
+                response = stream.__enter__()
+                opened.append(stream)
+                assert response.status_code == 200
+            refused = http.get(f"/api/v1/executions/{eid}/events")
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "too_many_subscribers"
+        finally:
+            for stream in opened:
+                stream.__exit__(None, None, None)
+        with Client(server.url) as client:
+            events = client.stream(eid)
+            assert isinstance(next(events), StatusEvent)
+            events.close()
+    runner.end(eid)
+
+
+def test_bad_last_event_id_and_unknown_execution_are_4xx(
+    printing: tuple[LiveServer, PrintingRunner],
+) -> None:
+    """A malformed Last-Event-ID is 400 ``invalid_last_event_id``; an unknown id is 404."""
+    server, runner = printing
+    eid = started(server, runner)
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        bad = http.get(f"/api/v1/executions/{eid}/events", headers={"Last-Event-ID": "x"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "invalid_last_event_id"
+        missing = http.get("/api/v1/executions/exe_01a22cbc-64fd-709b-a516-837a452561f1/events")
+        assert missing.status_code == 404
+    with Client(server.url) as client, pytest.raises(APIError) as raised:
+        next(client.stream("exe_01a22cbc-64fd-709b-a516-837a452561f1"))
+    assert raised.value.status_code == 404
+    runner.end(eid)
+
+
+class DroppingProxy:
+    """A loopback TCP proxy whose connections the test can cut at any moment."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def drop(self) -> None:
+        """Cut every open connection (both ends), as a broken network would."""
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop()
+
+
+def test_the_client_reconnects_by_itself_after_a_dropped_connection(
+    printing: tuple[LiveServer, PrintingRunner],
+) -> None:
+    """``stream()`` reopens a cut connection with Last-Event-ID: the output arrives whole."""
+    server, runner = printing
+    eid = started(server, runner)
+    proxy = DroppingProxy(server.url)
+    try:
+        with Client(proxy.url) as client:
+            events = client.stream(eid)
+            texts = {"stdout": "", "stderr": ""}
+            runner.print(eid, "stdout", b"before\n")
+            for event in events:
+                if isinstance(event, OutputEvent):
+                    texts[event.stream] += event.text
+                    break
+            proxy.drop()
+            runner.print(eid, "stdout", b"after\n")
+            runner.end(eid)
+            rest, seen = collect(events, after="7-0")
+    finally:
+        proxy.close()
+    assert texts["stdout"] + rest["stdout"] == "before\nafter\n"
+    assert isinstance(seen[-1], EndEvent)
