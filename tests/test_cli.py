@@ -378,10 +378,13 @@ def test_server_from_environment(
 
 
 def test_json_output_is_the_record(cli: Any, tmp_path: Path) -> None:
-    """--json prints the full record as JSON and still exits with the script's code."""
+    """--json prints one event per line, the last the end with the full record, and
+    still exits with the script's code."""
     (tmp_path / "main.py").write_text("")
     result = cli("--json", "run", str(tmp_path / "main.py"), "--env", "EXIT=4")
-    record = json.loads(result.out)
+    events = [json.loads(line) for line in result.out.splitlines()]
+    assert events[-1]["event"] == "end"
+    record = events[-1]["execution"]
     assert result.code == 4
     assert record["execution_id"].startswith("exe_")
     assert (record["status"], record["exit_code"]) == ("completed", 4)

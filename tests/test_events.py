@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
+import select
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -299,3 +303,51 @@ def test_the_client_reconnects_by_itself_after_a_dropped_connection(
         proxy.close()
     assert texts["stdout"] + rest["stdout"] == "before\nafter\n"
     assert isinstance(seen[-1], EndEvent)
+
+
+def test_cli_follow_prints_output_live_and_exits_with_the_code(
+    printing: tuple[LiveServer, PrintingRunner],
+) -> None:
+    """``pyexec follow`` prints each piece of output while the run goes on (stdout to
+    stdout, stderr to stderr), then exits with the script's exit code."""
+    server, runner = printing
+    eid = started(server, runner)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pyexec.cli", "--server", server.url, "follow", eid],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert follower.stdout is not None
+        runner.print(eid, "stdout", b"first\n")
+        readable, _, _ = select.select([follower.stdout], [], [], 20)  # a bounded wait
+        assert readable, "follow printed nothing while the run went on"
+        assert follower.stdout.readline() == b"first\n"
+        runner.print(eid, "stderr", b"oops\n")
+        runner.print(eid, "stdout", b"second\n")
+        runner.end(eid)
+        out, err = follower.communicate(timeout=20)
+    finally:
+        follower.kill()
+    assert out == b"second\n"
+    assert b"oops\n" in err
+    assert follower.returncode == 0
+
+
+def test_cli_json_prints_one_event_per_line(printing: tuple[LiveServer, PrintingRunner]) -> None:
+    """``pyexec --json follow`` prints each event as one JSON line, the end last."""
+    server, runner = printing
+    eid = started(server, runner)
+    runner.print(eid, "stdout", b"a\n")
+    runner.end(eid)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyexec.cli", "--server", server.url, "--json", "follow", eid],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[0] == {"event": "stdout", "id": "2-0", "offset": 0, "text": "a\n"}
+    assert events[-1]["event"] == "end"
+    assert events[-1]["execution"]["stdout"] == "a\n"
+    assert done.returncode == 0

@@ -6,7 +6,6 @@ import ast
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -14,20 +13,17 @@ from typing import Annotated
 from cyclopts import Parameter
 
 from pyexec.__about__ import __version__
-from pyexec.client import Client, Execution, Logs, RunOptions, Status, WaitTimeout
+from pyexec.client import Client, Execution, RunOptions, Status
 from pyexec.client._base import check_execution_id, run_wait
 
 from . import exitcodes
 from .inputs import STDIN, gather, process_stdin
 from .interrupts import Interrupted, run_to_end
-from .options import ExecFlags, Globals, UsageError, current, env_pairs, read_local_text
+from .live import LivePrinter
+from .options import ExecFlags, UsageError, current, env_pairs, read_local_text
 from .render import Progress, emit_execution, note, print_json, verbose_note, write
 
 __all__ = ["eval_", "follow", "kill", "logs", "mcp", "run", "submit", "version"]
-
-DONE = frozenset({Status.COMPLETED, Status.FAILED, Status.KILLED})
-#: Longest a ``follow`` request asks the server to hold its answer, seconds.
-HOLD = 30
 
 PathArg = Annotated[
     str | None,
@@ -76,18 +72,17 @@ def run(
     flags = flags or ExecFlags()
     options = current()
     program = gather(path, file, entrypoint=flags.entrypoint)
+    printer = LivePrinter(options)
     with program.archive, _client() as client:
         run_options = flags.options(program.entrypoint)
-        with Progress(options, f"running {program.entrypoint}"):
-            record = run_to_end(
-                client,
-                lambda: client.submit(program.archive, run_options).execution_id,
-                run_wait(run_options),
-                on_submitted=lambda execution_id: verbose_note(
-                    options, f"{execution_id} submitted"
-                ),
-            )
-    emit_execution(options, record)
+        record = run_to_end(
+            client,
+            lambda: client.submit(program.archive, run_options).execution_id,
+            run_wait(run_options),
+            on_submitted=lambda execution_id: verbose_note(options, f"{execution_id} submitted"),
+            follow=lambda execution_id, seconds: printer.follow(client, execution_id, seconds),
+        )
+    printer.finish(record)
     return exitcodes.for_execution(record)
 
 
@@ -108,48 +103,19 @@ def follow(
     execution_id: str,
     /,
     *,
-    tail: Annotated[bool, Parameter(help="Print output as it arrives.", negative="")] = False,
+    tail: Annotated[
+        bool, Parameter(help="Print output as it arrives (now always so).", negative="")
+    ] = False,
     timeout: Annotated[float, Parameter(help="Give up waiting after this many seconds.")] = 3600,
 ) -> int:
-    """Wait for an execution, printing its status changes; exits like ``run``."""
+    """Wait for an execution, printing its output live and its status changes; exits like
+    ``run``. A dropped connection is picked up where it broke."""
     execution_id = _checked(execution_id)
     options = current()
-    deadline = time.monotonic() + timeout
-    shown_out = shown_err = 0
-    last_status = None
-    delay = 0.2
-    # With --tail, output and a spinner would interleave.
-    with (
-        _client() as client,
-        Progress(options, execution_id, enabled=not tail) as progress,
-        _goes_on_if_interrupted(execution_id),
-    ):
-        while True:
-            if tail:
-                logs = client.logs(execution_id)
-                status = logs.status
-                shown_out, shown_err = _print_new(options, logs, shown_out, shown_err)
-            else:
-                # Once running, only the end is news: let the server hold the request.
-                hold = deadline - time.monotonic() if last_status is Status.RUNNING else 0.0
-                status = client.get(execution_id, wait=max(0, min(HOLD, int(hold)))).status
-            if status is not last_status:
-                note(options, f"{execution_id} {status.value}")
-                progress.label(f"{execution_id} {status.value}")
-                last_status = status
-            if status in DONE:
-                break
-            if time.monotonic() >= deadline:
-                record = client.get(execution_id)
-                raise WaitTimeout(
-                    f"{execution_id} is still {record.status.value} after {timeout:g}s; "
-                    f"run `pyexec follow {execution_id}` again to keep waiting",
-                    execution=record,
-                )
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(1.0, delay * 1.5)
-        record = client.get(execution_id)
-    emit_execution(options, record, skip_stdout=shown_out, skip_stderr=shown_err)
+    printer = LivePrinter(options, notes=True)
+    with _client() as client, _goes_on_if_interrupted(execution_id):
+        record = printer.follow(client, execution_id, timeout)
+    printer.finish(record)
     return exitcodes.for_execution(record)
 
 
@@ -162,15 +128,6 @@ def _goes_on_if_interrupted(execution_id: str) -> Iterator[None]:
         raise Interrupted(
             f"interrupted; {execution_id} goes on (`pyexec kill {execution_id}` stops it)"
         ) from None
-
-
-def _print_new(options: Globals, logs: Logs, shown_out: int, shown_err: int) -> tuple[int, int]:
-    """Print the output not shown yet; returns how much is shown now."""
-    if not options.json:
-        write(sys.stdout, logs.stdout[shown_out:])
-        if not options.quiet:
-            write(sys.stderr, logs.stderr[shown_err:])
-    return max(shown_out, len(logs.stdout)), max(shown_err, len(logs.stderr))
 
 
 def logs(execution_id: str, /) -> int:

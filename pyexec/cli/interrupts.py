@@ -45,9 +45,11 @@ def run_to_end(
     submit: Callable[[], str],
     wait_seconds: float,
     on_submitted: Callable[[str], None] = lambda execution_id: None,
+    follow: Callable[[str, float], Execution] | None = None,
 ) -> Execution:
     """Start an execution with ``submit`` (which returns its id) and wait until it is
-    terminal, for up to ``wait_seconds`` (as long as a sync run would).
+    terminal, for up to ``wait_seconds`` (as long as a sync run would); ``follow``
+    (id, seconds) waits instead of ``client.wait`` (``pyexec run`` prints live).
 
     Interrupted once the server knows the execution, it kills it before re-raising.
     """
@@ -55,6 +57,8 @@ def run_to_end(
         execution_id = submit()
         try:
             on_submitted(execution_id)
+            if follow is not None:
+                return follow(execution_id, wait_seconds)
             return client.wait(execution_id, timeout=wait_seconds)
         except KeyboardInterrupt as exc:
             what = str(exc) or "interrupted"

@@ -155,14 +155,19 @@ class Client(BaseClient):
         return self.parse_submitted(self._send(call))
 
     def stream(
-        self, execution_id: str, *, last_event_id: str | None = None
+        self,
+        execution_id: str,
+        *,
+        last_event_id: str | None = None,
+        timeout: float | None = None,
     ) -> Iterator[StreamEvent]:
         """The execution's events as they happen: ``StatusEvent``, ``OutputEvent`` (each
         piece of output), and last ``EndEvent`` with the final record. A dropped
         connection is reopened from the last event received (``Last-Event-ID``), so no
-        output is lost or repeated; ``last_event_id`` resumes an earlier stream."""
-        plan = StreamPlan(check_execution_id(execution_id), last_event_id)
-        while True:
+        output is lost or repeated; ``last_event_id`` resumes an earlier stream. With
+        ``timeout``, the iteration just stops after that many seconds."""
+        plan = StreamPlan(check_execution_id(execution_id), last_event_id, timeout=timeout)
+        while not plan.expired():
             error: Exception | None = None
             try:
                 with self._http.stream(**plan.request_args(self.timeout)) as response:
@@ -176,8 +181,10 @@ class Client(BaseClient):
                             event = plan.feed(line)
                             if event is not None:
                                 yield event
-                            if isinstance(event, EndEvent):
+                            if isinstance(event, EndEvent) or plan.expired():
                                 return
             except httpx.HTTPError as exc:
+                if plan.expired():
+                    return
                 error = translate(exc, self.base_url)
             time.sleep(plan.broken(error))

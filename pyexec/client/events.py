@@ -8,6 +8,7 @@ retries left. The twins only open connections and read lines.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,9 +85,11 @@ class StreamPlan:
         execution_id: str,
         last_event_id: str | None = None,
         retry: StreamRetry = STREAM_RETRY,
+        timeout: float | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.last_event_id = last_event_id
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self._retry = retry
         self._delays = retry.delays()
         self._fields: dict[str, str] = {}
@@ -97,12 +100,19 @@ class StreamPlan:
         headers = {"Accept": "text/event-stream"}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
+        read = STREAM_READ_TIMEOUT
+        if self.deadline is not None:
+            read = max(0.05, min(read, self.deadline - time.monotonic()))
         return {
             "method": "GET",
             "url": f"/api/v1/executions/{self.execution_id}/events",
             "headers": headers,
-            "timeout": httpx.Timeout(timeout, read=STREAM_READ_TIMEOUT),
+            "timeout": httpx.Timeout(timeout, read=read),
         }
+
+    def expired(self) -> bool:
+        """Whether the caller's ``timeout`` has passed (the stream then just ends)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def refused(self, response: httpx.Response) -> APIError | None:
         """The error a (read) answer other than 200 is, or ``None`` if it is worth
