@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .deps.cache import DepsCache
 from .errors import BackendError
 from .models import Execution, ExecutionRequest, RunOutcome, Status
 from .runner import OnOutput, OnRunning, Runner
@@ -46,6 +47,8 @@ __all__ = ["MeteredRunner", "MeteredStore", "Metrics", "metrics_route"]
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 #: Queue wait: container start on one machine, placement on a busy cluster.
 QUEUE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Building a dependency environment: a tiny wheel to a stack of scientific packages.
+BUILD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 #: How long a pooled sandbox waited before it served (up to the idle limit, minutes).
 POOL_AGE_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -123,6 +126,23 @@ class Metrics:
             ["image", "code"],
             registry=self.registry,
         )
+        self.deps_hits = Counter(
+            "pyexec_deps_cache_hits",
+            "Runs whose requirements came from a ready cached environment.",
+            registry=self.registry,
+        )
+        self.deps_misses = Counter(
+            "pyexec_deps_cache_misses",
+            "Runs that waited for their environment to be built (theirs or another's).",
+            registry=self.registry,
+        )
+        self.deps_build = Histogram(
+            "pyexec_deps_cache_build_seconds",
+            "Time the trusted builder took per environment, by outcome (ok, failed).",
+            ["outcome"],
+            buckets=BUILD_BUCKETS,
+            registry=self.registry,
+        )
 
     # --- the service's hooks -------------------------------------------------------------
 
@@ -155,6 +175,22 @@ class Metrics:
         """Count what ``pool`` reports, and show its ready sandboxes per image."""
         pool.observer = self
         self.registry.register(_PoolReady(pool))
+
+    # --- the dependency cache's observer (``pyexec.deps.cache.DepsObserver``) ---------------
+
+    def deps_hit(self) -> None:
+        self.deps_hits.inc()
+
+    def deps_miss(self) -> None:
+        self.deps_misses.inc()
+
+    def deps_built(self, seconds: float, ok: bool) -> None:
+        self.deps_build.labels(outcome="ok" if ok else "failed").observe(seconds)
+
+    def watch_deps(self, cache: DepsCache) -> None:
+        """Count what ``cache`` reports, and show the bytes it holds."""
+        cache.observer = self
+        self.registry.register(_DepsBytes(cache))
 
     def callback_attempted(self, outcome: str) -> None:
         self.callback_attempts.labels(outcome=outcome).inc()
@@ -349,6 +385,20 @@ class _PoolReady(Collector):
         )
         for image, count in sorted(self._pool.ready().items()):
             family.add_metric([image], count)
+        yield family
+
+
+class _DepsBytes(Collector):
+    """``pyexec_deps_cache_bytes``, the finished environments' size, read at each scrape."""
+
+    def __init__(self, cache: DepsCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "pyexec_deps_cache_bytes", "Bytes of finished dependency environments on this host."
+        )
+        family.add_metric([], self._cache.used_bytes())
         yield family
 
 

@@ -11,6 +11,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from pyexec.callbacks import CallbackSender
+from pyexec.deps.cache import DepsCache
 from pyexec.errors import BadRequest
 from pyexec.execution_service import ExecutionService, Hooks
 from pyexec.logs import log_finished, log_started
@@ -93,6 +94,9 @@ def create_app(
         pool = None
     if pool is not None:
         metrics.watch_pool(pool)
+    deps = getattr(getattr(runner, "deps", None), "cache", None)
+    if isinstance(deps, DepsCache):
+        metrics.watch_deps(deps)
     store, runner = metrics.store(store), metrics.runner(runner)
 
     async def api(scope: Scope, receive: Receive, send: Send) -> None:

@@ -147,9 +147,10 @@ class DepsCache:
         await to_thread.run_sync(self.dir.prepare)
         await to_thread.run_sync(self.dir.sweep)
 
-    async def lease(self, key: EnvKey) -> Lease:
+    async def lease(self, key: EnvKey, *, counted: bool = True) -> Lease:
         """The finished environment of ``key``, built first if there is none; waits at
-        most the build timeout. Raises ``BuildFailed``."""
+        most the build timeout. Raises ``BuildFailed``. ``counted``: a run's lease (the
+        observer's hits and misses), not the prewarm's."""
         digest = key.digest
         deadline = anyio.current_time() + self.build_timeout
         status = "hit"
@@ -161,10 +162,11 @@ class DepsCache:
             status = "miss"
             await self._built(key, deadline)
         lease = Lease(self.dir, key, fd, status)
-        if status == "hit":
+        if counted and status == "hit":
             self.observer.deps_hit()
-        else:
+        elif counted:
             self.observer.deps_miss()
+        if status == "miss":
             # Something was added: make room (this lease's environment is in use, kept).
             removed = await to_thread.run_sync(self.dir.evict, self.cap_bytes)
             if removed:
@@ -228,7 +230,7 @@ class DepsCache:
         async def warm() -> None:
             async for key in keys:
                 try:
-                    (await self.lease(key)).release()
+                    (await self.lease(key, counted=False)).release()
                 except BuildFailed as exc:
                     log.warning("deps cache: prewarming %s failed: %s", key.requirements, exc)
 
