@@ -41,6 +41,7 @@ from .errors import (
     BackendError,
     BackendUnavailable,
     IdempotentReplay,
+    NotFound,
     PayloadTooLarge,
     PyexecError,
     TooManyExecutions,
@@ -50,6 +51,7 @@ from .evaluate.outcome import finish_outcome, is_eval_request
 from .events import EventHub, Subscription
 from .logs import bind_execution
 from .models import (
+    Artifact,
     Execution,
     ExecutionRequest,
     IdempotencyKey,
@@ -555,6 +557,7 @@ class ExecutionService:
             outcome = RunOutcome(reason=Reason.ERROR, error=exc.message)
         if postprocess is not None:
             outcome = postprocess(outcome)
+        outcome = await self._keep_artifacts(execution_id, outcome)
         return await self._store_final(execution_id, outcome)
 
     async def _store_final(self, execution_id: str, outcome: RunOutcome) -> Execution:
@@ -610,6 +613,39 @@ class ExecutionService:
                 return exc.current
         self._notify_finished(stored)
         return stored
+
+    async def _keep_artifacts(self, execution_id: str, outcome: RunOutcome) -> RunOutcome:
+        """Store the run's artifacts before the record that lists them; if the store
+        refuses, the record lists none (``artifacts_truncated``)."""
+        blob = outcome.artifact_blob
+        if blob is None:
+            return outcome
+        try:
+            await self.store.put_artifacts(execution_id, blob)
+        except PyexecError as exc:
+            log.warning("could not store the artifacts of %s: %s", execution_id, exc.message)
+            return attrs.evolve(outcome, artifacts=(), artifacts_truncated=True, artifact_blob=None)
+        finally:
+            blob.close()
+        return attrs.evolve(outcome, artifact_blob=None)
+
+    async def artifact(self, execution_id: str, path: str) -> tuple[Artifact, AsyncIterator[bytes]]:
+        """One artifact of an execution: its entry and its bytes; ``NotFound``
+        (``artifact_not_found``) if the record lists no such path."""
+        record = await self.get(execution_id)
+        for item in record.artifacts:
+            if item.path == path:
+                return item, self.store.open_artifacts(execution_id, item.offset, item.size)
+        raise NotFound(
+            f"{execution_id} has no artifact {path[:200]!r}", code="artifact_not_found", path=path
+        )
+
+    async def artifacts_tar(self, execution_id: str) -> AsyncIterator[bytes]:
+        """Every artifact of an execution as one tar (an empty tar when there are none)."""
+        record = await self.get(execution_id)
+        if not record.artifacts:
+            return _empty_tar()
+        return self.store.open_artifacts(execution_id)
 
     def _notify_finished(self, record: Execution) -> None:
         if self.hooks.on_finished:
@@ -705,6 +741,10 @@ def _spool(tar: BinaryIO) -> BinaryIO:
         spool.close()
         raise
     return spool
+
+
+async def _empty_tar() -> AsyncIterator[bytes]:
+    yield bytes(1024)  # the end-of-archive blocks
 
 
 async def _chunks(tar: BinaryIO) -> AsyncIterator[bytes]:

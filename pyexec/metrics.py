@@ -297,6 +297,17 @@ class MeteredStore:
         with self._count():
             return await self.inner.watch_output(execution_id, version, timeout)
 
+    async def put_artifacts(self, execution_id: str, blob: BinaryIO) -> None:
+        with self._count():
+            await self.inner.put_artifacts(execution_id, blob)
+
+    async def open_artifacts(
+        self, execution_id: str, start: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        with self._count():
+            async for chunk in self.inner.open_artifacts(execution_id, start, length):
+                yield chunk
+
 
 class MeteredRunner:
     """A ``Runner`` that counts its backend's errors and keeps the in-flight set: a launch

@@ -17,17 +17,19 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import attrs
 
 from .errors import BackendError, BadRequest, LimitExceeded
 from .imageref import is_valid_reference
+from .sandbox.collect import MAX_PATTERNS, check_pattern
 from .settings import CONFIG_MINIMA, Settings
 
 __all__ = [
     "TERMINAL",
+    "Artifact",
     "CallbackState",
     "Execution",
     "ExecutionConfig",
@@ -144,6 +146,8 @@ class ExecutionConfig:
     pids_limit: int
     max_output_bytes: int
     network_disabled: bool = True
+    #: Most bytes of artifacts (output files) collected in total.
+    max_artifact_bytes: int = 16 * 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -158,6 +162,8 @@ class ExecutionRequest:
     script_args: tuple[str, ...] = ()
     #: Where the final record is POSTed, signed, when the execution ends (``pyexec.callbacks``).
     callback_url: str | None = None
+    #: Glob patterns of output files to collect after the run (``pyexec.artifacts``).
+    artifacts: tuple[str, ...] = ()
 
     @property
     def needs_setup(self) -> bool:
@@ -179,6 +185,8 @@ class ExecutionRequest:
         }
         if self.callback_url is not None:
             body["callback_url"] = self.callback_url
+        if self.artifacts:
+            body["artifacts"] = list(self.artifacts)
         return body
 
     @classmethod
@@ -209,6 +217,33 @@ class ExecutionRequest:
             ),
             script_args=tuple(data.get("script_args") or ()),
             callback_url=data.get("callback_url") or None,
+            artifacts=tuple(data.get("artifacts") or ()),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Artifact:
+    """One output file a run left: its path relative to the working directory, size and
+    SHA-256 (hex); ``offset`` is where its bytes start in the stored blob (stored only)."""
+
+    path: str
+    size: int
+    sha256: str
+    offset: int = 0
+
+    def to_dict(self, *, stored: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if stored:
+            body["offset"] = self.offset
+        return body
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Artifact:
+        return cls(
+            path=str(data["path"]),
+            size=int(data["size"]),
+            sha256=str(data["sha256"]),
+            offset=int(data.get("offset") or 0),
         )
 
 
@@ -296,6 +331,11 @@ class RunOutcome:
     #: environment), ``miss`` (cached after a build this run waited for), ``off`` (installed
     #: in the run's own setup phase); ``None`` without requirements.
     deps_cache: str | None = None
+    #: Output files collected (``pyexec.artifacts``), and whether some were left out.
+    artifacts: tuple[Artifact, ...] = ()
+    artifacts_truncated: bool = False
+    #: The tar holding their bytes (``Artifact.offset``), for the service to store.
+    artifact_blob: BinaryIO | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -328,6 +368,9 @@ class Execution:
     request: ExecutionRequest | None = None
     #: How the run got its requirements (``RunOutcome.deps_cache``); ``None`` without.
     deps_cache: str | None = None
+    #: Output files the run left (``pyexec.artifacts``), and whether some were left out.
+    artifacts: tuple[Artifact, ...] = ()
+    artifacts_truncated: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -347,6 +390,8 @@ class Execution:
             "reason": None if self.reason is None else self.reason.value,
             "output_truncated": self.output_truncated,
             "created_at": _iso(self.created_at),
+            "artifacts": [a.to_dict(stored=include_request) for a in self.artifacts],
+            "artifacts_truncated": self.artifacts_truncated,
         }
         for name in ("result", "error_type", "error_line"):
             value = getattr(self, name)
@@ -395,6 +440,8 @@ class Execution:
             ),
             request=None if request is None else ExecutionRequest.from_dict(request),
             deps_cache=data.get("deps_cache"),
+            artifacts=tuple(Artifact.from_dict(a) for a in data.get("artifacts") or ()),
+            artifacts_truncated=bool(data.get("artifacts_truncated", False)),
         )
 
     def finished(self, outcome: RunOutcome) -> Execution:
@@ -421,6 +468,8 @@ class Execution:
             duration_ms=duration,
             error=outcome.error,
             deps_cache=outcome.deps_cache,
+            artifacts=outcome.artifacts,
+            artifacts_truncated=outcome.artifacts_truncated,
             **extra,
         )
 
@@ -437,6 +486,7 @@ _TOP_LEVEL = {
     "script_args",
     "config",
     "callback_url",
+    "artifacts",
 }
 _CONFIG = {
     "timeout_seconds",
@@ -446,6 +496,7 @@ _CONFIG = {
     "cpu_shares",
     "pids_limit",
     "max_output_bytes",
+    "max_artifact_bytes",
 }
 
 
@@ -526,6 +577,9 @@ def parse_config(raw: Mapping[str, Any], settings: Settings) -> ExecutionConfig:
             "max_output_bytes", settings.default_max_output_bytes, settings.max_output_bytes
         ),
         network_disabled=network_disabled,
+        max_artifact_bytes=number(
+            "max_artifact_bytes", settings.default_max_artifact_bytes, settings.max_artifact_bytes
+        ),
     )
 
 
@@ -669,4 +723,29 @@ def parse_request(raw: Any, settings: Settings) -> ExecutionRequest:
         callback_url=check_callback_url(data["callback_url"], settings)
         if "callback_url" in data
         else None,
+        artifacts=_artifacts(data["artifacts"]) if "artifacts" in data else (),
     )
+
+
+def _artifacts(raw: Any) -> tuple[str, ...]:
+    """The ``artifacts`` glob patterns, checked (``pyexec.sandbox.collect`` has the rules)."""
+    if not isinstance(raw, list):
+        raise BadRequest(
+            "artifacts must be a list of glob patterns", code="invalid_field", field="artifacts"
+        )
+    if len(raw) > MAX_PATTERNS:
+        raise LimitExceeded(
+            f"artifacts has {len(raw)} patterns; at most {MAX_PATTERNS} are allowed",
+            code="too_many_artifact_patterns",
+            field="artifacts",
+            maximum=MAX_PATTERNS,
+        )
+    for index, pattern in enumerate(raw):
+        problem = check_pattern(pattern)
+        if problem is not None:
+            raise BadRequest(
+                f"artifacts[{index}] {str(pattern)[:80]!r} {problem}",
+                code="invalid_artifact_pattern",
+                field=f"artifacts[{index}]",
+            )
+    return tuple(dict.fromkeys(raw))

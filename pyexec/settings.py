@@ -37,6 +37,7 @@ CONFIG_MINIMA = {
     "cpu_shares": 2,
     "pids_limit": 8,
     "max_output_bytes": 1,
+    "max_artifact_bytes": 0,
 }
 #: ``config.*`` name → (the default's field, the maximum's field) in ``Settings``.
 CONFIG_FIELDS = {
@@ -46,6 +47,7 @@ CONFIG_FIELDS = {
     "cpu_shares": ("default_cpu_shares", "max_cpu_shares"),
     "pids_limit": ("default_pids_limit", "max_pids_limit"),
     "max_output_bytes": ("default_max_output_bytes", "max_output_bytes"),
+    "max_artifact_bytes": ("default_max_artifact_bytes", "max_artifact_bytes"),
 }
 #: Host names ``pyexec serve`` may bind without API tokens.
 LOOPBACK_HOSTS = frozenset({"localhost", "::1"})
@@ -227,6 +229,13 @@ class Settings:
     default_image: str = setting(
         "python:3.12-slim", "PYEXEC_DEFAULT_IMAGE", help="Container image for runs by default."
     )
+    default_max_artifact_bytes: int = setting(
+        16 * MiB,
+        "PYEXEC_DEFAULT_MAX_ARTIFACT_BYTES",
+        parse=int,
+        help="Bytes of artifacts (output files) collected in total by default "
+        "(`config.max_artifact_bytes`); past it, `artifacts_truncated`.",
+    )
 
     # --- Server-side maxima a request may not exceed --------------------------------
     max_timeout: int = setting(3600, "PYEXEC_MAX_TIMEOUT", parse=int, help="Largest timeout.")
@@ -272,6 +281,12 @@ class Settings:
         parse=_optional_str,
         help="Host CA bundle mounted into setup containers, with SSL_CERT_FILE/PIP_CERT set "
         "(for TLS-intercepting proxies). Off by default.",
+    )
+    max_artifact_bytes: int = setting(
+        256 * MiB,
+        "PYEXEC_MAX_ARTIFACT_BYTES",
+        parse=int,
+        help="Largest `config.max_artifact_bytes` a request may ask for.",
     )
 
     # --- Uploaded archives ------------------------------------------------------------

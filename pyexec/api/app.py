@@ -23,8 +23,8 @@ from pyexec.runner.pool import WarmPool
 from pyexec.settings import Settings
 from pyexec.store import Store
 
+from . import artifacts, events, executions, meta
 from . import eval as eval_api
-from . import events, executions, meta
 from .auth import BearerAuth
 from .errors import exception_handlers
 from .middleware import HeadLimitMiddleware, RequestIdMiddleware
@@ -116,6 +116,16 @@ def create_app(
         ),
         Route("/api/v1/executions/{execution_id}/logs", executions.execution_logs, methods=["GET"]),
         Route("/api/v1/executions/{execution_id}/events", events.execution_events, methods=["GET"]),
+        Route(
+            "/api/v1/executions/{execution_id}/artifacts",
+            artifacts.artifacts_tar,
+            methods=["GET"],
+        ),
+        Route(
+            "/api/v1/executions/{execution_id}/artifacts/{path:path}",
+            artifacts.artifact_file,
+            methods=["GET"],
+        ),
         Route("/api/v1/eval", eval_api.eval_endpoint, methods=["POST"]),
         Route("/api/v1/eval/async", eval_api.eval_async_endpoint, methods=["POST"]),
         Route("/api/v1/version", meta.version, methods=["GET"]),

@@ -82,15 +82,12 @@ def _wait(request: Request) -> float:
     return wait
 
 
-def _execution_id(request: Request) -> str:
+def execution_id_of(request: Request) -> str:
+    """The ``{execution_id}`` of the path, checked (``NotFound`` if it cannot be one)."""
     execution_id: str = request.path_params["execution_id"]
     if not EXECUTION_ID.match(execution_id):
         raise NotFound(f"no execution {execution_id}")
     return execution_id
-
-
-#: The execution id of a request's path, checked (for the handlers of other modules).
-execution_id_of = _execution_id
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -128,12 +125,12 @@ async def execution(request: Request) -> JSONResponse:
 
 
 async def execution_get(request: Request) -> JSONResponse:
-    record = await _service(request).get(_execution_id(request), wait=_wait(request))
+    record = await _service(request).get(execution_id_of(request), wait=_wait(request))
     return JSONResponse(record.to_dict())
 
 
 async def execution_logs(request: Request) -> JSONResponse:
-    record, stdout, stderr = await _service(request).logs(_execution_id(request))
+    record, stdout, stderr = await _service(request).logs(execution_id_of(request))
     return JSONResponse(
         {
             "execution_id": record.execution_id,
@@ -146,5 +143,5 @@ async def execution_logs(request: Request) -> JSONResponse:
 
 
 async def execution_kill(request: Request) -> JSONResponse:
-    record = await _service(request).kill(_execution_id(request))
+    record = await _service(request).kill(execution_id_of(request))
     return JSONResponse(record.to_dict())

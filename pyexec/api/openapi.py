@@ -9,6 +9,7 @@ from typing import Any
 from pyexec.__about__ import __version__
 from pyexec.execution_service import MAX_POLL_SECONDS
 from pyexec.models import EXECUTION_ID, Reason, Status
+from pyexec.sandbox.collect import MAX_PATTERNS
 from pyexec.settings import CONFIG_FIELDS, CONFIG_MINIMA, Settings
 
 __all__ = ["openapi_document"]
@@ -26,7 +27,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     text = {
         400: "Invalid request (unknown field, bad value, rejected tar)",
         401: "Missing or invalid bearer token",
-        404: "No such execution",
+        404: "No such execution (or artifact: artifact_not_found)",
         409: "The Idempotency-Key was used for a different request (idempotency_conflict)",
         413: "Archive or code too large",
         429: "This replica runs as many executions as it may; retry later",
@@ -64,6 +65,16 @@ _IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
 
+_ARTIFACT_PATTERNS = {
+    **_STRINGS,
+    "maxItems": MAX_PATTERNS,
+    "description": "Glob patterns, relative to the working directory, of output files to "
+    "collect after the run whatever its verdict (`*`, `?`, `[...]` within a path part; a "
+    "`**` part spans directories). Absolute or `..` patterns: 400 invalid_artifact_pattern; "
+    "more than the maximum: 400 too_many_artifact_patterns. See docs/artifacts.md.",
+    "examples": [["out/*.png", "results/**"]],
+}
+
 _METADATA = {
     "type": "object",
     "additionalProperties": False,
@@ -77,6 +88,7 @@ _METADATA = {
         "script_args": _STRINGS,
         "config": _ref("Config"),
         "callback_url": _CALLBACK_URL,
+        "artifacts": _ARTIFACT_PATTERNS,
     },
 }
 
@@ -118,6 +130,28 @@ _EXECUTION = {
                 "last_error": _NULLABLE_STR,
             },
         },
+        "artifacts": {
+            "type": "array",
+            "description": "Output files collected (regular files only, in path order)",
+            "items": {
+                "type": "object",
+                "required": ["path", "size", "sha256"],
+                "properties": {
+                    "path": {"type": "string"},
+                    "size": {"type": "integer"},
+                    "sha256": {"type": "string"},
+                    "content_base64": {
+                        "type": "string",
+                        "description": "eval with inline_artifacts: the bytes (files up to 1 MiB)",
+                    },
+                },
+            },
+        },
+        "artifacts_truncated": {
+            "type": "boolean",
+            "description": "Some matching files were left out (config.max_artifact_bytes, "
+            "the file count, or a run whose files could not be collected)",
+        },
     },
 }
 
@@ -144,6 +178,13 @@ _EVAL = {
         "requirements_txt": {"type": "string"},
         "config": _ref("Config"),
         "callback_url": _CALLBACK_URL,
+        "artifacts": _ARTIFACT_PATTERNS,
+        "inline_artifacts": {
+            "type": "boolean",
+            "default": False,
+            "description": "Return each artifact up to 1 MiB base64-encoded in the answer "
+            "(content_base64)",
+        },
     },
 }
 
@@ -366,6 +407,47 @@ def _document() -> dict[str, Any]:
                 }
             },
             "/api/v1/executions/{execution_id}/events": _EVENTS,
+            "/api/v1/executions/{execution_id}/artifacts": {
+                "get": {
+                    "summary": "Every artifact of an execution as one uncompressed tar",
+                    "operationId": "getArtifacts",
+                    "parameters": [_ID_PARAM],
+                    "responses": {
+                        "200": {
+                            "description": "A tar of the listed files (empty when none)",
+                            "content": {
+                                "application/x-tar": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                }
+                            },
+                        },
+                        **_errors(401, 404, 502, 503),
+                    },
+                }
+            },
+            "/api/v1/executions/{execution_id}/artifacts/{path}": {
+                "get": {
+                    "summary": "One artifact, by its path as the record lists it",
+                    "operationId": "getArtifact",
+                    "parameters": [
+                        _ID_PARAM,
+                        {
+                            "name": "path",
+                            "in": "path",
+                            "required": True,
+                            "description": "The artifact's path (slashes included)",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file; its content type from its name",
+                            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                        },
+                        **_errors(401, 404, 502, 503),
+                    },
+                }
+            },
             "/api/v1/eval": {
                 "post": {
                     "summary": "Run code given as JSON and wait for the result",

@@ -27,11 +27,12 @@ _FIELDS = frozenset(
     {
         "code", "files", "entrypoint", "stdin", "python_version", "eval_last_expr",
         "env_vars", "script_args", "requirements_txt", "auto_requirements", "config",
-        "callback_url",
+        "callback_url", "artifacts", "inline_artifacts",
     }
 )  # fmt: skip
 _SHARED = (
     "entrypoint", "stdin", "env_vars", "script_args", "requirements_txt", "config", "callback_url",
+    "artifacts",
 )  # fmt: skip
 _FILE_FIELDS = frozenset({"name", "content"})
 _DEFAULT_ENTRYPOINT = "main.py"
@@ -49,6 +50,8 @@ class EvalRequest:
     #: The run as the tar API would take it (image from ``python_version``, the user's
     #: entrypoint and requirements_txt; eval swaps in its own entrypoint later).
     execution: ExecutionRequest
+    #: Return artifacts up to ``INLINE_ARTIFACT_BYTES`` each, base64, in the answer.
+    inline_artifacts: bool = False
 
     @property
     def entrypoint(self) -> str:
@@ -80,6 +83,7 @@ def parse_eval_request(raw: Any, settings: Settings) -> EvalRequest:
         eval_last_expr=_flag(data, "eval_last_expr", default=False),
         auto_requirements=_auto_requirements(data, settings),
         execution=execution,
+        inline_artifacts=_flag(data, "inline_artifacts", default=False),
     )
 
 

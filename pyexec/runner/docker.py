@@ -34,6 +34,7 @@ import attrs
 import docker
 from anyio import from_thread, to_thread
 
+from pyexec.artifacts import ARTIFACTS_MARK, ArtifactStream, blob_overhead, new_nonce
 from pyexec.deps.cache import BuildFailed, Lease
 from pyexec.deps.docker import DockerDeps
 from pyexec.errors import (
@@ -54,6 +55,7 @@ from pyexec.runner.docker_spec import (
     LABEL_OWNER,
     LABEL_PHASE,
     Phase,
+    artifact_grace,
     bootstrap_spec,
     container_args,
     plan,
@@ -107,6 +109,8 @@ class _Run:
     deps_site: str | None = None
     #: Gets the output as it is captured (live output), if anybody asked.
     on_output: OnOutput | None = None
+    #: The artifacts on the run container's stdout, when the request asks for some.
+    artifacts: ArtifactStream | None = None
 
     def outcome(self, reason: Reason, error: str | None = None) -> RunOutcome:
         return RunOutcome(
@@ -119,6 +123,8 @@ class _Run:
             finished_at=self.finished_at or utcnow(),
             error=error,
             deps_cache=self.deps_cache,
+            # Asked for and not (yet) collected: left out. ``_drive`` puts in what came.
+            artifacts_truncated=bool(self.request.artifacts),
         )
 
 
@@ -351,6 +357,8 @@ class DockerRunner:
             state = (await self._engine.inspect(container))["State"]
             run.finished_at = _engine_time(state.get("FinishedAt")) or utcnow()
             stdout, stderr = await self._engine.output(container)
+            if run.request.artifacts:  # their mark's nonce is gone with the crashed process
+                stdout = stdout.split(ARTIFACTS_MARK, 1)[0]
             for stream, data in ((1, control.feed(stdout)), (2, trailer.feed(stderr))):
                 if run.verdict is None:
                     self._capture(run, stream, data)
@@ -398,7 +406,28 @@ class DockerRunner:
     ) -> RunOutcome:
         outcome = await self._drive_phases(run, tar, on_running, launched)
         run.stdout.data, run.stderr.data = bytearray(), bytearray()  # the outcome has the text
+        if run.artifacts is not None:
+            outcome = await self._with_artifacts(run, run.artifacts, outcome)
         return outcome
+
+    async def _with_artifacts(
+        self, run: _Run, stream: ArtifactStream, outcome: RunOutcome
+    ) -> RunOutcome:
+        """``outcome`` with the artifacts the bootstrap sent after the program, checked."""
+        run.artifacts = None
+        config = run.request.config
+        try:
+            got = await to_thread.run_sync(
+                stream.collected, run.request.artifacts, config.max_artifact_bytes
+            )
+        finally:
+            stream.close()
+        return attrs.evolve(
+            outcome,
+            artifacts=got.files,
+            artifacts_truncated=got.truncated or stream.overflow,
+            artifact_blob=got.blob,
+        )
 
     async def _drive_phases(
         self,
@@ -489,7 +518,15 @@ class DockerRunner:
             self._settings, request, run.execution_id, phase, run.volume, self._owner, run.deps_site
         )
         deps = run.deps_site is not None
-        spec = wire.spec_frame(bootstrap_spec(self._settings, request, phase, deps=deps))
+        nonce = ""
+        if phase.run and request.artifacts:
+            nonce = new_nonce()
+            run.artifacts = ArtifactStream(
+                nonce, request.config.max_artifact_bytes + blob_overhead()
+            )
+        spec = wire.spec_frame(
+            bootstrap_spec(self._settings, request, phase, deps=deps, nonce=nonce)
+        )
         sandbox = await self._take_pooled(run, phase, args)
         if sandbox is not None:
             container = sandbox.container
@@ -515,7 +552,7 @@ class DockerRunner:
                 deadline = anyio.current_time() + budget + _SETUP_GRACE
             else:
                 await self._begin(run, on_running)
-                deadline = anyio.current_time() + budget
+                deadline = anyio.current_time() + budget + artifact_grace(request)
             stdin = request.stdin.encode() if phase.run else None
             async with anyio.create_task_group() as group:
                 group.start_soon(
@@ -667,12 +704,16 @@ class DockerRunner:
                         if control.status == "ready" and phase.setup:
                             await self._begin(run, on_running)
                             scope.deadline = (
-                                anyio.current_time() + run.request.config.timeout_seconds
+                                anyio.current_time()
+                                + run.request.config.timeout_seconds
+                                + artifact_grace(run.request)
                             )
                         elif control.status == "setup_ok" and not phase.run:
                             # (In a phase that runs the program, "setup_ok" can only be
                             # a pre_command writing to the bootstrap's stdout: not trusted.)
                             return scope.deadline
+                    if stream == 1 and run.artifacts is not None:
+                        payload = run.artifacts.feed(payload)
                     if stream == 2:
                         payload = trailer.feed(payload)
                     if stream not in (1, 2) or not payload:
@@ -681,6 +722,8 @@ class DockerRunner:
                         return scope.deadline
             # The stream ended: what the trailer held back was the program's, unless a trailer.
             self._capture(run, 2, trailer.finish())
+            if run.artifacts is not None:
+                self._capture(run, 1, run.artifacts.finish())
         if scope.cancelled_caught:
             self._timed_out(run, phase, control)
         return scope.deadline

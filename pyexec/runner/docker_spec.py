@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 from docker.types import LogConfig, Mount, Ulimit
 
+from pyexec.artifacts import MAX_ARTIFACT_FILES
 from pyexec.models import ExecutionRequest
 from pyexec.sandbox import bootstrap_source, seccomp_profile
 from pyexec.settings import Settings
@@ -32,6 +33,7 @@ __all__ = [
     "WORKDIR",
     "DiskShares",
     "Phase",
+    "artifact_grace",
     "bootstrap_spec",
     "container_args",
     "disk_shares",
@@ -60,6 +62,9 @@ CPU_BACKSTOP_SLACK = 60
 LOG_SLACK_BYTES = 1024 * 1024
 #: Seconds the bootstrap's own deadline comes after the runner's.
 SANDBOX_DEADLINE_GRACE = 0.5
+#: Time allowed for collecting artifacts after a run: this much, plus the cap at this rate.
+ARTIFACT_SECONDS = 5.0
+ARTIFACT_RATE = 32 * MiB
 #: Processes and threads gVisor's own sandbox (sentry, gofer) holds in the container's
 #: pids cgroup under ``runsc``, added to the run's ``pids_limit`` (it needs about 40).
 RUNSC_PIDS_OVERHEAD = 64
@@ -238,10 +243,16 @@ def volume_args(request: ExecutionRequest, execution_id: str, owner: str) -> dic
 
 
 def bootstrap_spec(
-    settings: Settings, request: ExecutionRequest, phase: Phase, *, deps: bool = False
+    settings: Settings,
+    request: ExecutionRequest,
+    phase: Phase,
+    *,
+    deps: bool = False,
+    nonce: str = "",
 ) -> dict[str, Any]:
     """What the in-container bootstrap is told to do (the first frame on its stdin);
-    ``deps``: the program gets the cached environment at ``DEPS_TARGET`` on its path."""
+    ``deps``: the program gets the cached environment at ``DEPS_TARGET`` on its path;
+    ``nonce`` marks the artifacts on its stdout when the request asks for some."""
     env = dict(request.env_vars)
     spec: dict[str, Any] = {
         "extract": phase.extract,
@@ -277,4 +288,23 @@ def bootstrap_spec(
         }
         if deps:
             spec["run"]["deps"] = DEPS_TARGET
+        if request.artifacts:
+            spec["run"]["artifacts"] = {
+                "patterns": list(request.artifacts),
+                "cap": request.config.max_artifact_bytes,
+                "max_files": MAX_ARTIFACT_FILES,
+                "nonce": nonce,
+            }
     return spec
+
+
+def artifact_grace(request: ExecutionRequest) -> float:
+    """Seconds the runner waits past a run's timeout when it asks for artifacts: the
+    bootstrap ends the program at its own deadline, then collects and sends them."""
+    if not request.artifacts:
+        return 0.0
+    return (
+        SANDBOX_DEADLINE_GRACE
+        + ARTIFACT_SECONDS
+        + request.config.max_artifact_bytes / (ARTIFACT_RATE)
+    )

@@ -3,9 +3,9 @@
 ``wire`` is what a runner speaks to the bootstrap (spec, archive frames, control line).
 
 ``bootstrap_source()`` is what a runner passes to ``python3 -I -S -c``: the
-bootstrap (``bootstrap.py``), the tar rules (``tarcheck.py``) and a call to
-``main()``; built-in modules only, so any image with Python 3.8+ runs them
-unchanged and fast.
+bootstrap (``bootstrap.py``), the tar rules (``tarcheck.py``), the artifact collector
+(``collect.py``) and a call to ``main()``; standard library only, so any image with
+Python 3.8+ runs them unchanged and fast.
 
 ``seccomp_profile()`` is the system-call allow-list every sandbox container runs
 under (``seccomp.json``: Docker's ``security_opt`` format, used by the local runner
@@ -23,7 +23,7 @@ from importlib import resources
 __all__ = ["bootstrap_source", "seccomp_profile"]
 
 # bootstrap.py first: its ``from __future__ import annotations`` must open the source.
-_PARTS = ("bootstrap.py", "tarcheck.py")
+_PARTS = ("bootstrap.py", "tarcheck.py", "collect.py")
 
 
 @cache

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     # Inside the container tarcheck.py's source follows this file's.
+    from .collect import write_artifacts
     from .tarcheck import DIR, HARDLINK, SYMLINK, TarChecker
 
 WORK = "/work"
@@ -45,6 +46,9 @@ STATE = WORK + "/.pyexec"
 SITE = STATE + "/site"
 CONTROL = b"\0pyexec "
 TRAILER = b"\0pyexec end "
+ARTIFACTS_MARK = b"\0pyexec artifacts "
+#: What to collect once the program is over (``spec["run"]["artifacts"]``), if anything.
+ARTIFACTS: dict[str, Any] = {}
 
 
 def read_exact(count: int) -> bytes:
@@ -189,6 +193,7 @@ def cap_cpu(seconds: int) -> None:
 
 
 def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
+    ARTIFACTS.update(spec.get("artifacts") or {})
     env.update(spec.get("env") or {})
     if spec.get("cpu_backstop"):
         cap_cpu(spec["cpu_backstop"])
@@ -246,10 +251,57 @@ def supervise(argv: list[str], env: dict[str, str], deadline: float) -> NoReturn
 
 
 def ended(kind: str, code: int) -> NoReturn:
-    """The trailer, ``\\0pyexec end <kind> <code>``, as the last line on stderr (the
-    runner strips it), then exit as the program did."""
+    """The artifacts, if asked for, then the trailer, ``\\0pyexec end <kind> <code>``, as
+    the last line on stderr (the runner strips it), then exit as the program did."""
+    if ARTIFACTS:
+        send_artifacts()
     write_all(2, TRAILER + (kind + " " + str(code) + "\n").encode())
     os._exit(code)
+
+
+def send_artifacts() -> None:
+    """End every process the program left, then write a mark line and the matched files
+    as a tar on stdout (``pyexec.artifacts.ArtifactStream`` reads them); nothing of the
+    program can write or swap a file any more while they are read."""
+    import signal
+
+    try:  # noqa: SIM105 - contextlib would be one more import in every sandbox
+        os.kill(-1, signal.SIGKILL)  # every process of the sandbox but init and this one
+    except OSError:
+        pass
+    wait_alone(2.0)
+    write_all(1, ARTIFACTS_MARK + ARTIFACTS["nonce"].encode("ascii") + b"\n")
+    try:
+        with os.fdopen(1, "wb", closefd=False) as out:
+            write_artifacts(
+                out, WORK, ARTIFACTS["patterns"], ARTIFACTS["cap"], ARTIFACTS["max_files"]
+            )
+    except Exception:  # noqa: BLE001, S110 - the host sees a tar cut short: truncated
+        pass
+
+
+def wait_alone(seconds: float) -> None:
+    """Wait (at most ``seconds``) until no process but init, this one and zombies is left."""
+    import time
+
+    end = time.monotonic() + seconds
+    mine = {1, os.getpid()}
+    while time.monotonic() < end:
+        alive = False
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in mine:
+                continue
+            try:
+                with open("/proc/" + name + "/stat", "rb") as fh:
+                    state = fh.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in (b"Z", b"X"):
+                alive = True
+                break
+        if not alive:
+            return
+        time.sleep(0.01)
 
 
 def main() -> None:

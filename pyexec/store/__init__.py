@@ -134,6 +134,17 @@ class Store(Protocol):
         (``0``: at once), or when ``timeout`` seconds passed; ``NotFound`` if there is no
         record. Waits without busy polling (Consul: a blocking query)."""
 
+    async def put_artifacts(self, execution_id: str, blob: BinaryIO) -> None:
+        """Keep the artifacts of an execution: ``blob``, a tar (``pyexec.artifacts``), read
+        in chunks from where it stands. Stored before the final record that lists them;
+        replaces what an earlier call stored; ``delete`` removes it with the record."""
+
+    def open_artifacts(
+        self, execution_id: str, start: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """``length`` bytes of the stored artifacts blob from ``start`` (to its end by
+        default), chunk by chunk; ``NotFound`` (``artifact_not_found``) if none is stored."""
+
 
 def apply_change(current: Execution, change: Change, expect: Collection[Status]) -> Execution:
     """``change(current)``, checked: ``TransitionRefused`` unless the status is in ``expect``,

@@ -55,6 +55,9 @@ from pyexec.store.consul_keys import (
     STREAMS,
     Manifest,
     UploadClaim,
+    artifacts_chunk_key,
+    artifacts_folder,
+    artifacts_manifest_key,
     execution_folder,
     executions_root,
     id_from_folder,
@@ -541,6 +544,61 @@ class ConsulStore:
 
     async def watch_output(self, execution_id: str, version: int, timeout: float) -> LiveOutput:
         return await consul_live.watch(self._kv, self._prefix, execution_id, version, timeout)
+
+    # --- Artifacts ----------------------------------------------------------------------
+
+    async def put_artifacts(self, execution_id: str, blob: BinaryIO) -> None:
+        """Chunks first (create-only raw PUTs), the manifest last: a blob exists when, and
+        only when, its manifest does. A failure removes what was written."""
+        kv, prefix = self._kv, self._prefix
+        await self.get(execution_id)
+        await kv.delete_tree(artifacts_folder(prefix, execution_id))
+        hasher, size, count = hashlib.sha256(), 0, 0
+        try:
+            while chunk := await anyio.to_thread.run_sync(blob.read, self._chunk_size):
+                hasher.update(chunk)
+                size += len(chunk)
+                key = artifacts_chunk_key(prefix, execution_id, count)
+                if not await kv.put_new(key, chunk):
+                    raise BackendError(f"{execution_id}: artifacts exist", code="store_error")
+                count += 1
+            manifest = Manifest(
+                chunks=count, size=size, sha256=hasher.hexdigest(), chunk_size=self._chunk_size
+            )
+            key = artifacts_manifest_key(prefix, execution_id)
+            if not await kv.put_new(key, manifest.to_json().encode()):
+                raise BackendError(f"{execution_id}: artifacts exist", code="store_error")
+        except BaseException:
+            await kv.cleanup(artifacts_folder(prefix, execution_id))
+            raise
+
+    async def open_artifacts(
+        self, execution_id: str, start: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        kv, prefix = self._kv, self._prefix
+        item = await kv.get(artifacts_manifest_key(prefix, execution_id))
+        if item is None or item.get("Value") is None:
+            await self.get(execution_id)
+            raise NotFound(f"{execution_id} has no artifacts", code="artifact_not_found")
+        manifest = Manifest.from_json(item["Value"])
+        end = manifest.size if length is None else min(manifest.size, start + length)
+        whole = start == 0 and end == manifest.size
+        hasher = hashlib.sha256()
+        first = start // manifest.chunk_size
+        for i in range(first, manifest.chunks):
+            offset = i * manifest.chunk_size
+            if offset >= end:
+                break
+            chunk = await kv.get_raw(artifacts_chunk_key(prefix, execution_id, i))
+            if chunk is None:
+                raise NotFound(f"{execution_id}: artifacts gone", code="artifact_not_found")
+            if whole:
+                hasher.update(chunk)
+            yield chunk[max(0, start - offset) : end - offset]
+        if whole and hasher.hexdigest() != manifest.sha256:
+            raise BackendError(
+                f"the artifacts of {execution_id} do not match their manifest", code="store_error"
+            )
 
 
 class _OutputMoved(Exception):

@@ -13,6 +13,8 @@ describes the layout for people; this module is the layout for code::
     <prefix>/executions/<id>/upload                  claim of an upload in progress (JSON)
     <prefix>/executions/<id>/live/head               live output sizes {"stdout", "stderr"} (JSON)
     <prefix>/executions/<id>/live/stdout/000000 ...  live output while it runs, raw, in blocks
+    <prefix>/executions/<id>/artifacts/000000 ...    the artifacts tar, raw bytes, in order
+    <prefix>/executions/<id>/artifacts/manifest      its manifest (JSON, written last)
     <prefix>/idempotency/<sha256 of the key>         {"execution_id", "fingerprint"} (JSON)
 """
 
@@ -29,6 +31,9 @@ __all__ = [
     "STREAMS",
     "Manifest",
     "UploadClaim",
+    "artifacts_chunk_key",
+    "artifacts_folder",
+    "artifacts_manifest_key",
     "chunk_name",
     "execution_folder",
     "executions_root",
@@ -125,6 +130,18 @@ def output_chunk_key(prefix: str, execution_id: str, rev: str, stream: str, inde
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r}")
     return f"{output_folder(prefix, execution_id, rev)}{stream}/{chunk_name(index)}"
+
+
+def artifacts_folder(prefix: str, execution_id: str) -> str:
+    return f"{execution_folder(prefix, execution_id)}artifacts/"
+
+
+def artifacts_chunk_key(prefix: str, execution_id: str, index: int) -> str:
+    return f"{artifacts_folder(prefix, execution_id)}{chunk_name(index)}"
+
+
+def artifacts_manifest_key(prefix: str, execution_id: str) -> str:
+    return f"{artifacts_folder(prefix, execution_id)}manifest"
 
 
 @attrs.frozen(kw_only=True)

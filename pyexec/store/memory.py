@@ -121,6 +121,7 @@ class MemoryStore:
         if event is not None:
             event.set()
         _unlink(self._tar_path(execution_id))
+        _unlink(self._artifacts_path(execution_id))
 
     async def list_expired(self, now: datetime, ttl: float) -> list[str]:
         return [
@@ -209,6 +210,39 @@ class MemoryStore:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 continue
+
+    def _artifacts_path(self, execution_id: str) -> str:
+        return os.path.join(self._dir, f"{execution_id}.artifacts")
+
+    async def put_artifacts(self, execution_id: str, blob: BinaryIO) -> None:
+        await self.get(execution_id)
+        path = self._artifacts_path(execution_id)
+        await to_thread.run_sync(_copy_to, blob, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if execution_id not in self._records:  # deleted meanwhile: it goes with it
+            _unlink(path)
+
+    async def open_artifacts(
+        self, execution_id: str, start: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        await self.get(execution_id)
+        try:
+            fh = await to_thread.run_sync(open, self._artifacts_path(execution_id), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{execution_id} has no artifacts", code="artifact_not_found") from None
+        try:
+            fh.seek(start)
+            left = length
+            while left is None or left > 0:
+                size = CHUNK_SIZE if left is None else min(CHUNK_SIZE, left)
+                chunk = await to_thread.run_sync(fh.read, size)
+                if not chunk:
+                    break
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
+        finally:
+            fh.close()
 
 
 def _copy_to(src: BinaryIO, path: str) -> None:

@@ -1,0 +1,123 @@
+"""Artifacts on the embedded default: HTTP API → service → memory store → real Docker."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any
+
+import httpx
+import pytest
+
+from .artifact_files import CSV, PNG_PROGRAM, png_bytes
+from .tarfiles import make_tar
+
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+
+def upload(files: dict[str, str], metadata: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "files": {"tar": ("code.tar", make_tar(files), "application/x-tar")},
+        "data": {"metadata": json.dumps(metadata)},
+    }
+
+
+async def run(api: httpx.AsyncClient, code: str, **metadata: Any) -> dict[str, Any]:
+    response = await api.post("/api/v1/exec/sync", **upload({"main.py": code}, metadata))
+    record: dict[str, Any] = response.json()
+    assert response.status_code == 200, record
+    return record
+
+
+async def test_a_png_and_a_csv_come_back_byte_exact(api: httpx.AsyncClient) -> None:
+    """A PNG drawn with zlib + struct and a CSV come back listed, one by one and as a tar,
+    byte for byte, with their sizes and SHA-256; a file no pattern names does not."""
+    record = await run(api, PNG_PROGRAM, artifacts=["out/*.png", "results/**"])
+    assert record["status"] == "completed", record
+    assert record["stdout"] == "drew\n"
+    expected = {"out/plot.png": png_bytes(), "results/2024/table.csv": CSV.encode()}
+    listed = {a["path"]: a for a in record["artifacts"]}
+    assert set(listed) == set(expected)
+    assert record["artifacts_truncated"] is False
+    execution_id = record["execution_id"]
+    for path, data in expected.items():
+        assert listed[path] == {
+            "path": path,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        one = await api.get(f"/api/v1/executions/{execution_id}/artifacts/{path}")
+        assert one.status_code == 200
+        assert one.content == data
+    png = await api.get(f"/api/v1/executions/{execution_id}/artifacts/out/plot.png")
+    assert png.headers["content-type"] == "image/png"
+    everything = await api.get(f"/api/v1/executions/{execution_id}/artifacts")
+    assert everything.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(everything.content)) as archive:
+        got = {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}  # type: ignore[union-attr]
+    assert got == expected
+
+
+async def test_an_unknown_artifact_is_a_404_with_a_stable_code(api: httpx.AsyncClient) -> None:
+    """Asking for a path the record does not list answers 404 artifact_not_found."""
+    record = await run(api, "open('a.txt', 'w').write('x')\n", artifacts=["*.txt"])
+    execution_id = record["execution_id"]
+    for path in ("b.txt", "main.py", "x/a.txt", "a.txt/"):
+        response = await api.get(f"/api/v1/executions/{execution_id}/artifacts/{path}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "artifact_not_found"
+
+
+async def test_symlinks_and_paths_outside_return_nothing(api: httpx.AsyncClient) -> None:
+    """Links to files outside (or inside) the working directory, a fifo and a link to a
+    directory are never followed or returned; only the real file is."""
+    code = (
+        "import os\n"
+        "os.makedirs('out', exist_ok=True)\n"
+        "open('out/real.txt', 'w').write('real')\n"
+        "os.symlink('/etc/passwd', 'out/passwd.txt')\n"
+        "os.symlink('real.txt', 'out/alias.txt')\n"
+        "os.symlink('/etc', 'out/etc')\n"
+        "os.mkfifo('out/pipe.txt')\n"
+    )
+    record = await run(api, code, artifacts=["out/**", "/etc/passwd"[1:]])
+    assert [a["path"] for a in record["artifacts"]] == ["out/real.txt"]
+    assert record["artifacts_truncated"] is False
+
+
+async def test_the_cap_is_exact(api: httpx.AsyncClient) -> None:
+    """Files are taken in path order while they fit: the total never passes the cap,
+    and the record says some were left out."""
+    code = "for i in range(5):\n    open(f'f{i}.bin', 'wb').write(bytes(1000))\n"
+    record = await run(api, code, artifacts=["*.bin"], config={"max_artifact_bytes": 3000})
+    assert [a["path"] for a in record["artifacts"]] == ["f0.bin", "f1.bin", "f2.bin"]
+    assert sum(a["size"] for a in record["artifacts"]) == 3000
+    assert record["artifacts_truncated"] is True
+    record = await run(api, code, artifacts=["*.bin"], config={"max_artifact_bytes": 5000})
+    assert len(record["artifacts"]) == 5
+    assert record["artifacts_truncated"] is False
+
+
+async def test_a_timed_out_run_still_returns_its_artifacts(api: httpx.AsyncClient) -> None:
+    """A run killed at its timeout keeps what it wrote before."""
+    code = "open('partial.csv', 'w').write('a,b\\n1,2\\n')\nwhile True: pass\n"
+    record = await run(api, code, artifacts=["*.csv"], config={"timeout_seconds": 2})
+    assert record["reason"] == "timeout", record
+    assert [a["path"] for a in record["artifacts"]] == ["partial.csv"]
+    data = await api.get(f"/api/v1/executions/{record['execution_id']}/artifacts/partial.csv")
+    assert data.content == b"a,b\n1,2\n"
+
+
+async def test_output_that_looks_like_the_mark_stays_output(api: httpx.AsyncClient) -> None:
+    """A program printing the bootstrap's mark (without the run's nonce) keeps its stdout,
+    and its artifacts come back as well."""
+    code = (
+        "import sys\n"
+        "sys.stdout.write('\\x00pyexec artifacts 0000\\nafter\\n')\n"
+        "open('x.txt', 'w').write('x')\n"
+    )
+    record = await run(api, code, artifacts=["x.txt"])
+    assert record["stdout"] == "\x00pyexec artifacts 0000\nafter\n"
+    assert [a["path"] for a in record["artifacts"]] == ["x.txt"]
