@@ -121,6 +121,15 @@ job "pyexec-runner-small" {
       }
 
       template {
+        data            = file("pyexec/sandbox/collect.py")
+        destination     = "local/pyexec/collect.py"
+        change_mode     = "noop"
+        perms           = "0644"
+        left_delimiter  = "[[[pyexec"
+        right_delimiter = "pyexec]]]"
+      }
+
+      template {
         data        = "{{ range ls (printf \"pyexec/executions/%s/tar\" (env \"NOMAD_META_execution_id\")) }}{{ .Value }}{{ end }}"
         destination = "local/bundle.tar"
         change_mode = "noop"

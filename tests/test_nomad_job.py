@@ -76,7 +76,11 @@ def test_every_task_ships_the_services_own_modules_verbatim() -> None:
             shipped.setdefault(task["Name"], []).append(source)
     assert shipped == {
         "install": ["pyexec/taskscripts/nomad_install.py"],
-        "run": ["pyexec/taskscripts/nomad_run.py", "pyexec/sandbox/tarcheck.py"],
+        "run": [
+            "pyexec/taskscripts/nomad_run.py",
+            "pyexec/sandbox/tarcheck.py",
+            "pyexec/sandbox/collect.py",
+        ],
         "finish": ["pyexec/taskscripts/nomad_finish.py"],
     }
 

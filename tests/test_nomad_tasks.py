@@ -58,7 +58,11 @@ def run_task(
     local, alloc, work = tmp_path / "local", tmp_path / "alloc", tmp_path / work_dir
     for path in (local / "pyexec", alloc / "data", work):
         path.mkdir(parents=True, exist_ok=True)
-    for dest in ("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py"):
+    for dest in (
+        "local/pyexec/nomad_run.py",
+        "local/pyexec/tarcheck.py",
+        "local/pyexec/collect.py",
+    ):
         (tmp_path / dest).write_text(nomad_job.task_file(dest))
     (local / "bundle.tar").write_bytes(tar)
     if manifest is None:

@@ -23,13 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import attrs
+from anyio import to_thread
 
+from pyexec.artifacts import blob_overhead, read_artifacts
 from pyexec.deadline import budget_seconds, execution_budget
 from pyexec.errors import BackendError, BackendUnavailable, BadRequest, PyexecError
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
@@ -66,6 +70,8 @@ LIVE_POLL_SECONDS = 0.25
 #: lets the service store the record first (a restart before then still adopts it)
 #: and leaves a few minutes for `nomad job status`.
 PURGE_AFTER_SECONDS = 300.0
+#: Largest single read of the artifacts file through the client filesystem API.
+ARTIFACT_READ_BYTES = 4 * 1024 * 1024
 #: Pauses between dispatch attempts when Nomad is unreachable or leaderless.
 DISPATCH_RETRY_DELAYS = (0.2, 1.0)
 #: Texts of 500 answers that are Nomad's own trouble, not a bad dispatch.
@@ -111,6 +117,9 @@ class _Run:
     on_output: OnOutput | None = None
     #: Bytes of each output file handed to ``on_output`` so far.
     streamed: dict[str, int] = attrs.Factory(lambda: {"stdout": 0, "stderr": 0})
+    #: The request's artifact patterns and cap (``pyexec.artifacts``), if it asks for any.
+    artifacts: tuple[str, ...] = ()
+    artifact_cap: int = 0
 
 
 class NomadRunner:
@@ -263,6 +272,7 @@ class NomadRunner:
             on_running,
         )
         run.on_output = on_output
+        run.artifacts, run.artifact_cap = request.artifacts, request.config.max_artifact_bytes
 
     async def _dispatch(self, parent: str, meta: dict[str, str], token: str) -> JSON:
         """Dispatch, retrying briefly what may be transient: the idempotency token makes a
@@ -336,6 +346,9 @@ class NomadRunner:
             else request.config.max_output_bytes,
             None,
         )
+        if request is not None:
+            run.artifacts = request.artifacts
+            run.artifact_cap = request.config.max_artifact_bytes
         await self._refresh(run)
         return True
 
@@ -511,6 +524,8 @@ class NomadRunner:
             # The run is over but its results cannot be read (e.g. the alloc was collected).
             outcome = state.outcome(alloc, None, "", "", False)
             outcome = attrs.evolve(outcome, error=outcome.error or exc.message)
+        if run.artifacts:
+            outcome = await self._with_artifacts(run, alloc["ID"], files or {}, outcome)
         self._resolve(run, outcome)
 
     async def _stream_output(self, run: _Run, alloc_id: str, files: dict[str, int]) -> None:
@@ -533,10 +548,40 @@ class NomadRunner:
             run.streamed[stream] = size
             run.on_output(stream, data)
 
-    async def _read(self, alloc_id: str, name: str, length: int) -> bytes:
+    async def _with_artifacts(
+        self, run: _Run, alloc_id: str, files: dict[str, int], outcome: RunOutcome
+    ) -> RunOutcome:
+        """``outcome`` with the artifacts the run task left in the allocation directory,
+        read through the client filesystem API and checked (``pyexec.artifacts``)."""
+        size = files.get(state.ARTIFACTS_FILE)
+        if size is None:  # asked for, none came (the task never got to collect them)
+            return attrs.evolve(outcome, artifacts_truncated=True)
+        limit = run.artifact_cap + blob_overhead()
+        spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024)  # noqa: SIM115 - closed below
+        try:
+            for offset in range(0, min(size, limit), ARTIFACT_READ_BYTES):
+                length = min(ARTIFACT_READ_BYTES, min(size, limit) - offset)
+                spool.write(await self._read(alloc_id, state.ARTIFACTS_FILE, length, offset))
+            spool.seek(0)
+            check = partial(read_artifacts, truncated=size > limit)
+            got = await to_thread.run_sync(check, spool, run.artifacts, run.artifact_cap)
+        except PyexecError as exc:
+            log.warning("artifacts of %s not readable: %s", run.execution_id, exc.message)
+            return attrs.evolve(outcome, artifacts_truncated=True)
+        finally:
+            spool.close()
+        return attrs.evolve(
+            outcome,
+            artifacts=got.files,
+            artifacts_truncated=got.truncated,
+            artifact_blob=got.blob,
+        )
+
+    async def _read(self, alloc_id: str, name: str, length: int, offset: int = 0) -> bytes:
         if length <= 0:
             return b""
-        return await self.api.read_file(alloc_id, f"{state.RESULTS_DIR}/{name}", length)
+        path = f"{state.RESULTS_DIR}/{name}"
+        return await self.api.read_file(alloc_id, path, length, offset=offset)
 
     async def _read_output(
         self, alloc_id: str, cap: int, files: dict[str, int] | None = None

@@ -88,9 +88,12 @@ RIGHT_DELIM = "pyexec]]]"
 TASK_FILES = {
     "local/pyexec/nomad_run.py": "pyexec/taskscripts/nomad_run.py",
     "local/pyexec/tarcheck.py": "pyexec/sandbox/tarcheck.py",
+    "local/pyexec/collect.py": "pyexec/sandbox/collect.py",
     "local/pyexec/nomad_finish.py": "pyexec/taskscripts/nomad_finish.py",
     "local/pyexec/nomad_install.py": "pyexec/taskscripts/nomad_install.py",
 }
+#: What the run task (and a setup task) runs: the task script, the tar rules, the collector.
+RUN_CODE = ("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py", "local/pyexec/collect.py")
 #: Where the Nomad client renders the inputs of the run task from Consul.
 INPUTS = {
     "tar": "local/bundle.tar",
@@ -424,7 +427,7 @@ def runner_job(
         },
     )
     run["Templates"] = [
-        *_code("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py"),
+        *_code(*RUN_CODE),
         *input_templates(settings),
     ]
     setup_task = None
@@ -451,7 +454,9 @@ def runner_job(
             "PYEXEC_WORK_BYTES": str(resource_class.disk_mb * MiB),
         }
         run["Templates"] = [
-            *_code("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py"),
+            *_code(
+                "local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py", "local/pyexec/collect.py"
+            ),
             input_templates(settings)[2],
         ]
 

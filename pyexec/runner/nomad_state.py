@@ -42,6 +42,8 @@ SETUP_TASK = "setup"
 #: the allocation directory.
 RESULTS_DIR = "alloc/data/pyexec"
 VERDICT_FILE = "verdict.json"
+#: The run task's artifacts (a tar), written before the verdict when the request asks.
+ARTIFACTS_FILE = "artifacts.tar"
 VERDICT_BYTES = 64 * 1024
 _FRACTION = re.compile(r"\.(\d+)")
 

@@ -19,6 +19,9 @@ through ``TarChecker`` (the same rules as the upload check), runs the pre-comman
 stream. It writes, into the allocation's ``data/pyexec`` directory:
 
     stdout, stderr  the captured output (capped)
+    artifacts.tar   the output files the request's ``artifacts`` patterns match, collected
+                    once the program and everything it started are gone, whatever the
+                    verdict (``pyexec/sandbox/collect.py``, shipped beside this file)
     verdict.json    written last, atomically: reason, exit_code, times, error
 
 The service reads those files through Nomad's client filesystem API as soon as they
@@ -53,7 +56,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    # In the task, tarcheck.py's source follows this file's.
+    # In the task, tarcheck.py's and collect.py's sources follow this file's.
+    from pyexec.sandbox.collect import write_artifacts
     from pyexec.sandbox.tarcheck import (
         DIR,
         FILE,
@@ -81,6 +85,9 @@ TERMINAL = ("completed", "failed", "killed")
 SETUP_OUTPUT_BYTES = 64 * 1024
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CAP = 1024 * 1024
+DEFAULT_ARTIFACT_CAP = 16 * 1024 * 1024
+#: Most artifact files (``pyexec.artifacts.MAX_ARTIFACT_FILES``; the service checks again).
+MAX_ARTIFACT_FILES = 1000
 
 
 class SetupFailed(Exception):
@@ -386,6 +393,28 @@ def run_program(
     }
 
 
+def collect_artifacts(request: dict[str, Any]) -> None:
+    """The matched files into ``artifacts.tar`` (atomically), after ending every process the
+    program left when this task is the container's first process (on a host, as tests run
+    it, its session was killed already)."""
+    patterns = [str(p) for p in request.get("artifacts") or []]
+    if not patterns:
+        return
+    if os.getpid() == 1:
+        with contextlib.suppress(OSError):
+            os.kill(-1, signal.SIGKILL)  # every other process of the container
+        end = time.monotonic() + 2.0
+        with contextlib.suppress(ChildProcessError):  # none left
+            while time.monotonic() < end:  # they are all this process's children now
+                if not os.waitpid(-1, os.WNOHANG)[0]:
+                    time.sleep(0.01)
+    cap = int((request.get("config") or {}).get("max_artifact_bytes") or DEFAULT_ARTIFACT_CAP)
+    path = os.path.join(OUT, "artifacts.tar")
+    with open(path + ".tmp", "wb") as out:
+        write_artifacts(out, WORK, patterns, cap, MAX_ARTIFACT_FILES)
+    os.replace(path + ".tmp", path)
+
+
 def tar_limits() -> dict[str, int]:
     return {
         "max_entries": int(os.environ.get("PYEXEC_MAX_TAR_ENTRIES") or 10000),
@@ -496,6 +525,10 @@ def main() -> None:
         cap = int(config.get("max_output_bytes") or DEFAULT_CAP)
         deadline = prepare(request, path, time.monotonic() + timeout)
         verdict = run_program(request, base_env(request), deadline, cap)
+        try:
+            collect_artifacts(request)
+        except Exception as exc:  # noqa: BLE001 - the run's verdict stands without them
+            print(f"pyexec: collecting artifacts failed: {exc!r}", file=sys.stderr)
     except AlreadyOver as exc:
         verdict = {"reason": "skipped", "error": f"the execution is already {exc}"}
     except SetupFailed as exc:
@@ -511,7 +544,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # The tar rules are the service's own module, shipped beside this file as it is.
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tarcheck.py")) as fh:
-        exec(compile(fh.read(), "tarcheck.py", "exec"))  # noqa: S102 - our own module
+    # The tar rules and the artifact collector are the service's own modules, shipped
+    # beside this file as they are.
+    for module in ("tarcheck.py", "collect.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module)) as fh:
+            exec(compile(fh.read(), module, "exec"))  # noqa: S102 - our own module
     main()

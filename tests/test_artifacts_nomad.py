@@ -1,0 +1,107 @@
+"""Artifacts on the Nomad backend: the run task leaves them in the allocation directory and
+the service reads them with the client filesystem API (fs/ls + fs/readat).
+
+Runs against nomadsim by default and unchanged against a real agent when
+PYEXEC_TEST_NOMAD_ADDR is set (as ``test_nomad_e2e``, whose fixtures it shares). Checked
+on Nomad v1.6.5 (dev agent, docker driver): ``fs/ls`` lists ``artifacts.tar`` with its
+size beside ``verdict.json`` and ``fs/readat`` with an ``offset`` returns that slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import secrets
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from . import test_nomad_e2e as e2e
+from .artifact_files import CSV, PNG_PROGRAM, png_bytes
+from .nomadsim import NomadSim
+
+pytestmark = e2e.pytestmark
+
+# The e2e module's fixtures, by name (the job prefix is this helper's own).
+sim = e2e.sim
+settings = e2e.settings
+api = e2e.api
+
+
+@pytest.fixture(scope="module")
+def job_prefix(sim: NomadSim | None) -> Iterator[str]:
+    """Runner jobs of this module get their own names; purged afterwards on a real agent."""
+    prefix = f"artifacts-test-{secrets.token_hex(3)}"
+    yield prefix
+    if e2e.REAL_NOMAD:
+        with httpx.Client(base_url=e2e.REAL_NOMAD, timeout=30) as nomad:
+            for stub in nomad.get("/v1/jobs", params={"prefix": prefix}).json():
+                nomad.delete(f"/v1/job/{stub['ID']}", params={"purge": "true"})
+
+
+async def run(api: httpx.AsyncClient, code: str, **metadata: Any) -> dict[str, Any]:
+    return await e2e.run_sync(api, code, **metadata)
+
+
+async def test_a_png_and_a_csv_come_back_through_the_allocation_directory(
+    api: httpx.AsyncClient,
+) -> None:
+    """The run task's artifacts reach the record and the API byte for byte."""
+    record = await run(api, PNG_PROGRAM, artifacts=["out/*.png", "results/**"])
+    assert record["status"] == "completed", record
+    expected = {"out/plot.png": png_bytes(), "results/2024/table.csv": CSV.encode()}
+    assert {a["path"]: (a["size"], a["sha256"]) for a in record["artifacts"]} == {
+        path: (len(data), hashlib.sha256(data).hexdigest()) for path, data in expected.items()
+    }
+    assert record["artifacts_truncated"] is False
+    execution_id = record["execution_id"]
+    for path, data in expected.items():
+        one = await api.get(f"/api/v1/executions/{execution_id}/artifacts/{path}")
+        assert one.content == data
+    everything = await api.get(f"/api/v1/executions/{execution_id}/artifacts")
+    with tarfile.open(fileobj=io.BytesIO(everything.content)) as archive:
+        got = {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}  # type: ignore[union-attr]
+    assert got == expected
+
+
+async def test_links_are_never_followed_and_the_cap_holds(api: httpx.AsyncClient) -> None:
+    """A symlink out of /work is not returned; the total stops at the cap, flagged."""
+    code = (
+        "import os\n"
+        "os.symlink('/etc/passwd', 'passwd.txt')\n"
+        "for i in range(3):\n"
+        "    open(f'f{i}.txt', 'w').write('x' * 100)\n"
+    )
+    record = await run(api, code, artifacts=["*.txt"], config={"max_artifact_bytes": 250})
+    assert [a["path"] for a in record["artifacts"]] == ["f0.txt", "f1.txt"]
+    assert record["artifacts_truncated"] is True
+
+
+async def test_a_timed_out_run_keeps_its_artifacts(api: httpx.AsyncClient) -> None:
+    """The run task collects after killing a program that overran its timeout."""
+    code = "open('partial.csv', 'w').write('a,b\\n')\nwhile True: pass\n"
+    record = await run(api, code, artifacts=["*.csv"], config={"timeout_seconds": 2})
+    assert record["reason"] == "timeout", record
+    assert [a["path"] for a in record["artifacts"]] == ["partial.csv"]
+    data = await api.get(f"/api/v1/executions/{record['execution_id']}/artifacts/partial.csv")
+    assert data.content == b"a,b\n"
+
+
+async def test_a_large_artifact_is_read_in_slices(api: httpx.AsyncClient) -> None:
+    """A file larger than one fs/readat (4 MiB) comes back whole: the reads at an offset
+    join up exactly (Nomad 1.6.5 answers offset+limit with that slice)."""
+    code = (
+        "import random\n"
+        "open('big.bin', 'wb').write(random.Random(7).randbytes(5 * 1024 * 1024 + 123))\n"
+    )
+    record = await run(api, code, artifacts=["big.bin"])
+    expected = random.Random(7).randbytes(5 * 1024 * 1024 + 123)
+    assert record["artifacts"] == [
+        {"path": "big.bin", "size": len(expected), "sha256": hashlib.sha256(expected).hexdigest()}
+    ]
+    got = await api.get(f"/api/v1/executions/{record['execution_id']}/artifacts/big.bin")
+    assert got.content == expected
