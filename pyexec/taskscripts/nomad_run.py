@@ -212,6 +212,8 @@ def base_env(request: dict[str, Any]) -> dict[str, str]:
         "HOME": WORK,
         "LANG": "C.UTF-8",
         "TMPDIR": "/tmp",
+        # Output goes out as it is printed (live output), as on the local runner.
+        "PYTHONUNBUFFERED": "1",
     }
     if os.path.isdir(SITE):
         env["PYTHONPATH"] = SITE

@@ -1,0 +1,160 @@
+"""Live output from real runs: the local Docker runner, and a second replica over Consul.
+
+The programs print the time of each print; the test compares it with the arrival of
+the event (one host, one clock), so no sleep of the test's own decides anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+
+from pyexec.client import Client, EndEvent, OutputEvent, StatusEvent
+from pyexec.settings import Settings
+from pyexec.store.consul import ConsulStore
+
+from . import fixtures_consul
+from .conftest import LiveServer, live_server, make_settings
+from .fakes import FakeRunner
+from .test_events import PrintingRunner, collect, submit_held
+
+#: Prints ``<n> <time.time()>`` every 0.2 s for 3 s (one write per line).
+TICKER = (
+    "import sys, time\n"
+    "for i in range(15):\n"
+    "    sys.stdout.write(f'{i} {time.time()!r}\\n')\n"
+    "    sys.stdout.flush()\n"
+    "    time.sleep(0.2)\n"
+)
+EXPECTED_LINES = 15
+#: The first stdout event arrives at most this long after its print.
+FIRST_EVENT_LAG = 0.5
+
+
+@attrs.frozen
+class Arrival:
+    at: float
+    event: Any
+
+
+def follow_timed(client: Client, execution_id: str, **kwargs: Any) -> Iterator[Arrival]:
+    for event in client.stream(execution_id, **kwargs):
+        yield Arrival(time.time(), event)
+
+
+def printed_at(text: str) -> float:
+    """The time the program printed the first line of ``text``."""
+    return float(text.splitlines()[0].split()[1])
+
+
+def check_ticker(server_url: str) -> None:
+    """The first stdout event is within FIRST_EVENT_LAG of its print; a reconnect with
+    the last id mid-run yields exactly the remaining bytes."""
+    with Client(server_url, timeout=60) as client:
+        eid = client.submit({"main.py": TICKER}).execution_id
+        first_part: list[Arrival] = []
+        for arrival in follow_timed(client, eid):
+            first_part.append(arrival)
+            outputs = [a for a in first_part if isinstance(a.event, OutputEvent)]
+            if sum(a.event.text.count("\n") for a in outputs) >= 3:
+                break
+        assert not any(isinstance(a.event, EndEvent) for a in first_part)
+        kinds = [type(a.event) for a in first_part]
+        assert kinds[0] is StatusEvent
+        first = next(a for a in first_part if isinstance(a.event, OutputEvent))
+        assert first.event.offset == 0
+        lag = first.at - printed_at(first.event.text)
+        print(f"first stdout event {lag * 1000:.0f} ms after its print")  # shown with -s
+        assert lag <= FIRST_EVENT_LAG, f"first stdout event {lag:.3f} s after its print"
+        last_id = [a.event for a in first_part if isinstance(a.event, OutputEvent)][-1].id
+        head = "".join(a.event.text for a in first_part if isinstance(a.event, OutputEvent))
+        rest, tail = collect(
+            (a.event for a in follow_timed(client, eid, last_event_id=last_id)), after=last_id
+        )
+        assert isinstance(tail[-1], EndEvent)
+        record = tail[-1].execution
+    assert record.exit_code == 0, record.stderr
+    assert head + rest["stdout"] == record.stdout
+    assert len(record.stdout.splitlines()) == EXPECTED_LINES
+    assert rest["stdout"], "the reconnect came after the run had printed everything"
+
+
+@pytest.mark.docker
+def test_local_runner_streams_output_as_printed_and_resumes_exactly() -> None:
+    """Local Docker: the first line arrives within 0.5 s of its print, and a stream
+    reopened mid-run with Last-Event-ID yields exactly the remaining bytes."""
+    with live_server(make_settings()) as server:
+        check_ticker(server.url)
+
+
+@pytest.mark.docker
+def test_a_finished_real_run_replays_and_ends_at_once() -> None:
+    """After a real run ended, its stream replays the whole output and ends."""
+    with live_server(make_settings()) as server, Client(server.url, timeout=60) as client:
+        record = client.run({"main.py": "import sys\nprint('out')\nprint('err', file=sys.stderr)"})
+        texts, seen = collect(client.stream(record.execution_id))
+    assert texts == {"stdout": "out\n", "stderr": "err\n"}
+    assert isinstance(seen[-1], EndEvent)
+    assert seen[-1].execution.status.value == "completed"
+
+
+# --- two replicas over one Consul -----------------------------------------------------------
+
+consul_prefix = fixtures_consul.consul_prefix
+consul_settings = fixtures_consul.consul_settings
+
+
+@pytest.fixture
+def replicas(consul_settings: Settings) -> Iterator[tuple[LiveServer, LiveServer, PrintingRunner]]:
+    """Two services sharing one Consul prefix: the first drives runs (its runner prints on
+    cue), the second only serves (its runner never gets them)."""
+    settings = make_settings(
+        consul_addr=consul_settings.consul_addr,
+        consul_prefix=consul_settings.consul_prefix,
+        output_flush_seconds=0.1,
+    )
+    runner = PrintingRunner()
+    with (
+        live_server(settings, store=ConsulStore.from_settings(settings), runner=runner) as first,
+        live_server(
+            settings, store=ConsulStore.from_settings(settings), runner=FakeRunner()
+        ) as second,
+    ):
+        yield first, second, runner
+
+
+@pytest.mark.consul
+def test_a_second_replica_streams_a_run_the_first_drives(
+    replicas: tuple[LiveServer, LiveServer, PrintingRunner],
+) -> None:
+    """Through the store, the other replica streams output while the run goes on, picks up
+    a stream begun on the driving replica from its Last-Event-ID, and ends with it."""
+    first, second, runner = replicas
+    eid = submit_held(first, runner)
+    with Client(first.url) as driver, Client(second.url) as other:
+        for event in driver.stream(eid):
+            if isinstance(event, StatusEvent) and event.execution.status.value == "running":
+                break
+        runner.print(eid, "stdout", b"one\n")
+        on_driver = next(e for e in driver.stream(eid) if isinstance(e, OutputEvent))
+        assert on_driver.text == "one\n"
+        runner.print(eid, "stdout", "twö\n".encode())
+        runner.print(eid, "stderr", b"err\n")
+        events = other.stream(eid, last_event_id=on_driver.id)
+        live: dict[str, str] = {"stdout": "", "stderr": ""}
+        for event in events:
+            if isinstance(event, OutputEvent):
+                live[event.stream] += event.text
+            if live == {"stdout": "twö\n", "stderr": "err\n"}:
+                break
+        assert not isinstance(event, EndEvent)  # seen while the run still runs
+        runner.print(eid, "stdout", b"three\n")
+        runner.end(eid)
+        rest, seen = collect(events, after="9-4")
+    assert rest == {"stdout": "three\n", "stderr": ""}
+    assert isinstance(seen[-1], EndEvent)
+    assert seen[-1].execution.stdout == "one\ntwö\nthree\n"
