@@ -71,6 +71,11 @@ app.command(
     name="bundle",
     help="Upload a bundle to Consul for runs dispatched with `nomad job dispatch`.",
 )
+app.command(
+    "pyexec.cli.cache_cmds:cache_app",
+    name="cache",
+    help="List or prune this host's dependency cache (reads PYEXEC_DEPS_CACHE_DIR, no server).",
+)
 app.register_install_completion_command(add_to_startup=False)
 
 
