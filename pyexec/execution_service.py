@@ -22,6 +22,7 @@ dies from the kill can never be recorded as an ordinary failure.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import io
 import logging
@@ -36,6 +37,7 @@ import attrs
 from anyio import to_thread
 
 from . import idempotency
+from .artifacts import INLINE_ARTIFACT_BYTES
 from .deadline import budget_seconds, execution_budget
 from .errors import (
     BackendError,
@@ -639,6 +641,19 @@ class ExecutionService:
         raise NotFound(
             f"{execution_id} has no artifact {path[:200]!r}", code="artifact_not_found", path=path
         )
+
+    async def inline_artifacts(self, record: Execution) -> list[dict[str, Any]]:
+        """The record's artifacts, each up to ``INLINE_ARTIFACT_BYTES`` with its bytes
+        base64-encoded (``content_base64``), for eval's ``inline_artifacts``."""
+        listed = []
+        for item in record.artifacts:
+            entry = item.to_dict()
+            if item.size <= INLINE_ARTIFACT_BYTES:
+                chunks = self.store.open_artifacts(record.execution_id, item.offset, item.size)
+                data = b"".join([chunk async for chunk in chunks])
+                entry["content_base64"] = base64.b64encode(data).decode("ascii")
+            listed.append(entry)
+        return listed
 
     async def artifacts_tar(self, execution_id: str) -> AsyncIterator[bytes]:
         """Every artifact of an execution as one tar (an empty tar when there are none)."""

@@ -37,6 +37,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"\basync with\b", "with"),
     (r"\baread\(\)", "read()"),
     (r"\baiter_lines\(\)", "iter_lines()"),
+    (r"\baiter_bytes\(\)", "iter_bytes()"),
     (r"\basync def\b", "def"),
     (r"\bawait ", ""),
 ]

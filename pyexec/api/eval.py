@@ -81,7 +81,10 @@ async def eval_endpoint(request: Request) -> Response:
             idempotency_key=key,
             admission=admission,
         )
-    return JSONResponse(record.to_dict())
+    body = record.to_dict()
+    if job.inline_artifacts:
+        body["artifacts"] = await service.inline_artifacts(record)
+    return JSONResponse(body)
 
 
 async def eval_async_endpoint(request: Request) -> Response:

@@ -20,7 +20,7 @@ from . import exitcodes
 from .inputs import STDIN, gather, process_stdin
 from .interrupts import Interrupted, run_to_end
 from .live import LivePrinter
-from .options import ExecFlags, UsageError, current, env_pairs, read_local_text
+from .options import ExecFlags, Globals, UsageError, current, env_pairs, read_local_text
 from .render import Progress, emit_execution, note, print_json, verbose_note, write
 
 __all__ = ["eval_", "follow", "kill", "logs", "mcp", "run", "submit", "version"]
@@ -53,12 +53,19 @@ AsyncOpt = Annotated[
 ]
 
 
+OutputDirOpt = Annotated[
+    Path,
+    Parameter(help="Where --artifacts files are written, at their relative paths."),
+]
+
+
 def run(
     path: PathArg = None,
     /,
     *,
     file: FileOpt = None,
     async_: AsyncOpt = False,
+    output_dir: OutputDirOpt = Path(),
     flags: ExecFlags | None = None,
 ) -> int:
     """Run a program and wait for it; exits with the script's exit code.
@@ -66,6 +73,8 @@ def run(
     The script's stdout and stderr go to stdout and stderr. Arguments after ``--``
     are passed to the script. Ctrl-C (or SIGTERM) kills the execution and exits 130.
     With ``--async`` it only submits and prints the execution id, like ``submit``.
+    With ``--artifacts``, the matching files the run left are written under
+    ``--output-dir`` (default: here), never outside it, and listed on stderr.
     """
     if async_:
         return submit(path, file=file, flags=flags)
@@ -82,8 +91,20 @@ def run(
             on_submitted=lambda execution_id: verbose_note(options, f"{execution_id} submitted"),
             follow=lambda execution_id, seconds: printer.follow(client, execution_id, seconds),
         )
+        if flags.artifacts:
+            client.download_artifacts(record.execution_id, output_dir)
     printer.finish(record)
+    if flags.artifacts:
+        _list_artifacts(options, record, output_dir)
     return exitcodes.for_execution(record)
+
+
+def _list_artifacts(options: Globals, record: Execution, output_dir: Path) -> None:
+    """One line per artifact written, on stderr; a note if some were left out."""
+    for item in record.artifacts:
+        note(options, f"artifact {item.path} ({item.size} bytes) -> {output_dir / item.path}")
+    if record.artifacts_truncated:
+        note(options, "some artifacts were left out (the size cap or file count was reached)")
 
 
 def submit(path: PathArg = None, /, *, file: FileOpt = None, flags: ExecFlags | None = None) -> int:

@@ -110,6 +110,14 @@ class ExecFlags:
             negative="",
         ),
     ] = None
+    artifacts: Annotated[
+        list[str] | None,
+        Parameter(
+            help="Glob of output files to bring back, relative to the working directory, "
+            "e.g. 'out/*.png' or 'results/**' (repeatable); `run` writes them to --output-dir.",
+            negative="",
+        ),
+    ] = None
 
     def options(self, entrypoint: str, environ: Mapping[str, str] | None = None) -> RunOptions:
         requirements = None
@@ -127,4 +135,5 @@ class ExecFlags:
             disk_mb=self.disk,
             cpu_shares=self.cpu,
             network=self.network,
+            artifacts=tuple(self.artifacts or ()),
         )

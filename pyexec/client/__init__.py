@@ -36,12 +36,22 @@ from .errors import (
     WaitTimeout,
 )
 from .events import EndEvent, OutputEvent, StatusEvent, StreamEvent
-from .models import Execution, Logs, Reason, RunOptions, ServerVersion, Status, Submitted
+from .models import (
+    Artifact,
+    Execution,
+    Logs,
+    Reason,
+    RunOptions,
+    ServerVersion,
+    Status,
+    Submitted,
+)
 
 __all__ = [
     "DEFAULT_SERVER",
     "APIError",
     "ArchiveError",
+    "Artifact",
     "AsyncClient",
     "AuthenticationError",
     "BadRequestError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -13,11 +14,14 @@ from ._base import (
     DEFAULT_SERVER,
     BaseClient,
     Call,
+    Destination,
     RetryPolicy,
     Source,
     WaitPlan,
     body_start,
     check_execution_id,
+    check_status,
+    download_spool,
     retry_decision,
     rewind,
     translate,
@@ -104,6 +108,22 @@ class AsyncClient(BaseClient):
     async def logs(self, execution_id: str) -> Logs:
         return self.parse_logs(await self._send(self.logs_call(execution_id)))
 
+    async def download_artifacts(self, execution_id: str, dest: Destination) -> list[Path]:
+        """Write every artifact of an execution under ``dest`` (made if missing), at its
+        relative path; nothing is ever written outside ``dest``. Returns the files."""
+        call = self.artifacts_call(execution_id)
+        with download_spool() as spool:
+            try:
+                async with self._http.stream(**self._request_args(call)) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        check_status(response)
+                    async for chunk in response.aiter_bytes():
+                        spool.write(chunk)
+            except httpx.HTTPError as exc:
+                raise translate(exc, self.base_url) from exc
+            return self.save_artifacts(spool, dest)
+
     async def kill(self, execution_id: str) -> Execution:
         """Stop an execution; killing a finished one returns its record unchanged."""
         return self.parse_execution(await self._send(self.kill_call(execution_id)))
@@ -122,14 +142,18 @@ class AsyncClient(BaseClient):
         last_expr: bool | None = None,
         auto_requirements: bool | None = None,
         options: RunOptions | None = None,
+        inline_artifacts: bool | None = None,
     ) -> Execution:
-        """Run Python source (or name → source files) and return the finished record."""
+        """Run Python source (or name → source files) and return the finished record;
+        ``inline_artifacts``: with the artifacts' bytes (``Artifact.content``, up to 1 MiB
+        each)."""
         call = self.eval_call(
             code,
             python_version=python_version,
             last_expr=last_expr,
             auto_requirements=auto_requirements,
             options=options,
+            inline_artifacts=inline_artifacts,
         )
         return self.parse_execution(await self._send(call))
 

@@ -7,21 +7,28 @@ Nothing here does I/O: a method returns a ``Call`` to send, and the twins send i
 from __future__ import annotations
 
 import json
+import os
 import re
+import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import IO, Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, BinaryIO, TypeVar, cast
 
 import attrs
 import httpx
 
 from pyexec.__about__ import __version__
 from pyexec.deadline import budget_seconds
+from pyexec.errors import PyexecError
+from pyexec.tarsafe import safe_extract
 
 from .archive import tar_from_mapping
 from .errors import (
     APIError,
+    ArchiveError,
     ClientError,
     ConnectionFailed,
     InvalidServerURL,
@@ -35,11 +42,14 @@ __all__ = [
     "DEFAULT_SERVER",
     "BaseClient",
     "Call",
+    "Destination",
     "RetryPolicy",
     "Source",
     "WaitPlan",
     "body_start",
     "check_execution_id",
+    "check_status",
+    "download_spool",
     "retry_decision",
     "rewind",
     "run_wait",
@@ -56,6 +66,10 @@ Source = bytes | IO[bytes] | Mapping[str, str | bytes]
 LONG_POLL = 30
 #: Added to a request's own waiting time to get its read timeout.
 READ_MARGIN = 30.0
+#: Where downloaded files go: a directory.
+Destination = str | os.PathLike[str]
+#: A download is kept in memory up to this size, then in a temporary file.
+SPOOL_BYTES = 1024 * 1024
 #: How long a sync run may take when the caller sets no timeout (the server's default cap).
 DEFAULT_RUN_WAIT = 3600.0
 
@@ -146,6 +160,17 @@ def _error_from(response: httpx.Response) -> APIError:
     return api_error_class(response.status_code)(
         message, status_code=response.status_code, code=code, details=details
     )
+
+
+def download_spool() -> tempfile.SpooledTemporaryFile[bytes]:
+    """Where a download is kept: in memory up to ``SPOOL_BYTES``, then a temporary file."""
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+
+
+def check_status(response: httpx.Response) -> None:
+    """Raise the error an answer of 400 or more carries (``APIError`` and its kinds)."""
+    if response.status_code >= 400:
+        raise _error_from(response)
 
 
 def _json(response: httpx.Response) -> Any:
@@ -302,6 +327,28 @@ class BaseClient:
             method="GET", path=f"{API}/executions/{_id(execution_id)}/logs", idempotent=True
         )
 
+    def artifacts_call(self, execution_id: str) -> Call:
+        """``GET /executions/{id}/artifacts``: every artifact as one tar (streamed)."""
+        return Call(
+            method="GET", path=f"{API}/executions/{_id(execution_id)}/artifacts", idempotent=True
+        )
+
+    def save_artifacts(self, tar: IO[bytes], dest: Destination) -> list[Path]:
+        """Unpack the artifacts tar ``tar`` into ``dest`` (made if missing) with the tar
+        rules of the server (``pyexec.tarsafe``): nothing is written outside ``dest``, not
+        through a link already there either. Returns the files written, in tar order."""
+        root = Path(dest)
+        root.mkdir(parents=True, exist_ok=True)
+        tar.seek(0)
+        try:
+            with tarfile.open(fileobj=tar, mode="r:") as archive:
+                names = [m.name for m in archive.getmembers() if m.isfile()]
+            tar.seek(0)
+            safe_extract(cast(BinaryIO, tar), root)
+        except (tarfile.TarError, PyexecError) as exc:
+            raise ArchiveError(f"the artifacts could not be written to {root}: {exc}") from None
+        return [root / name for name in names]
+
     def kill_call(self, execution_id: str) -> Call:
         # Killing is idempotent on the server: a second DELETE returns the same record.
         return Call(method="DELETE", path=f"{API}/executions/{_id(execution_id)}", idempotent=True)
@@ -322,6 +369,7 @@ class BaseClient:
         auto_requirements: bool | None,
         options: RunOptions | None,
         submit: bool = False,
+        inline_artifacts: bool | None = None,
     ) -> Call:
         """``POST /eval`` (wait for the record), or with ``submit`` ``/eval/async`` (the id)."""
         options = options or RunOptions()
@@ -333,13 +381,15 @@ class BaseClient:
         else:
             body["files"] = [{"name": k, "content": v} for k, v in code.items()]
         metadata = options.metadata()
-        for key in ("entrypoint", "stdin", "env_vars", "script_args", "requirements_txt", "config"):
+        shared = ("entrypoint", "stdin", "env_vars", "script_args", "requirements_txt", "config")
+        for key in (*shared, "artifacts"):
             if key in metadata:
                 body[key] = metadata[key]
         extras = {
             "python_version": python_version,
             "eval_last_expr": last_expr,
             "auto_requirements": auto_requirements,
+            "inline_artifacts": inline_artifacts,
         }
         body.update({k: v for k, v in extras.items() if v is not None})
         if submit:

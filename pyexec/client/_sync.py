@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -14,11 +15,14 @@ from ._base import (
     DEFAULT_SERVER,
     BaseClient,
     Call,
+    Destination,
     RetryPolicy,
     Source,
     WaitPlan,
     body_start,
     check_execution_id,
+    check_status,
+    download_spool,
     retry_decision,
     rewind,
     translate,
@@ -105,6 +109,22 @@ class Client(BaseClient):
     def logs(self, execution_id: str) -> Logs:
         return self.parse_logs(self._send(self.logs_call(execution_id)))
 
+    def download_artifacts(self, execution_id: str, dest: Destination) -> list[Path]:
+        """Write every artifact of an execution under ``dest`` (made if missing), at its
+        relative path; nothing is ever written outside ``dest``. Returns the files."""
+        call = self.artifacts_call(execution_id)
+        with download_spool() as spool:
+            try:
+                with self._http.stream(**self._request_args(call)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        check_status(response)
+                    for chunk in response.iter_bytes():
+                        spool.write(chunk)
+            except httpx.HTTPError as exc:
+                raise translate(exc, self.base_url) from exc
+            return self.save_artifacts(spool, dest)
+
     def kill(self, execution_id: str) -> Execution:
         """Stop an execution; killing a finished one returns its record unchanged."""
         return self.parse_execution(self._send(self.kill_call(execution_id)))
@@ -123,14 +143,18 @@ class Client(BaseClient):
         last_expr: bool | None = None,
         auto_requirements: bool | None = None,
         options: RunOptions | None = None,
+        inline_artifacts: bool | None = None,
     ) -> Execution:
-        """Run Python source (or name → source files) and return the finished record."""
+        """Run Python source (or name → source files) and return the finished record;
+        ``inline_artifacts``: with the artifacts' bytes (``Artifact.content``, up to 1 MiB
+        each)."""
         call = self.eval_call(
             code,
             python_version=python_version,
             last_expr=last_expr,
             auto_requirements=auto_requirements,
             options=options,
+            inline_artifacts=inline_artifacts,
         )
         return self.parse_execution(self._send(call))
 

@@ -7,6 +7,7 @@ are not lost).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -15,13 +16,43 @@ import attrs
 
 from pyexec.models import TERMINAL, Reason, Status
 
-__all__ = ["Execution", "Logs", "Reason", "RunOptions", "ServerVersion", "Status", "Submitted"]
+__all__ = [
+    "Artifact",
+    "Execution",
+    "Logs",
+    "Reason",
+    "RunOptions",
+    "ServerVersion",
+    "Status",
+    "Submitted",
+]
 
 
 def _when(value: Any) -> datetime | None:
     if not value:
         return None
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+@attrs.frozen(kw_only=True)
+class Artifact:
+    """One output file of a run: its path relative to the working directory, size and
+    SHA-256; ``content`` holds its bytes when eval returned them inline."""
+
+    path: str
+    size: int
+    sha256: str
+    content: bytes | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Artifact:
+        inline = data.get("content_base64")
+        return cls(
+            path=str(data["path"]),
+            size=int(data["size"]),
+            sha256=str(data["sha256"]),
+            content=None if inline is None else base64.b64decode(inline, validate=True),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -48,6 +79,9 @@ class Execution:
     #: ``hit``/``miss``: requirements came from the dependency cache; ``off``: installed
     #: by the run; ``None`` without requirements.
     deps_cache: str | None = None
+    #: Output files the run left (``RunOptions.artifacts``), and whether some were left out.
+    artifacts: tuple[Artifact, ...] = ()
+    artifacts_truncated: bool = False
     raw: Mapping[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
 
     @property
@@ -81,6 +115,8 @@ class Execution:
             error_line=data.get("error_line"),
             auto_requirements=None if auto is None else tuple(auto),
             deps_cache=data.get("deps_cache"),
+            artifacts=tuple(Artifact.from_json(a) for a in data.get("artifacts") or ()),
+            artifacts_truncated=bool(data.get("artifacts_truncated", False)),
             raw=dict(data),
         )
 
@@ -163,6 +199,9 @@ class RunOptions:
     pids_limit: int | None = None
     max_output_bytes: int | None = None
     network: bool | None = None
+    #: Glob patterns of output files to collect (``download_artifacts`` fetches them).
+    artifacts: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    max_artifact_bytes: int | None = None
 
     def config(self) -> dict[str, Any]:
         """The ``config`` object of the metadata, with only what is set."""
@@ -174,6 +213,7 @@ class RunOptions:
             "pids_limit": self.pids_limit,
             "max_output_bytes": self.max_output_bytes,
             "network_disabled": None if self.network is None else not self.network,
+            "max_artifact_bytes": self.max_artifact_bytes,
         }
         return {k: v for k, v in config.items() if v is not None}
 
@@ -191,6 +231,8 @@ class RunOptions:
             body["env_vars"] = [f"{k}={v}" for k, v in self.env]
         if self.args:
             body["script_args"] = list(self.args)
+        if self.artifacts:
+            body["artifacts"] = list(self.artifacts)
         if config := self.config():
             body["config"] = config
         return {k: v for k, v in body.items() if v is not None}

@@ -31,6 +31,8 @@ class EvalJob:
     #: Record fields set at creation (``auto_requirements``), for ``ExecutionService.run``.
     initial: Mapping[str, Any]
     postprocess: Callable[[RunOutcome], RunOutcome]
+    #: Answer with the artifacts' bytes inline (``ExecutionService.inline_artifacts``).
+    inline_artifacts: bool = False
 
 
 def detected_requirements(job: EvalRequest, settings: Settings) -> tuple[str, ...] | None:
@@ -68,4 +70,5 @@ def prepare(job: EvalRequest, settings: Settings) -> EvalJob:
         tar=build_archive(job.files, wrapper),
         initial={} if detected is None else {"auto_requirements": added},
         postprocess=finish_outcome,
+        inline_artifacts=job.inline_artifacts,
     )

@@ -8,13 +8,15 @@ auth) is the API's, once.
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult, ContentBlock, TextContent, ToolAnnotations
+from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from pyexec.__about__ import __version__
@@ -95,6 +97,10 @@ class ExecutionResult(BaseModel):
     error: str | None = Field(None, description="What failed inside pyexec, if anything did.")
     output_truncated: bool = Field(False, description="stdout/stderr were cut at the limit.")
     duration_ms: int | None = None
+    artifacts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Files brought back: path, size, sha256."
+    )
+    artifacts_truncated: bool = Field(False, description="Some files were left out (size cap).")
 
 
 class Submitted(BaseModel):
@@ -103,13 +109,37 @@ class Submitted(BaseModel):
 
 
 def artifact_content(record: Execution) -> list[ContentBlock]:
-    """Content blocks for the files a run produced (images as ``ImageContent``).
+    """Content blocks for the files a run produced: an image as ``ImageContent`` (what a
+    model can look at), UTF-8 text as text; any other file, and one whose bytes did not
+    come inline (over 1 MiB, or read with get_execution), as a line naming it."""
+    blocks: list[ContentBlock] = []
+    for item in record.artifacts:
+        kind = mimetypes.guess_type(item.path, strict=False)[0] or ""
+        data = item.content
+        if data is not None and kind.startswith("image/"):
+            encoded = base64.b64encode(data).decode("ascii")
+            blocks.append(ImageContent(type="image", data=encoded, mime_type=kind))
+            continue
+        text = _as_text(data) if data is not None else None
+        if text is not None:
+            blocks.append(TextContent(type="text", text=f"--- artifact {item.path} ---\n{text}"))
+            continue
+        blocks.append(
+            TextContent(
+                type="text",
+                text=f"artifact {item.path}: {item.size} bytes, sha256 {item.sha256} "
+                f"(GET /api/v1/executions/{record.execution_id}/artifacts/{item.path})",
+            )
+        )
+    return blocks
 
-    The seam for the artifacts API, which pyexec does not have yet: until an execution
-    record lists artifacts there is nothing to attach, and no blocks are made up.
-    """
-    del record
-    return []
+
+def _as_text(data: bytes) -> str | None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if "\x00" not in text else None
 
 
 def _result(record: Execution) -> ExecutionResult:
@@ -126,6 +156,8 @@ def _result(record: Execution) -> ExecutionResult:
         error=record.error,
         output_truncated=record.output_truncated,
         duration_ms=record.duration_ms,
+        artifacts=[{"path": a.path, "size": a.size, "sha256": a.sha256} for a in record.artifacts],
+        artifacts_truncated=record.artifacts_truncated,
     )
 
 
@@ -163,6 +195,7 @@ def _options(
     args: list[str] | None,
     requirements: list[str] | None,
     timeout_seconds: int | None,
+    artifacts: list[str] | None = None,
 ) -> RunOptions:
     return RunOptions(
         entrypoint=entrypoint,
@@ -170,6 +203,7 @@ def _options(
         args=tuple(args or ()),
         requirements="\n".join(requirements) + "\n" if requirements else None,
         timeout=timeout_seconds,
+        artifacts=tuple(artifacts or ()),
     )
 
 
@@ -209,6 +243,14 @@ Timeout = Annotated[
     int | None, Field(description="Time limit of the run, seconds (server default if unset).")
 ]
 PythonVersion = Annotated[str | None, Field(description='e.g. "3.12" (server default if unset).')]
+Artifacts = Annotated[
+    list[str] | None,
+    Field(
+        description="Files the code writes to bring back, as globs relative to /work, e.g. "
+        '["*.png", "out/**"]; run_python returns images as image content and text files '
+        "as text (up to 1 MiB each)."
+    ),
+]
 
 
 def build_server(connect: Connect) -> MCPServer[Any]:
@@ -246,6 +288,7 @@ def build_server(connect: Connect) -> MCPServer[Any]:
         requirements: Requirements = None,
         timeout_seconds: Timeout = None,
         python_version: PythonVersion = None,
+        artifacts: Artifacts = None,
     ) -> Annotated[CallToolResult, ExecutionResult]:
         source = _source(code, files)
         options = _options(
@@ -254,11 +297,16 @@ def build_server(connect: Connect) -> MCPServer[Any]:
             args=args,
             requirements=requirements,
             timeout_seconds=timeout_seconds,
+            artifacts=artifacts,
         )
         record: Execution = await call(
             ctx,
             lambda client: client.eval(
-                source, python_version=python_version, last_expr=True, options=options
+                source,
+                python_version=python_version,
+                last_expr=True,
+                options=options,
+                inline_artifacts=bool(artifacts) or None,
             ),
         )
         return _tool_result(record)
@@ -277,6 +325,7 @@ def build_server(connect: Connect) -> MCPServer[Any]:
         requirements: Requirements = None,
         timeout_seconds: Timeout = None,
         python_version: PythonVersion = None,
+        artifacts: Artifacts = None,
     ) -> Submitted:
         source = _source(code, files)
         options = _options(
@@ -285,6 +334,7 @@ def build_server(connect: Connect) -> MCPServer[Any]:
             args=args,
             requirements=requirements,
             timeout_seconds=timeout_seconds,
+            artifacts=artifacts,
         )
         submitted = await call(
             ctx,
