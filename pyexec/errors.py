@@ -7,15 +7,17 @@ the mapping to an HTTP response happens in exactly one place
 
     PyexecError
     ├── BadRequest                 400  invalid_request, unknown_field, invalid_field, invalid_json,
-    │   │                               invalid_image, invalid_multipart, invalid_query, ...
+    │   │                               invalid_image, invalid_multipart, invalid_query,
+    │   │                               invalid_artifact_pattern, ...
     │   ├── TarRejected            400  tar_invalid, tar_absolute_path, tar_path_traversal,
     │   │                               tar_link_escape, tar_special_file, tar_name_clash,
     │   │                               entrypoint_not_found
     │   ├── LimitExceeded          400  limit_exceeded (asks for more than the server allows)
+    │   │                               too_many_artifact_patterns
     │   └── PayloadTooLarge        413  tar_too_large, tar_too_many_entries, tar_too_much_data,
     │                                   code_too_large, metadata_too_large
     ├── Unauthorized               401  unauthorized
-    ├── NotFound                   404  execution_not_found
+    ├── NotFound                   404  execution_not_found, artifact_not_found
     ├── Conflict                   409  invalid_transition, already_exists, idempotency_conflict
     │   └── IdempotentReplay            (internal: a store met a known Idempotency-Key)
     │   └── TransitionRefused      409  invalid_transition (carries the record as it is)
