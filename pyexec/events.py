@@ -165,9 +165,9 @@ class Feed:
         #: Replaced (after being set) on every change: subscribers wait on the current one.
         self.changed = asyncio.Event()
         self._ready = asyncio.Event()
-        #: Serialised once per change, shared by all subscribers.
-        self.status_data = ""
-        self.end_data = ""
+        #: Encoded once per change, shared by all subscribers (the end carries all output).
+        self.status_frame = b""
+        self.end_frame = b""
         self.final: dict[str, bytes] = {}
         self._task = asyncio.create_task(self._follow(), name=f"pyexec-feed-{execution_id}")
 
@@ -185,9 +185,9 @@ class Feed:
         data = json.dumps(record.to_dict(), ensure_ascii=False)
         if record.terminal:
             self.final = {s: getattr(record, s).encode("utf-8") for s in OUTPUT_STREAMS}
-            self.end_data = data
+            self.end_frame = Event("end", data).encode()
         else:
-            self.status_data = data
+            self.status_frame = Event("status", data).encode()
 
     async def _follow(self) -> None:
         store, version, delays = self.hub.store, 0, iter(RETRY_DELAYS)
@@ -324,9 +324,10 @@ class Subscription:
         self.position = position
         self._closed = False
 
-    async def events(self) -> AsyncIterator[Event | None]:
-        """Events until the execution ends (``end``) or the server closes; ``None`` when
-        a keepalive is due."""
+    async def events(self) -> AsyncIterator[bytes | None]:
+        """Encoded events until the execution ends (``end``) or the server closes;
+        ``None`` when a keepalive is due. A status or end frame is the feed's own (shared
+        by every subscriber): send it without copying."""
         feed, position, sent_status = self._feed, self.position, None
         while not (self._hub.closing or feed.closed):
             changed = feed.changed
@@ -335,7 +336,7 @@ class Subscription:
                 return
             if not record.terminal and record.status is not sent_status:
                 sent_status = record.status
-                yield Event("status", feed.status_data)
+                yield feed.status_frame
             sent = False
             for stream in OUTPUT_STREAMS:
                 data = await feed.read(stream, position[stream])
@@ -345,12 +346,12 @@ class Subscription:
                 position[stream] += len(data)
                 text = data.decode("utf-8", errors="replace")
                 body = json.dumps({"offset": offset, "text": text}, ensure_ascii=False)
-                yield Event(stream, body, position_id(position))
+                yield Event(stream, body, position_id(position)).encode()
                 sent = True
             if sent:
                 continue
             if record.terminal:
-                yield Event("end", feed.end_data)
+                yield feed.end_frame
                 return
             if feed.error is not None:
                 return

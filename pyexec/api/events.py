@@ -19,6 +19,8 @@ __all__ = ["execution_events"]
 
 #: How long a client waits before it reconnects after the stream broke (EventSource).
 RETRY_MILLISECONDS = 1000
+#: Largest piece of an event written at once.
+SLICE_BYTES = 64 * 1024
 
 
 class EventStream(StreamingResponse):
@@ -35,10 +37,17 @@ class EventStream(StreamingResponse):
         self.subscription = subscription
 
     @staticmethod
-    async def _body(subscription: Subscription) -> AsyncIterator[bytes]:
+    async def _body(subscription: Subscription) -> AsyncIterator[bytes | memoryview]:
         yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
-        async for event in subscription.events():
-            yield KEEPALIVE if event is None else event.encode()
+        async for frame in subscription.events():
+            if frame is None:
+                yield KEEPALIVE
+                continue
+            # In slices, each sent before the next: a slow client's socket buffer holds
+            # one slice, never a copy of a large shared frame (the end's record).
+            view = memoryview(frame)
+            for start in range(0, len(view), SLICE_BYTES):
+                yield view[start : start + SLICE_BYTES]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
