@@ -3,7 +3,7 @@
 Layout (``consul_keys`` has the key functions, ``docs/consul-layout.md`` the prose)::
 
     <prefix>/executions/<id>/status, status=<status>, record, manifest, upload, tar/NNNNNN,
-    output/<rev>/...
+    output/<rev>/..., live/... (``consul_live``)
 
 How the guarantees are met:
 
