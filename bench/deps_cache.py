@@ -1,0 +1,154 @@
+"""Warm dependency environments: eval of numpy from the cache against a plain eval.
+
+One server on the embedded default (local Docker) with the dependency cache in a
+temporary directory, its builder fetching wheels from the package index through
+``PYEXEC_CA_BUNDLE`` (the host's CA bundle) for the cold builds only. It measures,
+in one run:
+
+- the cold build: the first eval of ``import numpy as np; np.arange(10).sum()`` and of
+  a two-row pandas DataFrame (each builds its environment once);
+- then ``--runs`` interleaved rounds, the order rotated each round, of eval
+  ``sum(range(10))``, numpy warm and pandas warm (every one checked for its result);
+  eval's auto-detected requirements come from the cache, the run installs nothing.
+
+Both servers' warm pool is off (``PYEXEC_POOL_SIZE=0``): a pooled sandbox is started
+before its request is known, so it cannot carry a per-request read-only mount; the
+plain call through a pooled server is shown for reference (``--pooled``).
+Measured quiet, then with both cores busy (two busy-loop processes, killed
+afterwards). Target: numpy warm p50 <= 1.5x the plain call's.
+
+    uv run python bench/deps_cache.py [--runs 12] [--image pyexec-runner:bookworm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import busy_cores, percentile
+
+from tests.conftest import CA_BUNDLE, live_server, make_settings
+
+TARGET = 1.5
+CASES = {
+    "plain": ("sum(range(10))", "45"),
+    "numpy": ("import numpy as np\nnp.arange(10).sum()", "np.int64(45)"),
+    "pandas": (
+        "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})",
+        "   a  b\n0  1  x\n1  2  y",
+    ),
+}
+
+
+def evaluate(http: httpx.Client, case: str) -> tuple[float, dict[str, Any]]:
+    code, expected = CASES[case]
+    t0 = time.perf_counter()
+    response = http.post("/api/v1/eval", json={"code": code, "eval_last_expr": True})
+    elapsed = time.perf_counter() - t0
+    body = response.json()
+    if response.status_code != 200 or body.get("result") != expected:
+        raise RuntimeError(f"eval {case} failed: {response.status_code} {body}")
+    return elapsed, body
+
+
+def row(name: str, values: list[float]) -> str:
+    return (
+        f"  {name:<22} p50 {statistics.median(values) * 1000:7.1f} ms"
+        f"   p95 {percentile(values, 0.95) * 1000:7.1f} ms"
+        f"   max {max(values) * 1000:7.1f} ms   (n={len(values)})"
+    )
+
+
+@contextlib.contextmanager
+def servers(args: argparse.Namespace, cache: str) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    base = {
+        "default_image": args.image,
+        "python_images": (("3.11", args.image),),
+        "log_level": "WARNING",
+        "default_timeout": 300,
+        "default_memory_mb": 1024,
+        "setup_network": True,  # eval detects imports; the trusted builder has the network
+        "ca_bundle": CA_BUNDLE,
+        "deps_cache_bytes": 4096 * 1024 * 1024,
+        "deps_cache_dir": cache,
+    }
+    with (
+        live_server(make_settings(**base, pool_size=0)) as cached,
+        live_server(make_settings(**base, pool_size=2 if args.pooled else 0)) as pooled,
+        httpx.Client(base_url=cached.url, timeout=600) as cached_http,
+        httpx.Client(base_url=pooled.url, timeout=600) as pooled_http,
+    ):
+        yield cached_http, pooled_http
+
+
+def measure(args: argparse.Namespace, label: str, cache: str, cold: bool) -> bool:
+    times: dict[str, list[float]] = {name: [] for name in ("plain", "numpy", "pandas")}
+    if args.pooled:
+        times["plain, pooled server"] = []
+    with servers(args, cache) as (http, pooled):
+        if cold:
+            for case in ("numpy", "pandas"):
+                elapsed, body = evaluate(http, case)
+                print(
+                    f"  cold {case:<8} {elapsed:7.2f} s   deps_cache={body.get('deps_cache')}"
+                    f"  auto_requirements={body.get('auto_requirements')}"
+                )
+        steps: list[tuple[str, Callable[[], tuple[float, dict[str, Any]]]]] = [
+            (case, lambda case=case: evaluate(http, case)) for case in ("plain", "numpy", "pandas")
+        ]
+        if args.pooled:
+            steps.append(("plain, pooled server", lambda: evaluate(pooled, "plain")))
+        hits = 0
+        for i in range(args.warmup + args.runs):
+            shift = i % len(steps)
+            for name, step in steps[shift:] + steps[:shift]:
+                elapsed, body = step()
+                if i >= args.warmup:
+                    times[name].append(elapsed)
+                    hits += body.get("deps_cache") == "hit"
+    p50 = {name: statistics.median(values) for name, values in times.items()}
+    ratio = p50["numpy"] / p50["plain"]
+    print(f"== {label}: {args.runs} interleaved rounds ({hits} cache hits)")
+    for name, values in times.items():
+        print(row(name, values))
+    print(f"  numpy warm / plain     p50 {ratio:.3f}x   (target <= {TARGET}x)")
+    print(f"  pandas warm / plain    p50 {p50['pandas'] / p50['plain']:.3f}x")
+    return ratio <= TARGET
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--image", default="pyexec-runner:bookworm")
+    parser.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--conditions", default="quiet,busy", help="quiet, busy (two busy-loop processes)"
+    )
+    args = parser.parse_args()
+    met = True
+    with tempfile.TemporaryDirectory(prefix="pyexec-deps-bench-") as cache:
+        for n, condition in enumerate(args.conditions.split(",")):
+            if condition == "busy":
+                with busy_cores(2):
+                    met &= measure(args, "both cores busy", cache, cold=n == 0)
+            else:
+                met &= measure(args, "quiet", cache, cold=n == 0)
+    print("target met" if met else "target NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
