@@ -11,6 +11,9 @@ Standard library only: the service uses it on the local Docker host, and the Nom
                                         its mtime is the last use (least-recently-used order)
     <root>/trash/                       environments being removed
 
+Also here: which requirements a cache takes and how they are spelled
+(``normalise_requirements``), the wheel platforms of a target, the key's digest.
+
 Rules:
 
 - A build writes into its own ``builds/`` directory and writes the marker *last*,
@@ -33,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 
@@ -48,6 +52,73 @@ TRASH = "trash"
 SITE = "site"
 MARKER = "pyexec-env.json"
 MARKER_VERSION = 1
+
+
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_LINE = re.compile(
+    rf"^(?P<name>{_NAME})\s*(?:\[(?P<extras>[^\]]*)\])?\s*(?P<spec>(?:~=|===|==|!=|<=|>=|<|>).*)?$"
+)
+_SPEC = re.compile(r"^(~=|===|==|!=|<=|>=|<|>)\s*([A-Za-z0-9.*+!_-]+)$")
+#: The oldest glibc minor ``manylinux_2_<minor>`` tags are generated down to (manylinux1).
+_OLDEST_GLIBC_MINOR = 5
+
+
+class NotCacheable(ValueError):
+    """A requirements text the cache does not take (the message says which line, why)."""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def normalise_requirements(text: str) -> tuple[str, ...]:
+    """The requirement lines of ``text`` in one spelling each, sorted, duplicates merged.
+
+    Comments and blank lines are dropped; names are PEP 503-normalised, extras sorted,
+    specifiers sorted and without spaces. Raises ``NotCacheable`` for anything else.
+    """
+    found: set[str] = set()
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].split("\t#", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-"):
+            raise NotCacheable(f"{line!r}: pip options are not cacheable")
+        if ";" in line:
+            raise NotCacheable(f"{line!r}: environment markers are not cacheable")
+        if "@" in line or "://" in line or line.startswith((".", "/", "file:")):
+            raise NotCacheable(f"{line!r}: URLs and paths are not cacheable")
+        match = _LINE.match(line)
+        if match is None:
+            raise NotCacheable(f"{line!r}: not a requirement (name[extras] specifiers)")
+        extras = sorted(
+            {_canonical(e.strip()) for e in (match["extras"] or "").split(",") if e.strip()}
+        )
+        specs = []
+        for part in (match["spec"] or "").split(","):
+            if not part.strip():
+                continue
+            spec = _SPEC.match(part.strip())
+            if spec is None:
+                raise NotCacheable(f"{line!r}: cannot read the version specifier {part.strip()!r}")
+            specs.append(spec[1] + spec[2])
+        normal = _canonical(match["name"])
+        if extras:
+            normal += "[" + ",".join(extras) + "]"
+        found.add(normal + ",".join(sorted(set(specs))))
+    return tuple(sorted(found))
+
+
+def wheel_platforms(machine: str, libc: str, libc_version: str) -> list[str]:
+    """Wheel platform tags an interpreter on ``machine`` with this C library loads, newest
+    first: never a wheel that needs a newer libc than the target has."""
+    major, _, minor = libc_version.partition(".")
+    newest = int(minor) if minor.isdigit() else 0
+    if libc == "musl":
+        return [f"musllinux_{major}_{m}_{machine}" for m in range(newest, -1, -1)]
+    tags = [f"manylinux_2_{m}_{machine}" for m in range(newest, _OLDEST_GLIBC_MINOR - 1, -1)]
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    return tags + [f"{name}_{machine}" for m, name in legacy.items() if newest >= m]
 
 
 def key_digest(describe: dict[str, Any]) -> str:
@@ -274,15 +345,21 @@ class CacheDir:
         finally:
             self.unlock(fd)
 
-    def evict(self, cap: int) -> list[str]:
+    def evict(self, cap: int, grace: float = 0.0) -> list[str]:
         """Remove least recently used environments not in use until the cache holds at
-        most ``cap`` bytes (or only environments in use are left); the keys removed."""
+        most ``cap`` bytes (or only environments in use are left); the keys removed.
+
+        ``grace``: also keep what was handed out within that many seconds (the Nomad
+        installer hands an environment to a run task that takes its use lock later)."""
         entries = self.entries()
         total = sum(entry.size for entry in entries)
         removed = []
+        recent = time.time() - grace
         for entry in entries:
             if total <= cap:
                 break
+            if grace and entry.last_used >= recent:
+                continue
             if self.remove(entry.key):
                 total -= entry.size
                 removed.append(entry.key)
