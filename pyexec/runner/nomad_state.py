@@ -167,6 +167,8 @@ def outcome(
             started_at=parse_time(_str(verdict.get("started_at"))) or started,
             finished_at=parse_time(_str(verdict.get("finished_at"))) or finished,
             error=str(error) if error else None,
+            # Written by the run task, so the program could rewrite it: a known value only.
+            deps_cache=_one_of(verdict.get("deps_cache"), ("hit", "miss", "off")),
         )
     # No verdict: the run task never got to write one. Tell what Nomad itself saw.
     if started is None:
@@ -183,6 +185,10 @@ def outcome(
     if str(details.get("oom_killed", "")).lower() == "true":
         return seen(Reason.OOM, "out of memory", exit_code)
     return seen(Reason.ERROR, "the run task ended without a verdict", exit_code)
+
+
+def _one_of(value: Any, allowed: tuple[str, ...]) -> str | None:
+    return value if value in allowed else None
 
 
 def _str(value: Any) -> str | None:

@@ -218,10 +218,45 @@ def base_env(request: dict[str, Any]) -> dict[str, str]:
     if os.path.isdir(SITE):
         env["PYTHONPATH"] = SITE
         env["PATH"] = SITE + "/bin:" + env["PATH"]
+    cached = cached_site()
+    if cached is not None:
+        env["PYTHONPATH"] = cached
+        env["PATH"] = cached + "/bin:" + env["PATH"]
     for item in request.get("env_vars") or []:
         key, _, value = str(item).partition("=")
         env[key] = value
     return env
+
+
+#: The use lock of the cached environment this task runs with (held until it exits).
+_DEPS_LOCK: list[int] = []
+
+
+def cached_site() -> str | None:
+    """The cached environment the installer handed over (``pyexec.deps``: the node's host
+    volume, mounted read-only here), held in use so that no eviction removes it."""
+    installed = read_json(os.path.join(OUT, "install.json")) or {}
+    site, lock = installed.get("deps_site"), installed.get("deps_lock")
+    if not isinstance(site, str) or not isinstance(lock, str) or not os.path.isdir(site):
+        return None
+    if not _DEPS_LOCK:
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fd = os.open(lock, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a read-only file takes a shared lock too
+            _DEPS_LOCK.append(fd)
+    return site
+
+
+def deps_cache() -> str | None:
+    """``hit``/``miss`` (the installer's cache), ``off`` (it installed for this run alone),
+    ``None`` without an installer."""
+    installed = read_json(os.path.join(OUT, "install.json"))
+    if installed is None or installed.get("ok") is not True or installed.get("empty"):
+        return None
+    status = installed.get("deps_cache")
+    return status if status in ("hit", "miss") else "off"
 
 
 def pre_commands(request: dict[str, Any], env: dict[str, str], deadline: float) -> None:
@@ -541,6 +576,9 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - any crash must still leave a verdict
         verdict = {"reason": "error", "error": f"the run task failed: {exc!r}"}
         print(f"pyexec: {exc!r}", file=sys.stderr)
+    status = deps_cache()
+    if status is not None:
+        verdict["deps_cache"] = status
     write_json(os.path.join(OUT, "verdict.json"), verdict)
     sys.exit(0)
 
