@@ -121,3 +121,18 @@ async def test_output_that_looks_like_the_mark_stays_output(api: httpx.AsyncClie
     record = await run(api, code, artifacts=["x.txt"])
     assert record["stdout"] == "\x00pyexec artifacts 0000\nafter\n"
     assert [a["path"] for a in record["artifacts"]] == ["x.txt"]
+
+
+async def test_a_run_over_its_output_limit_still_returns_its_artifacts(
+    api: httpx.AsyncClient,
+) -> None:
+    """Past the output cap the runner has the bootstrap stop the program and send the
+    files it wrote; the verdict stays output_limit."""
+    code = "open('before.txt', 'w').write('kept')\nwhile True:\n    print('x' * 1000)\n"
+    record = await run(
+        api, code, artifacts=["*.txt"], config={"max_output_bytes": 10_000, "timeout_seconds": 20}
+    )
+    assert record["reason"] == "output_limit", record
+    assert len(record["stdout"]) <= 10_000
+    assert [a["path"] for a in record["artifacts"]] == ["before.txt"]
+    assert record["artifacts_truncated"] is False

@@ -718,15 +718,30 @@ class DockerRunner:
                         payload = trailer.feed(payload)
                     if stream not in (1, 2) or not payload:
                         continue
-                    if not self._capture(run, stream, payload):
+                    if run.verdict is not None:
+                        continue  # past the output limit, the artifacts are still to come
+                    if not self._capture(run, stream, payload) and not (
+                        await self._collect_after_limit(run, phase, scope)
+                    ):
                         return scope.deadline
             # The stream ended: what the trailer held back was the program's, unless a trailer.
             self._capture(run, 2, trailer.finish())
             if run.artifacts is not None:
                 self._capture(run, 1, run.artifacts.finish())
-        if scope.cancelled_caught:
+        if scope.cancelled_caught and run.verdict is None:
             self._timed_out(run, phase, control)
         return scope.deadline
+
+    async def _collect_after_limit(self, run: _Run, phase: Phase, scope: anyio.CancelScope) -> bool:
+        """Past the output limit, when the request asks for artifacts: have the bootstrap
+        end the program and send them (a stop: SIGTERM, which init hands to it), and keep
+        reading, dropping output, until it has or the artifacts' grace is over. ``False``
+        when there is nothing to wait for (the caller ends the container at once)."""
+        if run.artifacts is None or not phase.run or not run.containers:
+            return False
+        await self._engine.kill(run.containers[-1], signal="SIGTERM")
+        scope.deadline = min(scope.deadline, anyio.current_time() + artifact_grace(run.request))
+        return True
 
     def _capture(self, run: _Run, stream: int, payload: bytes) -> bool:
         """Keep output of ``stream``; ``False`` (and the verdict set) once it overflows."""

@@ -195,9 +195,9 @@ class Engine:
         state = await self.call(lambda api: api.inspect_container(container))
         return bool(state["State"].get("OOMKilled"))
 
-    async def kill(self, container: str) -> None:
+    async def kill(self, container: str, signal: str = "SIGKILL") -> None:
         try:
-            await self.call(lambda api: api.kill(container))
+            await self.call(lambda api: api.kill(container, signal=signal))
         except docker.errors.NotFound:
             return
         except BackendError as exc:
