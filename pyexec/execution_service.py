@@ -49,7 +49,7 @@ from .errors import (
     TooManyExecutions,
     TransitionRefused,
 )
-from .evaluate.outcome import finish_outcome, is_eval_request
+from .evaluate.outcome import finish_outcome, hide_report, is_eval_request
 from .events import EventHub, Subscription
 from .logs import bind_execution
 from .models import (
@@ -359,9 +359,11 @@ class ExecutionService:
         tar = self.store.open_tar(execution_id) if spool is None else _chunks(spool)
         # Live output, until the task ends (``_task_done`` releases it).
         output = self.events.output_log(execution_id)
+        # An eval run's report line is not the user's output: live streams never show it.
+        on_output = hide_report(output.feed) if is_eval_request(request) else output.feed
         try:
             await self.runner.start(
-                record, request, tar, self._on_running(execution_id), on_output=output.feed
+                record, request, tar, self._on_running(execution_id), on_output=on_output
             )
         except PyexecError as exc:
             # Nothing runs: record why, so the execution never sits in pending forever.

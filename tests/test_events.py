@@ -351,3 +351,24 @@ def test_cli_json_prints_one_event_per_line(printing: tuple[LiveServer, Printing
     assert events[-1]["event"] == "end"
     assert events[-1]["execution"]["stdout"] == "a\n"
     assert done.returncode == 0
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 20])
+def test_an_eval_runs_report_line_never_reaches_live_stderr(cut: int) -> None:
+    """Live stderr of an eval run stops before the report mark, however the pieces fall;
+    stdout passes unchanged."""
+    from pyexec.evaluate.outcome import hide_report
+    from pyexec.evaluate.wrapper import REPORT_MARK
+
+    got: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+
+    def forward(stream: str, data: bytes) -> None:
+        got[stream] += data
+
+    on_output = hide_report(forward)
+    stderr = f"warn\n\n{REPORT_MARK}{{'result': '10'}}\n".encode()
+    for i in range(0, len(stderr), cut):
+        on_output("stderr", stderr[i : i + cut])
+        on_output("stdout", b"o")
+    assert got["stderr"] == b"warn\n"
+    assert got["stdout"] == b"o" * len(range(0, len(stderr), cut))

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 
 from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
+from pyexec.runner import OnOutput
 
 from .archive import WRAPPER_PATH
 from .wrapper import REPORT_MARK
@@ -31,6 +32,7 @@ from .wrapper import REPORT_MARK
 __all__ = [
     "finish_outcome",
     "finish_record",
+    "hide_report",
     "is_eval_request",
     "parse_traceback",
     "split_report",
@@ -126,3 +128,33 @@ def finish_record(record: Execution) -> Execution:
         report = _fallback(record.reason, record.exit_code, stderr)
         report["result"] = record.result
     return attrs.evolve(record, stderr=stderr, **report)
+
+
+def hide_report(forward: OnOutput) -> OnOutput:
+    """Live output of an eval run as the user will see it in the record: stderr stops
+    before the report mark (``split_report`` takes the report out of the final stderr;
+    whatever follows a mark reaches live subscribers from the record). A piece that may
+    be the start of the mark is held back until the next one tells."""
+    mark = f"\n{REPORT_MARK}".encode()
+    pending = b""
+    hidden = False
+
+    def on_output(stream: str, data: bytes) -> None:
+        nonlocal pending, hidden
+        if stream != "stderr":
+            forward(stream, data)
+            return
+        if hidden:
+            return
+        data, pending = pending + data, b""
+        found = data.find(mark)
+        if found >= 0:
+            hidden = True
+            data = data[:found]
+        else:
+            keep = next((k for k in range(len(mark) - 1, 0, -1) if data.endswith(mark[:k])), 0)
+            data, pending = data[: len(data) - keep], data[len(data) - keep :]
+        if data:
+            forward(stream, data)
+
+    return on_output
