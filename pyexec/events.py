@@ -306,13 +306,12 @@ class EventHub:
             raise
         return Subscription(self, feed, dict(position))
 
-    async def aclose(self) -> None:
-        """Ends every stream (clients reconnect elsewhere) and stops the logs' flushing."""
+    def close(self) -> None:
+        """Ends every stream, so clients reconnect elsewhere (through the store). The logs
+        go on flushing while their runs go on (``release`` stops each at its run's end)."""
         self.closing = True
         for feed in list(self.feeds.values()):
             feed.notify()
-        for execution_id in list(self.logs):
-            self.release(execution_id)
 
 
 class Subscription:

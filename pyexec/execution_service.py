@@ -163,7 +163,7 @@ class ExecutionService:
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop the janitor; give local runs ``grace`` seconds, then kill and record them."""
         self._closing = True
-        await self.events.aclose()  # event streams end; their clients reconnect elsewhere
+        self.events.close()  # event streams end; their clients reconnect elsewhere
         background = [t for t in (self._janitor, self._preparing, *self._rechecks) if t is not None]
         for task in background:
             task.cancel()

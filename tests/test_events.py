@@ -372,3 +372,28 @@ def test_an_eval_runs_report_line_never_reaches_live_stderr(cut: int) -> None:
         on_output("stdout", b"o")
     assert got["stderr"] == b"warn\n"
     assert got["stdout"] == b"o" * len(range(0, len(stderr), cut))
+
+
+def test_a_subscriber_that_stops_reading_stalls_nothing(
+    printing: tuple[LiveServer, PrintingRunner],
+) -> None:
+    """A client that never reads its stream only fills its own socket: the run ends and
+    every other subscriber gets all of the output and the end."""
+    server, runner = printing
+    eid = started(server, runner)
+    host, port = server.url.removeprefix("http://").split(":")
+    stuck = socket.create_connection((host, int(port)))
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(f"GET /api/v1/executions/{eid}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        piece = b"y" * 65536
+        for _ in range(64):  # 4 MiB, far more than the stuck socket's buffers hold
+            runner.print(eid, "stdout", piece)
+        runner.end(eid)
+        with Client(server.url, timeout=30) as client:
+            assert client.wait(eid, timeout=30).status.value == "completed"
+            texts, seen = collect(client.stream(eid))
+    finally:
+        stuck.close()
+    assert texts["stdout"] == "y" * (64 * 65536)
+    assert isinstance(seen[-1], EndEvent)
