@@ -66,6 +66,8 @@ class AllocRunner(threading.Thread):
         self.lost = False
         self.tasks = {t["Name"]: TaskRunner(self, t) for t in self.group["Tasks"]}
         self.on_done: Callable[[str], None] | None = None
+        #: Ends the template watchers (``consultmpl.watch``) when the allocation is over.
+        self.templates_done = threading.Event()
 
     # -- reporting ---------------------------------------------------------
     def task_changed(self, runner: TaskRunner) -> None:
@@ -152,6 +154,7 @@ class AllocRunner(threading.Thread):
         self._wait(lambda: all(t.dead for t in post))
         for tr in runners:
             tr.join(timeout=5)
+        self.templates_done.set()
         if self.on_done is not None:
             self.on_done(self.alloc_id)
 
@@ -196,7 +199,8 @@ class AllocRunner(threading.Thread):
             raise SetupError("nomadsim: template source files are not supported")
         if tmpl.get("Envvars"):
             raise SetupError("nomadsim: env templates are not supported")
-        data = text.encode("utf-8", "surrogateescape")
+        source = data = text.encode("utf-8", "surrogateescape")
+        watched = False
         if left in text or right in text:
             if (left, right) != ("{{", "}}"):
                 raise SetupError("nomadsim: template actions need the default delimiters")
@@ -204,14 +208,29 @@ class AllocRunner(threading.Thread):
                 data = consultmpl.render(data, self.sim.consul_addr, env)
             except (consultmpl.TemplateError, httpx.HTTPError) as exc:
                 raise SetupError(f"nomadsim: template: {exc}") from None
+            if (tmpl.get("ChangeMode") or "restart") != "noop":
+                raise SetupError("nomadsim: only change_mode noop is supported for Consul data")
+            watched = True
         dest_rel = interpolate(tmpl.get("DestPath") or "", env, self.sim.node)
         dest = (task_dir / dest_rel).resolve()
         if not str(dest).startswith(str(task_dir.resolve())):
             # Nomad refuses templates that escape the task dir (template.go, sandboxing).
             raise SetupError(f"template destination {dest_rel!r} escapes the task directory")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
-        dest.chmod(int(tmpl.get("Perms") or "0644", 8))
+        mode = int(tmpl.get("Perms") or "0644", 8)
+        consultmpl.write_atomic(dest, data, mode)
+        if watched:  # rendered again when its keys change, as the client does
+            threading.Thread(
+                target=consultmpl.watch,
+                args=(source, self.sim.consul_addr, env),
+                kwargs={
+                    "write": lambda new: consultmpl.write_atomic(dest, new, mode),
+                    "stop": self.templates_done,
+                    "first": data,
+                },
+                name=f"nomadsim-template-{self.alloc_id[:8]}",
+                daemon=True,
+            ).start()
 
     # -- docker --------------------------------------------------------------
     def create_container(self, task: JSON, env: dict[str, str]) -> Any:
@@ -262,6 +281,7 @@ class AllocRunner(threading.Thread):
 
     def destroy(self) -> None:
         """GC: kill leftovers and remove the alloc dir."""
+        self.templates_done.set()
         for tr in self.tasks.values():
             if tr.container is not None:
                 self.remove_container(tr.container)
