@@ -65,6 +65,9 @@ __all__ = [
     "job_id",
     "job_id_for",
     "pick_class",
+    "pool_job",
+    "pool_job_id",
+    "pool_jobs",
     "requirement_problem",
     "runner_job",
     "runner_jobs",
@@ -114,8 +117,6 @@ FINISH_CPU_MHZ = 100
 TMP_BYTES = 64 * MiB
 KILL_TIMEOUT_SECONDS = 5
 CA_DEST = "local/ca-bundle.crt"
-#: The Nomad client's Consul template for one execution's keys (the id from the meta).
-_ID = '(env "NOMAD_META_execution_id")'
 _OPERATORS = ("=", "!=", ">", ">=", "<", "<=", "regexp", "version", "semver", "set_contains")
 
 
@@ -295,30 +296,27 @@ def _code(*dests: str) -> list[dict[str, Any]]:
     return [_template(task_file(dest), dest) for dest in dests]
 
 
-def _key_path(key_of: Any, prefix: str) -> str:
-    """A Go template expression for the key ``key_of(prefix, <the dispatch's id>)``."""
+def _key_path(key_of: Any, prefix: str, meta: str = "execution_id") -> str:
+    """A Go template expression for the key ``key_of(prefix, <the dispatch's meta>)``."""
     pattern = key_of(prefix.replace("%", "%%"), "%s")
-    return f"(printf {json.dumps(pattern)} {_ID})"
+    return f'(printf {json.dumps(pattern)} (env "NOMAD_META_{meta}"))'
+
+
+def _inputs_from(folder_of: Any, prefix: str, meta: str) -> list[dict[str, Any]]:
+    """The run task's three inputs from the folder ``folder_of(prefix, <meta>)`` (laid out
+    as an execution's: ``tar/``, ``manifest``, ``record``)."""
+    tar_folder = _key_path(lambda p, i: folder_of(p, i) + "tar", prefix, meta)
+    tar = f"{{{{ range ls {tar_folder} }}}}{{{{ .Value }}}}{{{{ end }}}}"
+    templates = [_template(tar, INPUTS["tar"], literal=False)]
+    for name in ("manifest", "record"):
+        key = _key_path(lambda p, i, n=name: folder_of(p, i) + n, prefix, meta)
+        templates.append(_template(f'{{{{ keyOrDefault {key} "" }}}}', INPUTS[name], literal=False))
+    return templates
 
 
 def input_templates(settings: Settings) -> list[dict[str, Any]]:
     """The run task's inputs, rendered by the Nomad client from Consul (its own access)."""
-    prefix = settings.consul_prefix
-    tar_folder = _key_path(lambda p, i: consul_keys.execution_folder(p, i) + "tar", prefix)
-    tar = f"{{{{ range ls {tar_folder} }}}}{{{{ .Value }}}}{{{{ end }}}}"
-    return [
-        _template(tar, INPUTS["tar"], literal=False),
-        _template(
-            f'{{{{ keyOrDefault {_key_path(consul_keys.manifest_key, prefix)} "" }}}}',
-            INPUTS["manifest"],
-            literal=False,
-        ),
-        _template(
-            f'{{{{ keyOrDefault {_key_path(consul_keys.record_key, prefix)} "" }}}}',
-            INPUTS["record"],
-            literal=False,
-        ),
-    ]
+    return _inputs_from(consul_keys.execution_folder, settings.consul_prefix, "execution_id")
 
 
 def writer_env(settings: Settings) -> dict[str, str]:
@@ -600,3 +598,59 @@ def runner_jobs(settings: Settings) -> list[dict[str, Any]]:
         for c in settings.nomad_resource_classes
         for pip, setup in variants(settings)
     ]
+
+
+#: Suffix of the job ID of a class's warm-pool job (``pyexec.runner.nomad_pool``).
+POOL_SUFFIX = "-pool"
+#: A pool slot's run task gives up waiting for its assignment this long after the idle
+#: limit (the service replaces it at the limit; this bounds what a dead service leaves).
+POOL_WAIT_MARGIN_SECONDS = 60
+
+
+def pool_job_id(settings: Settings, resource_class: ResourceClass) -> str:
+    return job_id_for(settings, resource_class.name) + POOL_SUFFIX
+
+
+def pool_wait_seconds(settings: Settings) -> int:
+    """How long a slot's run task waits for its assignment before it exits unused."""
+    return int(settings.pool_max_idle_seconds) + POOL_WAIT_MARGIN_SECONDS
+
+
+def pool_job(settings: Settings, resource_class: ResourceClass) -> dict[str, Any]:
+    """The warm-pool job of one resource class: the class's runner job (same sandbox,
+    same code), dispatched ahead of time per slot (meta ``slot``). Its run task starts
+    with empty inputs and waits for them: the Nomad client renders them from the slot's
+    folder in Consul (``consul_keys.pool_inputs_folder``) when the service claims the
+    slot for an execution, then runs it as a cold run task would. No ``finish`` task:
+    the service writes a pooled run's record itself; a plain ``nomad job dispatch`` uses
+    the runner job, which is unchanged."""
+    job = runner_job(settings, resource_class)
+    name = pool_job_id(settings, resource_class)
+    group = job["TaskGroups"][0]
+    run = next(t for t in group["Tasks"] if t["Name"] == TASKS["run"])
+    group["Tasks"] = [run]
+    pooled = _inputs_from(consul_keys.pool_inputs_folder, settings.consul_prefix, "slot")
+    by_dest = {t["DestPath"]: t for t in pooled}
+    run["Templates"] = [by_dest.get(t["DestPath"], t) for t in run["Templates"]]
+    run["Env"] = {**run["Env"], "PYEXEC_POOL_WAIT_SECONDS": "${NOMAD_META_wait}"}
+    job |= {
+        "ID": name,
+        "Name": name,
+        "ParameterizedJob": {
+            "Payload": "forbidden",
+            "MetaRequired": ["slot"],
+            "MetaOptional": ["image", "owner", "wait"],
+        },
+        "Meta": {
+            "image": settings.default_image,
+            "owner": "",
+            "wait": str(pool_wait_seconds(settings)),
+            "pyexec_class": resource_class.name,
+        },
+    }
+    return job
+
+
+def pool_jobs(settings: Settings) -> list[dict[str, Any]]:
+    """The warm-pool job of each resource class."""
+    return [pool_job(settings, c) for c in settings.nomad_resource_classes]

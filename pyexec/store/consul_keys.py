@@ -16,6 +16,8 @@ describes the layout for people; this module is the layout for code::
     <prefix>/executions/<id>/artifacts/000000 ...    the artifacts tar, raw bytes, in order
     <prefix>/executions/<id>/artifacts/manifest      its manifest (JSON, written last)
     <prefix>/idempotency/<sha256 of the key>         {"execution_id", "fingerprint"} (JSON)
+    <prefix>/pool/slots/<slot>                       a Nomad warm-pool slot (JSON)
+    <prefix>/pool/inputs/<slot>/record, manifest, tar/...  what a claimed slot runs
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ __all__ = [
     "manifest_key",
     "output_chunk_key",
     "output_folder",
+    "pool_inputs_folder",
+    "pool_slot_key",
+    "pool_slots_root",
     "record_key",
     "status_key",
     "status_marker_key",
@@ -142,6 +147,21 @@ def artifacts_chunk_key(prefix: str, execution_id: str, index: int) -> str:
 
 def artifacts_manifest_key(prefix: str, execution_id: str) -> str:
     return f"{artifacts_folder(prefix, execution_id)}manifest"
+
+
+def pool_slots_root(prefix: str) -> str:
+    """``<prefix>/pool/slots/``: one key per slot of the Nomad runner's warm pool."""
+    return f"{prefix.strip('/')}/pool/slots/"
+
+
+def pool_slot_key(prefix: str, slot: str) -> str:
+    return pool_slots_root(prefix) + slot
+
+
+def pool_inputs_folder(prefix: str, slot: str) -> str:
+    """Where a claimed slot's inputs go, laid out like an execution's folder (``record``,
+    ``manifest``, ``tar/``), so the run task's templates read either the same way."""
+    return f"{prefix.strip('/')}/pool/inputs/{slot}/"
 
 
 @attrs.frozen(kw_only=True)

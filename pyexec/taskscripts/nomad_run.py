@@ -37,6 +37,13 @@ are there; the poststop ``finish`` task reads them to store a plain dispatch's r
             (``ok``, ``error``, ``output``, ``seconds``) last; always exits 0
     run     the run task after it (no network): unpack ``work.tar`` into its own tmpfs
             ``/work`` with the same tar rules, then run the entrypoint
+
+``PYEXEC_POOL_WAIT_SECONDS`` marks a warm-pool slot (``pyexec.runner.nomad_pool``): the
+task starts before it has an execution, its inputs rendered empty, and waits for
+``record.json`` to appear (the client re-renders the templates when the service
+writes the slot's keys in Consul), then for the tar to reach the manifest's size;
+from there on it is the run above, unchanged. Unclaimed for that long, it exits 0
+and leaves no verdict.
 """
 
 from __future__ import annotations
@@ -88,6 +95,10 @@ DEFAULT_CAP = 1024 * 1024
 DEFAULT_ARTIFACT_CAP = 16 * 1024 * 1024
 #: Most artifact files (``pyexec.artifacts.MAX_ARTIFACT_FILES``; the service checks again).
 MAX_ARTIFACT_FILES = 1000
+#: A pool slot looking for its assignment: the pause between looks.
+ASSIGNMENT_POLL_SECONDS = 0.005
+#: After the record, how long the rest of the inputs may take to be rendered.
+INPUTS_WAIT_SECONDS = 30.0
 
 
 class SetupFailed(Exception):
@@ -545,9 +556,38 @@ def prepare(request: dict[str, Any], tar: str, deadline: float) -> float:
     return deadline - float(done.get("seconds") or 0.0)
 
 
+def local_size(name: str) -> int:
+    try:
+        return os.stat(os.path.join(LOCAL, name)).st_size
+    except OSError:
+        return 0
+
+
+def wait_for_assignment(limit: float) -> bool:
+    """A pool slot: until its record is rendered (``False`` after ``limit`` seconds),
+    then until the tar has the manifest's size (``load_inputs`` checks it fully; a tar
+    that never completes fails it there, as on a cold run)."""
+    give_up = time.monotonic() + limit
+    while local_size("record.json") == 0:
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(ASSIGNMENT_POLL_SECONDS)
+    inputs_by = time.monotonic() + INPUTS_WAIT_SECONDS
+    while time.monotonic() < inputs_by:
+        manifest = read_json(os.path.join(LOCAL, "manifest.json"))
+        if manifest is not None and local_size("bundle.tar") == int(manifest.get("size", -1)):
+            break
+        time.sleep(ASSIGNMENT_POLL_SECONDS)
+    return True
+
+
 def main() -> None:
     if os.environ.get("PYEXEC_PHASE") == "setup":
         setup_phase()
+    pool_wait = os.environ.get("PYEXEC_POOL_WAIT_SECONDS")
+    if pool_wait and not wait_for_assignment(float(pool_wait)):
+        print("pyexec: no execution was assigned to this pool slot", file=sys.stderr)
+        sys.exit(0)
     os.makedirs(OUT, exist_ok=True)
     for name in ("stdout", "stderr"):
         open(os.path.join(OUT, name), "wb").close()
