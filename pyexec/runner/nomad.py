@@ -16,6 +16,12 @@ outcome, so thousands of dead children do not sit in the servers' state for hour
 
 Runs outlive the service: after a restart ``resume`` finds the dispatched job of an
 execution by its meta and the watcher covers it again. Nothing is dispatched twice.
+
+With a warm pool (``nomad_pool``), ``start`` first tries to claim a slot, an
+allocation of the class's pool job already running and waiting for its inputs; a claimed
+slot is then followed exactly like a dispatched run (same verdict polling, outcome,
+deadlines, kill), only with ``started_at`` never before the claim. A request the pool
+cannot serve is dispatched cold.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -40,6 +47,7 @@ from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome
 from pyexec.runner import OnOutput, OnRunning, nomad_job
 from pyexec.runner import nomad_state as state
 from pyexec.runner.nomad_http import NomadAPI, NomadError
+from pyexec.runner.nomad_pool import Claim, NomadPool
 from pyexec.runner.nomad_watch import EventWatcher
 from pyexec.settings import Settings
 from pyexec.store import Store
@@ -85,6 +93,17 @@ def _transient(exc: PyexecError) -> bool:
     )
 
 
+def _not_before(outcome: RunOutcome, moment: datetime) -> RunOutcome:
+    """``outcome`` with no time earlier than ``moment`` (a pooled run's claim: what Nomad
+    reports of the task is the slot's start, long before the run's)."""
+    started, finished = outcome.started_at, outcome.finished_at
+    return attrs.evolve(
+        outcome,
+        started_at=None if started is None else max(started, moment),
+        finished_at=None if finished is None else max(finished, moment),
+    )
+
+
 @attrs.define
 class _Run:
     """One dispatched execution the runner follows."""
@@ -120,6 +139,10 @@ class _Run:
     #: The request's artifact patterns and cap (``pyexec.artifacts``), if it asks for any.
     artifacts: tuple[str, ...] = ()
     artifact_cap: int = 0
+    #: The warm-pool slot it runs in (``nomad_pool``), if it was not dispatched cold.
+    slot: str | None = None
+    #: A pooled run starts when it is claimed: no time it reports is earlier.
+    not_before: datetime | None = None
 
 
 class NomadRunner:
@@ -127,10 +150,18 @@ class NomadRunner:
     #: The job's setup task fetches the tar from Consul.
     reads_stored_tar = True
 
-    def __init__(self, settings: Settings, api: NomadAPI, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        api: NomadAPI,
+        store: Store | None = None,
+        pool: NomadPool | None = None,
+    ) -> None:
         self.settings = settings
         self.api = api
         self.store = store
+        #: The warm pool (``nomad_pool``), or ``None``; read by /metrics and /health.
+        self.pool = pool
         self._runs: dict[str, _Run] = {}  # by execution id
         self._by_job: dict[str, _Run] = {}  # by dispatched job id
         self._unclaimed: OrderedDict[str, dict[str, JSON]] = OrderedDict()
@@ -153,7 +184,9 @@ class NomadRunner:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store | None = None) -> NomadRunner:
-        return cls(settings, NomadAPI(settings), store)
+        api = NomadAPI(settings)
+        pool = NomadPool.from_settings(settings, api) if settings.pooled_images else None
+        return cls(settings, api, store, pool)
 
     # --- Runner ------------------------------------------------------------------------------
     @property
@@ -208,6 +241,8 @@ class NomadRunner:
         if self.settings.nomad_register_jobs:
             await self.register_jobs(overwrite=False)
         self._start_watching()
+        if self.pool is not None:
+            await self.pool.startup()
 
     async def register_jobs(self, *, overwrite: bool = True) -> list[str]:
         """Register every runner job; with ``overwrite=False`` only those Nomad does not
@@ -236,6 +271,18 @@ class NomadRunner:
     ) -> None:
         # The tar is in Consul already; the job's setup task reads it from there.
         self.check(request)
+        if self.pool is not None:
+            try:
+                claim = await self.pool.take(execution.execution_id, request)
+            except PyexecError as exc:  # the pool is an optimisation: the cold path stands
+                log.warning("warm pool failed for %s: %s", execution.execution_id, exc.message)
+                claim = None
+            if claim is not None:
+                run = self._follow(
+                    execution.execution_id, claim.slot.job_id, request, on_running, on_output
+                )
+                self._claimed(run, claim)
+                return
         resource_class = nomad_job.pick_class(self.settings, request.config)
         pip = bool(request.requirements_txt.strip())
         setup = nomad_job.uses_setup_task(self.settings, request.pre_commands)
@@ -263,16 +310,40 @@ class NomadRunner:
                 code="nomad_dispatch_failed",
                 nomad_status=exc.status,
             ) from None
+        self._follow(
+            execution.execution_id, answer["DispatchedJobID"], request, on_running, on_output
+        )
+
+    def _follow(
+        self,
+        execution_id: str,
+        job_id: str,
+        request: ExecutionRequest,
+        on_running: OnRunning,
+        on_output: OnOutput | None,
+    ) -> _Run:
+        """Watch a launched run (dispatched, or handed to a pool slot) until its outcome."""
         self._start_watching()
         run = self._track(
-            execution.execution_id,
-            answer["DispatchedJobID"],
+            execution_id,
+            job_id,
             execution_budget(request),
             request.config.max_output_bytes,
             on_running,
         )
         run.on_output = on_output
         run.artifacts, run.artifact_cap = request.artifacts, request.config.max_artifact_bytes
+        return run
+
+    def _claimed(self, run: _Run, claim: Claim) -> None:
+        """A run handed to a pool slot: running from the claim, its allocation known."""
+        run.slot = claim.slot.slot_id
+        run.not_before = claim.claimed_at
+        run.placed_at = time.monotonic()
+        run.reported_running = True
+        if run.on_running is not None:
+            self._spawn(run.on_running(claim.claimed_at))
+        self._on_alloc(run, claim.alloc)
 
     async def _dispatch(self, parent: str, meta: dict[str, str], token: str) -> JSON:
         """Dispatch, retrying briefly what may be transient: the idempotency token makes a
@@ -326,11 +397,18 @@ class NomadRunner:
         run = self._runs.get(execution_id)
         # A job another replica dispatched moments ago may be missing from a cached listing.
         job_id = run.job_id if run is not None else await self._find_job(execution_id, recheck=True)
+        if job_id is None and self.pool is not None:
+            found = await self.pool.find(execution_id)
+            job_id = None if found is None else found[1]
         if job_id is not None:
             await self.api.stop_job(job_id)
 
     async def resume(self, execution: Execution) -> bool:
         job_id = await self._find_job(execution.execution_id)
+        slot: tuple[str, str, datetime] | None = None
+        if job_id is None and self.pool is not None:
+            slot = await self.pool.find(execution.execution_id)
+            job_id = None if slot is None else slot[1]
         if job_id is None:
             return False
         request = execution.request
@@ -349,6 +427,8 @@ class NomadRunner:
         if request is not None:
             run.artifacts = request.artifacts
             run.artifact_cap = request.config.max_artifact_bytes
+        if slot is not None:
+            run.slot, run.not_before, run.reported_running = slot[0], slot[2], True
         await self._refresh(run)
         return True
 
@@ -367,6 +447,8 @@ class NomadRunner:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.aclose()
         await self.api.aclose()
 
     # --- following runs ----------------------------------------------------------------------
@@ -397,6 +479,8 @@ class NomadRunner:
         self._runs.pop(run.execution_id, None)
         self._by_job.pop(run.job_id, None)
         self._purges.append((time.monotonic() + PURGE_AFTER_SECONDS, run.job_id))
+        if run.slot is not None and self.pool is not None:
+            self._spawn(self.pool.release(run.slot))
 
     def _on_event(self, event: JSON) -> None:
         try:
@@ -610,7 +694,11 @@ class NomadRunner:
                 started_at=outcome.started_at,
                 finished_at=outcome.finished_at,
             )
+        if run.not_before is not None:
+            outcome = _not_before(outcome, run.not_before)
         run.outcome.set_result(outcome)
+        if self.pool is not None:
+            self.pool.wake()  # a slot made while this run ran would have taken its CPU
         if run.abandoned:
             self._release(run)
 

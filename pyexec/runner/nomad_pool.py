@@ -1,0 +1,653 @@
+"""The Nomad runner's warm pool: allocations dispatched ahead of time, one execution each.
+
+A *slot* is a dispatch of a class's pool job (``nomad_job.pool_job``: the runner job's
+run task, same sandbox and code, no network, no token) whose run task is already
+running and waits for its inputs. The Nomad client renders them from the slot's folder
+in Consul (``consul_keys.pool_inputs_folder``) with ``keyOrDefault``/``ls`` templates
+(``change_mode = "noop"``): empty at first, re-rendered when the keys are written.
+
+Handing a slot to an execution is **one Consul transaction**: a check-and-set of the
+slot's key (``consul_keys.pool_slot_key``, from ``ready`` to ``claimed`` by that
+execution) together with a copy of the execution's record, manifest and tar chunks into
+the slot's folder. Either all of it lands or none: two service replicas sharing the
+Consul never hand out the same slot (the loser's transaction fails its check and it
+tries another slot, or the cold path), and the template never sees inputs of a slot
+nobody owns. A transaction is bounded (``MAX_TXN_OPS`` operations, ``MAX_TXN_BYTES``
+of body, values base64 inside it): an execution whose inputs do not fit takes the cold
+path (miss ``too_large``).
+
+Each service process keeps ``pool_size`` slots of its own per pooled image (the
+request's class must be the default request's), made in the background a few at a
+time, published in Consul once their run task runs. Any replica may claim any ready
+slot. A slot is never handed out dead or stale: ``take`` skips one older than
+``pool_max_idle_seconds`` and reads its allocation first (run task running, not
+stopped). The owner replaces its slots at the idle limit (a check-and-set delete, so a
+slot claimed meanwhile is left to its run), and anyone replaces a slot whose owner is
+gone (a crashed process on the same host at start-up; any slot once past the limit
+plus a margin). The run task itself gives up after the limit plus a margin
+(``nomad_job.POOL_WAIT_MARGIN_SECONDS``), so even with no service left nothing waits
+for ever. When Nomad cannot be reached the pool empties (keys withdrawn, jobs stopped
+once Nomad answers again) and refills by itself with backoff. Shutdown withdraws and
+purges every slot the process owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import attrs
+
+from pyexec.errors import BackendError, BackendUnavailable, PyexecError
+from pyexec.models import ExecutionRequest, parse_request
+from pyexec.runner import nomad_job
+from pyexec.runner.docker_engine import owner_alive, owner_label
+from pyexec.runner.nomad_http import NomadAPI, NomadError
+from pyexec.runner.pool import NullPoolObserver, PoolObserver
+from pyexec.settings import Settings, SettingsError
+from pyexec.store import consul_keys
+from pyexec.store.consul_http import ConsulHTTP
+from pyexec.store.consul_kv import MAX_TXN_BYTES, MAX_TXN_OPS, ConsulKV, kv_op
+
+__all__ = ["NomadPool", "Slot"]
+
+log = logging.getLogger("pyexec.runner.nomad_pool")
+
+JSON = dict[str, Any]
+#: How often the pool looks at its slots (Consul and Nomad) when nothing wakes it.
+CHECK_INTERVAL = 0.5
+#: Slots being made at once, over all shapes.
+REFILLS = 2
+#: Backoff after a failed refill (seconds): doubled per failure up to the maximum.
+BACKOFF = 0.5
+BACKOFF_MAX = 10.0
+#: While a slot is being made: the pause between looks at its allocation.
+START_POLL_SECONDS = 0.1
+#: A slot older than the idle limit plus this is anybody's to replace (its owner did
+#: not: it is gone or stuck).
+ORPHAN_GRACE_SECONDS = 30.0
+#: Why a request took the cold path although its image is pooled.
+MISS_TOO_LARGE = "too_large"
+
+
+@attrs.define(eq=False)
+class Slot:
+    """One pre-dispatched allocation waiting for its assignment."""
+
+    slot_id: str
+    job_id: str
+    image: str
+    class_name: str
+    owner: str
+    #: Wall-clock seconds when it was dispatched (shared between replicas).
+    created: float
+    alloc_id: str | None = None
+    #: ModifyIndex of its key in Consul (the check of the claim).
+    index: int = 0
+
+    @property
+    def age(self) -> float:
+        return time.time() - self.created
+
+    def value(self, **extra: Any) -> bytes:
+        data = {
+            "job": self.job_id,
+            "alloc": self.alloc_id,
+            "image": self.image,
+            "class": self.class_name,
+            "owner": self.owner,
+            "created": self.created,
+            **extra,
+        }
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_entry(cls, slot_id: str, entry: JSON) -> tuple[Slot, JSON]:
+        """A slot and its whole value from its Consul entry (``Value`` base64)."""
+        data = json.loads(base64.b64decode(entry.get("Value") or ""))
+        slot = cls(
+            slot_id=slot_id,
+            job_id=str(data["job"]),
+            image=str(data["image"]),
+            class_name=str(data["class"]),
+            owner=str(data.get("owner") or ""),
+            created=float(data["created"]),
+            alloc_id=data.get("alloc"),
+            index=int(entry["ModifyIndex"]),
+        )
+        return slot, data
+
+
+@attrs.define(eq=False)
+class Claim:
+    """A slot handed to an execution."""
+
+    slot: Slot
+    #: The slot's allocation as read just before the claim.
+    alloc: JSON
+    #: When the execution got it (its run starts now, not when the slot was made).
+    claimed_at: datetime
+
+
+@attrs.define(eq=False)
+class _Shape:
+    image: str
+    resource_class: Any
+    size: int
+    ready: list[Slot] = attrs.Factory(list)
+    making: int = 0
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+def _waiting(alloc: JSON) -> bool:
+    """Whether a slot's allocation still waits: wanted, and its run task running."""
+    run = (alloc.get("TaskStates") or {}).get(nomad_job.TASKS["run"]) or {}
+    return (
+        alloc.get("DesiredStatus") == "run"
+        and alloc.get("ClientStatus") == "running"
+        and run.get("State") == "running"
+    )
+
+
+class NomadPool:
+    """Slots kept ready per (image, class); see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        api: NomadAPI,
+        kv: ConsulKV,
+        *,
+        owner: str | None = None,
+        observer: PoolObserver | None = None,
+        refills: int = REFILLS,
+    ) -> None:
+        self._settings = settings
+        self._api = api
+        self._kv = kv
+        self.owner = owner or owner_label()
+        self.observer: PoolObserver = observer or NullPoolObserver()
+        self._prefix = settings.consul_prefix
+        self._shapes: dict[tuple[str, str], _Shape] = {}
+        self._slots = asyncio.Semaphore(refills)
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._maintainer: asyncio.Task[None] | None = None
+        #: Dispatched pool jobs this process made and has neither handed out nor stopped.
+        self._owned: set[str] = set()
+        #: Jobs to stop once Nomad answers again.
+        self._doomed: set[str] = set()
+        self._closed = False
+        self._outage = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, api: NomadAPI) -> NomadPool:
+        """``pool_size`` slots per pooled image, of the class a default request gets."""
+        kv = ConsulKV(
+            ConsulHTTP.from_settings(settings, max_connections=8),
+            ConsulHTTP.from_settings(settings, max_connections=1),
+        )
+        pool = cls(settings, api, kv)
+        for image in settings.pooled_images:
+            try:
+                request = parse_request({"docker_image": image}, settings)
+            except PyexecError as exc:
+                raise SettingsError(
+                    f"PYEXEC_POOL_IMAGES: {exc.message}", name="PYEXEC_POOL_IMAGES"
+                ) from None
+            pool.keep(request, settings.pool_size)
+        return pool
+
+    # --- what the runner uses --------------------------------------------------------------
+
+    def keep(self, request: ExecutionRequest, size: int) -> None:
+        """Keep ``size`` slots ready for requests shaped like ``request``."""
+        resource_class = nomad_job.pick_class(self._settings, request.config)
+        key = (request.docker_image, resource_class.name)
+        shape = self._shapes.get(key)
+        if shape is None:
+            self._shapes[key] = _Shape(request.docker_image, resource_class, size)
+        else:
+            shape.size = size
+        self._wake.set()
+
+    def _shape_of(self, request: ExecutionRequest) -> _Shape | None:
+        """The pool serving ``request``: one that runs in the run task alone (no installer,
+        no setup task), of a pooled image and class."""
+        if request.requirements_txt.strip():
+            return None
+        if nomad_job.uses_setup_task(self._settings, request.pre_commands):
+            return None
+        resource_class = nomad_job.pick_class(self._settings, request.config)
+        return self._shapes.get((request.docker_image, resource_class.name))
+
+    async def startup(self) -> None:
+        """Register the pool jobs Nomad lacks (never overwriting one), sweep what crashed
+        processes left, then start filling."""
+        if self._settings.nomad_register_jobs:
+            for job in nomad_job.pool_jobs(self._settings):
+                if await self._api.get_job(job["ID"]) is None:
+                    await self._api.register_job(job)
+        try:
+            await self._sweep(startup=True)
+        except PyexecError as exc:  # the maintainer sweeps again
+            log.warning("could not sweep the warm pool: %s", exc.message)
+        self.start()
+
+    def start(self) -> None:
+        if self._maintainer is None and not self._closed:
+            self._maintainer = asyncio.create_task(self._maintain(), name="pyexec-nomad-pool")
+
+    async def take(self, execution_id: str, request: ExecutionRequest) -> Claim | None:
+        """A ready slot, now claimed for ``execution_id`` with its inputs delivered; ``None``
+        when the request is not pooled, its inputs do not fit a transaction or no slot
+        is ready (the caller dispatches cold)."""
+        image = request.docker_image
+        shape = None if self._closed else self._shape_of(request)
+        if shape is None:
+            self.observer.miss(image, "unpooled")
+            return None
+        inputs = await self._inputs(execution_id)
+        if inputs is None:
+            self.observer.miss(image, MISS_TOO_LARGE)
+            return None
+        for slot in list(shape.ready):  # its own, the oldest first
+            claim = await self._claim(slot, execution_id, inputs)
+            if claim is not None:
+                return self._hit(claim)
+        for slot in await self._others(shape):
+            claim = await self._claim(slot, execution_id, inputs)
+            if claim is not None:
+                return self._hit(claim)
+        self.observer.miss(image, "empty")
+        return None
+
+    def _hit(self, claim: Claim) -> Claim:
+        self.observer.hit(claim.slot.image, claim.slot.age)
+        self._wake.set()
+        return claim
+
+    async def find(self, execution_id: str) -> tuple[str, str, datetime] | None:
+        """(slot, job, claimed at) of the slot claimed for ``execution_id``, if any (a
+        restarted service adopts the run by it)."""
+        for slot_id, entry in (await self._slot_entries()).items():
+            try:
+                slot, data = Slot.from_entry(slot_id, entry)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if data.get("execution_id") == execution_id:
+                claimed = datetime.fromtimestamp(float(data.get("claimed_at") or 0), UTC)
+                return slot.slot_id, slot.job_id, claimed
+        return None
+
+    async def release(self, slot_id: str) -> None:
+        """A claimed slot's run is over: drop its key and its copy of the inputs (the job
+        is purged with the run's, by the runner)."""
+        try:
+            await self._kv.delete_tree(consul_keys.pool_inputs_folder(self._prefix, slot_id))
+            await self._kv.client.request(
+                "DELETE", f"/v1/kv/{consul_keys.pool_slot_key(self._prefix, slot_id)}"
+            )
+        except PyexecError as exc:  # the sweep finds it later
+            log.warning("could not drop the keys of pool slot %s: %s", slot_id, exc.message)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def ready(self) -> dict[str, int]:
+        """Slots of this process ready now, per pooled image."""
+        counts: dict[str, int] = {}
+        for shape in self._shapes.values():
+            if shape.size > 0:
+                counts[shape.image] = counts.get(shape.image, 0) + len(shape.ready)
+        return counts
+
+    def owned_jobs(self) -> set[str]:
+        """Pool jobs this process dispatched and still holds (ready or being made)."""
+        return set(self._owned)
+
+    async def wait_ready(self, count: int, timeout: float) -> None:
+        """Until every pooled image has ``count`` slots ready; ``TimeoutError`` after
+        ``timeout`` seconds."""
+        with anyio.fail_after(timeout):
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: all(len(s.ready) >= count for s in self._shapes.values() if s.size)
+                )
+
+    async def aclose(self) -> None:
+        """Stop filling; withdraw and purge every slot this process holds (idempotent)."""
+        self._closed = True
+        tasks = {*self._tasks, *([self._maintainer] if self._maintainer else [])}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for shape in self._shapes.values():
+            slots, shape.ready = shape.ready, []
+            for slot in slots:
+                with anyio.CancelScope(shield=True):
+                    await self._withdraw(slot)
+        for job_id in list(self._owned | self._doomed):
+            with anyio.CancelScope(shield=True):
+                await self._stop(job_id)
+        await self._kv.aclose()
+
+    # --- claiming --------------------------------------------------------------------------
+
+    async def _inputs(self, execution_id: str) -> list[tuple[str, str]] | None:
+        """The execution's record, manifest and tar chunks as (name in the slot folder,
+        base64 value); ``None`` when they would not fit one claim transaction."""
+        folder = consul_keys.execution_folder(self._prefix, execution_id)
+        response = await self._kv.client.request(
+            "GET", f"/v1/kv/{folder}", params={"recurse": ""}, ok=(404,)
+        )
+        if response.status_code == 404:
+            raise BackendError(f"execution {execution_id} has no keys in Consul", code="not_found")
+        wanted: list[tuple[str, str]] = []
+        for entry in response.json():
+            name = str(entry["Key"])[len(folder) :]
+            if name in ("record", "manifest") or (name.startswith("tar/") and name.count("/") == 1):
+                wanted.append((name, entry.get("Value") or ""))
+        size = sum(len(value) + len(name) + 200 for name, value in wanted)
+        if len(wanted) + 1 > MAX_TXN_OPS or size + 1024 > MAX_TXN_BYTES:
+            return None
+        return wanted
+
+    async def _others(self, shape: _Shape) -> list[Slot]:
+        """Ready slots of other service processes for ``shape``, the oldest first."""
+        others: list[Slot] = []
+        for slot_id, entry in (await self._slot_entries()).items():
+            try:
+                slot, data = Slot.from_entry(slot_id, entry)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if (
+                data.get("state") == "ready"
+                and slot.owner != self.owner
+                and (slot.image, slot.class_name) == (shape.image, shape.resource_class.name)
+            ):
+                others.append(slot)
+        return sorted(others, key=lambda s: s.created)
+
+    async def _claim(
+        self, slot: Slot, execution_id: str, inputs: list[tuple[str, str]]
+    ) -> Claim | None:
+        """Claim ``slot`` for ``execution_id`` and deliver its inputs in one transaction,
+        if it is fresh and its allocation still waits; ``None`` otherwise (dropped)."""
+        shape = self._shapes.get((slot.image, slot.class_name))
+        if shape is not None and slot in shape.ready:
+            shape.ready.remove(slot)  # from here on it is never offered again
+        if slot.age >= self._settings.pool_max_idle_seconds or slot.alloc_id is None:
+            if slot.owner == self.owner:
+                self._spawn(self._withdraw(slot))
+            return None
+        try:
+            alloc = await self._api.allocation(slot.alloc_id)
+        except PyexecError as exc:
+            log.info("pool slot %s cannot be read (%s): not used", slot.slot_id, exc.message)
+            if slot.owner == self.owner:
+                self._spawn(self._withdraw(slot))
+            return None
+        if not _waiting(alloc):
+            if slot.owner == self.owner:
+                self._spawn(self._withdraw(slot))
+            return None
+        now = time.time()
+        key = consul_keys.pool_slot_key(self._prefix, slot.slot_id)
+        folder = consul_keys.pool_inputs_folder(self._prefix, slot.slot_id)
+        claimed = slot.value(state="claimed", execution_id=execution_id, claimed_at=now)
+        ops = [kv_op("cas", key, claimed, index=slot.index)]
+        ops += [
+            json.dumps({"KV": {"Verb": "set", "Key": folder + name, "Value": value}})
+            for name, value in inputs
+        ]
+        result = await self._kv.txn(ops)
+        if not result.ok:  # another replica claimed or withdrew it first
+            self._owned.discard(slot.job_id)
+            return None
+        self._owned.discard(slot.job_id)
+        return Claim(slot, alloc, datetime.fromtimestamp(now, UTC))
+
+    # --- filling ---------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                await self._check()
+            except BackendUnavailable as exc:
+                self._on_outage(exc)
+            except NomadError as exc:  # e.g. no cluster leader
+                self._on_outage(exc)
+            except Exception:  # the pool must outlive any one failure; logged, retried
+                log.exception("checking the warm pool failed")
+            now = time.monotonic()
+            for shape in self._shapes.values():
+                if now < shape.retry_at or self._outage:
+                    continue
+                for _ in range(shape.size - len(shape.ready) - shape.making):
+                    shape.making += 1
+                    self._spawn(self._fill(shape))
+            with anyio.move_on_after(CHECK_INTERVAL):
+                await self._wake.wait()
+            self._wake.clear()
+
+    def _on_outage(self, exc: PyexecError) -> None:
+        if not self._outage:
+            log.warning("warm pool: %s; emptying it until it answers", exc.message)
+        self._outage = True
+        for shape in self._shapes.values():
+            slots, shape.ready = shape.ready, []
+            for slot in slots:
+                self._doomed.add(slot.job_id)
+                self._spawn(self._withdraw(slot, stop=False))
+
+    async def _check(self) -> None:
+        """One look: Nomad answers (else an outage), slots that died, were claimed by
+        another replica or expired leave; doomed jobs are stopped; orphans swept."""
+        await self._api.leader()
+        self._outage = False
+        for job_id in list(self._doomed):
+            await self._stop(job_id)
+        entries = await self._slot_entries()
+        max_idle = self._settings.pool_max_idle_seconds
+        stubs = await self._pool_stubs()
+        dead = {str(s["ID"]) for s in stubs if s.get("Status") == "dead" or s.get("Stop")}
+        for shape in self._shapes.values():
+            keep: list[Slot] = []
+            for slot in shape.ready:
+                entry = entries.get(slot.slot_id)
+                if entry is None or int(entry["ModifyIndex"]) != slot.index:
+                    self._owned.discard(slot.job_id)  # claimed (or withdrawn) elsewhere
+                elif slot.age >= max_idle or slot.job_id in dead:
+                    self._spawn(self._withdraw(slot))
+                else:
+                    keep.append(slot)
+            shape.ready = keep
+        await self._sweep(startup=False, entries=entries, stubs=stubs, dead=dead)
+
+    async def _pool_stubs(self) -> list[JSON]:
+        """Every dispatched pool job Nomad lists, of every class."""
+        stubs: list[JSON] = []
+        for resource_class in self._settings.nomad_resource_classes:
+            parent = nomad_job.pool_job_id(self._settings, resource_class)
+            stubs += await self._api.list_jobs(parent + "/")
+        return stubs
+
+    async def _fill(self, shape: _Shape) -> None:
+        """Dispatch one slot, wait for its run task to run, publish it; on failure back
+        off (and stop what was dispatched)."""
+        job_id: str | None = None
+        slot_id = secrets.token_hex(8)
+        try:
+            async with self._slots:
+                parent = nomad_job.pool_job_id(self._settings, shape.resource_class)
+                meta = {
+                    "slot": slot_id,
+                    "image": shape.image,
+                    "owner": self.owner,
+                    "wait": str(nomad_job.pool_wait_seconds(self._settings)),
+                }
+                created = time.time()
+                answer = await self._api.dispatch(parent, meta, slot_id)
+                job_id = str(answer["DispatchedJobID"])
+                self._owned.add(job_id)
+                alloc_id = await self._started(job_id)
+            slot = Slot(
+                slot_id, job_id, shape.image, shape.resource_class.name, self.owner, created
+            )
+            slot.alloc_id = alloc_id
+            key = consul_keys.pool_slot_key(self._prefix, slot_id)
+            result = await self._kv.txn([kv_op("cas", key, slot.value(state="ready"), index=0)])
+            index = result.modify_index(key)
+            if not result.ok or index is None:
+                raise BackendError(
+                    f"pool slot {slot_id} could not be published", code="store_error"
+                )
+            slot.index = index
+            if self._closed:
+                await self._withdraw(slot)
+                return
+            shape.ready.append(slot)
+            shape.failures = 0
+        except PyexecError as exc:
+            shape.failures += 1
+            shape.retry_at = time.monotonic() + min(
+                BACKOFF * 2 ** (shape.failures - 1), BACKOFF_MAX
+            )
+            code = exc.code if isinstance(exc, BackendError) else "error"
+            self.observer.refill_failed(shape.image, code)
+            log.warning("could not make a pool slot of %s: %s", shape.image, exc.message)
+            if isinstance(exc, BackendUnavailable) and exc.code == "runner_unavailable":
+                self._on_outage(exc)
+            if job_id is not None:
+                self._doomed.add(job_id)
+                self._owned.discard(job_id)
+        finally:
+            shape.making -= 1
+            async with self._changed:
+                self._changed.notify_all()
+            self._wake.set()
+
+    async def _started(self, job_id: str) -> str:
+        """The allocation of a just dispatched slot once its run task runs (its templates
+        rendered); a ``BackendError`` if it ends first or is not running within the
+        placement timeout."""
+        deadline = time.monotonic() + self._settings.nomad_placement_timeout
+        while time.monotonic() < deadline:
+            allocs = await self._api.job_allocations(job_id)
+            if allocs:
+                latest = max(allocs, key=lambda a: int(a.get("CreateIndex") or 0))
+                if _waiting(latest):
+                    return str(latest["ID"])
+                if latest.get("ClientStatus") in ("complete", "failed", "lost"):
+                    raise BackendError(
+                        f"pool slot {job_id} ended before it was ready", code="pool_slot_failed"
+                    )
+            await asyncio.sleep(START_POLL_SECONDS)
+        raise BackendError(
+            f"pool slot {job_id} was not running within "
+            f"{self._settings.nomad_placement_timeout:.0f} s",
+            code="pool_slot_unplaced",
+        )
+
+    # --- removing --------------------------------------------------------------------------
+
+    async def _withdraw(self, slot: Slot, *, stop: bool = True) -> None:
+        """Take a ready slot out of Consul (check-and-set: one claimed meanwhile is its
+        run's and stays), then stop its job."""
+        key = consul_keys.pool_slot_key(self._prefix, slot.slot_id)
+        try:
+            result = await self._kv.txn([kv_op("delete-cas", key, index=slot.index)])
+        except PyexecError as exc:
+            log.warning("could not withdraw pool slot %s: %s", slot.slot_id, exc.message)
+            self._doomed.add(slot.job_id)
+            return
+        if not result.ok:
+            self._owned.discard(slot.job_id)  # claimed first: the run owns it now
+            return
+        if stop:
+            await self._stop(slot.job_id)
+        else:
+            self._doomed.add(slot.job_id)
+
+    async def _stop(self, job_id: str) -> None:
+        try:
+            await self._api.stop_job(job_id, purge=True)
+        except PyexecError as exc:
+            log.info("could not stop pool job %s (retried): %s", job_id, exc.message)
+            self._doomed.add(job_id)
+            return
+        self._doomed.discard(job_id)
+        self._owned.discard(job_id)
+
+    async def _slot_entries(self) -> dict[str, JSON]:
+        root = consul_keys.pool_slots_root(self._prefix)
+        response = await self._kv.client.request(
+            "GET", f"/v1/kv/{root}", params={"recurse": ""}, ok=(404,)
+        )
+        if response.status_code == 404:
+            return {}
+        entries: dict[str, JSON] = {}
+        for entry in response.json():
+            slot_id = str(entry["Key"])[len(root) :]
+            if slot_id and "/" not in slot_id:
+                entries[slot_id] = entry
+        return entries
+
+    async def _sweep(
+        self,
+        *,
+        startup: bool,
+        entries: dict[str, JSON] | None = None,
+        stubs: list[JSON] | None = None,
+        dead: Iterable[str] = (),
+    ) -> None:
+        """Replace slots nobody will: ready ones of a process that is gone (same host, at
+        start-up) or past the idle limit plus a margin; pool jobs with no key whose owner
+        is gone or that are that old; keys of slots whose job Nomad no longer runs."""
+        if entries is None:
+            entries = await self._slot_entries()
+        limit = self._settings.pool_max_idle_seconds + ORPHAN_GRACE_SECONDS
+        dead = set(dead)
+        keyed: set[str] = set()
+        mine = {s.slot_id for shape in self._shapes.values() for s in shape.ready}
+        for slot_id, entry in entries.items():
+            try:
+                slot, data = Slot.from_entry(slot_id, entry)
+            except (KeyError, TypeError, ValueError):
+                continue
+            keyed.add(slot.job_id)
+            if data.get("state") != "ready" or slot_id in mine or slot.owner == self.owner:
+                continue
+            gone = startup and not owner_alive(slot.owner) and _same_host(slot.owner, self.owner)
+            if gone or slot.age > limit or slot.job_id in dead:
+                await self._withdraw(slot)
+        for stub in await self._pool_stubs() if stubs is None else stubs:
+            job_id = str(stub["ID"])
+            if job_id in keyed or job_id in self._owned or stub.get("Status") == "dead":
+                continue
+            owner = str((stub.get("Meta") or {}).get("owner") or "")
+            age = time.time() - int(stub.get("SubmitTime") or 0) / 1e9
+            gone = not owner_alive(owner) and _same_host(owner, self.owner)
+            if gone or age > limit:
+                await self._stop(job_id)
+
+    def _spawn(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _same_host(owner: str, mine: str) -> bool:
+    return bool(owner) and owner.partition(":")[0] == mine.partition(":")[0]
