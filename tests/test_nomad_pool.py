@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import re
 import secrets
@@ -390,3 +391,4 @@ def test_pool_job_is_the_runner_jobs_run_task(settings: Settings) -> None:
     assert all(t["ChangeMode"] == "noop" for t in run["Templates"])
     assert pooled["ID"] == nomad_job.pool_job_id(settings, resource_class) != cold["ID"]
     assert pooled["ParameterizedJob"]["MetaRequired"] == ["slot"]
+    assert "NOMAD_META_execution_id" not in json.dumps(pooled)  # a slot has no execution yet

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import secrets
@@ -74,6 +75,8 @@ START_POLL_SECONDS = 0.1
 #: A slot older than the idle limit plus this is anybody's to replace (its owner did
 #: not: it is gone or stuck).
 ORPHAN_GRACE_SECONDS = 30.0
+#: Longest the shutdown's last look for this process's pool jobs may take.
+CLOSE_SWEEP_SECONDS = 10.0
 #: Why a request took the cold path although its image is pooled.
 MISS_TOO_LARGE = "too_large"
 
@@ -341,7 +344,31 @@ class NomadPool:
         for job_id in list(self._owned | self._doomed):
             with anyio.CancelScope(shield=True):
                 await self._stop(job_id)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SWEEP_SECONDS):
+            await self._stop_unclaimed_of_mine()
         await self._kv.aclose()
+
+    async def _stop_unclaimed_of_mine(self) -> None:
+        """Stop every pool job this process dispatched that no execution claimed: also one
+        whose dispatch answer a cancelled refill never got."""
+        try:
+            entries = await self._slot_entries()
+            claimed = set()
+            for slot_id, entry in entries.items():
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    slot, data = Slot.from_entry(slot_id, entry)
+                    if data.get("state") != "ready":
+                        claimed.add(slot.job_id)
+            for stub in await self._pool_stubs():
+                owner = (stub.get("Meta") or {}).get("owner")
+                if (
+                    owner == self.owner
+                    and stub.get("Status") != "dead"
+                    and stub["ID"] not in claimed
+                ):
+                    await self._stop(str(stub["ID"]))
+        except PyexecError as exc:
+            log.warning("could not sweep this process's pool jobs at shutdown: %s", exc.message)
 
     # --- claiming --------------------------------------------------------------------------
 
@@ -389,6 +416,7 @@ class NomadPool:
         if shape is not None and slot in shape.ready:
             shape.ready.remove(slot)  # from here on it is never offered again
         if slot.age >= self._settings.pool_max_idle_seconds or slot.alloc_id is None:
+            log.debug("pool slot %s is too old to use", slot.slot_id)
             if slot.owner == self.owner:
                 self._spawn(self._withdraw(slot))
             return None
@@ -400,6 +428,11 @@ class NomadPool:
                 self._spawn(self._withdraw(slot))
             return None
         if not _waiting(alloc):
+            log.info(
+                "pool slot %s no longer waits (%s): not used",
+                slot.slot_id,
+                alloc.get("ClientStatus"),
+            )
             if slot.owner == self.owner:
                 self._spawn(self._withdraw(slot))
             return None
@@ -414,6 +447,7 @@ class NomadPool:
         ]
         result = await self._kv.txn(ops)
         if not result.ok:  # another replica claimed or withdrew it first
+            log.debug("pool slot %s was claimed or withdrawn first", slot.slot_id)
             self._owned.discard(slot.job_id)
             return None
         self._owned.discard(slot.job_id)
