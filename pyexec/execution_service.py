@@ -588,7 +588,8 @@ class ExecutionService:
 
     async def _end(self, execution_id: str, outcome: RunOutcome) -> Execution:
         """Record ``outcome`` as the execution's end, unless it ended already; a run killed
-        while it ran keeps its ``killed`` verdict and gets the output it produced."""
+        while it ran keeps its ``killed`` verdict and gets the output (and artifacts) it
+        produced."""
 
         def finish(record: Execution) -> Execution:
             return record.finished(outcome)
@@ -602,6 +603,8 @@ class ExecutionService:
                 stderr=outcome.stderr,
                 output_truncated=outcome.output_truncated,
                 exit_code=outcome.exit_code,
+                artifacts=outcome.artifacts,
+                artifacts_truncated=outcome.artifacts_truncated,
             )
 
         try:

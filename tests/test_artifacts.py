@@ -3,6 +3,7 @@ the stores, the record and the API's validation."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -40,7 +41,8 @@ from pyexec.store.consul import ConsulStore
 from pyexec.store.memory import MemoryStore
 
 from . import fixtures_consul
-from .conftest import make_settings
+from .conftest import app_client, make_settings
+from .fakes import FakeRunner
 from .tarfiles import make_tar
 
 # The shared fixtures, by name.
@@ -349,3 +351,45 @@ def test_the_bootstrap_source_still_compiles() -> None:
         check=False,
     )
     assert proc.returncode == 0
+
+
+class KilledWithArtifacts(FakeRunner):
+    """A runner whose killed runs still hand over what they wrote (as the Nomad run task
+    does when it is stopped)."""
+
+    async def kill(self, execution_id: str) -> None:
+        self.killed.append(execution_id)
+        future = self._done.get(execution_id)
+        if future is not None and not future.done():
+            got = read_artifacts(forged([("left.txt", b"left", "file")]), ["*.txt"], 100)
+            future.set_result(
+                RunOutcome(
+                    reason=Reason.KILLED,
+                    stdout="so far",
+                    artifacts=got.files,
+                    artifacts_truncated=got.truncated,
+                    artifact_blob=got.blob,
+                )
+            )
+
+
+@pytest.mark.anyio
+async def test_a_killed_run_keeps_the_artifacts_its_runner_collected() -> None:
+    """The killed verdict stands, and the files the run left are listed and served."""
+    async with app_client(make_settings(), runner=KilledWithArtifacts()) as client:
+        response = await client.post(
+            "/api/v1/exec/async",
+            files={"tar": ("t.tar", make_tar({"main.py": "x"}), "application/x-tar")},
+            data={"metadata": '{"stdin": "hold", "artifacts": ["*.txt"]}'},
+        )
+        execution_id = response.json()["execution_id"]
+        await client.delete(f"/api/v1/executions/{execution_id}")
+        for _ in range(100):  # the killed record gets the output once the run reports
+            record = (await client.get(f"/api/v1/executions/{execution_id}?wait=1")).json()
+            if record["artifacts"]:
+                break
+            await asyncio.sleep(0.05)
+        assert record["status"] == "killed"
+        assert [a["path"] for a in record["artifacts"]] == ["left.txt"]
+        data = await client.get(f"/api/v1/executions/{execution_id}/artifacts/left.txt")
+        assert data.content == b"left"
