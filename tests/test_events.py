@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pyexec.client import Client, EndEvent, OutputEvent, StatusEvent
+from pyexec.client import AsyncClient, Client, EndEvent, OutputEvent, StatusEvent
 from pyexec.client.errors import APIError
 from pyexec.models import Reason, RunOutcome
 from pyexec.store.memory import MemoryStore
@@ -397,3 +397,60 @@ def test_a_subscriber_that_stops_reading_stalls_nothing(
         stuck.close()
     assert texts["stdout"] == "y" * (64 * 65536)
     assert isinstance(seen[-1], EndEvent)
+
+
+def test_cli_follow_survives_a_dropped_connection(
+    printing: tuple[LiveServer, PrintingRunner],
+) -> None:
+    """``pyexec follow`` through a connection that breaks mid-run still prints every
+    byte once, in order."""
+    server, runner = printing
+    eid = started(server, runner)
+    proxy = DroppingProxy(server.url)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pyexec.cli", "--server", proxy.url, "follow", eid],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert follower.stdout is not None
+        runner.print(eid, "stdout", b"before\n")
+        readable, _, _ = select.select([follower.stdout], [], [], 20)
+        assert readable, "follow printed nothing while the run went on"
+        assert follower.stdout.readline() == b"before\n"
+        proxy.drop()
+        runner.print(eid, "stdout", b"after\n")
+        runner.end(eid)
+        out, _ = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+        proxy.close()
+    assert out == b"after\n"
+    assert follower.returncode == 0
+
+
+@pytest.mark.anyio
+async def test_the_async_client_streams_too(printing: tuple[LiveServer, PrintingRunner]) -> None:
+    """``AsyncClient.stream`` yields the same typed events as the blocking twin."""
+    server, runner = printing
+    eid = started(server, runner)
+    runner.print(eid, "stdout", b"async\n")
+    runner.end(eid)
+    async with AsyncClient(server.url) as client:
+        events = [event async for event in client.stream(eid)]
+    outputs = [e for e in events if isinstance(e, OutputEvent)]
+    assert [(e.text, e.id) for e in outputs] == [("async\n", "6-0")]
+    assert isinstance(events[-1], EndEvent)
+
+
+def test_the_stream_needs_a_token_like_every_endpoint() -> None:
+    """With API tokens set, /events answers 401 without one and streams with one."""
+    runner = PrintingRunner()
+    settings = make_settings(api_tokens=("s3cret",))
+    with live_server(settings, store=MemoryStore(), runner=runner) as server:
+        with Client(server.url, token="s3cret") as client:
+            eid = client.submit({"main.py": ""}).execution_id
+            client.wait(eid, timeout=10)
+            assert isinstance(list(client.stream(eid))[-1], EndEvent)
+        anonymous = httpx.get(f"{server.url}/api/v1/executions/{eid}/events", timeout=10)
+    assert anonymous.status_code == 401

@@ -6,8 +6,12 @@ the event (one host, one clock), so no sleep of the test's own decides anything.
 
 from __future__ import annotations
 
+import select
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -158,3 +162,30 @@ def test_a_second_replica_streams_a_run_the_first_drives(
     assert rest == {"stdout": "three\n", "stderr": ""}
     assert isinstance(seen[-1], EndEvent)
     assert seen[-1].execution.stdout == "one\ntwö\nthree\n"
+
+
+@pytest.mark.docker
+def test_cli_run_prints_each_line_as_printed_and_passes_the_exit_code(tmp_path: Path) -> None:
+    """``pyexec run`` prints the program's first line within 0.5 s of its print, while
+    the program still runs, and exits with the program's exit code."""
+    script = tmp_path / "main.py"
+    script.write_text(TICKER + "raise SystemExit(3)\n")
+    with live_server(make_settings()) as server:
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "pyexec.cli", "--server", server.url, "run", str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert runner.stdout is not None
+            readable, _, _ = select.select([runner.stdout], [], [], 60)
+            assert readable, "run printed nothing"
+            line = runner.stdout.readline()
+            lag = time.time() - printed_at(line.decode())
+            assert runner.poll() is None  # the program still runs
+            out, _ = runner.communicate(timeout=60)
+        finally:
+            runner.kill()
+    assert lag <= FIRST_EVENT_LAG, f"first line printed {lag:.3f} s after the program did"
+    assert len((line + out).decode().splitlines()) == EXPECTED_LINES
+    assert runner.returncode == 3
