@@ -8,13 +8,20 @@ import json
 import tarfile
 from typing import Any
 
+import docker
 import httpx
 import pytest
 
+from pyexec.runner.docker import DockerRunner
+
 from .artifact_files import CSV, PNG_PROGRAM, png_bytes
+from .conftest import make_settings
+from .fixtures_docker import docker_client, start
 from .tarfiles import make_tar
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+__all__ = ["docker_client"]  # a fixture, used by name
 
 
 def upload(files: dict[str, str], metadata: dict[str, Any]) -> dict[str, Any]:
@@ -136,3 +143,24 @@ async def test_a_run_over_its_output_limit_still_returns_its_artifacts(
     assert len(record["stdout"]) <= 10_000
     assert [a["path"] for a in record["artifacts"]] == ["before.txt"]
     assert record["artifacts_truncated"] is False
+
+
+async def test_a_pooled_sandbox_returns_artifacts_too(docker_client: docker.DockerClient) -> None:
+    """A run on a warm-pool sandbox (its spec, with the nonce, sent when taken) brings its
+    files back like a cold one."""
+    settings = make_settings(pool_size=1)
+    runner = DockerRunner(settings, docker_client)
+    assert runner.pool is not None
+    runner.pool.start()
+    try:
+        started = await start(runner, settings, {"main.py": PNG_PROGRAM}, artifacts=["out/*"])
+        assert started.sandbox is not None
+        outcome = await started.wait()
+        assert [a.path for a in outcome.artifacts] == ["out/plot.png"]
+        assert outcome.artifact_blob is not None
+        blob = outcome.artifact_blob.read()
+        outcome.artifact_blob.close()
+        item = outcome.artifacts[0]
+        assert blob[item.offset : item.offset + item.size] == png_bytes()
+    finally:
+        await runner.aclose()
