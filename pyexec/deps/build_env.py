@@ -6,7 +6,9 @@ request's. It reads its job as JSON from ``PYEXEC_DEPS_JOB``: the requirements,
 the target (Python version, platform tags), the installer's options, the build
 directory. It installs wheels only (``--only-binary``: no package build script
 runs) into ``<build>/site`` and writes the marker last (``write_marker``), so a
-build stopped anywhere before that has no marker and is never used.
+build stopped anywhere before that has no marker and is never used. pip compiles the
+bytecode too: runs mount the environment read-only, so a module without it would be
+compiled again by every run (it only helps a target whose Python is the builder's).
 Exits with pip's exit code; pip's output is its own.
 """
 
@@ -29,7 +31,7 @@ def pip_argv(job: dict[str, Any]) -> list[str]:
     """The pip command line of ``job`` (a pure function: the builder's whole policy)."""
     argv = [
         sys.executable, "-m", "pip", "install", "--no-input", "--no-cache-dir",
-        "--disable-pip-version-check", "--progress-bar", "off", "--no-compile",
+        "--disable-pip-version-check", "--progress-bar", "off",
         "--only-binary", job["only_binary"], "--python-version", job["python"],
         "--implementation", "cp", "--target", os.path.join(job["build"], SITE),
     ]  # fmt: skip
