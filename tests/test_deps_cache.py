@@ -365,3 +365,18 @@ async def test_prewarming_builds_in_the_background(tmp_path: Path) -> None:
     assert len(cache.dir.entries()) == 2
     assert all(not entry.in_use for entry in cache.dir.entries())
     await cache.aclose()
+
+
+async def test_an_adopted_run_holds_its_environment_in_use(tmp_path: Path) -> None:
+    """After a restart, the environment an adopted run container mounts is leased again
+    (no eviction removes it under the run); a path that is not one is not."""
+    cache = make_cache(tmp_path, FileBuilder(), cap_bytes=0)
+    await cache.startup()
+    key = key_of("tinypkg")
+    (await cache.lease(key)).release()
+    adopted = cache.adopt(cache.dir.site(key.digest))
+    assert adopted is not None
+    assert cache.dir.evict(0) == []
+    adopted.release()
+    assert cache.dir.evict(0) == [key.digest]
+    assert cache.adopt(str(tmp_path / "elsewhere" / "site")) is None

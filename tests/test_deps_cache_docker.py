@@ -18,7 +18,8 @@ import docker
 import pytest
 
 from pyexec.deps import cachedir
-from pyexec.models import Reason
+from pyexec.deps.cache import BuildFailed
+from pyexec.models import Reason, parse_request
 from pyexec.runner.docker import DockerRunner
 from pyexec.settings import Settings
 
@@ -288,3 +289,29 @@ async def test_eval_without_setup_network_gets_a_prewarmed_set_only(tmp_path: Pa
         + float(values["pyexec_deps_cache_misses_total"])
         == 1.0
     )
+
+
+async def test_an_unusable_cache_directory_turns_the_cache_off(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """A cache directory that cannot be made leaves the cache off (logged): with the setup
+    network on, runs install their requirements themselves; with it off they fail setup."""
+    (tmp_path / "file").write_text("not a directory")
+    for network, expected in ((True, "off"), (False, None)):
+        settings = deps_settings(
+            tmp_path,
+            deps_cache_dir=str(tmp_path / "file" / "cache"),
+            setup_network=network,
+            deps_prewarm=(("tinypkg==1.0",),),
+        )
+        dockers = DockerRunner(settings, docker_client)
+        assert dockers.deps is not None
+        await dockers.deps.startup()
+        assert dockers.deps.available is False
+        request = parse_request({"requirements_txt": "tinypkg==1.0"}, settings)
+        if expected is None:
+            with pytest.raises(BuildFailed, match="cache is off"):
+                await dockers.deps.prepare(request)
+        else:
+            assert (await dockers.deps.prepare(request)).status == expected
+        await dockers.aclose()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterable, Callable
@@ -94,9 +95,9 @@ def builder_source() -> str:
 class Lease:
     """A finished environment held in use (eviction skips it) until ``release``."""
 
-    def __init__(self, cache: CacheDir, key: EnvKey, fd: int, status: str) -> None:
-        self.key = key
-        self.site = cache.site(key.digest)
+    def __init__(self, cache: CacheDir, digest: str, fd: int, status: str) -> None:
+        self.digest = digest
+        self.site = cache.site(digest)
         #: ``hit``: it was ready; ``miss``: this lease waited for its build.
         self.status = status
         self._fd: int | None = fd
@@ -161,7 +162,7 @@ class DepsCache:
             CacheDir.unlock(fd)
             status = "miss"
             await self._built(key, deadline)
-        lease = Lease(self.dir, key, fd, status)
+        lease = Lease(self.dir, digest, fd, status)
         if counted and status == "hit":
             self.observer.deps_hit()
         elif counted:
@@ -223,6 +224,15 @@ class DepsCache:
                     await to_thread.run_sync(lambda: shutil.rmtree(build, ignore_errors=True))
         finally:
             CacheDir.unlock(fd)
+
+    def adopt(self, site: str) -> Lease | None:
+        """A lease of the environment whose ``site`` a run container of a crashed process
+        mounts (``resume``), so that no eviction removes it under that run."""
+        digest = os.path.basename(os.path.dirname(site))
+        if site != self.dir.site(digest) or self.dir.ready(digest) is None:
+            return None
+        fd = self.dir.try_use(digest)
+        return None if fd is None else Lease(self.dir, digest, fd, "hit")
 
     def prewarm(self, keys: AsyncIterable[EnvKey]) -> None:
         """Build ``keys`` in the background (start-up is not held up); failures are logged."""

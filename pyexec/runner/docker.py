@@ -50,6 +50,7 @@ from pyexec.runner import OnOutput, OnRunning
 from pyexec.runner.docker_engine import THREADS, Engine, owner_alive, owner_label
 from pyexec.runner.docker_pool import LABEL_POOL, DockerPool, Sandbox, served_execution
 from pyexec.runner.docker_spec import (
+    DEPS_TARGET,
     LABEL_EXECUTION,
     LABEL_MANAGED,
     LABEL_OWNER,
@@ -107,6 +108,8 @@ class _Run:
     #: host directory of the environment its run container mounts read-only.
     deps_cache: str | None = None
     deps_site: str | None = None
+    #: An adopted run container's environment, held in use until the run is over.
+    deps_lease: Lease | None = None
     #: Gets the output as it is captured (live output), if anybody asked.
     on_output: OnOutput | None = None
     #: The artifacts on the run container's stdout, when the request asks for some.
@@ -314,6 +317,7 @@ class DockerRunner:
         container = str(adoptable[0]["Id"])
         limit = request.config.max_output_bytes
         run = _Run(execution_id, request, Capture(limit), Capture(limit), containers=[container])
+        run.deps_lease = self._adopt_deps(adoptable[0])
         volumes = await self._engine.volumes({LABEL_EXECUTION: execution_id})
         run.volume = volumes[0] if volumes else None
         self._runs[execution_id] = run
@@ -372,6 +376,8 @@ class DockerRunner:
         except PyexecError as exc:
             return run.outcome(Reason.ERROR, f"the adopted run failed: {exc.message}")
         finally:
+            if run.deps_lease is not None:
+                run.deps_lease.release()
             with anyio.CancelScope(shield=True):
                 await self._release(run)
             self._runs.pop(run.execution_id, None)
@@ -477,6 +483,15 @@ class DockerRunner:
             if run.launch_error is None:
                 self._done[run.execution_id] = run
                 self._trim_done()
+
+    def _adopt_deps(self, item: dict[str, Any]) -> Lease | None:
+        """The cached environment an adopted run container mounts, held in use."""
+        if self.deps is None or not self.deps.available:
+            return None
+        for mount in item.get("Mounts") or []:
+            if mount.get("Destination") == DEPS_TARGET and mount.get("Source"):
+                return self.deps.cache.adopt(str(mount["Source"]))
+        return None
 
     async def _deps(self, run: _Run) -> Lease | None:
         """Serve the run's requirements from the dependency cache when it can: the run
