@@ -169,6 +169,10 @@ class Feed:
         self.status_frame = b""
         self.end_frame = b""
         self.final: dict[str, bytes] = {}
+        #: The last piece read from the store per stream, (offset, bytes): subscribers
+        #: that follow the tail together ask for the same bytes, read once.
+        self._stored: dict[str, tuple[int, bytes]] = {}
+        self._reading = {stream: asyncio.Lock() for stream in OUTPUT_STREAMS}
         self._task = asyncio.create_task(self._follow(), name=f"pyexec-feed-{execution_id}")
 
     def notify(self) -> None:
@@ -228,10 +232,19 @@ class Feed:
                 stored = max(stored, output.base[stream])
             if stored <= offset:
                 return b""
+            data = await self._read_stored(stream, offset, stored)
+        return cut_partial_utf8(data)
+
+    async def _read_stored(self, stream: str, offset: int, stored: int) -> bytes:
+        async with self._reading[stream]:
+            start, data = self._stored.get(stream, (0, b""))
+            if start <= offset < start + len(data):
+                return data[offset - start :]
             data = await self.hub.store.read_output(
                 self.execution_id, stream, offset, min(EVENT_BYTES, stored - offset)
             )
-        return cut_partial_utf8(data)
+            self._stored[stream] = (offset, data)
+            return data
 
     async def aclose(self) -> None:
         self.closed = True

@@ -21,6 +21,7 @@ import pytest
 from pyexec.client import AsyncClient, Client, EndEvent, OutputEvent, StatusEvent
 from pyexec.client.errors import APIError
 from pyexec.models import Reason, RunOutcome
+from pyexec.settings import Settings, SettingsError
 from pyexec.store.memory import MemoryStore
 
 from .conftest import LiveServer, live_server, make_settings
@@ -454,3 +455,20 @@ def test_the_stream_needs_a_token_like_every_endpoint() -> None:
             assert isinstance(list(client.stream(eid))[-1], EndEvent)
         anonymous = httpx.get(f"{server.url}/api/v1/executions/{eid}/events", timeout=10)
     assert anonymous.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("PYEXEC_OUTPUT_FLUSH_SECONDS", "0"),
+        ("PYEXEC_OUTPUT_FLUSH_SECONDS", "nan"),
+        ("PYEXEC_OUTPUT_FLUSH_SECONDS", "60"),
+        ("PYEXEC_MAX_EVENT_SUBSCRIBERS", "0"),
+    ],
+)
+def test_live_output_settings_out_of_range_are_refused(env: str, value: str) -> None:
+    """A flush interval outside 0.05-10 s or a subscriber cap below 1 stops the service,
+    naming the variable."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({env: value})
+    assert env in info.value.message
