@@ -55,11 +55,13 @@ def printed_at(text: str) -> float:
     return float(text.splitlines()[0].split()[1])
 
 
-def check_ticker(server_url: str) -> None:
+def check_ticker(server_url: str, stream_url: str | None = None) -> None:
     """The first stdout event is within FIRST_EVENT_LAG of its print; a reconnect with
-    the last id mid-run yields exactly the remaining bytes."""
-    with Client(server_url, timeout=60) as client:
-        eid = client.submit({"main.py": TICKER}).execution_id
+    the last id mid-run yields exactly the remaining bytes. ``stream_url``: another
+    replica to stream from."""
+    with Client(server_url, timeout=60) as submitter:
+        eid = submitter.submit({"main.py": TICKER}).execution_id
+    with Client(stream_url or server_url, timeout=60) as client:
         first_part: list[Arrival] = []
         for arrival in follow_timed(client, eid):
             first_part.append(arrival)
@@ -189,3 +191,22 @@ def test_cli_run_prints_each_line_as_printed_and_passes_the_exit_code(tmp_path: 
     assert lag <= FIRST_EVENT_LAG, f"first line printed {lag:.3f} s after the program did"
     assert len((line + out).decode().splitlines()) == EXPECTED_LINES
     assert runner.returncode == 3
+
+
+@pytest.mark.docker
+@pytest.mark.consul
+def test_a_second_replica_streams_a_real_run_live(consul_settings: Settings) -> None:
+    """A local Docker run on one replica, streamed from another through Consul: the first
+    line within 0.5 s of its print (flushes every 0.1 s here), and an exact resume."""
+    settings = make_settings(
+        consul_addr=consul_settings.consul_addr,
+        consul_prefix=consul_settings.consul_prefix,
+        output_flush_seconds=0.1,
+    )
+    with (
+        live_server(settings) as driver,
+        live_server(
+            settings, store=ConsulStore.from_settings(settings), runner=FakeRunner()
+        ) as other,
+    ):
+        check_ticker(driver.url, other.url)
