@@ -119,14 +119,16 @@ class OutputLog:
         start = offset - self.base[stream]
         if start < 0:
             return None
-        return bytes(self.held[stream][start : start + limit])
+        with memoryview(self.held[stream]) as held:  # one copy, of the slice only
+            return bytes(held[start : start + limit])
 
     async def flush(self) -> None:
-        chunks = [
-            OutputChunk(stream, self.base[stream], bytes(self.held[stream][:FLUSH_MAX_BYTES]))
-            for stream in OUTPUT_STREAMS
-            if self.held[stream]
-        ]
+        chunks = []
+        for stream in OUTPUT_STREAMS:
+            if self.held[stream]:
+                with memoryview(self.held[stream]) as held:
+                    data = bytes(held[:FLUSH_MAX_BYTES])
+                chunks.append(OutputChunk(stream, self.base[stream], data))
         if not chunks:
             return
         await self._store.append_output(self.execution_id, chunks)
@@ -205,6 +207,9 @@ class Feed:
                     self.error = exc
                     return
                 except PyexecError as exc:
+                    if self.record is None:  # never read: the request gets the error
+                        self.error = exc
+                        return
                     log.warning("events of %s: %s", self.execution_id, exc.message)
                     await asyncio.sleep(next(delays, RETRY_DELAYS[-1]))
                     continue
@@ -223,7 +228,7 @@ class Feed:
         most ``EVENT_BYTES``, whole characters unless the output ends there)."""
         record = self.record
         if record is not None and record.terminal:
-            return self.final[stream][offset : offset + EVENT_BYTES]
+            return cut_partial_utf8(self.final[stream][offset : offset + EVENT_BYTES])
         output = self.hub.logs.get(self.execution_id)
         data = output.slice(stream, offset, EVENT_BYTES) if output is not None else None
         if data is None:

@@ -20,11 +20,12 @@ import pytest
 
 from pyexec.client import AsyncClient, Client, EndEvent, OutputEvent, StatusEvent
 from pyexec.client.errors import APIError
+from pyexec.errors import BackendUnavailable
 from pyexec.models import Reason, RunOutcome
 from pyexec.settings import Settings, SettingsError
 from pyexec.store.memory import MemoryStore
 
-from .conftest import LiveServer, live_server, make_settings
+from .conftest import LiveServer, app_client, live_server, make_settings
 from .fakes import FakeRunner
 
 
@@ -472,3 +473,47 @@ def test_live_output_settings_out_of_range_are_refused(env: str, value: str) -> 
     with pytest.raises(SettingsError) as info:
         Settings.from_env({env: value})
     assert env in info.value.message
+
+
+def test_events_carry_whole_characters(printing: tuple[LiveServer, PrintingRunner]) -> None:
+    """A character split between two prints, or by an event's size, arrives whole, in
+    the live stream and in the replay."""
+    server, runner = printing
+    eid = started(server, runner)
+    wide = "é" * 20_000  # 40,000 bytes: more than one event
+    with Client(server.url) as client:
+        events = client.stream(eid)
+        assert isinstance(next(events), StatusEvent)
+        runner.print(eid, "stdout", "é".encode()[:1])
+        runner.print(eid, "stdout", "é".encode()[1:] + b"\n")
+        first = next(events)
+        assert isinstance(first, OutputEvent)
+        assert first.text == "é\n"
+        runner.print(eid, "stdout", wide.encode())
+        runner.end(eid)
+        live, _ = collect(events, after=first.id)
+        replay, _ = collect(client.stream(eid))
+    assert live["stdout"] == wide
+    assert replay["stdout"] == "é\n" + wide
+    assert "\ufffd" not in replay["stdout"]
+
+
+class UnreachableOutputStore(MemoryStore):
+    """A store whose live output cannot be reached (records still can)."""
+
+    async def watch_output(self, execution_id: str, version: int, timeout: float) -> Any:
+        raise BackendUnavailable("consul is gone", code="store_unavailable")
+
+
+@pytest.mark.anyio
+async def test_a_store_that_cannot_be_reached_at_opening_is_503() -> None:
+    """Opening a stream while the store is unreachable answers 503 at once, not a hang."""
+    runner = FakeRunner()
+    async with app_client(make_settings(), store=UnreachableOutputStore(), runner=runner) as api:
+        submitted = await api.post(
+            "/api/v1/exec/async", files={"tar": ("c.tar", hello_tar())}, data={"metadata": "{}"}
+        )
+        eid = submitted.json()["execution_id"]
+        answer = await api.get(f"/api/v1/executions/{eid}/events")
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "store_unavailable"
