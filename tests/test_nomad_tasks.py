@@ -279,3 +279,18 @@ def test_an_unknown_reason_from_the_sandbox_is_stored_as_an_error(
         {"status": "pending"}, {"reason": "sideways", "exit_code": True}, {}, "r1"
     )
     assert (final["status"], final["reason"], final["exit_code"]) == ("failed", "error", None)
+
+
+def test_a_plain_dispatch_says_its_artifacts_were_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The finish task stores no artifacts: a request that asked for some gets none,
+    flagged truncated (the service's record lists them for runs it drives)."""
+    writer_env(monkeypatch)
+    request = {"artifacts": ["*.png"]}
+    final, _ = nomad_finish.final_record(
+        {"status": "running", "request": request}, {"reason": "exited"}, {}, "r1"
+    )
+    assert (final["artifacts"], final["artifacts_truncated"]) == ([], True)
+    plain, _ = nomad_finish.final_record({"status": "running"}, {"reason": "exited"}, {}, "r1")
+    assert "artifacts" not in plain

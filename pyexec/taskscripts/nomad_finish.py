@@ -141,6 +141,10 @@ def final_record(
         finished_at=found.get("finished_at"),
     )
     final["duration_ms"] = iso_ms(final["started_at"], final["finished_at"])
+    if (record.get("request") or {}).get("artifacts"):
+        # The run task left them in the allocation directory; only the service checks
+        # and stores artifacts, so a plain dispatch's record says they were left out.
+        final.update(artifacts=[], artifacts_truncated=True)
     chunks: list[tuple[str, bytes]] = []
     output: dict[str, Any] = {}
     folder = env("PYEXEC_OUTPUT_FOLDER") + rev + "/"
