@@ -15,8 +15,8 @@ import pytest
 from pyexec.runner.docker import DockerRunner
 
 from .artifact_files import CSV, PNG_PROGRAM, png_bytes
-from .conftest import make_settings
-from .fixtures_docker import docker_client, start
+from .conftest import app_client, make_settings
+from .fixtures_docker import docker_client, runtime_registered, start
 from .tarfiles import make_tar
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
@@ -164,3 +164,25 @@ async def test_a_pooled_sandbox_returns_artifacts_too(docker_client: docker.Dock
         assert blob[item.offset : item.offset + item.size] == png_bytes()
     finally:
         await runner.aclose()
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+async def test_collection_works_under_each_runtime(
+    runtime: str, docker_client: docker.DockerClient
+) -> None:
+    """Under gVisor too, a run that leaves a background process and overruns its timeout
+    gets its files back once every process is gone."""
+    if runtime != "runc" and not runtime_registered(docker_client, runtime):
+        pytest.skip(f"dockerd has no runtime {runtime!r} (scripts/bootstrap.sh registers runsc)")
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        " start_new_session=True)\n"
+        "open('done.csv', 'w').write('1,2\\n')\n"
+        "while True: pass\n"
+    )
+    settings = make_settings(docker_runtime=runtime)
+    async with app_client(settings) as client:
+        record = await run(client, code, artifacts=["*.csv"], config={"timeout_seconds": 2})
+    assert record["reason"] == "timeout", record
+    assert [a["path"] for a in record["artifacts"]] == ["done.csv"]

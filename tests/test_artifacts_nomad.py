@@ -105,3 +105,20 @@ async def test_a_large_artifact_is_read_in_slices(api: httpx.AsyncClient) -> Non
     ]
     got = await api.get(f"/api/v1/executions/{record['execution_id']}/artifacts/big.bin")
     assert got.content == expected
+
+
+async def test_a_process_left_in_its_own_session_does_not_stop_collection(
+    api: httpx.AsyncClient,
+) -> None:
+    """A process the program left in a session of its own (which the run task, the
+    container's first process, ends before it collects) neither holds the run up nor
+    keeps its files from coming back."""
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        " start_new_session=True)\n"
+        "open('done.csv', 'w').write('1,2\\n')\n"
+    )
+    record = await run(api, code, artifacts=["*.csv"])
+    assert record["status"] == "completed", record
+    assert [a["path"] for a in record["artifacts"]] == ["done.csv"]
