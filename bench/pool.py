@@ -8,13 +8,24 @@ and without the pool, and a burst of ``--burst`` concurrent sync requests agains
 server (every one must print ``hello``). Measured quiet, then with both cores busy
 (two busy-loop processes, killed afterwards). Target: pooled p50 <= 0.4x bare docker.
 
+The Nomad part (``--backends nomad``): sync hello-world through a server on Nomad with
+a warm pool (``runner/nomad_pool.py``) against a cold one-task dispatch of the same
+image with the run task's sandbox settings (``bench/nomad_latency.py``'s baseline:
+dispatched and waited for until Nomad reports it complete), interleaved, ``--nomad-runs``
+each. On the agent at ``--nomad``/``NOMAD_ADDR``, or one answering on 127.0.0.1:4646,
+else on the test double (labelled). Target: pooled p50 <= 0.35x the cold dispatch.
+
     uv run python bench/pool.py [--runs 20] [--burst 20] [--image pyexec-runner:bookworm]
+    uv run python bench/pool.py --backends nomad [--nomad http://127.0.0.1:4646]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -30,10 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import busy_cores, percentile
 from api_overhead import docker_argv, hello_tar
+from nomad_latency import bare_dispatch, bare_job, nomad_endpoint
 
 from tests.conftest import live_server, make_settings
+from tests.fixtures_consul import kv_delete_tree
 
 TARGET = 0.4
+NOMAD_TARGET = 0.35
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sync_run(http: httpx.Client, tar: bytes) -> float:
@@ -159,6 +174,69 @@ def measure(args: argparse.Namespace, label: str) -> bool:
     return ratio <= TARGET
 
 
+def nomad_address(given: str | None) -> str | None:
+    """The agent to measure: given, ``NOMAD_ADDR``, or one answering on loopback."""
+    addr = given or os.environ.get("NOMAD_ADDR")
+    if addr:
+        return addr
+    with contextlib.suppress(httpx.HTTPError):
+        if httpx.get("http://127.0.0.1:4646/v1/status/leader", timeout=2).is_success:
+            return "http://127.0.0.1:4646"
+    return None
+
+
+def measure_nomad(args: argparse.Namespace, label: str) -> bool:
+    """Pooled sync runs on Nomad against cold one-task dispatches, interleaved."""
+    tag = secrets.token_hex(3)
+    tar = hello_tar()
+    with nomad_endpoint(nomad_address(args.nomad), args.consul) as (addr, where):
+        settings = make_settings(
+            nomad_addr=addr,
+            consul_addr=args.consul,
+            consul_prefix=f"bench-pool-{tag}",
+            nomad_job_prefix=f"bench-pool-{tag}",
+            default_image=args.image,
+            python_images=(("3.11", args.image),),
+            nomad_seccomp_profile=str(ROOT / "pyexec" / "sandbox" / "seccomp.json"),
+            pool_size=args.pool_size,
+            pool_images=(args.image,),
+            log_level="WARNING",
+        )
+        bare_id = f"bench-pool-{tag}-bare"
+        times: dict[str, list[float]] = {"nomad pooled": [], "cold dispatch": []}
+        with (
+            httpx.Client(base_url=addr, timeout=60) as nomad,
+            live_server(settings) as server,
+            httpx.Client(base_url=server.url, timeout=120) as api,
+        ):
+            nomad.put("/v1/jobs", json={"Job": bare_job(settings, bare_id)}).raise_for_status()
+            try:
+                wait_for_pool(api, args.pool_size, timeout=120)
+                steps: list[tuple[str, Callable[[], float]]] = [
+                    ("nomad pooled", lambda: sync_run(api, tar)),
+                    ("cold dispatch", lambda: bare_dispatch(nomad, bare_id)),
+                ]
+                for i in range(1 + args.nomad_runs):  # one warm-up round
+                    shift = i % len(steps)
+                    for name, step in steps[shift:] + steps[:shift]:
+                        if name == "nomad pooled":
+                            wait_for_pool(api, args.pool_size, timeout=120)
+                        elapsed = step()
+                        if i:
+                            times[name].append(elapsed)
+            finally:
+                with contextlib.suppress(httpx.HTTPError):
+                    nomad.delete(f"/v1/job/{bare_id}", params={"purge": "true"})
+        with contextlib.suppress(httpx.HTTPError):
+            kv_delete_tree(settings.consul_prefix)
+    ratio = statistics.median(times["nomad pooled"]) / statistics.median(times["cold dispatch"])
+    print(f"== Nomad, {label}, on the {where}: {args.nomad_runs} interleaved pairs")
+    for name, values in times.items():
+        print(row(name, values))
+    print(f"  pooled / cold dispatch p50 {ratio:.3f}x   (target <= {NOMAD_TARGET}x)")
+    return ratio <= NOMAD_TARGET
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -170,14 +248,20 @@ def main() -> int:
     parser.add_argument(
         "--conditions", default="quiet,busy", help="quiet, busy (two busy-loop processes)"
     )
+    parser.add_argument("--backends", default="docker,nomad", help="docker, nomad")
+    parser.add_argument("--nomad", help="Nomad address (default: NOMAD_ADDR, :4646, the double)")
+    parser.add_argument("--consul", default="127.0.0.1:8500")
+    parser.add_argument("--nomad-runs", type=int, default=20)
     args = parser.parse_args()
     met = True
-    for condition in args.conditions.split(","):
-        if condition == "busy":
-            with busy_cores(2):
-                met &= measure(args, "both cores busy")
-        else:
-            met &= measure(args, "quiet")
+    for backend in args.backends.split(","):
+        run = measure_nomad if backend == "nomad" else measure
+        for condition in args.conditions.split(","):
+            if condition == "busy":
+                with busy_cores(2):
+                    met &= run(args, "both cores busy")
+            else:
+                met &= run(args, "quiet")
     print("target met" if met else "target NOT met")
     return 0
 

@@ -139,7 +139,8 @@ async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         await pool_of(client).wait_ready(1, READY_TIMEOUT)
         yield client
         hits, misses = await pool_counts(client)
-        assert (hits >= 1, misses) == (True, 0), "a run of this test was not pooled"
+        lines = [x for x in (await client.get("/metrics")).text.splitlines() if "_pool_" in x]
+        assert (hits >= 1, misses) == (True, 0), lines
 
 
 def nomad_client(settings: Settings) -> httpx.Client:
