@@ -493,6 +493,8 @@ class NomadPool:
         self._outage = False
         for job_id in list(self._doomed):
             await self._stop(job_id)
+        # Only slots published before the listing can be judged by it.
+        listed = {slot for shape in self._shapes.values() for slot in shape.ready}
         entries = await self._slot_entries()
         max_idle = self._settings.pool_max_idle_seconds
         stubs = await self._pool_stubs()
@@ -501,9 +503,13 @@ class NomadPool:
             keep: list[Slot] = []
             for slot in shape.ready:
                 entry = entries.get(slot.slot_id)
-                if entry is None or int(entry["ModifyIndex"]) != slot.index:
-                    self._owned.discard(slot.job_id)  # claimed (or withdrawn) elsewhere
+                if slot not in listed:
+                    keep.append(slot)
+                elif entry is None or int(entry["ModifyIndex"]) != slot.index:
+                    log.info("pool slot %s was claimed or withdrawn elsewhere", slot.slot_id)
+                    self._owned.discard(slot.job_id)
                 elif slot.age >= max_idle or slot.job_id in dead:
+                    log.info("pool slot %s expired or ended: replaced", slot.slot_id)
                     self._spawn(self._withdraw(slot))
                 else:
                     keep.append(slot)
