@@ -147,6 +147,9 @@ class OutputLog:
             except PyexecError as exc:
                 # Kept and retried: what is held stays bounded by the run's output cap.
                 log.warning("could not store output of %s: %s", self.execution_id, exc.message)
+                continue
+            if sum(len(h) for h in self.held.values()) >= FLUSH_BYTES:
+                self._due.set()  # a burst (or an adopted run's backlog): go on at once
 
     def close(self) -> None:
         """Stop flushing (the record holds the output now); what is held goes with it."""

@@ -516,7 +516,7 @@ class ExecutionService:
         replica between storing and launching it, a bundle awaiting `nomad job dispatch`):
         it is looked at once more when the grace has passed, not failed now.
         """
-        if await self.runner.resume(record):
+        if await self._resume(record):
             # An eval run's result channel must be read whichever replica finishes it.
             postprocess = finish_outcome if is_eval_request(record.request) else None
             self._spawn(
@@ -536,6 +536,19 @@ class ExecutionService:
             record.execution_id,
             RunOutcome(reason=Reason.ERROR, error="lost: the service restarted while it ran"),
         )
+
+    async def _resume(self, record: Execution) -> bool:
+        """``runner.resume``, with the run's live output going to a log again."""
+        execution_id = record.execution_id
+        output = self.events.output_log(execution_id)
+        on_output = hide_report(output.feed) if is_eval_request(record.request) else output.feed
+        resumed = False
+        try:
+            resumed = await self.runner.resume(record, on_output=on_output)
+        finally:
+            if not resumed:
+                self.events.release(execution_id)
+        return resumed
 
     async def _adopt_later(self, execution_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -712,7 +725,7 @@ class ExecutionService:
             taken += 1
             with bind_execution(execution_id):
                 try:
-                    if await self.runner.resume(record):
+                    if await self._resume(record):
                         postprocess = finish_outcome if is_eval_request(record.request) else None
                         self._spawn(
                             execution_id, self._drive(execution_id, RECONCILE_WAIT, postprocess)

@@ -369,9 +369,9 @@ class MeteredRunner:
         finally:
             self._metrics.released(execution_id)
 
-    async def resume(self, execution: Execution) -> bool:
+    async def resume(self, execution: Execution, *, on_output: OnOutput | None = None) -> bool:
         with self._count():
-            resumed = await self.inner.resume(execution)
+            resumed = await self.inner.resume(execution, on_output=on_output)
         if resumed:
             self._metrics.launched(execution.execution_id)
         return resumed

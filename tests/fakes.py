@@ -94,7 +94,7 @@ class FakeRunner:
         if future is not None and not future.done():
             future.set_result(RunOutcome(reason=Reason.KILLED, exit_code=137, stdout="so far"))
 
-    async def resume(self, execution: Execution) -> bool:
+    async def resume(self, execution: Execution, *, on_output: OnOutput | None = None) -> bool:
         return False
 
     async def ping(self) -> None:

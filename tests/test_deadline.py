@@ -69,7 +69,7 @@ class ResumingRunner(FakeRunner):
         self.waiting.set()
         return await super().wait(execution_id, timeout)
 
-    async def resume(self, execution: Execution) -> bool:
+    async def resume(self, execution: Execution, *, on_output: object = None) -> bool:
         self._done[execution.execution_id] = asyncio.get_running_loop().create_future()
         return True
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -106,10 +106,14 @@ def started(server: LiveServer, runner: PrintingRunner) -> str:
 
 
 def collect(
-    events: Iterator[Any], stop: int | None = None, after: str = "0-0"
+    events: Iterator[Any],
+    stop: int | None = None,
+    after: str = "0-0",
+    stop_when: Callable[[dict[str, str]], bool] | None = None,
 ) -> tuple[dict[str, str], list[Any]]:
     """The texts of the output events (checking each starts where the last ended), and
-    every event; ``after``: the position the stream resumed from."""
+    every event; ``after``: the position the stream resumed from; ``stop``/``stop_when``:
+    stop after that many events, or once the texts so far pass the check."""
     texts = {"stdout": "", "stderr": ""}
     base = dict(zip(("stdout", "stderr"), map(int, after.split("-")), strict=True))
     seen = []
@@ -119,6 +123,8 @@ def collect(
             assert event.offset == base[event.stream] + len(texts[event.stream].encode())
             texts[event.stream] += event.text
         if stop is not None and len(seen) >= stop:
+            break
+        if stop_when is not None and stop_when(texts):
             break
     return texts, seen
 

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from pyexec.client import Client, EndEvent, OutputEvent
 from pyexec.settings import Settings
 
 from .conftest import live_server
-from .test_events_live import check_ticker
+from .test_events import collect
+from .test_events_live import TICKER, check_ticker
 from .test_nomad_e2e import REAL_NOMAD, settings, sim
 
 __all__ = ["settings", "sim"]  # the fixtures, shared with test_nomad_e2e
@@ -50,3 +52,24 @@ def test_nomad_runner_streams_output_as_printed_and_resumes_exactly(settings: Se
     mid-run with Last-Event-ID yields exactly the remaining bytes."""
     with live_server(settings) as server:
         check_ticker(server.url)
+
+
+#: Like the ticker, for 8 s: long enough to restart a service in the middle.
+LONG_TICKER = TICKER.replace("range(15)", "range(40)")
+
+
+def test_a_restarted_service_streams_the_run_it_adopts(settings: Settings) -> None:
+    """After a restart the new service adopts the Nomad run and streams its output live
+    again, resuming exactly from the Last-Event-ID the old one gave."""
+    with live_server(settings) as first, Client(first.url, timeout=60) as client:
+        eid = client.submit({"main.py": LONG_TICKER}).execution_id
+        head, seen = collect(client.stream(eid), stop_when=lambda t: t["stdout"].count("\n") >= 3)
+        last = [e for e in seen if isinstance(e, OutputEvent)][-1].id
+    with live_server(settings) as second, Client(second.url, timeout=60) as client:
+        rest, tail = collect(client.stream(eid, last_event_id=last), after=last)
+    record = tail[-1].execution
+    assert isinstance(tail[-1], EndEvent)
+    outputs = [e for e in tail if isinstance(e, OutputEvent)]
+    assert len(outputs) > 1, "the adopted run's output came only at its end"
+    assert head["stdout"] + rest["stdout"] == record.stdout
+    assert len(record.stdout.splitlines()) == 40

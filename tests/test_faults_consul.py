@@ -98,7 +98,7 @@ def overdue_record() -> Execution:
 class SeeingRunner(FakeRunner):
     """A runner that still sees runs launched elsewhere, which end with an exit."""
 
-    async def resume(self, execution: Execution) -> bool:
+    async def resume(self, execution: Execution, *, on_output: object = None) -> bool:
         future = asyncio.get_running_loop().create_future()
         future.set_result(self.outcome(execution.request))  # type: ignore[arg-type]
         self._done[execution.execution_id] = future

@@ -79,9 +79,11 @@ class Runner(Protocol):
     async def kill(self, execution_id: str) -> None:
         """Stop the run and release its resources. Killing what is gone succeeds."""
 
-    async def resume(self, execution: Execution) -> bool:
+    async def resume(self, execution: Execution, *, on_output: OnOutput | None = None) -> bool:
         """After a service restart: keep watching ``execution`` if this runner can
-        (``wait`` then works for it); ``False`` if the run is lost."""
+        (``wait`` then works for it); ``False`` if the run is lost. ``on_output`` as for
+        ``start``, from the beginning of the output (a runner that cannot follow an
+        adopted run's output leaves it to the outcome)."""
 
     async def ping(self) -> None:
         """Raise ``BackendUnavailable`` if the backend cannot be reached."""

@@ -292,10 +292,11 @@ class DockerRunner:
         if run.task is not None:
             await asyncio.wait({run.task}, timeout=_KILL_WAIT)
 
-    async def resume(self, execution: Execution) -> bool:
+    async def resume(self, execution: Execution, *, on_output: OnOutput | None = None) -> bool:
         """Adopt the run container a crashed process left for ``execution``: wait for it
         (the sandbox enforces its deadline itself) and judge it from the engine's state
-        and log. ``False`` when there is none, or it never started."""
+        and log. ``False`` when there is none, or it never started. Its output is read
+        from the engine's log at its end (``on_output`` is not called)."""
         execution_id = execution.execution_id
         request = execution.request
         if request is None or execution_id in self._runs or self._closed:

@@ -403,7 +403,7 @@ class NomadRunner:
         if job_id is not None:
             await self.api.stop_job(job_id)
 
-    async def resume(self, execution: Execution) -> bool:
+    async def resume(self, execution: Execution, *, on_output: OnOutput | None = None) -> bool:
         job_id = await self._find_job(execution.execution_id)
         slot: tuple[str, str, datetime] | None = None
         if job_id is None and self.pool is not None:
@@ -429,6 +429,8 @@ class NomadRunner:
             run.artifact_cap = request.config.max_artifact_bytes
         if slot is not None:
             run.slot, run.not_before, run.reported_running = slot[0], slot[2], True
+        # From the start of the files: the store skips what the last replica flushed.
+        run.on_output = on_output
         await self._refresh(run)
         return True
 
