@@ -90,6 +90,7 @@ def read_artifacts(
     # Never closed: its end blocks are written below, after the last whole member.
     out = tarfile.open(fileobj=spool, mode="w:", format=tarfile.PAX_FORMAT)  # noqa: SIM115
     kept: list[tuple[str, int, str]] = []
+    seen: set[str] = set()
     total = good = 0
     complete = False
     try:
@@ -111,7 +112,7 @@ def read_artifacts(
                     or path is None
                     or path.split("/")[0] == STATE_DIR
                     or not matches(list(patterns), path)
-                    or any(path == done for done, _, _ in kept)
+                    or path in seen
                 ):
                     continue  # links, devices, directories, what was not asked for: never
                 data = archive.extractfile(member)
@@ -123,6 +124,7 @@ def read_artifacts(
                 out.addfile(info, cast(IO[bytes], digest))
                 good = spool.tell()
                 kept.append((path, size, digest.hexdigest()))
+                seen.add(path)
                 total += size
     except TarProblem as problem:
         log.warning("artifacts refused by the tar rules: %s", problem.message)

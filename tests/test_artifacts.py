@@ -393,3 +393,10 @@ async def test_a_killed_run_keeps_the_artifacts_its_runner_collected() -> None:
         assert [a["path"] for a in record["artifacts"]] == ["left.txt"]
         data = await client.get(f"/api/v1/executions/{execution_id}/artifacts/left.txt")
         assert data.content == b"left"
+
+
+def test_a_name_sent_twice_is_kept_once() -> None:
+    """A forged tar repeating a path cannot list it twice (the first copy stands)."""
+    got = read_artifacts(forged([("a.txt", b"1", "file"), ("a.txt", b"22", "file")]), ["*"], 99)
+    assert [(a.path, a.size) for a in got.files] == [("a.txt", 1)]
+    got.close()
