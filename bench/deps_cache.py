@@ -1,21 +1,21 @@
 """Warm dependency environments: eval of numpy from the cache against a plain eval.
 
-One server on the embedded default (local Docker) with the dependency cache in a
+Two servers on the embedded default (local Docker) share one dependency cache in a
 temporary directory, its builder fetching wheels from the package index through
-``PYEXEC_CA_BUNDLE`` (the host's CA bundle) for the cold builds only. It measures,
-in one run:
+``PYEXEC_CA_BUNDLE`` (the host's CA bundle) for the cold builds only: one with the
+default warm pool (``PYEXEC_POOL_SIZE=2``; each pooled request waits until the pool
+has refilled, the steady state), one without (every run starts a container). It
+measures, in one run:
 
 - the cold build: the first eval of ``import numpy as np; np.arange(10).sum()`` and of
   a two-row pandas DataFrame (each builds its environment once);
 - then ``--runs`` interleaved rounds, the order rotated each round, of eval
-  ``sum(range(10))``, numpy warm and pandas warm (every one checked for its result);
-  eval's auto-detected requirements come from the cache, the run installs nothing.
+  ``sum(range(10))``, numpy warm and pandas warm on each server (every one checked for
+  its result); eval's auto-detected requirements come from the cache, the run
+  installs nothing.
 
-Both servers' warm pool is off (``PYEXEC_POOL_SIZE=0``): a pooled sandbox is started
-before its request is known, so it cannot carry a per-request read-only mount; the
-plain call through a pooled server is shown for reference (``--pooled``).
 Measured quiet, then with both cores busy (two busy-loop processes, killed
-afterwards). Target: numpy warm p50 <= 1.5x the plain call's.
+afterwards). Target: numpy warm p50 <= 1.5x the plain call's, on each server.
 
     uv run python bench/deps_cache.py [--runs 12] [--image pyexec-runner:bookworm]
 """
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import busy_cores, percentile
+from pool import wait_for_pool
 
 from tests.conftest import CA_BUNDLE, live_server, make_settings
 
@@ -85,31 +86,34 @@ def servers(args: argparse.Namespace, cache: str) -> Iterator[tuple[httpx.Client
         "deps_cache_dir": cache,
     }
     with (
-        live_server(make_settings(**base, pool_size=0)) as cached,
-        live_server(make_settings(**base, pool_size=2 if args.pooled else 0)) as pooled,
-        httpx.Client(base_url=cached.url, timeout=600) as cached_http,
+        live_server(make_settings(**base, pool_size=args.pool_size)) as pooled,
+        live_server(make_settings(**base, pool_size=0)) as cold,
         httpx.Client(base_url=pooled.url, timeout=600) as pooled_http,
+        httpx.Client(base_url=cold.url, timeout=600) as cold_http,
     ):
-        yield cached_http, pooled_http
+        yield pooled_http, cold_http
 
 
 def measure(args: argparse.Namespace, label: str, cache: str, cold: bool) -> bool:
-    times: dict[str, list[float]] = {name: [] for name in ("plain", "numpy", "pandas")}
-    if args.pooled:
-        times["plain, pooled server"] = []
-    with servers(args, cache) as (http, pooled):
+    names = [f"{case}, {server}" for server in ("pooled", "no pool") for case in CASES]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with servers(args, cache) as (pooled, unpooled):
         if cold:
             for case in ("numpy", "pandas"):
-                elapsed, body = evaluate(http, case)
+                elapsed, body = evaluate(unpooled, case)
                 print(
                     f"  cold {case:<8} {elapsed:7.2f} s   deps_cache={body.get('deps_cache')}"
                     f"  auto_requirements={body.get('auto_requirements')}"
                 )
+
+        def pooled_eval(case: str) -> tuple[float, dict[str, Any]]:
+            wait_for_pool(pooled, args.pool_size)  # steady state: the pool refilled
+            return evaluate(pooled, case)
+
         steps: list[tuple[str, Callable[[], tuple[float, dict[str, Any]]]]] = [
-            (case, lambda case=case: evaluate(http, case)) for case in ("plain", "numpy", "pandas")
+            *((f"{case}, pooled", lambda case=case: pooled_eval(case)) for case in CASES),
+            *((f"{case}, no pool", lambda case=case: evaluate(unpooled, case)) for case in CASES),
         ]
-        if args.pooled:
-            steps.append(("plain, pooled server", lambda: evaluate(pooled, "plain")))
         hits = 0
         for i in range(args.warmup + args.runs):
             shift = i % len(steps)
@@ -119,13 +123,17 @@ def measure(args: argparse.Namespace, label: str, cache: str, cold: bool) -> boo
                     times[name].append(elapsed)
                     hits += body.get("deps_cache") == "hit"
     p50 = {name: statistics.median(values) for name, values in times.items()}
-    ratio = p50["numpy"] / p50["plain"]
     print(f"== {label}: {args.runs} interleaved rounds ({hits} cache hits)")
     for name, values in times.items():
         print(row(name, values))
-    print(f"  numpy warm / plain     p50 {ratio:.3f}x   (target <= {TARGET}x)")
-    print(f"  pandas warm / plain    p50 {p50['pandas'] / p50['plain']:.3f}x")
-    return ratio <= TARGET
+    met = True
+    for server in ("pooled", "no pool"):
+        ratio = p50[f"numpy, {server}"] / p50[f"plain, {server}"]
+        met &= ratio <= TARGET
+        print(f"  numpy warm / plain, {server:<8} p50 {ratio:.3f}x   (target <= {TARGET}x)")
+        pandas = p50[f"pandas, {server}"] / p50[f"plain, {server}"]
+        print(f"  pandas warm / plain, {server:<7} p50 {pandas:.3f}x")
+    return met
 
 
 def main() -> int:
@@ -133,7 +141,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--image", default="pyexec-runner:bookworm")
-    parser.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--pool-size", type=int, default=2, help="the default pool size")
     parser.add_argument(
         "--conditions", default="quiet,busy", help="quiet, busy (two busy-loop processes)"
     )

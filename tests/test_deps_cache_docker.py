@@ -97,7 +97,10 @@ async def test_requirements_come_from_one_build_for_two_concurrent_runs(
     )
     for outcome in (first, second):
         assert outcome.reason is Reason.EXITED, (outcome.error, outcome.stderr)
-        assert outcome.stdout == "1.0 /opt/pyexec/deps/tinypkg/__init__.py\n"
+        version, path = outcome.stdout.split()
+        assert version == "1.0"
+        assert path.startswith("/opt/pyexec/envs/")
+        assert path.endswith("/site/tinypkg/__init__.py")
         assert outcome.deps_cache == "miss"
     assert counted.built == [True]
     third = await execute(
@@ -130,7 +133,7 @@ attempts = {
     "append": lambda: open(path, "a").write("pwned"),
     "create": lambda: open(os.path.join(os.path.dirname(path), "new.py"), "w"),
     "remove": lambda: os.remove(path),
-    "mkdir": lambda: os.mkdir("/opt/pyexec/deps/more"),
+    "mkdir": lambda: os.mkdir("/opt/pyexec/envs/more"),
 }
 for name, attempt in attempts.items():
     try:
@@ -306,7 +309,7 @@ async def test_an_unusable_cache_directory_turns_the_cache_off(
         )
         dockers = DockerRunner(settings, docker_client)
         assert dockers.deps is not None
-        await dockers.deps.startup()
+        await dockers.startup()
         assert dockers.deps.available is False
         request = parse_request({"requirements_txt": "tinypkg==1.0"}, settings)
         if expected is None:
@@ -315,3 +318,30 @@ async def test_an_unusable_cache_directory_turns_the_cache_off(
         else:
             assert (await dockers.deps.prepare(request)).status == expected
         await dockers.aclose()
+
+
+async def test_a_warm_pool_sandbox_serves_a_run_with_a_cached_environment(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """Every run container mounts the environments read-only, so a pooled sandbox (made
+    before its request was known) serves a run with requirements: it installs nothing
+    and skips the container start too."""
+    settings = deps_settings(tmp_path, pool_size=1, pool_images=(TEST_IMAGE,))
+    dockers = DockerRunner(settings, docker_client)
+    await dockers.startup()
+    pool = dockers.pool
+    assert pool is not None
+    try:
+        cold = await execute(
+            dockers, docker_client, settings, {"main.py": SHOW}, requirements_txt="tinypkg==1.0"
+        )
+        key = pool.keep(parse_request({}, settings), 1)
+        await pool.wait_ready(key, 1, timeout=60)
+        served = len(pool.served)
+        warm = await execute(
+            dockers, docker_client, settings, {"main.py": SHOW}, requirements_txt="tinypkg==1.0"
+        )
+    finally:
+        await dockers.aclose()
+    assert (warm.stdout, warm.deps_cache) == (cold.stdout, "hit")
+    assert len(pool.served) == served + 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import AsyncIterable, Callable
@@ -134,12 +133,17 @@ class DepsCache:
         cap_bytes: int,
         build_timeout: float,
         observer: DepsObserver | None = None,
+        grace: float = 0.0,
     ) -> None:
+        """``grace``: eviction also spares environments used within that many seconds
+        (whose runs may hold no lease: adopted after a restart, or on another node's
+        task that takes its lock later)."""
         self.dir = CacheDir(root)
         self.builder = builder
         self.cap_bytes = cap_bytes
         self.build_timeout = build_timeout
         self.observer: DepsObserver = observer or NullDepsObserver()
+        self.grace = grace
         self._builds: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -169,7 +173,7 @@ class DepsCache:
             self.observer.deps_miss()
         if status == "miss":
             # Something was added: make room (this lease's environment is in use, kept).
-            removed = await to_thread.run_sync(self.dir.evict, self.cap_bytes)
+            removed = await to_thread.run_sync(self.dir.evict, self.cap_bytes, self.grace)
             if removed:
                 log.info("deps cache: evicted %s", ", ".join(removed))
         return lease
@@ -224,15 +228,6 @@ class DepsCache:
                     await to_thread.run_sync(lambda: shutil.rmtree(build, ignore_errors=True))
         finally:
             CacheDir.unlock(fd)
-
-    def adopt(self, site: str) -> Lease | None:
-        """A lease of the environment whose ``site`` a run container of a crashed process
-        mounts (``resume``), so that no eviction removes it under that run."""
-        digest = os.path.basename(os.path.dirname(site))
-        if site != self.dir.site(digest) or self.dir.ready(digest) is None:
-            return None
-        fd = self.dir.try_use(digest)
-        return None if fd is None else Lease(self.dir, digest, fd, "hit")
 
     def prewarm(self, keys: AsyncIterable[EnvKey]) -> None:
         """Build ``keys`` in the background (start-up is not held up); failures are logged."""

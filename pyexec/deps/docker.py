@@ -231,20 +231,29 @@ class DockerDeps:
             cap_bytes=settings.deps_cache_bytes,
             build_timeout=settings.deps_build_timeout,
             observer=observer,
+            # A run container adopted after a restart holds no lease: what was used within
+            # the longest run time stays.
+            grace=float(settings.max_timeout),
         )
-        #: Off when the cache directory cannot be used (logged at start-up).
+        #: Off when the cache directory cannot be made (logged).
         self.available = False
 
-    async def startup(self) -> None:
-        """Prepare the cache directory, then prewarm in the background."""
+    def make_dirs(self) -> None:
+        """Make the cache directory's layout (at once: run containers' shape needs it)."""
         try:
-            await self.cache.startup()
+            self.cache.dir.prepare()
         except OSError as exc:
             logging.getLogger("pyexec.deps").warning(
                 "deps cache off: cannot use %s: %s", self._settings.deps_cache_dir, exc
             )
             return
         self.available = True
+
+    async def startup(self) -> None:
+        """Sweep what killed builds left, then prewarm in the background."""
+        if not self.available:
+            return
+        await self.cache.startup()
         if self._settings.deps_prewarm:
             image = self._settings.default_image
             versions = dict.fromkeys([image, *(i for _, i in self._settings.python_images)])

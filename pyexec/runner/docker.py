@@ -50,7 +50,6 @@ from pyexec.runner import OnOutput, OnRunning
 from pyexec.runner.docker_engine import THREADS, Engine, owner_alive, owner_label
 from pyexec.runner.docker_pool import LABEL_POOL, DockerPool, Sandbox, served_execution
 from pyexec.runner.docker_spec import (
-    DEPS_TARGET,
     LABEL_EXECUTION,
     LABEL_MANAGED,
     LABEL_OWNER,
@@ -105,11 +104,9 @@ class _Run:
     #: ``wait`` has returned the outcome (whoever runs the execution has it now).
     collected: bool = False
     #: How its requirements are served (``RunOutcome.deps_cache``) and, when cached, the
-    #: host directory of the environment its run container mounts read-only.
+    #: key of the environment the program gets (the run container sees them all, read-only).
     deps_cache: str | None = None
-    deps_site: str | None = None
-    #: An adopted run container's environment, held in use until the run is over.
-    deps_lease: Lease | None = None
+    deps_key: str | None = None
     #: Gets the output as it is captured (live output), if anybody asked.
     on_output: OnOutput | None = None
     #: The artifacts on the run container's stdout, when the request asks for some.
@@ -171,16 +168,20 @@ class DockerRunner:
         self._done: OrderedDict[str, _Run] = OrderedDict()
         self._closed = False
         self._owner = owner_label()
-        if pooled is None:
-            pooled = bool(settings.pooled_images)
-        self.pool = (
-            DockerPool.from_settings(self._engine, settings, self._owner) if pooled else None
-        )
-        #: The dependency cache (``pyexec.deps``), unless PYEXEC_DEPS_CACHE_BYTES is 0.
+        #: The dependency cache (``pyexec.deps``), unless PYEXEC_DEPS_CACHE_BYTES is 0. Its
+        #: directory is made first: whether it exists decides the shape of every run
+        #: container (``docker_spec.deps_root``), the pool's included.
         self.deps = (
             DockerDeps(settings, self._engine, self._owner)
             if settings.deps_cache_bytes > 0
             else None
+        )
+        if self.deps is not None:
+            self.deps.make_dirs()
+        if pooled is None:
+            pooled = bool(settings.pooled_images)
+        self.pool = (
+            DockerPool.from_settings(self._engine, settings, self._owner) if pooled else None
         )
 
     # --- Runner protocol ---------------------------------------------------------------
@@ -318,7 +319,6 @@ class DockerRunner:
         container = str(adoptable[0]["Id"])
         limit = request.config.max_output_bytes
         run = _Run(execution_id, request, Capture(limit), Capture(limit), containers=[container])
-        run.deps_lease = self._adopt_deps(adoptable[0])
         volumes = await self._engine.volumes({LABEL_EXECUTION: execution_id})
         run.volume = volumes[0] if volumes else None
         self._runs[execution_id] = run
@@ -377,8 +377,6 @@ class DockerRunner:
         except PyexecError as exc:
             return run.outcome(Reason.ERROR, f"the adopted run failed: {exc.message}")
         finally:
-            if run.deps_lease is not None:
-                run.deps_lease.release()
             with anyio.CancelScope(shield=True):
                 await self._release(run)
             self._runs.pop(run.execution_id, None)
@@ -485,15 +483,6 @@ class DockerRunner:
                 self._done[run.execution_id] = run
                 self._trim_done()
 
-    def _adopt_deps(self, item: dict[str, Any]) -> Lease | None:
-        """The cached environment an adopted run container mounts, held in use."""
-        if self.deps is None or not self.deps.available:
-            return None
-        for mount in item.get("Mounts") or []:
-            if mount.get("Destination") == DEPS_TARGET and mount.get("Source"):
-                return self.deps.cache.adopt(str(mount["Source"]))
-        return None
-
     async def _deps(self, run: _Run) -> Lease | None:
         """Serve the run's requirements from the dependency cache when it can: the run
         then installs nothing and mounts the environment read-only. ``None`` when the run
@@ -511,7 +500,7 @@ class DockerRunner:
             raise _Ended(run.outcome(Reason.SETUP_FAILED, exc.message)) from None
         run.deps_cache = prepared.status
         if prepared.lease is not None:
-            run.deps_site = prepared.lease.site
+            run.deps_key = prepared.lease.digest
             run.request = attrs.evolve(run.request, requirements_txt="")
         return prepared.lease
 
@@ -531,9 +520,9 @@ class DockerRunner:
         """
         request = run.request
         args = container_args(
-            self._settings, request, run.execution_id, phase, run.volume, self._owner, run.deps_site
+            self._settings, request, run.execution_id, phase, run.volume, self._owner
         )
-        deps = run.deps_site is not None
+        deps = run.deps_key
         nonce = ""
         if phase.run and request.artifacts:
             nonce = new_nonce()

@@ -7,12 +7,14 @@ here talks to Docker, so the whole sandbox policy can be shown and tested as val
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
 from docker.types import LogConfig, Mount, Ulimit
 
 from pyexec.artifacts import MAX_ARTIFACT_FILES
+from pyexec.deps.cachedir import ENVS, SITE
 from pyexec.models import ExecutionRequest
 from pyexec.sandbox import bootstrap_source, seccomp_profile
 from pyexec.settings import Settings
@@ -36,6 +38,7 @@ __all__ = [
     "artifact_grace",
     "bootstrap_spec",
     "container_args",
+    "deps_root",
     "disk_shares",
     "labels",
     "plan",
@@ -51,8 +54,8 @@ LABEL_PHASE = "pyexec.phase"
 SANDBOX_USER = "1000:1000"
 WORKDIR = "/work"
 CA_TARGET = "/usr/local/share/pyexec/ca.crt"
-#: Where a run sees its cached dependency environment (read-only; ``pyexec.deps``).
-DEPS_TARGET = "/opt/pyexec/deps"
+#: Where a run sees the finished dependency environments (read-only; ``pyexec.deps``).
+DEPS_TARGET = "/opt/pyexec/envs"
 MiB = 1024 * 1024
 #: Open files per sandbox process.
 NOFILE = 4096
@@ -120,6 +123,15 @@ def plan(request: ExecutionRequest, settings: Settings) -> tuple[Phase, ...]:
     )
 
 
+def deps_root(settings: Settings) -> str | None:
+    """The host directory of finished dependency environments, when the cache is on and
+    the runner has made it (``pyexec.deps``); runs mount it read-only."""
+    if settings.deps_cache_bytes <= 0:
+        return None
+    envs = os.path.join(settings.deps_cache_dir, ENVS)
+    return envs if os.path.isdir(envs) else None
+
+
 def labels(execution_id: str, owner: str) -> dict[str, str]:
     """The labels every container and volume of an execution carries."""
     return {LABEL_MANAGED: "1", LABEL_EXECUTION: execution_id, LABEL_OWNER: owner}
@@ -167,13 +179,15 @@ def container_args(
     phase: Phase,
     volume: str | None = None,
     owner: str = "",
-    deps: str | None = None,
 ) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
-    arguments of ``create_host_config`` (a pure function: shown and tested as data).
+    arguments of ``create_host_config`` (a pure function of its arguments and of whether
+    the dependency cache's directory exists: shown and tested as data).
 
-    ``deps``: the host directory of a cached dependency environment (``pyexec.deps``),
-    bind-mounted read-only at ``DEPS_TARGET`` into a container that runs the program."""
+    With the dependency cache on, every container that runs a program gets the finished
+    environments read-only at ``DEPS_TARGET`` (``deps_root``), whether it has requirements
+    or not: one shape for all, so a warm pool's sandbox can serve a run with a cached
+    environment too (the bootstrap is told which one)."""
     config = request.config
     gvisor = settings.docker_runtime == "runsc"
     memory = (config.memory_mb + (RUNSC_MEMORY_OVERHEAD_MB if gvisor else 0)) * MiB
@@ -186,8 +200,9 @@ def container_args(
         mounts.append(Mount(WORKDIR, volume, type="volume"))
     if phase.setup and settings.ca_bundle:
         mounts.append(Mount(CA_TARGET, settings.ca_bundle, type="bind", read_only=True))
-    if deps is not None and phase.run:
-        mounts.append(Mount(DEPS_TARGET, deps, type="bind", read_only=True))
+    envs = deps_root(settings)
+    if envs is not None and phase.run:
+        mounts.append(Mount(DEPS_TARGET, envs, type="bind", read_only=True))
     host_config: dict[str, Any] = {
         "network_mode": None if phase.network else "none",
         "runtime": settings.docker_runtime,
@@ -247,11 +262,11 @@ def bootstrap_spec(
     request: ExecutionRequest,
     phase: Phase,
     *,
-    deps: bool = False,
+    deps: str | None = None,
     nonce: str = "",
 ) -> dict[str, Any]:
     """What the in-container bootstrap is told to do (the first frame on its stdin);
-    ``deps``: the program gets the cached environment at ``DEPS_TARGET`` on its path;
+    ``deps``: the key of the cached environment the program gets on its path;
     ``nonce`` marks the artifacts on its stdout when the request asks for some."""
     env = dict(request.env_vars)
     spec: dict[str, Any] = {
@@ -287,7 +302,7 @@ def bootstrap_spec(
             "deadline": request.config.timeout_seconds + SANDBOX_DEADLINE_GRACE,
         }
         if deps:
-            spec["run"]["deps"] = DEPS_TARGET
+            spec["run"]["deps"] = f"{DEPS_TARGET}/{deps}/{SITE}"
         if request.artifacts:
             spec["run"]["artifacts"] = {
                 "patterns": list(request.artifacts),
