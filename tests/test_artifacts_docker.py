@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -186,3 +187,31 @@ async def test_collection_works_under_each_runtime(
         record = await run(client, code, artifacts=["*.csv"], config={"timeout_seconds": 2})
     assert record["reason"] == "timeout", record
     assert [a["path"] for a in record["artifacts"]] == ["done.csv"]
+
+
+async def test_a_killed_run_still_returns_its_artifacts(api: httpx.AsyncClient) -> None:
+    """Killing a run that asked for artifacts stops its sandbox so the bootstrap can send
+    them: the record says killed and lists what it wrote."""
+    code = (
+        "import time\nopen('log.txt', 'w').write('so far')\n"
+        "print('ready', flush=True)\ntime.sleep(60)\n"
+    )
+    metadata = {"artifacts": ["*.txt"]}
+    response = await api.post("/api/v1/exec/async", **upload({"main.py": code}, metadata))
+    execution_id = response.json()["execution_id"]
+    for _ in range(200):  # until the program has written its file (a bounded poll)
+        logs = (await api.get(f"/api/v1/executions/{execution_id}/logs")).json()
+        if "ready" in logs["stdout"]:
+            break
+        await asyncio.sleep(0.05)
+    killed = await api.delete(f"/api/v1/executions/{execution_id}")
+    assert killed.json()["status"] == "killed"
+    for _ in range(200):  # the killed record gets what the run left once it is stored
+        record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+        if record["artifacts"]:
+            break
+        await asyncio.sleep(0.05)
+    assert record["status"] == "killed"
+    assert [a["path"] for a in record["artifacts"]] == ["log.txt"]
+    data = await api.get(f"/api/v1/executions/{execution_id}/artifacts/log.txt")
+    assert data.content == b"so far"

@@ -288,10 +288,22 @@ class DockerRunner:
             await self._sweep_execution(execution_id)
             return
         run.killed = True
+        if await self._stop_for_artifacts(run):
+            return
         for container in list(run.containers):
             await self._engine.kill(container)
         if run.task is not None:
             await asyncio.wait({run.task}, timeout=_KILL_WAIT)
+
+    async def _stop_for_artifacts(self, run: _Run) -> bool:
+        """A kill of a running program whose request asks for artifacts: stop the sandbox
+        (SIGTERM, which init hands to the bootstrap: it ends the program, sends the files
+        and exits) and wait out the artifacts' grace; ``True`` once the run is over."""
+        if run.artifacts is None or run.task is None or not run.containers:
+            return False
+        await self._engine.kill(run.containers[-1], signal="SIGTERM")
+        done, _ = await asyncio.wait({run.task}, timeout=artifact_grace(run.request))
+        return bool(done)
 
     async def resume(self, execution: Execution, *, on_output: OnOutput | None = None) -> bool:
         """Adopt the run container a crashed process left for ``execution``: wait for it
