@@ -400,3 +400,16 @@ def test_a_name_sent_twice_is_kept_once() -> None:
     got = read_artifacts(forged([("a.txt", b"1", "file"), ("a.txt", b"22", "file")]), ["*"], 99)
     assert [(a.path, a.size) for a in got.files] == [("a.txt", 1)]
     got.close()
+
+
+def test_the_grace_for_collecting_stays_inside_the_services_slack() -> None:
+    """The local runner waits past the timeout for artifacts only when asked, and never
+    so long that the service (pyexec.deadline) gives up on the run first."""
+    from pyexec.deadline import SLACK_SECONDS
+    from pyexec.runner.docker_spec import artifact_grace
+
+    settings = make_settings(max_artifact_bytes=1 << 40)
+    assert artifact_grace(parse_request({}, settings)) == 0.0
+    small = parse_request({"artifacts": ["*"]}, settings)
+    huge = parse_request({"artifacts": ["*"], "config": {"max_artifact_bytes": 1 << 40}}, settings)
+    assert 0 < artifact_grace(small) < artifact_grace(huge) <= SLACK_SECONDS / 2

@@ -14,6 +14,7 @@ import attrs
 from docker.types import LogConfig, Mount, Ulimit
 
 from pyexec.artifacts import MAX_ARTIFACT_FILES
+from pyexec.deadline import SLACK_SECONDS
 from pyexec.deps.cachedir import ENVS, SITE
 from pyexec.models import ExecutionRequest
 from pyexec.sandbox import bootstrap_source, seccomp_profile
@@ -68,6 +69,7 @@ SANDBOX_DEADLINE_GRACE = 0.5
 #: Time allowed for collecting artifacts after a run: this much, plus the cap at this rate.
 ARTIFACT_SECONDS = 5.0
 ARTIFACT_RATE = 32 * MiB
+ARTIFACT_GRACE_MAX = SLACK_SECONDS / 2
 #: Processes and threads gVisor's own sandbox (sentry, gofer) holds in the container's
 #: pids cgroup under ``runsc``, added to the run's ``pids_limit`` (it needs about 40).
 RUNSC_PIDS_OVERHEAD = 64
@@ -315,11 +317,10 @@ def bootstrap_spec(
 
 def artifact_grace(request: ExecutionRequest) -> float:
     """Seconds the runner waits past a run's timeout when it asks for artifacts: the
-    bootstrap ends the program at its own deadline, then collects and sends them."""
+    bootstrap ends the program at its own deadline, then collects and sends them. At
+    most ``ARTIFACT_GRACE_MAX``, well inside the slack the service allows every run
+    (``pyexec.deadline``), so a large cap never makes the service give up first."""
     if not request.artifacts:
         return 0.0
-    return (
-        SANDBOX_DEADLINE_GRACE
-        + ARTIFACT_SECONDS
-        + request.config.max_artifact_bytes / (ARTIFACT_RATE)
-    )
+    rate = request.config.max_artifact_bytes / ARTIFACT_RATE
+    return min(SANDBOX_DEADLINE_GRACE + ARTIFACT_SECONDS + rate, ARTIFACT_GRACE_MAX)
