@@ -122,3 +122,29 @@ async def test_a_process_left_in_its_own_session_does_not_stop_collection(
     record = await run(api, code, artifacts=["*.csv"])
     assert record["status"] == "completed", record
     assert [a["path"] for a in record["artifacts"]] == ["done.csv"]
+
+
+async def test_a_killed_run_lists_what_it_wrote(api: httpx.AsyncClient) -> None:
+    """A kill stops the job; the run task, stopped, still collects before it exits, and the
+    killed record lists the file."""
+    code = (
+        "import time\nopen('log.txt', 'w').write('so far')\n"
+        "print('ready', flush=True)\ntime.sleep(120)\n"
+    )
+    execution_id = await e2e.submit(api, code, artifacts=["*.txt"])
+
+    async def ready() -> bool:
+        logs = (await api.get(f"/api/v1/executions/{execution_id}/logs")).json()
+        return "ready" in logs["stdout"]
+
+    await e2e.eventually(ready)
+    await api.delete(f"/api/v1/executions/{execution_id}")
+
+    async def listed() -> bool:
+        record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+        return bool(record["artifacts"])
+
+    await e2e.eventually(listed)
+    record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+    assert record["status"] == "killed"
+    assert [a["path"] for a in record["artifacts"]] == ["log.txt"]
