@@ -23,7 +23,7 @@ from pyexec.models import Reason, parse_request
 from pyexec.runner.docker import DockerRunner
 from pyexec.settings import Settings
 
-from .conftest import TEST_IMAGE, app_client, make_settings
+from .conftest import CA_BUNDLE, TEST_IMAGE, app_client, make_settings
 from .fixtures_docker import docker_client, execute
 from .wheels import make_wheel
 
@@ -345,3 +345,24 @@ async def test_a_warm_pool_sandbox_serves_a_run_with_a_cached_environment(
         await dockers.aclose()
     assert (warm.stdout, warm.deps_cache) == (cold.stdout, "hit")
     assert len(pool.served) == served + 1
+
+
+@pytest.mark.network
+async def test_eval_numpy_from_the_package_index_is_built_once(tmp_path: Path) -> None:
+    """The real thing: eval's detected numpy is built by the trusted builder from the
+    package index (through the CA bundle), then served from the cache."""
+    settings = deps_settings(
+        tmp_path,
+        deps_index_url="https://pypi.org/simple",
+        deps_find_links=None,
+        ca_bundle=CA_BUNDLE,
+        default_timeout=300,
+        default_memory_mb=512,
+    )
+    body = {"code": "import numpy as np\nnp.arange(10).sum()", "eval_last_expr": True}
+    async with app_client(settings) as api:
+        answers = [(await api.post("/api/v1/eval", json=body)).json() for _ in range(2)]
+    assert [(a["result"], a["deps_cache"]) for a in answers] == [
+        ("np.int64(45)", "miss"),
+        ("np.int64(45)", "hit"),
+    ], answers
