@@ -14,10 +14,8 @@ file can be served without reading the others.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
-import tarfile
 import tempfile
 from collections.abc import Sequence
 from typing import IO, Any, BinaryIO, cast
@@ -25,8 +23,8 @@ from typing import IO, Any, BinaryIO, cast
 import attrs
 
 from .models import Artifact
-from .sandbox.collect import COMPLETE, STATE_DIR, TRUNCATED, matches
-from .sandbox.tarcheck import FILE, TarChecker, TarProblem, member_kind
+from .sandbox.collect import check_artifacts
+from .sandbox.tarcheck import TarChecker, member_kind
 
 __all__ = [
     "ARTIFACTS_MARK",
@@ -81,97 +79,36 @@ def read_artifacts(
     source: IO[bytes] | None, patterns: Sequence[str], cap: int, *, truncated: bool = False
 ) -> Collected:
     """Check the tar a sandbox sent in ``source`` and keep what passes (see the module's
-    docstring). Blocking. A tar that breaks the rules, or ends before the collector's
-    last member, keeps the files before the break and counts as ``truncated``."""
+    docstring; the rules are ``pyexec.sandbox.collect.check_artifacts``). Blocking. A tar
+    that breaks the rules, or ends before the collector's last member, keeps the files
+    before the break and counts as ``truncated``."""
     if source is None:
         return Collected(truncated=truncated)
-    checker = TarChecker(MAX_ARTIFACT_FILES + 1, cap)
     spool: Any = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY)  # noqa: SIM115 - returned
-    # Never closed: its end blocks are written below, after the last whole member.
-    out = tarfile.open(fileobj=spool, mode="w:", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-    kept: list[tuple[str, int, str]] = []
-    seen: set[str] = set()
-    total = good = 0
-    complete = False
     try:
-        with tarfile.open(fileobj=source, mode="r|") as archive:
-            while (member := archive.next()) is not None:
-                archive.members.clear()  # type: ignore[attr-defined]  # tarfile keeps them all
-                if member.name in (TRUNCATED, COMPLETE):
-                    complete = True
-                    truncated = truncated or member.name == TRUNCATED
-                    break
-                kind = member_kind(member)
-                size = member.size if kind == FILE else 0
-                if kind == FILE and (total + size > cap or len(kept) >= MAX_ARTIFACT_FILES):
-                    truncated = True
-                    break
-                path = checker.add(member.name, kind, size, member.linkname)
-                if (
-                    kind != FILE
-                    or path is None
-                    or path.split("/")[0] == STATE_DIR
-                    or not matches(list(patterns), path)
-                    or path in seen
-                ):
-                    continue  # links, devices, directories, what was not asked for: never
-                data = archive.extractfile(member)
-                if data is None:
-                    continue
-                digest = _Digest(data)
-                info = tarfile.TarInfo(path)
-                info.size, info.mode, info.mtime = size, 0o644, int(member.mtime)
-                out.addfile(info, cast(IO[bytes], digest))
-                good = spool.tell()
-                kept.append((path, size, digest.hexdigest()))
-                seen.add(path)
-                total += size
-    except TarProblem as problem:
-        log.warning("artifacts refused by the tar rules: %s", problem.message)
-        truncated = True
-    except (tarfile.TarError, EOFError, OSError, UnicodeError) as exc:
-        log.warning("artifacts cut short: %s", exc)
-        truncated = True
-    truncated = truncated or not complete  # a tar without its last member was cut short
+        kept, cut = check_artifacts(
+            source,
+            spool,
+            list(patterns),
+            cap,
+            MAX_ARTIFACT_FILES,
+            TarChecker(MAX_ARTIFACT_FILES + 1, cap),
+            member_kind,
+        )
+    except BaseException:
+        spool.close()
+        raise
+    if cut:
+        log.warning("artifacts were left out or refused (cap, file count or tar rules)")
     if not kept:
         spool.close()
-        return Collected(truncated=truncated)
-    # End the blob after the last whole member (a member cut short is dropped).
-    spool.seek(good)
-    spool.truncate()
-    spool.write(bytes(2 * _BLOCK))
-    offsets = _offsets(spool)
+        return Collected(truncated=truncated or cut)
+    spool.seek(0)
     files = tuple(
-        Artifact(path=path, size=size, sha256=sha, offset=offsets[path]) for path, size, sha in kept
+        Artifact(path=path, size=size, sha256=sha, offset=offset)
+        for path, size, sha, offset in kept
     )
-    spool.seek(0)
-    return Collected(files=files, truncated=truncated, blob=cast(BinaryIO, spool))
-
-
-def _offsets(spool: Any) -> dict[str, int]:
-    """Where each member's data starts in the blob."""
-    spool.seek(0)
-    try:
-        with tarfile.open(fileobj=spool, mode="r:") as archive:
-            return {m.name: m.offset_data for m in archive.getmembers()}
-    except tarfile.TarError:
-        return {}
-
-
-class _Digest:
-    """A member's data as ``addfile`` reads it, hashed on the way."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self._hash = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        self._hash.update(data)
-        return data
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    return Collected(files=files, truncated=truncated or cut, blob=cast(BinaryIO, spool))
 
 
 class ArtifactStream:

@@ -185,3 +185,92 @@ def write_artifacts(
             for _, fd in stack:
                 os.close(fd)
         archive.addfile(tarfile.TarInfo(TRUNCATED if truncated else COMPLETE))
+
+
+def check_artifacts(
+    source: "IO[bytes]",
+    out: "IO[bytes]",
+    patterns: "list[str]",
+    cap: int,
+    max_files: int,
+    checker: "Any",
+    kind_of: "Any",
+) -> "tuple[list[tuple[str, int, str, int]], bool]":
+    """Check the tar ``write_artifacts`` made (it comes from the sandbox: untrusted) and
+    write what passes to ``out`` as a new tar: ``([(path, size, sha256, data offset)],
+    truncated)``. Every member goes through ``checker`` (a ``TarChecker``: the upload
+    rules; ``kind_of`` is its ``member_kind``); only regular files matching ``patterns``
+    and outside ``.pyexec`` are kept, each name once; the total stops at ``cap`` exactly
+    and at ``max_files``. A tar that breaks a rule, or ends before its last member
+    (``TRUNCATED`` or ``COMPLETE``), keeps the files before and is truncated."""
+    import hashlib
+    import tarfile
+
+    kept: list[tuple[str, int, str, int]] = []
+    seen = set()
+    total = good = 0
+    truncated = complete = False
+    start = out.tell()
+    # Never closed: its end blocks are written below, after the last whole member.
+    writer = tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+    try:
+        with tarfile.open(fileobj=source, mode="r|") as archive:
+            while True:
+                member = archive.next()
+                if member is None:
+                    break
+                archive.members.clear()  # type: ignore[attr-defined]  # tarfile keeps them all
+                if member.name in (TRUNCATED, COMPLETE):
+                    complete = True
+                    truncated = member.name == TRUNCATED
+                    break
+                kind = kind_of(member)
+                size = member.size if kind == "file" else 0
+                if kind == "file" and (total + size > cap or len(kept) >= max_files):
+                    truncated = True
+                    break
+                path = checker.add(member.name, kind, size, member.linkname)
+                if (
+                    kind != "file"
+                    or path is None
+                    or path.split("/")[0] == STATE_DIR
+                    or path in seen
+                    or not matches(patterns, path)
+                ):
+                    continue  # links, devices, directories, what was not asked for: never
+                data = archive.extractfile(member)
+                if data is None:
+                    continue
+                digest = hashlib.sha256()
+                info = tarfile.TarInfo(path)
+                info.size, info.mode, info.mtime = size, 0o644, int(member.mtime)
+                writer.addfile(info, _Hashed(data, digest))
+                kept.append((path, size, digest.hexdigest(), 0))
+                seen.add(path)
+                good = out.tell()
+                total += size
+    except Exception:  # noqa: BLE001 - a broken tar (rules, format, cut short): keep what passed
+        truncated = True
+    # End the tar after the last whole member (a member cut short is dropped).
+    out.seek(good if kept else start)
+    out.truncate()
+    out.write(bytes(1024))
+    offsets = {}
+    out.seek(start)
+    with tarfile.open(fileobj=out, mode="r:") as written:
+        for member in written:
+            offsets[member.name] = member.offset_data - start
+    return [(p, n, h, offsets[p]) for p, n, h, _ in kept], truncated or not complete
+
+
+class _Hashed:
+    """A member's data as ``addfile`` reads it, hashed on the way."""
+
+    def __init__(self, raw: "IO[bytes]", digest: "Any") -> None:
+        self._raw = raw
+        self._digest = digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._digest.update(data)
+        return data
