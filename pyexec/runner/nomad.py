@@ -184,9 +184,11 @@ class NomadRunner:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store | None = None) -> NomadRunner:
+        """The runner ``settings`` describe; with a ``store`` (the service's) and pooled
+        images, with its warm pool (the CLI's job commands need none)."""
         api = NomadAPI(settings)
-        pool = NomadPool.from_settings(settings, api) if settings.pooled_images else None
-        return cls(settings, api, store, pool)
+        pooled = settings.pooled_images and store is not None
+        return cls(settings, api, store, NomadPool.from_settings(settings, api) if pooled else None)
 
     # --- Runner ------------------------------------------------------------------------------
     @property
