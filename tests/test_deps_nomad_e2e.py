@@ -9,6 +9,7 @@ Without such an agent the tests skip, saying why.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pyexec.deps.cachedir import CacheDir
 from pyexec.settings import Settings
 
 from .conftest import app_client, make_settings
@@ -31,11 +33,14 @@ VOLUME = "pyexec-deps"
 
 pytestmark = [pytest.mark.anyio, pytest.mark.nomad, pytest.mark.consul, pytest.mark.docker]
 
-PROGRAM = """\
-import tinypkg
-print(tinypkg.VERSION)
+#: A package name of this test run's own: the node's cache outlives the test.
+PACKAGE = f"tinypkg{secrets.token_hex(4)}"
+REQ = f"{PACKAGE}==1.0"
+PROGRAM = f"""\
+import {PACKAGE} as pkg
+print(pkg.VERSION)
 try:
-    open(tinypkg.__file__, "a")
+    open(pkg.__file__, "a")
 except OSError as exc:
     print(exc.errno)
 """
@@ -58,7 +63,7 @@ def volume_path() -> str:
 def settings() -> Iterator[Settings]:
     root = Path(volume_path())
     wheels = root / f"wheels-{secrets.token_hex(3)}"
-    make_wheel(wheels, "tinypkg", "1.0")
+    make_wheel(wheels, PACKAGE, "1.0")
     prefix = new_prefix()
     job_prefix = f"pyexec-deps-test-{secrets.token_hex(3)}"
     yield make_settings(
@@ -76,6 +81,9 @@ def settings() -> Iterator[Settings]:
         default_timeout=120,
     )
     shutil.rmtree(wheels, ignore_errors=True)
+    for entry in CacheDir(str(root)).entries():  # this test's environment only
+        if PACKAGE in " ".join(entry.requirements):
+            CacheDir(str(root)).remove(entry.key)
     with httpx.Client(base_url=str(REAL_NOMAD), timeout=30) as nomad:
         for stub in nomad.get("/v1/jobs", params={"prefix": job_prefix}).json():
             nomad.delete(f"/v1/job/{stub['ID']}", params={"purge": "true"})
@@ -92,7 +100,7 @@ async def test_a_node_builds_once_and_runs_import_read_only(settings: Settings) 
             response = await api.post(
                 "/api/v1/exec/sync",
                 files={"tar": ("code.tar", make_tar({"main.py": PROGRAM}), "application/x-tar")},
-                data={"metadata": '{"entrypoint": "main.py", "requirements_txt": "tinypkg==1.0"}'},
+                data={"metadata": json.dumps({"entrypoint": "main.py", "requirements_txt": REQ})},
             )
             body = response.json()
             assert body["status"] == "completed", body

@@ -49,6 +49,7 @@ import urllib.parse
 from importlib import resources
 from typing import Any
 
+from pyexec.deps import nomad as deps_nomad
 from pyexec.errors import LimitExceeded
 from pyexec.models import ExecutionConfig, Reason
 from pyexec.runner.docker_spec import NOFILE
@@ -97,10 +98,7 @@ TASK_FILES = {
     "local/pyexec/cachedir.py": "pyexec/deps/cachedir.py",
     "local/pyexec/build_env.py": "pyexec/deps/build_env.py",
 }
-#: The node's dependency cache (``PYEXEC_NOMAD_DEPS_VOLUME``): the group's volume, and
-#: where the installer (read-write) and the run task (read-only) mount it.
-DEPS_VOLUME = "pyexec-deps"
-DEPS_MOUNT = "/pyexec-deps"
+
 #: What the run task (and a setup task) runs: the task script, the tar rules, the collector.
 RUN_CODE = ("local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py", "local/pyexec/collect.py")
 #: Where the Nomad client renders the inputs of the run task from Consul.
@@ -384,30 +382,6 @@ def _tmpfs(target: str, size: int) -> dict[str, Any]:
     return {"type": "tmpfs", "target": target, "readonly": False, "tmpfs_options": {"size": size}}
 
 
-def deps_cached(settings: Settings) -> bool:
-    """Whether the ``-pip`` jobs use the nodes' dependency cache (a host volume)."""
-    return bool(settings.nomad_deps_volume) and settings.deps_cache_bytes > 0
-
-
-def _mount_deps_cache(settings: Settings, install: dict[str, Any], run: dict[str, Any]) -> None:
-    """The node's dependency cache (``pyexec.deps``): read-write in the trusted installer,
-    which builds into it with the cache's rules shipped beside its script, read-only in
-    the run task. Only nodes with the host volume can run a ``-pip`` job then."""
-    install["VolumeMounts"] = [
-        {"Volume": DEPS_VOLUME, "Destination": DEPS_MOUNT, "ReadOnly": False}
-    ]
-    run["VolumeMounts"] = [{"Volume": DEPS_VOLUME, "Destination": DEPS_MOUNT, "ReadOnly": True}]
-    install["Templates"][1:1] = _code("local/pyexec/cachedir.py", "local/pyexec/build_env.py")
-    install["Env"].update(
-        {
-            "PYEXEC_DEPS_DIR": DEPS_MOUNT,
-            "PYEXEC_DEPS_CACHE_BYTES": str(settings.deps_cache_bytes),
-            "PYEXEC_DEPS_INDEX_URL": settings.deps_index_url or "",
-            "PYEXEC_DEPS_BUILDER_IMAGE": settings.nomad_trusted_image or settings.default_image,
-        }
-    )
-
-
 def runner_job(
     settings: Settings, resource_class: ResourceClass, *, pip: bool = False, setup: bool = False
 ) -> dict[str, Any]:
@@ -532,8 +506,12 @@ def runner_job(
                 install["Env"][var] = f"/{CA_DEST}"
         install["Templates"] += extra_templates.get("install", [])
         tasks.insert(0, install)
-        if deps_cached(settings):
-            _mount_deps_cache(settings, install, run)
+        if deps_nomad.enabled(settings):
+            # The node's dependency cache: written by the trusted installer only.
+            install["VolumeMounts"] = deps_nomad.mounts(writable=True)
+            run["VolumeMounts"] = deps_nomad.mounts(writable=False)
+            install["Templates"][1:1] = _code(*deps_nomad.INSTALLER_CODE)
+            install["Env"].update(deps_nomad.installer_env(settings))
 
     job: dict[str, Any] = {
         "ID": job_id(settings, resource_class, pip=pip, setup=setup),
@@ -572,15 +550,8 @@ def runner_job(
             }
         ],
     }
-    if pip and deps_cached(settings):
-        job["TaskGroups"][0]["Volumes"] = {
-            DEPS_VOLUME: {
-                "Name": DEPS_VOLUME,
-                "Type": "host",
-                "Source": settings.nomad_deps_volume,
-                "ReadOnly": False,
-            }
-        }
+    if pip and deps_nomad.enabled(settings):
+        job["TaskGroups"][0]["Volumes"] = deps_nomad.volumes(settings)
     if settings.nomad_namespace:
         job["Namespace"] = settings.nomad_namespace
     if settings.nomad_region:
