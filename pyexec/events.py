@@ -359,7 +359,11 @@ class Subscription:
                 yield feed.status_frame
             sent = False
             for stream in OUTPUT_STREAMS:
-                data = await feed.read(stream, position[stream])
+                try:
+                    data = await feed.read(stream, position[stream])
+                except PyexecError as exc:  # the store: this stream waits, then tries again
+                    log.warning("output of %s unreadable: %s", feed.execution_id, exc.message)
+                    continue
                 if not data:
                     continue
                 offset = position[stream]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -523,3 +524,42 @@ async def test_a_store_that_cannot_be_reached_at_opening_is_503() -> None:
         answer = await api.get(f"/api/v1/executions/{eid}/events")
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "store_unavailable"
+
+
+class FlakyOutputStore(MemoryStore):
+    """A store whose first reads of live output fail, as during a short outage."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def read_output(self, execution_id: str, stream: str, offset: int, limit: int) -> bytes:
+        if self.failures > 0:
+            self.failures -= 1
+            raise BackendUnavailable("consul is gone", code="store_unavailable")
+        return await super().read_output(execution_id, stream, offset, limit)
+
+
+def test_a_store_outage_mid_stream_pauses_it_and_loses_nothing() -> None:
+    """Output that cannot be read from the store for a while arrives once it can, in
+    order, on the same stream."""
+    runner = PrintingRunner()
+    store = FlakyOutputStore(failures=1)
+    settings = make_settings(output_flush_seconds=0.05)
+    with live_server(settings, store=store, runner=runner) as server:
+        eid = started(server, runner)
+        runner.print(eid, "stdout", b"stored\n")
+        with Client(server.url) as client:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # bounded: until the flush took it
+                if store._live.get(eid):  # the in-process store's live copy (a peek)
+                    break
+                time.sleep(0.02)
+            events = client.stream(eid)
+            assert isinstance(next(events), StatusEvent)
+            runner.print(eid, "stdout", b"later\n")
+            runner.end(eid)
+            texts, seen = collect(events)
+    assert texts["stdout"] == "stored\nlater\n"
+    assert store.failures == 0
+    assert isinstance(seen[-1], EndEvent)
