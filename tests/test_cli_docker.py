@@ -113,9 +113,12 @@ def test_env_and_args(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_json_record(cli: Any, tmp_path: Path) -> None:
-    """--json prints a record that parses, with the script's output inside."""
+    """--json prints one event per line, the output as it came and last the record,
+    with the script's output inside."""
     result = cli("--json", "run", script(tmp_path, "print('in json')\n"))
-    record = json.loads(result.out)
+    events = [json.loads(line) for line in result.out.splitlines()]
+    assert "".join(e["text"] for e in events if e["event"] == "stdout") == "in json\n"
+    record = events[-1]["execution"]
     assert (record["status"], record["reason"], record["exit_code"]) == ("completed", "exited", 0)
     assert record["stdout"] == "in json\n"
 
