@@ -197,6 +197,7 @@ job "pyexec-runner-small" {
         PYEXEC_MANIFEST_KEY        = "pyexec/executions/${NOMAD_META_execution_id}/manifest"
         PYEXEC_TAR_FOLDER          = "pyexec/executions/${NOMAD_META_execution_id}/tar/"
         PYEXEC_OUTPUT_FOLDER       = "pyexec/executions/${NOMAD_META_execution_id}/output/"
+        PYEXEC_ARTIFACTS_FOLDER    = "pyexec/executions/${NOMAD_META_execution_id}/artifacts/"
         PYEXEC_STATUS_OF           = "{\"exited\": \"completed\", \"timeout\": \"failed\", \"oom\": \"failed\", \"output_limit\": \"failed\", \"killed\": \"killed\", \"setup_failed\": \"failed\", \"error\": \"failed\"}"
         PYEXEC_INLINE_OUTPUT_BYTES = "16384"
         PYEXEC_OUTPUT_CHUNK_BYTES  = "262144"
@@ -205,6 +206,24 @@ job "pyexec-runner-small" {
       template {
         data            = file("pyexec/taskscripts/nomad_finish.py")
         destination     = "local/pyexec/nomad_finish.py"
+        change_mode     = "noop"
+        perms           = "0644"
+        left_delimiter  = "[[[pyexec"
+        right_delimiter = "pyexec]]]"
+      }
+
+      template {
+        data            = file("pyexec/sandbox/tarcheck.py")
+        destination     = "local/pyexec/tarcheck.py"
+        change_mode     = "noop"
+        perms           = "0644"
+        left_delimiter  = "[[[pyexec"
+        right_delimiter = "pyexec]]]"
+      }
+
+      template {
+        data            = file("pyexec/sandbox/collect.py")
+        destination     = "local/pyexec/collect.py"
         change_mode     = "noop"
         perms           = "0644"
         left_delimiter  = "[[[pyexec"

@@ -9,20 +9,27 @@ size beside ``verdict.json`` and ``fs/readat`` with an ``offset`` returns that s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import random
 import secrets
 import tarfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from pyexec.models import Execution, Status, new_execution_id, parse_request
+from pyexec.settings import Settings
+from pyexec.store.consul import ConsulStore
+
 from . import test_nomad_e2e as e2e
 from .artifact_files import CSV, PNG_PROGRAM, png_bytes
 from .nomadsim import NomadSim
+from .tarfiles import make_tar
 
 pytestmark = e2e.pytestmark
 
@@ -148,3 +155,34 @@ async def test_a_killed_run_lists_what_it_wrote(api: httpx.AsyncClient) -> None:
     record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
     assert record["status"] == "killed"
     assert [a["path"] for a in record["artifacts"]] == ["log.txt"]
+
+
+async def test_a_plain_dispatch_stores_its_artifacts_through_the_finish_task(
+    settings: Settings,
+) -> None:
+    """`nomad job dispatch` without the service: the finish task checks the run task's
+    artifacts as the service does and stores them beside the record; the API serves them."""
+    async with e2e.pyexec_api(settings):
+        pass  # registers the runner jobs, as the service does at start-up
+    request = parse_request({"artifacts": ["out/*.png", "results/**"]}, settings)
+    record = Execution(execution_id=new_execution_id(), request=request)
+    store = ConsulStore.from_settings(settings)
+    try:
+        await store.create(record, io.BytesIO(make_tar({"main.py": PNG_PROGRAM})))
+        await asyncio.to_thread(e2e.dispatch_directly, settings, record.execution_id)
+        done = await store.wait_terminal(record.execution_id, 90)
+        deadline = time.monotonic() + 90
+        while not done.terminal and time.monotonic() < deadline:
+            done = await store.wait_terminal(record.execution_id, 30)
+    finally:
+        await store.aclose()
+    assert done.status is Status.COMPLETED, done
+    expected = {"out/plot.png": png_bytes(), "results/2024/table.csv": CSV.encode()}
+    assert {a.path: a.sha256 for a in done.artifacts} == {
+        path: hashlib.sha256(data).hexdigest() for path, data in expected.items()
+    }
+    assert done.artifacts_truncated is False
+    async with e2e.pyexec_api(settings) as api:
+        for path, data in expected.items():
+            got = await api.get(f"/api/v1/executions/{record.execution_id}/artifacts/{path}")
+            assert got.content == data

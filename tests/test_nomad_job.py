@@ -81,7 +81,11 @@ def test_every_task_ships_the_services_own_modules_verbatim() -> None:
             "pyexec/sandbox/tarcheck.py",
             "pyexec/sandbox/collect.py",
         ],
-        "finish": ["pyexec/taskscripts/nomad_finish.py"],
+        "finish": [
+            "pyexec/taskscripts/nomad_finish.py",
+            "pyexec/sandbox/tarcheck.py",
+            "pyexec/sandbox/collect.py",
+        ],
     }
 
 

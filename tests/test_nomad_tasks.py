@@ -281,11 +281,11 @@ def test_an_unknown_reason_from_the_sandbox_is_stored_as_an_error(
     assert (final["status"], final["reason"], final["exit_code"]) == ("failed", "error", None)
 
 
-def test_a_plain_dispatch_says_its_artifacts_were_left_out(
+def test_a_plain_dispatch_without_stored_artifacts_says_they_were_left_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The finish task stores no artifacts: a request that asked for some gets none,
-    flagged truncated (the service's record lists them for runs it drives)."""
+    """A request that asked for artifacts whose run task left none (or none the finish
+    task could store) gets an empty list, flagged truncated."""
     writer_env(monkeypatch)
     request = {"artifacts": ["*.png"]}
     final, _ = nomad_finish.final_record(

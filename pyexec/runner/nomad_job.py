@@ -328,6 +328,7 @@ def writer_env(settings: Settings) -> dict[str, str]:
         "PYEXEC_MANIFEST_KEY": consul_keys.manifest_key(prefix, eid),
         "PYEXEC_TAR_FOLDER": consul_keys.execution_folder(prefix, eid) + "tar/",
         "PYEXEC_OUTPUT_FOLDER": consul_keys.execution_folder(prefix, eid) + "output/",
+        "PYEXEC_ARTIFACTS_FOLDER": consul_keys.artifacts_folder(prefix, eid),
         "PYEXEC_STATUS_OF": json.dumps({r.value: r.status.value for r in Reason}),
         "PYEXEC_INLINE_OUTPUT_BYTES": str(consul_keys.INLINE_OUTPUT_BYTES),
         "PYEXEC_OUTPUT_CHUNK_BYTES": str(CHUNK_SIZE),
@@ -472,7 +473,9 @@ def runner_job(
         FINISH_MEMORY_MB,
         {**writer_env(settings), **extra_env},
     )
-    finish["Templates"] = _code("local/pyexec/nomad_finish.py")
+    finish["Templates"] = _code(
+        "local/pyexec/nomad_finish.py", "local/pyexec/tarcheck.py", "local/pyexec/collect.py"
+    )
     token = _token_template(settings)
     if token is not None:
         finish["Templates"].append(token)

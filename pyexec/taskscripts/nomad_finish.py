@@ -13,7 +13,10 @@ Everything it must agree on with the service comes from the job spec, which
 if any, is ``CONSUL_HTTP_TOKEN`` (see docs/nomad.md for the policy it needs).
 
 The files it reads were written next to the user's program: they are read capped and
-type-checked.
+type-checked. The artifacts the run task left (``artifacts.tar``) pass the service's own
+check (``collect.check_artifacts`` with the tar rules of ``tarcheck.py``, both shipped
+beside this file) before their blob goes to Consul, chunks first, manifest last, as the
+service's store writes it.
 """
 
 from __future__ import annotations
@@ -30,12 +33,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    # In the task, tarcheck.py's and collect.py's sources are loaded before main().
+    from pyexec.sandbox.collect import check_artifacts
+    from pyexec.sandbox.tarcheck import TarChecker, member_kind
+
 ALLOC = os.environ.get("NOMAD_ALLOC_DIR", "/alloc")
 OUT = os.path.join(ALLOC, "data", "pyexec")
 VERDICT_BYTES = 64 * 1024
 TERMINAL = ("completed", "failed", "killed")
 HTTP_TIMEOUT = 30
 ATTEMPTS = 5
+DEFAULT_ARTIFACT_CAP = 16 * 1024 * 1024
+#: Most artifact files (``pyexec.artifacts.MAX_ARTIFACT_FILES``).
+MAX_ARTIFACT_FILES = 1000
 
 
 def env(name: str) -> str:
@@ -119,8 +129,60 @@ def iso_ms(start: Any, end: Any) -> int | None:
     return max(0, int((over - begin).total_seconds() * 1000))
 
 
+def store_artifacts(consul: Consul, request: dict[str, Any]) -> dict[str, Any]:
+    """Check the run task's ``artifacts.tar`` as the service does and store the blob under
+    the execution's ``artifacts/`` folder; the record's ``artifacts`` fields (with each
+    file's offset in the blob, as the service's store keeps them)."""
+    import hashlib
+
+    patterns = [str(p) for p in request.get("artifacts") or []]
+    config = request.get("config") or {}
+    cap = int(config.get("max_artifact_bytes") or DEFAULT_ARTIFACT_CAP)
+    try:  # written next to the user's program: never through a link
+        fd = os.open(os.path.join(OUT, "artifacts.tar"), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return {"artifacts": [], "artifacts_truncated": True}
+    blob_path = os.path.join(os.environ.get("NOMAD_TASK_DIR", "/local"), "artifacts.blob")
+    folder = env("PYEXEC_ARTIFACTS_FOLDER")
+    chunk = int(env("PYEXEC_OUTPUT_CHUNK_BYTES"))
+    with os.fdopen(fd, "rb") as source, open(blob_path, "w+b") as blob:
+        checker = TarChecker(MAX_ARTIFACT_FILES + 1, cap)
+        kept, cut = check_artifacts(
+            source, blob, patterns, cap, MAX_ARTIFACT_FILES, checker, member_kind
+        )
+        consul.call("DELETE", "/v1/kv/" + folder + "?recurse")
+        if kept:
+            blob.seek(0)
+            digest, size, count = hashlib.sha256(), 0, 0
+            while True:
+                piece = blob.read(chunk)
+                if not piece:
+                    break
+                digest.update(piece)
+                size += len(piece)
+                put(consul, f"{folder}{count:06d}", piece)
+                count += 1
+            manifest = {"chunks": count, "size": size, "sha256": digest.hexdigest()}
+            manifest["chunk_size"] = chunk
+            put(consul, folder + "manifest", json.dumps(manifest, sort_keys=True).encode())
+    os.unlink(blob_path)
+    listed = [{"path": p, "size": n, "sha256": h, "offset": o} for p, n, h, o in kept]
+    return {"artifacts": listed, "artifacts_truncated": cut}
+
+
+def put(consul: Consul, key: str, value: bytes) -> None:
+    """A create-only raw PUT (as the service's store writes chunks)."""
+    status, body = consul.call("PUT", "/v1/kv/" + key + "?cas=0", value)
+    if status != 200 or body.strip() != b"true":
+        raise RuntimeError(f"Consul PUT {key} answered {status}: {body[:200]!r}")
+
+
 def final_record(
-    record: dict[str, Any], found: dict[str, Any], streams: dict[str, bytes], rev: str
+    record: dict[str, Any],
+    found: dict[str, Any],
+    streams: dict[str, bytes],
+    rev: str,
+    artifacts: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     """The terminal record and the output chunks to write before it (output above the
     inline threshold sits beside the record, as the service's Consul store keeps it)."""
@@ -142,9 +204,8 @@ def final_record(
     )
     final["duration_ms"] = iso_ms(final["started_at"], final["finished_at"])
     if (record.get("request") or {}).get("artifacts"):
-        # The run task left them in the allocation directory; only the service checks
-        # and stores artifacts, so a plain dispatch's record says they were left out.
-        final.update(artifacts=[], artifacts_truncated=True)
+        # What ``store_artifacts`` stored; none (left out) if it could not.
+        final.update(artifacts or {"artifacts": [], "artifacts_truncated": True})
     chunks: list[tuple[str, bytes]] = []
     output: dict[str, Any] = {}
     folder = env("PYEXEC_OUTPUT_FOLDER") + rev + "/"
@@ -171,6 +232,7 @@ def store(consul: Consul) -> str:
     """Write the terminal record unless the stored one is terminal already."""
     record_key, status_key = env("PYEXEC_RECORD_KEY"), env("PYEXEC_STATUS_KEY")
     found = verdict()
+    artifacts: dict[str, Any] | None = None
     for _ in range(ATTEMPTS):
         raw, index = consul.get(record_key)
         if raw is None:
@@ -184,7 +246,10 @@ def store(consul: Consul) -> str:
         streams = {name: read_capped(name, max(cap, 0)) for name in ("stdout", "stderr")}
         old_rev = (record.get("output") or {}).get("rev")
         rev = f"{time.time_ns():x}"
-        final, chunks = final_record(record, found, streams, rev)
+        request = record.get("request") or {}
+        if artifacts is None and request.get("artifacts"):
+            artifacts = store_artifacts(consul, request)
+        final, chunks = final_record(record, found, streams, rev, artifacts)
         for key, piece in chunks:  # one chunk per transaction: a txn body holds 512 KiB
             consul.txn([{"Verb": "set", "Key": key, "Value": b64(piece)}])
         body = json.dumps(final, ensure_ascii=False, indent=1).encode("utf-8")
@@ -216,6 +281,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     try:
+        # The tar rules and the artifacts check are the service's own modules, shipped
+        # beside this file as they are.
+        for module in ("tarcheck.py", "collect.py"):
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module)) as fh:
+                exec(compile(fh.read(), module, "exec"))  # noqa: S102 - our own module
         main()
     except Exception as exc:  # noqa: BLE001 - say why in the task's log, fail the task
         print(f"pyexec finish: {exc!r}", file=sys.stderr)
