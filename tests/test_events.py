@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import io
 import json
 import select
 import socket
 import subprocess
 import sys
-import tarfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,48 +17,12 @@ import pytest
 from pyexec.client import AsyncClient, Client, EndEvent, OutputEvent, StatusEvent
 from pyexec.client.errors import APIError
 from pyexec.errors import BackendUnavailable
-from pyexec.models import Reason, RunOutcome
 from pyexec.settings import Settings, SettingsError
 from pyexec.store.memory import MemoryStore
 
 from .conftest import LiveServer, app_client, live_server, make_settings
 from .fakes import FakeRunner
-
-
-class PrintingRunner(FakeRunner):
-    """Held runs whose output the test produces (from its own thread) and that finish
-    with exactly what they printed, like a real runner's outcome."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.printed: dict[str, dict[str, bytearray]] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def start(
-        self, execution: Any, request: Any, tar: Any, on_running: Any, **kw: Any
-    ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.printed[execution.execution_id] = {"stdout": bytearray(), "stderr": bytearray()}
-        await super().start(execution, request, tar, on_running, **kw)
-
-    def print(self, execution_id: str, stream: str, data: bytes) -> None:
-        assert self.loop is not None
-        self.printed[execution_id][stream] += data
-        self.loop.call_soon_threadsafe(self.emit, execution_id, stream, data)
-
-    def end(self, execution_id: str) -> None:
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.finish, execution_id)
-
-
-def hello_tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = b"print('hi')\n"
-        info = tarfile.TarInfo("main.py")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from .streaming import DroppingProxy, PrintingRunner, collect, hello_tar, started
 
 
 @pytest.fixture(scope="module")
@@ -72,62 +31,6 @@ def printing() -> Iterator[tuple[LiveServer, PrintingRunner]]:
     settings = make_settings(max_event_subscribers=3, output_flush_seconds=0.05)
     with live_server(settings, store=MemoryStore(), runner=runner) as server:
         yield server, runner
-
-
-def submit_held(server: LiveServer, runner: PrintingRunner) -> str:
-    with httpx.Client(base_url=server.url) as http:
-        answer = http.post(
-            "/api/v1/exec/async",
-            files={"tar": ("code.tar", hello_tar())},
-            data={"metadata": '{"stdin": "hold"}'},
-        )
-    assert answer.status_code == 202
-    execution_id: str = answer.json()["execution_id"]
-    runner.outcome = lambda request: _outcome_of(runner, execution_id)
-    return execution_id
-
-
-def _outcome_of(runner: PrintingRunner, execution_id: str) -> RunOutcome:
-    out = runner.printed[execution_id]
-    return RunOutcome(
-        reason=Reason.EXITED,
-        exit_code=0,
-        stdout=bytes(out["stdout"]).decode(),
-        stderr=bytes(out["stderr"]).decode(),
-    )
-
-
-def started(server: LiveServer, runner: PrintingRunner) -> str:
-    execution_id = submit_held(server, runner)
-    with Client(server.url) as client:
-        for event in client.stream(execution_id):
-            if isinstance(event, StatusEvent) and event.execution.status.value == "running":
-                break
-    return execution_id
-
-
-def collect(
-    events: Iterator[Any],
-    stop: int | None = None,
-    after: str = "0-0",
-    stop_when: Callable[[dict[str, str]], bool] | None = None,
-) -> tuple[dict[str, str], list[Any]]:
-    """The texts of the output events (checking each starts where the last ended), and
-    every event; ``after``: the position the stream resumed from; ``stop``/``stop_when``:
-    stop after that many events, or once the texts so far pass the check."""
-    texts = {"stdout": "", "stderr": ""}
-    base = dict(zip(("stdout", "stderr"), map(int, after.split("-")), strict=True))
-    seen = []
-    for event in events:
-        seen.append(event)
-        if isinstance(event, OutputEvent):
-            assert event.offset == base[event.stream] + len(texts[event.stream].encode())
-            texts[event.stream] += event.text
-        if stop is not None and len(seen) >= stop:
-            break
-        if stop_when is not None and stop_when(texts):
-            break
-    return texts, seen
 
 
 def test_a_run_streams_status_output_and_end(printing: tuple[LiveServer, PrintingRunner]) -> None:
@@ -236,56 +139,6 @@ def test_bad_last_event_id_and_unknown_execution_are_4xx(
         next(client.stream("exe_01a22cbc-64fd-709b-a516-837a452561f1"))
     assert raised.value.status_code == 404
     runner.end(eid)
-
-
-class DroppingProxy:
-    """A loopback TCP proxy whose connections the test can cut at any moment."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.removeprefix("http://").split(":")
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def drop(self) -> None:
-        """Cut every open connection (both ends), as a broken network would."""
-        with self.lock:
-            sockets, self.sockets = self.sockets, []
-        for s in sockets:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.drop()
 
 
 def test_the_client_reconnects_by_itself_after_a_dropped_connection(

@@ -12,9 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import attrs
 import pytest
 
 from pyexec.client import Client, EndEvent, OutputEvent, StatusEvent
@@ -24,69 +22,16 @@ from pyexec.store.consul import ConsulStore
 from . import fixtures_consul
 from .conftest import LiveServer, live_server, make_settings
 from .fakes import FakeRunner
-from .test_events import PrintingRunner, collect, submit_held
-
-#: Prints ``<n> <time.time()>`` every 0.2 s for 3 s (one write per line).
-TICKER = (
-    "import sys, time\n"
-    "for i in range(15):\n"
-    "    sys.stdout.write(f'{i} {time.time()!r}\\n')\n"
-    "    sys.stdout.flush()\n"
-    "    time.sleep(0.2)\n"
+from .streaming import (
+    EXPECTED_LINES,
+    FIRST_EVENT_LAG,
+    TICKER,
+    PrintingRunner,
+    check_ticker,
+    collect,
+    printed_at,
+    submit_held,
 )
-EXPECTED_LINES = 15
-#: The first stdout event arrives at most this long after its print.
-FIRST_EVENT_LAG = 0.5
-
-
-@attrs.frozen
-class Arrival:
-    at: float
-    event: Any
-
-
-def follow_timed(client: Client, execution_id: str, **kwargs: Any) -> Iterator[Arrival]:
-    for event in client.stream(execution_id, **kwargs):
-        yield Arrival(time.time(), event)
-
-
-def printed_at(text: str) -> float:
-    """The time the program printed the first line of ``text``."""
-    return float(text.splitlines()[0].split()[1])
-
-
-def check_ticker(server_url: str, stream_url: str | None = None) -> None:
-    """The first stdout event is within FIRST_EVENT_LAG of its print; a reconnect with
-    the last id mid-run yields exactly the remaining bytes. ``stream_url``: another
-    replica to stream from."""
-    with Client(server_url, timeout=60) as submitter:
-        eid = submitter.submit({"main.py": TICKER}).execution_id
-    with Client(stream_url or server_url, timeout=60) as client:
-        first_part: list[Arrival] = []
-        for arrival in follow_timed(client, eid):
-            first_part.append(arrival)
-            outputs = [a for a in first_part if isinstance(a.event, OutputEvent)]
-            if sum(a.event.text.count("\n") for a in outputs) >= 3:
-                break
-        assert not any(isinstance(a.event, EndEvent) for a in first_part)
-        kinds = [type(a.event) for a in first_part]
-        assert kinds[0] is StatusEvent
-        first = next(a for a in first_part if isinstance(a.event, OutputEvent))
-        assert first.event.offset == 0
-        lag = first.at - printed_at(first.event.text)
-        print(f"first stdout event {lag * 1000:.0f} ms after its print")  # shown with -s
-        assert lag <= FIRST_EVENT_LAG, f"first stdout event {lag:.3f} s after its print"
-        last_id = [a.event for a in first_part if isinstance(a.event, OutputEvent)][-1].id
-        head = "".join(a.event.text for a in first_part if isinstance(a.event, OutputEvent))
-        rest, tail = collect(
-            (a.event for a in follow_timed(client, eid, last_event_id=last_id)), after=last_id
-        )
-        assert isinstance(tail[-1], EndEvent)
-        record = tail[-1].execution
-    assert record.exit_code == 0, record.stderr
-    assert head + rest["stdout"] == record.stdout
-    assert len(record.stdout.splitlines()) == EXPECTED_LINES
-    assert rest["stdout"], "the reconnect came after the run had printed everything"
 
 
 @pytest.mark.docker

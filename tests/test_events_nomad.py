@@ -18,8 +18,7 @@ from pyexec.client import Client, EndEvent, OutputEvent
 from pyexec.settings import Settings
 
 from .conftest import live_server
-from .test_events import collect
-from .test_events_live import TICKER, check_ticker
+from .streaming import TICKER, check_ticker, collect
 from .test_nomad_e2e import REAL_NOMAD, settings, sim
 
 __all__ = ["settings", "sim"]  # the fixtures, shared with test_nomad_e2e
