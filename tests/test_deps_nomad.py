@@ -191,3 +191,55 @@ def test_a_missing_wheel_fails_the_install_and_leaves_nothing_in_the_cache(node:
     assert result["ok"] is False
     assert "nosuchpkg" in result["error"]
     assert CacheDir(str(node / "volume")).entries() == []
+
+
+def test_the_prewarm_job_is_a_sysbatch_of_the_trusted_installer() -> None:
+    """PYEXEC_DEPS_PREWARM with the node cache: a parameterized sysbatch job (one run per
+    eligible node per dispatch) whose only task is the trusted installer, the volume
+    read-write, told the sets; none without the volume or the sets."""
+    settings = make_settings(
+        nomad_deps_volume="pyexec-deps-host",
+        deps_cache_bytes=10**9,
+        deps_prewarm=(("numpy",), ("numpy", "pandas")),
+    )
+    job = nomad_job.deps_prewarm_job(settings)
+    assert job is not None
+    assert (job["ID"], job["Type"]) == ("pyexec-runner-deps-prewarm", "sysbatch")
+    assert job["ParameterizedJob"] == {"Payload": "forbidden"}
+    [group] = job["TaskGroups"]
+    assert group["Volumes"]["pyexec-deps"]["Source"] == "pyexec-deps-host"
+    [task] = group["Tasks"]
+    assert task["Config"]["image"] == settings.default_image
+    assert task["VolumeMounts"] == [
+        {"Volume": "pyexec-deps", "Destination": "/pyexec-deps", "ReadOnly": False}
+    ]
+    assert json.loads(task["Env"]["PYEXEC_DEPS_PREWARM_SETS"]) == [["numpy"], ["numpy", "pandas"]]
+    assert "Lifecycle" not in task
+    assert nomad_job.deps_prewarm_job(make_settings(deps_prewarm=(("numpy",),))) is None
+    no_sets = make_settings(nomad_deps_volume="v", deps_cache_bytes=10**9)
+    assert nomad_job.deps_prewarm_job(no_sets) is None
+
+
+@pytest.mark.docker
+def test_the_prewarm_mode_builds_each_set_once_per_node(node: Path) -> None:
+    """The installer in prewarm mode builds every set into the volume, and finds them
+    there the next time (a second dispatch, or a node that has them)."""
+    sets = json.dumps([["tinypkg==1.0"], ["tinypkg==2.0"]])
+    argv = [
+        "--network", "none", "--user", "1000:1000", "--read-only", "--tmpfs", "/tmp",
+        "-v", f"{node / 'local'}:/local:ro",
+        "-v", f"{node / 'volume'}:/pyexec-deps",
+        "-v", f"{node / 'wheels'}:/wheels:ro",
+        "-e", "PYEXEC_DEPS_DIR=/pyexec-deps", "-e", "PYEXEC_DEPS_CACHE_BYTES=1000000000",
+        "-e", "PYEXEC_DEPS_INDEX_URL=", "-e", "PIP_FIND_LINKS=/wheels",
+        "-e", f"PYEXEC_DEPS_PREWARM_SETS={sets}",
+        TEST_IMAGE, "python3", "-I", "/local/pyexec/nomad_install.py",
+    ]  # fmt: skip
+    first = _docker(argv)
+    assert first.returncode == 0, first.stderr
+    assert b"tinypkg==1.0: miss" in first.stdout
+    assert len(CacheDir(str(node / "volume")).entries()) == 2
+    again = _docker(argv)
+    assert again.returncode == 0, again.stderr
+    assert b"tinypkg==1.0: hit" in again.stdout
+    assert b"tinypkg==2.0: hit" in again.stdout

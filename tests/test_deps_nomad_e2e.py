@@ -13,9 +13,12 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
+import attrs
 import httpx
 import pytest
 
@@ -106,3 +109,30 @@ async def test_a_node_builds_once_and_runs_import_read_only(settings: Settings) 
             assert body["status"] == "completed", body
             seen.append((body["stdout"], body.get("deps_cache")))
     assert seen == [("1.0\n30\n", "miss"), ("1.0\n30\n", "hit")]
+
+
+def built_within(cache: CacheDir, seconds: float) -> bool:
+    """Whether this test's environment appears in ``cache`` within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not [e for e in cache.entries() if PACKAGE in " ".join(e.requirements)]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+async def test_prewarming_at_start_up_builds_on_the_node(settings: Settings) -> None:
+    """With PYEXEC_DEPS_PREWARM the service dispatches the prewarm sysbatch job at start-up;
+    the node builds the set, and the first request for it is a hit."""
+    warmed = attrs.evolve(settings, deps_prewarm=((REQ,),))
+    cache = CacheDir(volume_path())
+    async with app_client(warmed) as api:
+        # The sysbatch allocation runs on the node: a bounded wait for its environment.
+        assert await anyio.to_thread.run_sync(built_within, cache, 90.0)
+        response = await api.post(
+            "/api/v1/exec/sync",
+            files={"tar": ("code.tar", make_tar({"main.py": PROGRAM}), "application/x-tar")},
+            data={"metadata": json.dumps({"entrypoint": "main.py", "requirements_txt": REQ})},
+        )
+    body = response.json()
+    assert (body["stdout"], body.get("deps_cache")) == ("1.0\n30\n", "hit"), body

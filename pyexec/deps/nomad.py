@@ -15,13 +15,27 @@ from typing import Any
 
 from pyexec.settings import Settings
 
-__all__ = ["MOUNT", "VOLUME", "enabled", "installer_env", "mounts", "volumes"]
+__all__ = [
+    "MOUNT",
+    "PREWARM_ENV",
+    "PREWARM_SUFFIX",
+    "VOLUME",
+    "enabled",
+    "installer_env",
+    "mounts",
+    "volumes",
+]
 
 #: The task group's name for the volume, and where the tasks see it.
 VOLUME = "pyexec-deps"
 MOUNT = "/pyexec-deps"
 #: What the installer runs with its script (``TASK_FILES`` destinations).
 INSTALLER_CODE = ("local/pyexec/cachedir.py", "local/pyexec/build_env.py")
+#: The prewarm job (``<PYEXEC_NOMAD_JOB_PREFIX>-deps-prewarm``): the sets it builds, as
+#: JSON in this variable of its installer task, and the least memory it gets (MiB).
+PREWARM_SUFFIX = "-deps-prewarm"
+PREWARM_ENV = "PYEXEC_DEPS_PREWARM_SETS"
+PREWARM_MEMORY_MB = 512
 
 
 def enabled(settings: Settings) -> bool:
@@ -53,4 +67,5 @@ def installer_env(settings: Settings) -> dict[str, str]:
         "PYEXEC_DEPS_CACHE_BYTES": str(settings.deps_cache_bytes),
         "PYEXEC_DEPS_INDEX_URL": settings.deps_index_url or "",
         "PYEXEC_DEPS_BUILDER_IMAGE": settings.nomad_trusted_image or settings.default_image,
+        "PYEXEC_DEPS_BUILD_TIMEOUT": str(settings.deps_build_timeout),
     }

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import tempfile
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -245,6 +246,23 @@ class NomadRunner:
         self._start_watching()
         if self.pool is not None:
             await self.pool.startup()
+        prewarm = nomad_job.deps_prewarm_job(self.settings)
+        if prewarm is not None:
+            task = asyncio.create_task(self._prewarm_deps(prewarm), name="pyexec-deps-prewarm")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _prewarm_deps(self, job: JSON) -> None:
+        """Register the dependency prewarm job (it is the service's own: always updated)
+        and dispatch it once: it runs on every node with the cache volume, in the
+        background (start-up is not held up); failures are logged."""
+        try:
+            await self.api.register_job(job)
+            answer = await self.api.dispatch(job["ID"], {}, f"prewarm-{uuid.uuid4().hex}")
+        except PyexecError as exc:
+            log.warning("dependency prewarm not dispatched: %s", exc.message)
+            return
+        log.info("dependency prewarm dispatched as %s", answer.get("DispatchedJobID"))
 
     async def register_jobs(self, *, overwrite: bool = True) -> list[str]:
         """Register every runner job; with ``overwrite=False`` only those Nomad does not

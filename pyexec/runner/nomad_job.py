@@ -63,6 +63,7 @@ __all__ = [
     "TASKS",
     "TASK_FILES",
     "consul_url",
+    "deps_prewarm_job",
     "job_id",
     "job_id_for",
     "pick_class",
@@ -383,6 +384,15 @@ def _tmpfs(target: str, size: int) -> dict[str, Any]:
     return {"type": "tmpfs", "target": target, "readonly": False, "tmpfs_options": {"size": size}}
 
 
+def _add_ca_bundle(settings: Settings, task: dict[str, Any]) -> None:
+    """PYEXEC_CA_BUNDLE for a trusted task that reaches the package index."""
+    ca = _ca_bundle(settings)
+    if ca is not None:
+        task["Templates"].append(_template(ca, CA_DEST))
+        for var in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
+            task["Env"][var] = f"/{CA_DEST}"
+
+
 def runner_job(
     settings: Settings, resource_class: ResourceClass, *, pip: bool = False, setup: bool = False
 ) -> dict[str, Any]:
@@ -502,11 +512,7 @@ def runner_job(
             *_code("local/pyexec/nomad_install.py"),
             input_templates(settings)[2],
         ]
-        ca = _ca_bundle(settings)
-        if ca is not None:
-            install["Templates"].append(_template(ca, CA_DEST))
-            for var in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
-                install["Env"][var] = f"/{CA_DEST}"
+        _add_ca_bundle(settings, install)
         install["Templates"] += extra_templates.get("install", [])
         tasks.insert(0, install)
         if deps_nomad.enabled(settings):
@@ -628,3 +634,70 @@ def pool_job(settings: Settings, resource_class: ResourceClass) -> dict[str, Any
 def pool_jobs(settings: Settings) -> list[dict[str, Any]]:
     """The warm-pool job of each resource class."""
     return [pool_job(settings, c) for c in settings.nomad_resource_classes]
+
+
+def deps_prewarm_job(settings: Settings) -> dict[str, Any] | None:
+    """The job that builds PYEXEC_DEPS_PREWARM's sets into every node's dependency cache:
+    a parameterized ``sysbatch`` job (each dispatch runs once on every eligible node, the
+    nodes with the host volume) whose one task is the trusted installer in prewarm mode.
+    ``None`` when the cache or the sets are not configured."""
+    if not (deps_nomad.enabled(settings) and settings.deps_prewarm):
+        return None
+    trusted_image = settings.nomad_trusted_image or settings.default_image
+    smallest = settings.nomad_resource_classes[0]
+    install = _task(
+        TASKS["install"],
+        None,
+        trusted_image,
+        ["-I", "/local/pyexec/nomad_install.py"],
+        {
+            "network_mode": task_network_mode(settings),
+            "readonly_rootfs": True,
+            "cap_drop": ["all"],
+            "security_opt": ["no-new-privileges"],
+            "mount": [_tmpfs("/tmp", TMP_BYTES)],
+        },
+        smallest.cpu_mhz,
+        max(smallest.memory_mb, deps_nomad.PREWARM_MEMORY_MB),
+        {
+            "PYEXEC_PIP_ONLY_BINARY": ":all:",
+            **dict(settings.nomad_task_env),
+            **deps_nomad.installer_env(settings),
+            deps_nomad.PREWARM_ENV: json.dumps([list(s) for s in settings.deps_prewarm]),
+        },
+    )
+    install["Templates"] = _code("local/pyexec/nomad_install.py", *deps_nomad.INSTALLER_CODE)
+    _add_ca_bundle(settings, install)
+    install["Templates"] += operator_templates(settings).get("install", [])
+    install["VolumeMounts"] = deps_nomad.mounts(writable=True)
+    prewarm_id = f"{settings.nomad_job_prefix}{deps_nomad.PREWARM_SUFFIX}"
+    job: dict[str, Any] = {
+        "ID": prewarm_id,
+        "Name": prewarm_id,
+        "Type": "sysbatch",
+        "Datacenters": list(settings.nomad_datacenters),
+        "ParameterizedJob": {"Payload": "forbidden"},
+        "Constraints": [_constraint(c) for c in settings.nomad_constraints],
+        "TaskGroups": [
+            {
+                "Name": GROUP,
+                "Count": 1,
+                "Volumes": deps_nomad.volumes(settings),
+                "RestartPolicy": {
+                    "Attempts": 0,
+                    "Interval": 24 * 3600 * SECOND,
+                    "Delay": 15 * SECOND,
+                    "Mode": "fail",
+                },
+                "Tasks": [install],
+            }
+        ],
+    }
+    for key, value in (
+        ("Namespace", settings.nomad_namespace),
+        ("Region", settings.nomad_region),
+        ("NodePool", settings.nomad_node_pool),
+    ):
+        if value:
+            job[key] = value
+    return job

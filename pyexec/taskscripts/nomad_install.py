@@ -18,7 +18,9 @@ uses the cache's rules (``pyexec/deps/cachedir.py``, shipped beside this file, w
 as it is (``deps_cache: hit``), otherwise it is built once under the key's build lock,
 its marker written last and checked, published, and the cache evicted down to
 ``PYEXEC_DEPS_CACHE_BYTES`` (``miss``). ``install.json`` then names the environment's
-``site`` and use lock for the run task.
+``site`` and use lock for the run task. With ``PYEXEC_DEPS_PREWARM_SETS`` (the prewarm
+job, a sysbatch dispatched on every node) it builds those sets instead and exits 0 when
+all are ready.
 """
 
 from __future__ import annotations
@@ -204,7 +206,27 @@ def install(request: dict[str, Any]) -> dict[str, Any]:
     return pip_failure(done.returncode, output, version)
 
 
+def prewarm(sets: list[list[str]]) -> int:
+    """The prewarm job's mode (``PYEXEC_DEPS_PREWARM_SETS``): build each set into this
+    node's cache unless it is there; 0 when all are ready."""
+    rules = _deps_rules()
+    if rules is None:
+        print("pyexec: the cache's rules are not shipped beside this script", file=sys.stderr)
+        return 1
+    timeout = float(os.environ.get("PYEXEC_DEPS_BUILD_TIMEOUT") or DEFAULT_TIMEOUT)
+    failed = 0
+    for requirements in sets:
+        result = install_cached(rules, list(requirements), timeout)
+        state = result.get("deps_cache") if result.get("ok") else result.get("error")
+        print(f"pyexec: {' '.join(requirements)}: {state}", flush=True)
+        failed += not result.get("ok")
+    return 1 if failed else 0
+
+
 def main() -> None:
+    sets = os.environ.get("PYEXEC_DEPS_PREWARM_SETS")
+    if sets:
+        sys.exit(prewarm(json.loads(sets)))
     os.makedirs(OUT, exist_ok=True)
     try:
         with open(os.path.join(LOCAL, "record.json"), "rb") as fh:
