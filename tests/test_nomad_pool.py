@@ -40,6 +40,7 @@ from .test_nomad_e2e import (
     REAL_NOMAD,
     SECCOMP_PROFILE,
     TASK_CONSUL,
+    children_of,
     eventually,
     final,
     job_prefix,
@@ -286,6 +287,26 @@ async def test_nomad_outage_empties_then_refills(settings: Settings, only_sim: N
         await eventually(stopped, timeout=30)
         body = await run_sync(api, "print('back')")
         assert body["stdout"] == "back\n"
+
+
+async def test_restart_mid_flight_adopts_the_pooled_run(settings: Settings) -> None:
+    """A pooled run in flight when the service stops is finished by the next service
+    (found by its claim in Consul), once: nothing is dispatched for it."""
+    async with app_client(settings) as api:
+        await pool_of(api).wait_ready(1, READY_TIMEOUT)
+        code = "import time\nprint('begin', flush=True)\ntime.sleep(4)\nprint('end')\n"
+        execution_id = await submit(api, code)
+
+        async def running() -> bool:
+            record = (await api.get(f"/api/v1/executions/{execution_id}")).json()
+            return bool(record["status"] == "running")
+
+        await eventually(running)
+        assert (await pool_counts(api))[0] == 1.0
+    async with app_client(settings) as api:
+        body = await final(api, execution_id)
+    assert (body["status"], body["stdout"]) == ("completed", "begin\nend\n"), body
+    assert children_of(settings, execution_id) == []
 
 
 # --- replicas and restarts ----------------------------------------------------------------
