@@ -225,8 +225,11 @@ def measure_nomad(args: argparse.Namespace, label: str) -> bool:
                         if i:
                             times[name].append(elapsed)
             finally:
-                with contextlib.suppress(httpx.HTTPError):
-                    nomad.delete(f"/v1/job/{bare_id}", params={"purge": "true"})
+                with contextlib.suppress(httpx.HTTPError):  # the runner, pool and bare jobs
+                    for stub in nomad.get(
+                        "/v1/jobs", params={"prefix": f"bench-pool-{tag}"}
+                    ).json():
+                        nomad.delete(f"/v1/job/{stub['ID']}", params={"purge": "true"})
         with contextlib.suppress(httpx.HTTPError):
             kv_delete_tree(settings.consul_prefix)
     ratio = statistics.median(times["nomad pooled"]) / statistics.median(times["cold dispatch"])

@@ -33,7 +33,7 @@ from pyexec.store import consul_keys
 from pyexec.store.consul import ConsulStore
 
 from .conftest import TEST_IMAGE, app_client, make_settings
-from .fixtures_consul import CONSUL_ADDR, kv_delete_tree, kv_raw, new_prefix
+from .fixtures_consul import CONSUL_ADDR, kv_delete_tree, kv_keys, kv_raw, new_prefix
 from .nomadsim import NomadSim
 from .tarfiles import make_tar
 from .test_nomad_e2e import (
@@ -181,6 +181,23 @@ async def test_a_slot_serves_one_execution_only(api: httpx.AsyncClient) -> None:
         ["['main.py',", "'second.txt']"],
     ], (first, second)
     assert seen[0][2] != seen[1][2]
+
+
+async def test_a_finished_runs_slot_keys_are_dropped(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Once a pooled run's outcome is handed over, its claim and its copy of the inputs
+    (the tar) leave Consul; only the refill's ready slot is left."""
+    await run_sync(api, "print('done')")
+    pool_root = f"{settings.consul_prefix}/pool"
+
+    async def dropped() -> bool:
+        keys = kv_keys(pool_root)
+        return not any("/inputs/" in k for k in keys) and all(
+            b'"ready"' in (kv_raw(k) or b"") for k in keys
+        )
+
+    await eventually(dropped, timeout=30)
 
 
 async def test_started_at_is_when_the_code_starts(api: httpx.AsyncClient) -> None:

@@ -192,6 +192,8 @@ class NomadPool:
         self._doomed: set[str] = set()
         self._closed = False
         self._outage = False
+        #: Claimed slots whose inputs the sweep dropped (their key stays a while).
+        self._dropped_inputs: set[str] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings, api: NomadAPI) -> NomadPool:
@@ -316,6 +318,8 @@ class NomadPool:
             )
         except PyexecError as exc:  # the sweep finds it later
             log.warning("could not drop the keys of pool slot %s: %s", slot_id, exc.message)
+        else:
+            self._dropped_inputs.discard(slot_id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -680,11 +684,17 @@ class NomadPool:
     ) -> None:
         """Replace slots nobody will: ready ones of a process that is gone (same host, at
         start-up) or past the idle limit plus a margin; pool jobs with no key whose owner
-        is gone or that are that old; keys of slots whose job Nomad no longer runs."""
+        is gone or that are that old; keys of slots whose job Nomad no longer runs.
+        A claimed slot's inputs go once its job is dead (whoever ran it died before it
+        dropped them), its key once Nomad no longer has the job (a restarted service
+        finds a finished run by that key until then)."""
         if entries is None:
             entries = await self._slot_entries()
+        if stubs is None:
+            stubs = await self._pool_stubs()
+        listed = {str(s["ID"]) for s in stubs}
         limit = self._settings.pool_max_idle_seconds + ORPHAN_GRACE_SECONDS
-        dead = set(dead)
+        dead = set(dead) | {str(s["ID"]) for s in stubs if s.get("Status") == "dead"}
         keyed: set[str] = set()
         mine = {s.slot_id for shape in self._shapes.values() for s in shape.ready}
         for slot_id, entry in entries.items():
@@ -693,12 +703,22 @@ class NomadPool:
             except (KeyError, TypeError, ValueError):
                 continue
             keyed.add(slot.job_id)
+            if data.get("state") == "claimed":
+                since = time.time() - float(data.get("claimed_at") or 0)
+                if slot.job_id not in listed and since > ORPHAN_GRACE_SECONDS:
+                    await self.release(slot_id)
+                elif slot.job_id in dead and slot_id not in self._dropped_inputs:
+                    await self._kv.delete_tree(
+                        consul_keys.pool_inputs_folder(self._prefix, slot_id)
+                    )
+                    self._dropped_inputs.add(slot_id)
+                continue
             if data.get("state") != "ready" or slot_id in mine or slot.owner == self.owner:
                 continue
             gone = startup and not owner_alive(slot.owner) and _same_host(slot.owner, self.owner)
             if gone or slot.age > limit or slot.job_id in dead:
                 await self._withdraw(slot)
-        for stub in await self._pool_stubs() if stubs is None else stubs:
+        for stub in stubs:
             job_id = str(stub["ID"])
             if job_id in keyed or job_id in self._owned or stub.get("Status") == "dead":
                 continue
