@@ -63,7 +63,7 @@ from .models import (
     new_execution_id,
     utcnow,
 )
-from .runner import Runner
+from .runner import OnOutput, Runner
 from .settings import Settings
 from .store import CHUNK_SIZE, Store
 from .tarsafe import validate_tar
@@ -358,9 +358,7 @@ class ExecutionService:
         execution_id = record.execution_id
         tar = self.store.open_tar(execution_id) if spool is None else _chunks(spool)
         # Live output, until the task ends (``_task_done`` releases it).
-        output = self.events.output_log(execution_id)
-        # An eval run's report line is not the user's output: live streams never show it.
-        on_output = hide_report(output.feed) if is_eval_request(request) else output.feed
+        on_output = self._live_output(execution_id, request)
         try:
             await self.runner.start(
                 record, request, tar, self._on_running(execution_id), on_output=on_output
@@ -540,8 +538,7 @@ class ExecutionService:
     async def _resume(self, record: Execution) -> bool:
         """``runner.resume``, with the run's live output going to a log again."""
         execution_id = record.execution_id
-        output = self.events.output_log(execution_id)
-        on_output = hide_report(output.feed) if is_eval_request(record.request) else output.feed
+        on_output = self._live_output(execution_id, record.request)
         resumed = False
         try:
             resumed = await self.runner.resume(record, on_output=on_output)
@@ -549,6 +546,13 @@ class ExecutionService:
             if not resumed:
                 self.events.release(execution_id)
         return resumed
+
+    def _live_output(self, execution_id: str, request: ExecutionRequest | None) -> OnOutput:
+        """A new output log for a run this replica drives, as the runner's ``OnOutput``
+        (``events.release`` drops it). An eval run's report line is not the user's
+        output: live streams never show it."""
+        feed = self.events.output_log(execution_id).feed
+        return hide_report(feed) if is_eval_request(request) else feed
 
     async def _adopt_later(self, execution_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
