@@ -175,7 +175,10 @@ def measure(args: argparse.Namespace, label: str) -> bool:
 
 
 def nomad_address(given: str | None) -> str | None:
-    """The agent to measure: given, ``NOMAD_ADDR``, or one answering on loopback."""
+    """The agent to measure: given, ``NOMAD_ADDR``, or one answering on loopback;
+    ``None``: the double."""
+    if given == "double":
+        return None
     addr = given or os.environ.get("NOMAD_ADDR")
     if addr:
         return addr
@@ -252,7 +255,9 @@ def main() -> int:
         "--conditions", default="quiet,busy", help="quiet, busy (two busy-loop processes)"
     )
     parser.add_argument("--backends", default="docker,nomad", help="docker, nomad")
-    parser.add_argument("--nomad", help="Nomad address (default: NOMAD_ADDR, :4646, the double)")
+    parser.add_argument(
+        "--nomad", help="Nomad address, or 'double' (default: NOMAD_ADDR, :4646, the double)"
+    )
     parser.add_argument("--consul", default="127.0.0.1:8500")
     parser.add_argument("--nomad-runs", type=int, default=20)
     args = parser.parse_args()
