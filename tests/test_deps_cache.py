@@ -157,8 +157,10 @@ async def test_two_concurrent_cold_requests_build_once(tmp_path: Path) -> None:
 
         group.start_soon(take)
         group.start_soon(take)
-        await anyio.sleep(0.2)
-        assert builder.builds == [key.digest]  # both are waiting, one build runs
+        with anyio.fail_after(10):
+            # Until both wait for the one build (bounded; the cache signals nothing here).
+            while cache.waiting() != {key.digest: 2}:  # noqa: ASYNC110 - a polled count
+                await anyio.sleep(0.01)
         gate.set()
     assert builder.builds == [key.digest]
     assert [lease.status for lease in leases] == ["miss", "miss"]

@@ -145,6 +145,7 @@ class DepsCache:
         self.observer: DepsObserver = observer or NullDepsObserver()
         self.grace = grace
         self._builds: dict[str, asyncio.Future[None]] = {}
+        self._waiting: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def startup(self) -> None:
@@ -186,6 +187,7 @@ class DepsCache:
             build = asyncio.ensure_future(self._build(key, deadline))
             self._builds[digest] = build
             build.add_done_callback(lambda _: self._builds.pop(digest, None))
+        self._waiting[digest] = self._waiting.get(digest, 0) + 1
         try:
             # Shielded: a waiter that gives up does not stop the build the others wait for.
             with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
@@ -194,6 +196,14 @@ class DepsCache:
             raise BuildFailed(
                 f"the environment was not built within {self.build_timeout:g} s"
             ) from None
+        finally:
+            self._waiting[digest] -= 1
+            if not self._waiting[digest]:
+                del self._waiting[digest]
+
+    def waiting(self) -> dict[str, int]:
+        """Requests of this process waiting for a build, by key."""
+        return dict(self._waiting)
 
     async def _build(self, key: EnvKey, deadline: float) -> None:
         digest = key.digest
