@@ -181,7 +181,14 @@ async def test_two_processes_on_one_directory_build_once(tmp_path: Path) -> None
     async with anyio.create_task_group() as group:
         for cache in caches:
             group.start_soon(cache.lease, key)
-        await anyio.sleep(0.3)
+        with anyio.fail_after(10):
+            # Until one builds (held at the gate) while the other waits for it.
+            while not (first.builds or second.builds) or any(  # noqa: ASYNC110 - polled
+                c.waiting() != {key.digest: 1} for c in caches
+            ):
+                await anyio.sleep(0.01)
+        # The build lock is held on the directory itself: no third process gets it either.
+        assert CacheDir(str(tmp_path)).try_build_lock(key.digest) is None
         gate.set()
     assert len(first.builds) + len(second.builds) == 1
 
