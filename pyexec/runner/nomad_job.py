@@ -467,9 +467,7 @@ def runner_job(
             "PYEXEC_WORK_BYTES": str(resource_class.disk_mb * MiB),
         }
         run["Templates"] = [
-            *_code(
-                "local/pyexec/nomad_run.py", "local/pyexec/tarcheck.py", "local/pyexec/collect.py"
-            ),
+            *_code(*RUN_CODE),
             input_templates(settings)[2],
         ]
 
