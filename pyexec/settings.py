@@ -398,14 +398,16 @@ class Settings:
         "docker driver): `runc`, or `runsc` for gVisor (see docs/security.md).",
     )
 
-    # --- Warm pool (local Docker runner) ---------------------------------------------------
+    # --- Warm pool (local Docker runner; Nomad: pre-dispatched allocations) ---------------
     pool_size: int = setting(
         2,
         "PYEXEC_POOL_SIZE",
         parse=int,
         help="Single-use sandboxes the local runner keeps started and waiting, per pooled "
         "image, for requests of the default shape (0: no pool). Each serves one execution "
-        "and is then destroyed; they count against PYEXEC_MAX_IN_FLIGHT only while they serve.",
+        "and is then destroyed; they count against PYEXEC_MAX_IN_FLIGHT only while they serve. "
+        "On Nomad: allocations of the default class's pool job kept waiting per image, per "
+        "service process (docs/pool.md).",
     )
     pool_images: tuple[str, ...] = setting(
         (),
