@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import os
 import re
 import secrets
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import attrs
 import httpx
@@ -92,6 +96,8 @@ __all__ = [
     "test_timeout_inside_the_task",
 ]
 
+#: The resource class the host-level task tests build the pool job of.
+CLASS = make_settings().nomad_resource_classes[0]
 #: Seconds a slot may take to be ready (dispatch, placement, the task's start).
 READY_TIMEOUT = 90.0
 
@@ -431,3 +437,66 @@ def test_pool_job_is_the_runner_jobs_run_task(settings: Settings) -> None:
     assert pooled["ID"] == nomad_job.pool_job_id(settings, resource_class) != cold["ID"]
     assert pooled["ParameterizedJob"]["MetaRequired"] == ["slot"]
     assert "NOMAD_META_execution_id" not in json.dumps(pooled)  # a slot has no execution yet
+
+
+# --- the slot's run task, on the host ------------------------------------------------------
+
+
+def start_slot_task(tmp_path: Path, wait_seconds: float) -> subprocess.Popen[bytes]:
+    """The pool job's run task as Nomad starts it, its inputs rendered empty."""
+    local, alloc, work = tmp_path / "local", tmp_path / "alloc", tmp_path / "work"
+    for path in (local / "pyexec", alloc / "data", work):
+        path.mkdir(parents=True, exist_ok=True)
+    run = next(t for t in nomad_job.pool_job(make_settings(), CLASS)["TaskGroups"][0]["Tasks"])
+    for template in run["Templates"]:
+        if "LeftDelim" in template:  # the service's modules the run task gets
+            (tmp_path / template["DestPath"]).write_text(template["EmbeddedTmpl"])
+    for name in ("bundle.tar", "manifest.json", "record.json"):
+        (local / name).write_bytes(b"")
+    env = {
+        "PATH": os.environ["PATH"],
+        "NOMAD_TASK_DIR": str(local),
+        "NOMAD_ALLOC_DIR": str(alloc),
+        "PYEXEC_WORK_DIR": str(work),
+        "PYEXEC_POOL_WAIT_SECONDS": str(wait_seconds),
+    }
+    argv = [sys.executable, "-I", "-S", str(local / "pyexec" / "nomad_run.py")]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def render(path: Path, data: bytes) -> None:
+    """Write a file the way the Nomad client's template runner does (a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def test_an_unclaimed_slot_task_exits_after_its_wait(tmp_path: Path) -> None:
+    """A slot nobody claims ends by itself after PYEXEC_POOL_WAIT_SECONDS, exit 0 and no
+    verdict (nothing ran)."""
+    task = start_slot_task(tmp_path, 1.0)
+    _, stderr = task.communicate(timeout=30)
+    assert task.returncode == 0
+    assert b"no execution was assigned" in stderr
+    assert not (tmp_path / "alloc" / "data" / "pyexec" / "verdict.json").exists()
+
+
+def test_a_slot_task_runs_its_assignment_once_the_tar_is_whole(tmp_path: Path) -> None:
+    """The record may be rendered before the tar (each template renders on its own): the
+    task waits for the tar to reach the manifest's size, then runs it as a cold task."""
+    task = start_slot_task(tmp_path, 60.0)
+    tar = make_tar({"main.py": "import sys\nprint('ran', sys.stdin.read())\n"})
+    local = tmp_path / "local"
+    time.sleep(0.5)
+    request = {"entrypoint": "main.py", "stdin": "fed", "config": {"timeout_seconds": 20}}
+    render(local / "record.json", json.dumps({"status": "pending", "request": request}).encode())
+    manifest = {"size": len(tar), "sha256": hashlib.sha256(tar).hexdigest()}
+    render(local / "manifest.json", json.dumps(manifest).encode())
+    time.sleep(0.3)
+    render(local / "bundle.tar", tar)
+    task.communicate(timeout=30)
+    assert task.returncode == 0
+    out = tmp_path / "alloc" / "data" / "pyexec"
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert (verdict["reason"], verdict["exit_code"]) == ("exited", 0), verdict
+    assert (out / "stdout").read_bytes() == b"ran fed\n"
