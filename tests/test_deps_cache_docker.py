@@ -10,8 +10,9 @@ import asyncio
 import io
 import os
 import tarfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -19,8 +20,10 @@ import pytest
 
 from pyexec.deps import cachedir
 from pyexec.deps.cache import BuildFailed
+from pyexec.deps.cachedir import CacheDir
 from pyexec.models import Reason, parse_request
 from pyexec.runner.docker import DockerRunner
+from pyexec.runner.docker_engine import owner_label
 from pyexec.settings import Settings
 
 from .conftest import CA_BUNDLE, TEST_IMAGE, app_client, make_settings
@@ -366,3 +369,58 @@ async def test_eval_numpy_from_the_package_index_is_built_once(tmp_path: Path) -
         ("np.int64(45)", "miss"),
         ("np.int64(45)", "hit"),
     ], answers
+
+
+def _builder_of(client: docker.DockerClient, owner: str) -> list[str]:
+    """This process's running builder containers (not its probes)."""
+    found = client.api.containers(filters={"label": [f"pyexec.owner={owner}", "pyexec.deps"]})
+    return [str(c["Id"]) for c in found if (c.get("Labels") or {}).get("pyexec.deps") != "probe"]
+
+
+async def test_a_builder_container_killed_half_way_is_never_used_and_is_rebuilt(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """The builder hangs reading a wheel (a FIFO in the find-links directory) and is
+    killed from outside: the run fails as setup_failed, nothing of the build is left or
+    mounted; with the wheel in place the next run builds the environment again."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    fifo = wheels / "slowpkg-1.0-py3-none-any.whl"
+    os.mkfifo(fifo)  # pip blocks opening it: a build stopped half-way, every time
+    settings = deps_settings(tmp_path, setup_network=False, deps_prewarm=(("slowpkg==1.0",),))
+    dockers = DockerRunner(settings, docker_client)
+    await dockers.startup()
+    owner = owner_label()
+    program = {"main.py": "import slowpkg\nprint(slowpkg.VERSION)\n"}
+    try:
+        run = asyncio.ensure_future(
+            execute(dockers, docker_client, settings, program, requirements_txt="slowpkg==1.0")
+        )
+        builders = await asyncio.to_thread(_wait_for, lambda: _builder_of(docker_client, owner))
+        assert os.listdir(tmp_path / "cache" / "builds")  # the build is under way
+        for builder in builders:
+            docker_client.api.kill(builder)
+        failed = await run
+        assert failed.reason is Reason.SETUP_FAILED, failed
+        cache = CacheDir(str(tmp_path / "cache"))
+        assert cache.entries() == []
+        fifo.unlink()
+        make_wheel(wheels, "slowpkg", "1.0")
+        rebuilt = await execute(
+            dockers, docker_client, settings, program, requirements_txt="slowpkg==1.0"
+        )
+    finally:
+        await dockers.aclose()
+    assert (rebuilt.reason, rebuilt.stdout, rebuilt.deps_cache) == (Reason.EXITED, "1.0\n", "miss")
+    assert [entry.requirements for entry in cache.entries()] == [["slowpkg==1.0"]]
+    assert os.listdir(tmp_path / "cache" / "builds") == []
+
+
+def _wait_for(found: Callable[[], list[str]], seconds: float = 60.0) -> list[str]:
+    """``found()`` once it is not empty (bounded)."""
+    deadline = time.monotonic() + seconds
+    while not (items := found()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("nothing appeared")
+        time.sleep(0.1)
+    return items
