@@ -5,8 +5,9 @@ rules need plain file operations the service can do itself, without starting a
 container for each: ``flock`` (one builder per key across replicas on the host; use
 locks that eviction respects, released by the kernel when a process dies), an atomic
 ``rename`` to publish a verified build, reading markers and sizes for ``/metrics``,
-``pyexec cache ls`` and eviction. A run gets its environment's ``site`` directory as
-a read-only bind mount; a volume could only be mounted whole, every environment at once.
+``pyexec cache ls`` and eviction. Every run container mounts the finished environments
+read-only (``docker_spec.deps_root``), one shape for all runs, so the warm pool serves
+runs with requirements too; the bootstrap puts the run's own environment on its path.
 
 The builder is a container of the trusted image (``Settings.deps_builder``, never the
 request's) running ``build_env.py`` as the service's own user, with only its build

@@ -497,7 +497,8 @@ class DockerRunner:
 
     async def _deps(self, run: _Run) -> Lease | None:
         """Serve the run's requirements from the dependency cache when it can: the run
-        then installs nothing and mounts the environment read-only. ``None`` when the run
+        then installs nothing and gets the environment on its path (every run container
+        mounts the finished environments read-only). ``None`` when the run
         installs them itself (no cache, or a build that failed while setup has the network);
         ``_Ended`` (``setup_failed``) when they cannot be had at all."""
         if self.deps is None:
