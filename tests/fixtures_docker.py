@@ -82,7 +82,11 @@ class Started:
         self.running_event.set()
 
     async def wait(self, timeout: float = 120) -> RunOutcome:
-        return await self.runner.wait(self.execution_id, timeout)
+        """The outcome, once the run's containers are gone too (the runner removes them in
+        the background after the outcome is known), so a test can check what is left."""
+        outcome = await self.runner.wait(self.execution_id, timeout)
+        await self.runner.removed(self.execution_id)
+        return outcome
 
 
 async def start(
@@ -146,7 +150,7 @@ class Gate:
 
 
 class GatedAPI(docker.APIClient):
-    """The real engine's API, with gates after a create and before a start, and a
+    """The real engine's API, with gates after a create and before a start or a removal, and a
     number of removals made to fail (the engine refusing), for races and error paths."""
 
     def __init__(self) -> None:
@@ -154,6 +158,7 @@ class GatedAPI(docker.APIClient):
         self.after_create: Gate | None = None
         self.after_create_volume: Gate | None = None
         self.before_start: Gate | None = None
+        self.before_remove: Gate | None = None
         self.failing_removals = 0
 
     def create_container(self, *args: Any, **kwargs: Any) -> Any:
@@ -174,6 +179,8 @@ class GatedAPI(docker.APIClient):
         return super().start(*args, **kwargs)
 
     def remove_container(self, *args: Any, **kwargs: Any) -> Any:
+        if self.before_remove is not None:
+            self.before_remove.pass_through()
         if self.failing_removals > 0:
             self.failing_removals -= 1
             raise docker.errors.APIError("simulated: the engine refused the removal")

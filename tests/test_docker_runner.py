@@ -1168,7 +1168,7 @@ async def test_a_failed_removal_keeps_the_outcome_and_a_later_kill_sweeps(
 ) -> None:
     """If the engine refuses to remove a finished container, wait still gives the outcome."""
     client, api = gated_client
-    api.failing_removals = 6  # every attempt, when the run ends and when it is released
+    api.failing_removals = 3  # every attempt of the removal once the run is over
     runner = DockerRunner(settings, client)
     try:
         started = await start(runner, settings, {"main.py": "print('done')"})
@@ -1238,4 +1238,90 @@ async def test_a_slow_archive_does_not_hold_the_engine_calls_of_others(
         assert (await runner.wait(slow.execution_id, 30)).stdout == "slow\n"
     finally:
         go_on.set()
+        await runner.aclose()
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_the_outcome_does_not_wait_for_the_container_removal(
+    settings: Settings,
+    gated_client: tuple[docker.DockerClient, GatedAPI],
+    docker_client: docker.DockerClient,
+) -> None:
+    """The outcome is handed over while the engine still removes the run's container,
+    which is gone once the removal is let through."""
+    client, api = gated_client
+    api.before_remove = Gate()
+    runner = DockerRunner(settings, client)
+    try:
+        started = await start(runner, settings, {"main.py": "print('done')"})
+        outcome = await runner.wait(started.execution_id, 60)
+        assert (outcome.reason, outcome.stdout) == (Reason.EXITED, "done\n")
+        await api.before_remove.wait_reached()
+        assert len(leftovers(docker_client, started.execution_id)) == 1
+        api.before_remove.release.set()
+        await runner.removed(started.execution_id)
+        assert leftovers(docker_client, started.execution_id) == []
+    finally:
+        api.before_remove.release.set()
+        await runner.aclose()
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_shutdown_waits_for_removals_under_way(
+    settings: Settings,
+    gated_client: tuple[docker.DockerClient, GatedAPI],
+    docker_client: docker.DockerClient,
+) -> None:
+    """Shutdown returns only once the containers of finished runs are removed."""
+    client, api = gated_client
+    api.before_remove = Gate()
+    runner = DockerRunner(settings, client)
+    try:
+        started = await start(runner, settings, {"main.py": "print('done')"})
+        await runner.wait(started.execution_id, 60)
+        await api.before_remove.wait_reached()
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner.aclose)
+            await anyio.wait_all_tasks_blocked()
+            assert len(leftovers(docker_client, started.execution_id)) == 1
+            api.before_remove.release.set()
+    finally:
+        api.before_remove.release.set()
+        await runner.aclose()
+    assert leftovers(docker_client, started.execution_id) == []
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_a_new_run_waits_while_too_many_removals_are_under_way(
+    settings: Settings,
+    gated_client: tuple[docker.DockerClient, GatedAPI],
+    docker_client: docker.DockerClient,
+) -> None:
+    """Containers of finished runs never pile up: past ``pending_removals`` removals under
+    way, a launch waits for one to end."""
+    client, api = gated_client
+    api.before_remove = Gate()
+    runner = DockerRunner(settings, client, pending_removals=1)
+    try:
+        first = await start(runner, settings, {"main.py": "print('first')"})
+        await runner.wait(first.execution_id, 60)
+        await api.before_remove.wait_reached()
+        launched: list[Started] = []
+
+        async def launch() -> None:
+            launched.append(await start(runner, settings, {"main.py": "print('second')"}))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(launch)
+            await anyio.wait_all_tasks_blocked()
+            assert launched == []
+            assert len(leftovers(docker_client, first.execution_id)) == 1
+            api.before_remove.release.set()
+        assert leftovers(docker_client, first.execution_id) == []
+        assert (await launched[0].wait()).stdout == "second\n"
+    finally:
+        api.before_remove.release.set()
         await runner.aclose()

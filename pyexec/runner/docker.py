@@ -79,6 +79,10 @@ _KILL_WAIT = 30.0
 _ADOPTION_WINDOW = 300.0
 #: Finished runs kept for ``wait``/``logs`` (their output lives in the outcome only).
 _DONE_KEPT = 64
+#: Finished runs whose containers may still be being removed (in the background, once
+#: their outcome is known); a new run waits for one of them to end first, so the
+#: containers left behind by finished runs never outnumber this.
+_PENDING_REMOVALS = 8
 #: Output (characters) of finished runs kept once ``wait`` has handed their outcome
 #: over; past it the oldest such runs are dropped (64 runs could hold 8 GiB otherwise).
 _COLLECTED_OUTPUT_KEPT = 16 * 1024 * 1024
@@ -153,10 +157,11 @@ class DockerRunner:
         engine: Engine | None = None,
         adoption_window: float = _ADOPTION_WINDOW,
         pooled: bool | None = None,
+        pending_removals: int = _PENDING_REMOVALS,
     ) -> None:
         """``pooled``: keep a warm pool (``docker_pool``); by default when settings pool
         an image. A pool made here holds what settings ask for; more shapes can be kept
-        with ``pool.keep``."""
+        with ``pool.keep``. ``pending_removals``: see ``_PENDING_REMOVALS``."""
         self._settings = settings
         self._adoption_window = adoption_window
         self._orphan_sweep: asyncio.Task[None] | None = None
@@ -166,6 +171,9 @@ class DockerRunner:
         self._archive_threads = anyio.CapacityLimiter(THREADS)
         self._runs: dict[str, _Run] = {}
         self._done: OrderedDict[str, _Run] = OrderedDict()
+        #: Per finished execution, the removal of what its run still held (``_dispose``).
+        self._removals: dict[str, asyncio.Task[None]] = {}
+        self._pending_removals = pending_removals
         self._closed = False
         self._owner = owner_label()
         #: The dependency cache (``pyexec.deps``), unless PYEXEC_DEPS_CACHE_BYTES is 0. Its
@@ -238,6 +246,7 @@ class DockerRunner:
         if self._closed:
             raise BackendUnavailable("the runner is shutting down", code="shutting_down")
         execution_id = execution.execution_id
+        await self._make_room()
         if execution_id in self._runs:
             raise Conflict(f"{execution_id} is already running", code="already_exists")
         limit = request.config.max_output_bytes
@@ -349,6 +358,11 @@ class DockerRunner:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=_KILL_WAIT)
+        removals = set(self._removals.values())
+        if removals:
+            _, late = await asyncio.wait(removals, timeout=_KILL_WAIT)
+            for removal in late:  # what is left is swept by the next ``startup``
+                removal.cancel()
         if self.pool is not None:
             await self.pool.aclose()
         if self.deps is not None:
@@ -483,10 +497,13 @@ class DockerRunner:
             )
             return run.outcome(Reason.ERROR, f"the run failed: {message}")
         finally:
-            if lease is not None:
-                lease.release()
-            with anyio.CancelScope(shield=True):
-                await self._release(run)
+            if launched.is_set() and run.launch_error is None:
+                self._dispose(run, lease)  # the outcome does not wait for the removal
+            else:  # a launch that fails leaves nothing behind when ``start`` raises
+                with anyio.CancelScope(shield=True):
+                    await self._release(run)
+                if lease is not None:
+                    lease.release()
             if self.pool is not None:
                 self.pool.wake()
             launched.set()
@@ -598,8 +615,9 @@ class DockerRunner:
             and (exited == 137 or control.status == "setup_failed")
             and await self._engine.oom_killed(container)
         )
-        await self._discard(run, container)
+        # Over (``_Ended``): the container is removed after the outcome is handed over.
         self._judge(run, phase, control, trailer, exited, oom)
+        await self._discard(run, container)
 
     async def _take_pooled(self, run: _Run, phase: Phase, args: dict[str, Any]) -> Sandbox | None:
         """A pooled sandbox made with ``args`` (already started, waiting for its input),
@@ -823,6 +841,48 @@ class DockerRunner:
             return
         if container in run.containers:
             run.containers.remove(container)
+
+    def _dispose(self, run: _Run, lease: Lease | None) -> None:
+        """Remove what a finished run still holds in the background (tracked: ``aclose``
+        waits for it, ``_make_room`` bounds how many are under way); its lease on the
+        dependency cache is released once its containers are gone."""
+
+        async def dispose() -> None:
+            try:
+                await self._release(run)
+            finally:
+                if lease is not None:
+                    lease.release()
+
+        task = asyncio.create_task(dispose())
+        self._removals[run.execution_id] = task
+        task.add_done_callback(lambda _: self._forget_removal(run.execution_id, task))
+
+    def _forget_removal(self, execution_id: str, task: asyncio.Task[None]) -> None:
+        if self._removals.get(execution_id) is task:
+            del self._removals[execution_id]
+
+    async def _make_room(self) -> None:
+        """Wait (bounded) until fewer than ``pending_removals`` finished runs' containers
+        are being removed: a slow engine slows new runs down rather than piling up
+        containers."""
+        with anyio.move_on_after(_KILL_WAIT):
+            while len(self._removals) >= self._pending_removals:
+                await asyncio.wait(
+                    set(self._removals.values()), return_when=asyncio.FIRST_COMPLETED
+                )
+        if len(self._removals) >= self._pending_removals:
+            raise BackendUnavailable(
+                "Docker is too slow removing finished runs' containers; retry later",
+                code="runner_unavailable",
+            )
+
+    async def removed(self, execution_id: str, timeout: float = _KILL_WAIT) -> None:
+        """Until the containers and volume of ``execution_id``'s finished run are removed
+        (they go in the background once its outcome is known), at most ``timeout``."""
+        task = self._removals.get(execution_id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
 
     async def _release(self, run: _Run) -> None:
         """Remove whatever the run still holds; safe to repeat, never raises a
