@@ -135,8 +135,16 @@ class _Run:
     poller: asyncio.Task[None] | None = None
     #: Gets the output as the run task writes it (live output), if anybody asked.
     on_output: OnOutput | None = None
-    #: Bytes of each output file handed to ``on_output`` so far.
-    streamed: dict[str, int] = attrs.Factory(lambda: {"stdout": 0, "stderr": 0})
+    #: What of each output file was handed to ``on_output`` so far (at most the cap), and
+    #: from which allocation: the outcome reads only the rest.
+    streamed: dict[str, bytearray] = attrs.Factory(
+        lambda: {"stdout": bytearray(), "stderr": bytearray()}
+    )
+    streamed_from: str | None = None
+    #: One reader at a time per output file (the poller and a conclusion an event started).
+    reading: dict[str, asyncio.Lock] = attrs.Factory(
+        lambda: {"stdout": asyncio.Lock(), "stderr": asyncio.Lock()}
+    )
     #: The request's artifact patterns and cap (``pyexec.artifacts``), if it asks for any.
     artifacts: tuple[str, ...] = ()
     artifact_cap: int = 0
@@ -604,9 +612,11 @@ class NomadRunner:
             except PyexecError as exc:
                 log.debug("results of %s not readable yet: %s", run.execution_id, exc)
                 continue
-            if files is not None and run.on_output is not None:
-                await self._stream_output(run, alloc_id, files)
-            if files is None or state.VERDICT_FILE not in files:
+            if files is None:
+                continue
+            if state.VERDICT_FILE not in files:
+                if run.on_output is not None:
+                    await self._stream_output(run, alloc_id, files)
                 continue
             if not (run.concluding or run.outcome.done()):
                 run.concluding = True
@@ -619,13 +629,23 @@ class NomadRunner:
         try:
             if files is None:
                 files = await self.api.list_files(alloc["ID"], state.RESULTS_DIR) or {}
-            verdict = None
-            if state.VERDICT_FILE in files:
-                size = min(files[state.VERDICT_FILE], state.VERDICT_BYTES + 1)
-                raw = await self._read(alloc["ID"], state.VERDICT_FILE, size)
-                verdict = state.parse_verdict(raw)
-            stdout, stderr, truncated = await self._read_output(alloc["ID"], run.max_output, files)
-            outcome = state.outcome(alloc, verdict, stdout, stderr, truncated)
+            # The verdict and what the output files hold beyond what was streamed already,
+            # read at once: after the program, only these reads stand before the answer.
+            size = min(files.get(state.VERDICT_FILE, 0), state.VERDICT_BYTES + 1)
+            raw, stdout, stderr = await asyncio.gather(
+                self._read(alloc["ID"], state.VERDICT_FILE, size),
+                self._output_rest(run, alloc["ID"], "stdout", files),
+                self._output_rest(run, alloc["ID"], "stderr", files),
+            )
+            verdict = state.parse_verdict(raw) if state.VERDICT_FILE in files else None
+            truncated = any(files.get(name, 0) > run.max_output for name in ("stdout", "stderr"))
+            outcome = state.outcome(
+                alloc,
+                verdict,
+                stdout.decode("utf-8", "replace"),
+                stderr.decode("utf-8", "replace"),
+                truncated,
+            )
         except PyexecError as exc:
             # The run is over but its results cannot be read (e.g. the alloc was collected).
             outcome = state.outcome(alloc, None, "", "", False)
@@ -640,19 +660,29 @@ class NomadRunner:
         fails is retried on the next look; the outcome reads the files whole anyway."""
         assert run.on_output is not None
         for stream in ("stdout", "stderr"):
-            size = min(files.get(stream, 0), run.max_output)
-            start = run.streamed[stream]
-            if size <= start:
-                continue
             try:
-                data = await self.api.read_file(
-                    alloc_id, f"{state.RESULTS_DIR}/{stream}", size - start, offset=start
-                )
+                await self._output_rest(run, alloc_id, stream, files)
             except PyexecError as exc:
                 log.debug("output of %s not readable yet: %s", run.execution_id, exc)
                 return
-            run.streamed[stream] = size
-            run.on_output(stream, data)
+
+    async def _output_rest(
+        self, run: _Run, alloc_id: str, stream: str, files: dict[str, int]
+    ) -> bytes:
+        """The output file ``stream`` up to the cap as listed in ``files``: what was
+        streamed already plus the rest, read now and handed to ``on_output`` (if any)."""
+        async with run.reading[stream]:
+            if run.streamed_from != alloc_id:  # (a new allocation's files start empty)
+                run.streamed_from = alloc_id
+                run.streamed = {"stdout": bytearray(), "stderr": bytearray()}
+            kept = run.streamed[stream]
+            size = min(files.get(stream, 0), run.max_output)
+            if size > len(kept):
+                data = await self._read(alloc_id, stream, size - len(kept), offset=len(kept))
+                kept += data
+                if run.on_output is not None:
+                    run.on_output(stream, data)
+            return bytes(kept)
 
     async def _with_artifacts(
         self, run: _Run, alloc_id: str, files: dict[str, int], outcome: RunOutcome
