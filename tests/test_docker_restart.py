@@ -5,6 +5,7 @@ and records what really happened)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -21,8 +22,9 @@ import httpx
 import pytest
 
 from pyexec.runner.docker_pool import served_name
-from pyexec.runner.docker_spec import LABEL_EXECUTION
+from pyexec.runner.docker_spec import LABEL_EXECUTION, LABEL_NONCE
 
+from .artifact_files import CSV, PNG_PROGRAM, png_bytes
 from .conftest import TEST_IMAGE, free_port
 from .fixtures_consul import CONSUL_ADDR, kv_delete_tree, new_prefix
 from .fixtures_docker import docker_client, leftovers
@@ -81,9 +83,9 @@ class Server:
             self.proc.send_signal(sig)
             self.proc.wait(30)
 
-    def submit(self, code: str, timeout_seconds: int) -> str:
+    def submit(self, code: str, timeout_seconds: int, **extra: Any) -> str:
         config = {"timeout_seconds": timeout_seconds}
-        metadata = json.dumps({"entrypoint": "main.py", "config": config})
+        metadata = json.dumps({"entrypoint": "main.py", "config": config, **extra})
         response = httpx.post(
             f"{self.url}/api/v1/exec/async",
             files={"tar": ("code.tar", make_tar({"main.py": code}))},
@@ -184,3 +186,102 @@ def test_killed_server_runs_keep_their_deadline_and_are_adopted_after_restart(
             docker_client.containers.list(all=True, filters={"name": served_name(execution_id)})
             == []
         )
+
+
+def _start_with_pool(server: Server, pool_size: str) -> None:
+    server.env["PYEXEC_POOL_SIZE"] = pool_size
+    server.start()
+    deadline = time.monotonic() + 60
+    while int(pool_size) > server.pool_ready():
+        assert time.monotonic() < deadline, "the pool never filled"
+        time.sleep(0.1)  # bounded poll of /health: the pool fills in the background
+
+
+def _wait_started(client: docker.DockerClient, execution_id: str) -> None:
+    """Until the program has printed its first line (the engine's log has it)."""
+    deadline = time.monotonic() + 60
+    while True:
+        found = client.containers.list(filters={"label": f"{LABEL_EXECUTION}={execution_id}"})
+        found += client.containers.list(filters={"name": served_name(execution_id)})
+        if found and b"started" in found[0].logs():
+            return
+        assert time.monotonic() < deadline, "the program never started"
+        time.sleep(0.1)  # bounded poll: the run starts in the background
+
+
+@pytest.mark.parametrize("pool_size", ["0", "2"], ids=["cold", "pooled"])
+def test_a_run_adopted_after_a_restart_keeps_its_artifacts(
+    server: Server, docker_client: docker.DockerClient, pool_size: str
+) -> None:
+    """A run asking for artifacts whose server is killed mid-run is adopted by the next
+    server, which lists its files and serves them byte-exact (the mark's nonce is kept in
+    the run container's label); its stdout holds the program's output only."""
+    _start_with_pool(server, pool_size)
+    code = "import time\nprint('started', flush=True)\ntime.sleep(3)\n" + PNG_PROGRAM
+    execution_id = server.submit(code, timeout_seconds=30, artifacts=["out/*", "results/**"])
+    _wait_started(docker_client, execution_id)
+    server.kill()
+    assert _container(docker_client, execution_id).labels[LABEL_NONCE]
+
+    server.start()
+    record = server.get(execution_id, wait=30)
+    assert (record["status"], record["reason"]) == ("completed", "exited"), record["error"]
+    assert record["stdout"] == "started\ndrew\n"
+    assert record["artifacts_truncated"] is False
+    expected = {"out/plot.png": png_bytes(), "results/2024/table.csv": CSV.encode()}
+    listed = {item["path"]: (item["size"], item["sha256"]) for item in record["artifacts"]}
+    assert listed == {
+        path: (len(data), hashlib.sha256(data).hexdigest()) for path, data in expected.items()
+    }
+    for path, data in expected.items():
+        got = httpx.get(f"{server.url}/api/v1/executions/{execution_id}/artifacts/{path}")
+        assert (got.status_code, got.content) == (200, data)
+    assert leftovers(docker_client, execution_id) == []
+
+
+def _events(url: str, timeout: float) -> list[tuple[float, str, dict[str, Any]]]:
+    """The events of one execution's stream, each with when it arrived (monotonic)."""
+    got: list[tuple[float, str, dict[str, Any]]] = []
+    kind = ""
+    with httpx.stream("GET", url, timeout=timeout) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                got.append((time.monotonic(), kind, json.loads(line.removeprefix("data: "))))
+                if kind == "end":
+                    break
+    return got
+
+
+def test_a_run_adopted_after_a_restart_streams_its_output_live(
+    server: Server, docker_client: docker.DockerClient
+) -> None:
+    """After a restart, the adopted local run's output reaches an event stream as it is
+    printed (not all at its end), at the same offsets: no byte lost or repeated."""
+    server.start()
+    code = (
+        "import time\nprint('started', flush=True)\n"
+        "for i in range(20):\n    time.sleep(0.4)\n    print('tick', i, flush=True)\n"
+    )
+    execution_id = server.submit(code, timeout_seconds=30)
+    _wait_started(docker_client, execution_id)
+    server.kill()
+
+    server.start()
+    events = _events(f"{server.url}/api/v1/executions/{execution_id}/events", timeout=60)
+    end = events[-1]
+    assert end[1] == "end"
+    record = end[2]
+    assert record["reason"] == "exited", record
+    expected = "started\n" + "".join(f"tick {i}\n" for i in range(20))
+    assert record["stdout"] == expected
+    output = [(at, data) for at, kind, data in events if kind == "stdout"]
+    text = ""
+    for _, data in output:
+        assert data["offset"] == len(text.encode())
+        text += data["text"]
+    assert text == expected
+    # Ticks come 0.4 s apart: pieces read live arrive spread out, before the end.
+    assert output[-1][0] - output[0][0] > 1.0, [(at - end[0], d["text"]) for at, d in output]

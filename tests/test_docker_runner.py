@@ -19,6 +19,7 @@ import docker
 import psutil
 import pytest
 
+from pyexec.artifacts import blob_overhead
 from pyexec.errors import BackendError, BackendUnavailable, NotFound
 from pyexec.models import Execution, Reason, Status, new_execution_id, parse_request
 from pyexec.runner.docker import DockerRunner
@@ -27,6 +28,7 @@ from pyexec.runner.docker_spec import (
     CPU_BACKSTOP_SLACK,
     LABEL_EXECUTION,
     LABEL_MANAGED,
+    LABEL_NONCE,
     LABEL_OWNER,
     LABEL_PHASE,
     LOG_SLACK_BYTES,
@@ -158,12 +160,23 @@ def test_container_args_lock_the_sandbox_down(settings: Settings) -> None:
     assert host["security_opt"] == ["no-new-privileges", f"seccomp={seccomp_profile()}"]
     # The engine keeps a run's output (bounded) for a service restarted meanwhile.
     assert host["log_config"]["Type"] == "local"
+    # Room for the artifacts' tar too (the default cap when none are asked for).
     assert int(host["log_config"]["Config"]["max-size"]) == 4 * request.config.max_output_bytes + (
-        LOG_SLACK_BYTES
+        LOG_SLACK_BYTES + settings.default_max_artifact_bytes + blob_overhead()
     )
     assert "size=6144k" in host["tmpfs"]["/work"]
     assert "uid=1000" in host["tmpfs"]["/work"]
     assert "/proc/meminfo" in args["host_config_extra"]["MaskedPaths"]
+
+
+def test_an_artifacts_nonce_is_a_label_and_its_tar_fits_the_log(settings: Settings) -> None:
+    """A run asking for artifacts carries its mark's nonce as a label (for a restarted
+    service) and its engine log has room for its artifacts' cap."""
+    request = request_for(settings, artifacts=["*"], config={"max_artifact_bytes": 1000})
+    args = container_args(settings, request, "exe_x", plan(request, settings)[0], nonce="ab12")
+    assert args["labels"][LABEL_NONCE] == "ab12"
+    size = int(args["host_config"]["log_config"]["Config"]["max-size"])
+    assert size == 4 * request.config.max_output_bytes + LOG_SLACK_BYTES + 1000 + blob_overhead()
 
 
 def test_disk_budget_covers_work_tmp_and_shm() -> None:

@@ -34,7 +34,7 @@ import attrs
 import docker
 from anyio import from_thread, to_thread
 
-from pyexec.artifacts import ARTIFACTS_MARK, ArtifactStream, blob_overhead, new_nonce
+from pyexec.artifacts import ArtifactStream, blob_overhead, new_nonce
 from pyexec.deps.cache import BuildFailed, Lease
 from pyexec.deps.docker import DockerDeps
 from pyexec.errors import (
@@ -52,6 +52,7 @@ from pyexec.runner.docker_pool import LABEL_POOL, DockerPool, Sandbox, served_ex
 from pyexec.runner.docker_spec import (
     LABEL_EXECUTION,
     LABEL_MANAGED,
+    LABEL_NONCE,
     LABEL_OWNER,
     LABEL_PHASE,
     Phase,
@@ -169,6 +170,9 @@ class DockerRunner:
         # Archive transfers last as long as a sandbox takes to unpack: they get their own
         # threads, so they never queue the engine calls of other runs (creates, kills).
         self._archive_threads = anyio.CapacityLimiter(THREADS)
+        # Adopted runs' engine logs are followed in threads of their own too (two per run,
+        # for as long as it runs); past this many, a log is read once a thread is free.
+        self._follow_threads = anyio.CapacityLimiter(THREADS)
         self._runs: dict[str, _Run] = {}
         self._done: OrderedDict[str, _Run] = OrderedDict()
         #: Per finished execution, the removal of what its run still held (``_dispose``).
@@ -318,7 +322,8 @@ class DockerRunner:
         """Adopt the run container a crashed process left for ``execution``: wait for it
         (the sandbox enforces its deadline itself) and judge it from the engine's state
         and log. ``False`` when there is none, or it never started. Its output is read
-        from the engine's log at its end (``on_output`` is not called)."""
+        from the engine's log as it grows, from the start (``on_output`` gets it all), and
+        its artifacts with the nonce its label keeps."""
         execution_id = execution.execution_id
         request = execution.request
         if request is None or execution_id in self._runs or self._closed:
@@ -339,11 +344,22 @@ class DockerRunner:
             return False
         container = str(adoptable[0]["Id"])
         limit = request.config.max_output_bytes
-        run = _Run(execution_id, request, Capture(limit), Capture(limit), containers=[container])
+        run = _Run(
+            execution_id,
+            request,
+            Capture(limit),
+            Capture(limit),
+            containers=[container],
+            on_output=on_output,
+        )
+        nonce = (adoptable[0].get("Labels") or {}).get(LABEL_NONCE)
+        if request.artifacts and nonce:
+            cap = request.config.max_artifact_bytes + blob_overhead()
+            run.artifacts = ArtifactStream(nonce, cap)
         volumes = await self._engine.volumes({LABEL_EXECUTION: execution_id})
         run.volume = volumes[0] if volumes else None
         self._runs[execution_id] = run
-        run.task = asyncio.create_task(self._watch(run, container, execution.started_at))
+        run.task = asyncio.create_task(self._adopted(run, container, execution.started_at))
         return True
 
     async def ping(self) -> None:
@@ -371,30 +387,55 @@ class DockerRunner:
 
     # --- Runs adopted after a restart ---------------------------------------------------
 
+    async def _adopted(self, run: _Run, container: str, started_at: datetime | None) -> RunOutcome:
+        """The outcome of an adopted run container, with its artifacts when it has some."""
+        outcome = await self._watch(run, container, started_at)
+        run.stdout.data, run.stderr.data = bytearray(), bytearray()  # the outcome has the text
+        if run.artifacts is not None:
+            outcome = await self._with_artifacts(run, run.artifacts, outcome)
+        return outcome
+
     async def _watch(self, run: _Run, container: str, started_at: datetime | None) -> RunOutcome:
-        """The outcome of an adopted run container, once it has ended."""
+        """The outcome of an adopted run container, once it has ended; its output is read
+        from the engine's log as it comes (from its start: whoever gets ``on_output``
+        skips what it had)."""
         try:
             state = (await self._engine.inspect(container))["State"]
             run.started_at = started_at or _engine_time(state.get("StartedAt"))
             ran = (utcnow() - run.started_at).total_seconds() if run.started_at else 0.0
-            budget = run.request.config.timeout_seconds + _SETUP_GRACE
-            phase = plan(run.request, self._settings)[-1]
+            request = run.request
+            budget = request.config.timeout_seconds + _SETUP_GRACE + artifact_grace(request)
+            phase = plan(request, self._settings)[-1]
             control, trailer = wire.ControlLine(), wire.Trailer()
-            exited = await self._engine.wait(container, max(budget - ran, 1.0))
-            if exited is None:  # the sandbox's own deadline did not end it
-                self._timed_out(run, phase, control)
-                await self._engine.kill(container)
-                exited = await self._engine.wait(container, _KILL_WAIT)
+            read = partial(self._adopted_output, run, control, trailer)
+            failed: list[PyexecError] = []
+            async with anyio.create_task_group() as group:
+                followed = anyio.Event()
+
+                async def follow() -> None:
+                    try:
+                        await self._engine.follow(container, read, self._follow_threads)
+                    except PyexecError as exc:
+                        failed.append(exc)
+                    followed.set()
+
+                group.start_soon(follow)
+                exited = await self._engine.wait(container, max(budget - ran, 1.0))
+                if exited is None:  # the sandbox's own deadline did not end it
+                    self._timed_out(run, phase, control)
+                    await self._engine.kill(container)
+                    exited = await self._engine.wait(container, _KILL_WAIT)
+                with anyio.move_on_after(_KILL_WAIT):  # the log ends with the container
+                    await followed.wait()
+                group.cancel_scope.cancel()
+            if failed:
+                raise failed[0]
             state = (await self._engine.inspect(container))["State"]
             run.finished_at = _engine_time(state.get("FinishedAt")) or utcnow()
-            stdout, stderr = await self._engine.output(container)
-            if run.request.artifacts:  # their mark's nonce is gone with the crashed process
-                stdout = stdout.split(ARTIFACTS_MARK, 1)[0]
-            for stream, data in ((1, control.feed(stdout)), (2, trailer.feed(stderr))):
-                if run.verdict is None:
-                    self._capture(run, stream, data)
             if run.verdict is None:
                 self._capture(run, 2, trailer.finish())
+            if run.artifacts is not None and run.verdict is None:
+                self._capture(run, 1, run.artifacts.finish())
             await self._discard(run, container)
             self._judge(run, phase, control, trailer, exited, bool(state.get("OOMKilled")))
             raise AssertionError("a run container always ends the execution")  # pragma: no cover
@@ -408,6 +449,25 @@ class DockerRunner:
             self._runs.pop(run.execution_id, None)
             self._done[run.execution_id] = run
             self._trim_done()
+
+    def _adopted_output(
+        self,
+        run: _Run,
+        control: wire.ControlLine,
+        trailer: wire.Trailer,
+        stream: int,
+        data: bytes,
+    ) -> None:
+        """One piece of an adopted container's output, split as ``_pump`` splits it."""
+        if stream == 1:
+            if not control.done:
+                data = control.feed(data)
+            if run.artifacts is not None:
+                data = run.artifacts.feed(data)
+        else:
+            data = trailer.feed(data)
+        if data and run.verdict is None:
+            self._capture(run, stream, data)
 
     async def _sweep_orphans(self, orphans: set[str]) -> None:
         """Once the adoption window has passed, remove what no ``resume`` took."""
@@ -549,20 +609,20 @@ class DockerRunner:
         contents lost, as soon as no running container uses it.
         """
         request = run.request
+        nonce = new_nonce() if phase.run and request.artifacts else ""
         args = container_args(
-            self._settings, request, run.execution_id, phase, run.volume, self._owner
+            self._settings, request, run.execution_id, phase, run.volume, self._owner, nonce
         )
-        deps = run.deps_key
-        nonce = ""
-        if phase.run and request.artifacts:
-            nonce = new_nonce()
+        sandbox = await self._take_pooled(run, phase, args)
+        if sandbox is not None and nonce:
+            nonce = sandbox.nonce  # the one in its label
+        if nonce:
             run.artifacts = ArtifactStream(
                 nonce, request.config.max_artifact_bytes + blob_overhead()
             )
         spec = wire.spec_frame(
-            bootstrap_spec(self._settings, request, phase, deps=deps, nonce=nonce)
+            bootstrap_spec(self._settings, request, phase, deps=run.deps_key, nonce=nonce)
         )
-        sandbox = await self._take_pooled(run, phase, args)
         if sandbox is not None:
             container = sandbox.container
             run.containers.append(container)

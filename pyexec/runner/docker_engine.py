@@ -22,7 +22,7 @@ import docker
 import docker.errors
 import requests
 import urllib3.exceptions
-from anyio import to_thread
+from anyio import from_thread, to_thread
 from docker.utils import parse_repository_tag
 
 from pyexec.errors import BackendError, BackendUnavailable
@@ -63,11 +63,22 @@ class Engine:
                 )
             return self._client.api
 
-    async def call(self, fn: Callable[[docker.APIClient], T]) -> T:
-        """Run ``fn(api)`` in a worker thread; Docker errors become pyexec errors
-        (``docker.errors.NotFound`` passes through for callers that expect it)."""
+    async def call(
+        self,
+        fn: Callable[[docker.APIClient], T],
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+        abandon_on_cancel: bool = False,
+    ) -> T:
+        """Run ``fn(api)`` in a worker thread (of ``limiter``, by default the engine's);
+        Docker errors become pyexec errors (``docker.errors.NotFound`` passes through for
+        callers that expect it)."""
         try:
-            return await to_thread.run_sync(lambda: fn(self._api()), limiter=self._limiter)
+            return await to_thread.run_sync(
+                lambda: fn(self._api()),
+                limiter=limiter or self._limiter,
+                abandon_on_cancel=abandon_on_cancel,
+            )
         except docker.errors.NotFound:
             raise
         except docker.errors.APIError as exc:
@@ -283,6 +294,61 @@ class Engine:
             await self.call(partial(read, stdout=True)),
             await self.call(partial(read, stdout=False)),
         )
+
+    async def follow(
+        self,
+        container: str,
+        on_data: Callable[[int, bytes], None],
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        """Hand ``on_data`` (in the event loop) what the engine's log holds of the
+        container's stdout (1) and stderr (2), from its start and as it grows, until the
+        container has ended and all of it is read. Each stream takes a worker thread of
+        ``limiter`` (not the engine's: it is held for as long as the container runs)."""
+        async with anyio.create_task_group() as group:
+            for stream in (1, 2):
+                group.start_soon(self._follow_stream, container, stream, on_data, limiter)
+
+    async def _follow_stream(
+        self,
+        container: str,
+        stream: int,
+        on_data: Callable[[int, bytes], None],
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        readers: list[Any] = []
+        over = False
+        delivered = 0
+
+        def deliver(data: bytes) -> None:
+            nonlocal delivered
+            if data and not over:  # (an abandoned reader may still hand one over)
+                delivered += len(data)
+                on_data(stream, data)
+
+        def read(api: docker.APIClient) -> None:
+            reader = api.logs(
+                container, stdout=stream == 1, stderr=stream == 2, stream=True, follow=True
+            )
+            readers.append(reader)
+            for data in reader:
+                from_thread.run_sync(deliver, bytes(data))
+
+        def read_all(api: docker.APIClient) -> bytes:
+            return bytes(api.logs(container, stdout=stream == 1, stderr=stream == 2))
+
+        try:
+            await self.call(read, limiter=limiter, abandon_on_cancel=True)
+            # A follow can end as the container does before it has the log's last
+            # entries: whatever the whole log holds beyond what came is handed over too.
+            deliver((await self.call(read_all))[delivered:])
+        except docker.errors.NotFound:
+            return  # gone: there is nothing more to read
+        finally:
+            over = True
+            for reader in readers:
+                with contextlib.suppress(Exception):  # whatever state its socket is in
+                    reader.close()
 
     def close(self) -> None:
         if self._owns_client and self._client is not None:

@@ -35,11 +35,13 @@ import anyio
 import attrs
 import docker.errors
 
+from pyexec.artifacts import new_nonce
 from pyexec.errors import BackendError, BackendUnavailable, BadRequest, PyexecError
 from pyexec.models import ExecutionRequest, parse_request
 from pyexec.runner.docker_engine import Engine
 from pyexec.runner.docker_spec import (
     LABEL_MANAGED,
+    LABEL_NONCE,
     LABEL_OWNER,
     LABEL_PHASE,
     container_args,
@@ -103,6 +105,9 @@ class Sandbox:
     key: str
     #: ``time.monotonic()`` when it was started.
     born: float
+    #: Its artifacts mark's nonce (its own, in its ``LABEL_NONCE`` label: labels cannot
+    #: change once the container is made).
+    nonce: str = ""
 
     @property
     def age(self) -> float:
@@ -322,7 +327,9 @@ class DockerPool:
         try:
             async with self._slots:
                 await self._check_image(shape.image)
-                container = await self._engine.create(shape.args, on_created=self._owned.add)
+                nonce = new_nonce()
+                args = {**shape.args, "labels": {**shape.args["labels"], LABEL_NONCE: nonce}}
+                container = await self._engine.create(args, on_created=self._owned.add)
                 handles: list[Any] = []
                 try:
                     conn = AttachSocket(
@@ -333,7 +340,9 @@ class DockerPool:
                     for handle in handles:
                         AttachSocket(handle).close()
                     raise
-            shape.ready.append(Sandbox(container, conn, shape.image, shape.key, time.monotonic()))
+            shape.ready.append(
+                Sandbox(container, conn, shape.image, shape.key, time.monotonic(), nonce)
+            )
             shape.failures = 0
         except PyexecError as exc:
             shape.failures += 1

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 from docker.types import LogConfig, Mount, Ulimit
 
-from pyexec.artifacts import MAX_ARTIFACT_FILES
+from pyexec.artifacts import MAX_ARTIFACT_FILES, blob_overhead
 from pyexec.deadline import SLACK_SECONDS
 from pyexec.deps.cachedir import ENVS, SITE
 from pyexec.models import ExecutionRequest
@@ -25,6 +25,7 @@ __all__ = [
     "DEPS_TARGET",
     "LABEL_EXECUTION",
     "LABEL_MANAGED",
+    "LABEL_NONCE",
     "LABEL_OWNER",
     "LABEL_PHASE",
     "LOG_SLACK_BYTES",
@@ -52,6 +53,10 @@ LABEL_EXECUTION = "pyexec.execution_id"
 LABEL_OWNER = "pyexec.owner"
 #: ``run`` on a container that runs the program (after its setup, if any), else ``setup``.
 LABEL_PHASE = "pyexec.phase"
+#: The nonce of the bootstrap's artifacts mark on a run container (``pyexec.artifacts``):
+#: a restarted service reads an adopted run's artifacts with it. The engine never shows
+#: a container its labels, so the sandbox cannot learn it from there.
+LABEL_NONCE = "pyexec.artifacts_nonce"
 SANDBOX_USER = "1000:1000"
 WORKDIR = "/work"
 CA_TARGET = "/usr/local/share/pyexec/ca.crt"
@@ -163,13 +168,21 @@ def _work_options(request: ExecutionRequest) -> str:
     return f"nosuid,nodev,size={size}k,uid=1000,gid=1000,mode=0755"
 
 
-def _log_config(request: ExecutionRequest, phase: Phase) -> LogConfig:
+def _log_config(settings: Settings, request: ExecutionRequest, phase: Phase) -> LogConfig:
     """A run container's output is kept by the engine too (its ``local`` log, bounded),
-    so that a restarted service can read what a run did while nobody attached."""
+    so that a restarted service can read what a run did while nobody attached, its
+    artifacts (a tar after the output on stdout) included."""
     if not phase.run:
         return LogConfig(type="none")
-    # Both streams at their cap, plus the engine's framing of many small writes.
-    size = 4 * request.config.max_output_bytes + LOG_SLACK_BYTES
+    # Both streams at their cap, plus the engine's framing of many small writes, plus
+    # the artifacts' tar. Without artifacts, room for the default cap: the size is only
+    # a bound, and a run then fits a pooled sandbox made for either kind.
+    cap = (
+        request.config.max_artifact_bytes
+        if request.artifacts
+        else settings.default_max_artifact_bytes
+    )
+    size = 4 * request.config.max_output_bytes + LOG_SLACK_BYTES + cap + blob_overhead()
     options = {"max-size": str(size), "max-file": "1", "compress": "false"}
     return LogConfig(type="local", config=options)
 
@@ -181,6 +194,7 @@ def container_args(
     phase: Phase,
     volume: str | None = None,
     owner: str = "",
+    nonce: str = "",
 ) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
     arguments of ``create_host_config`` (a pure function of its arguments and of whether
@@ -189,7 +203,8 @@ def container_args(
     With the dependency cache on, every container that runs a program gets the finished
     environments read-only at ``DEPS_TARGET`` (``deps_root``), whether it has requirements
     or not: one shape for all, so a warm pool's sandbox can serve a run with a cached
-    environment too (the bootstrap is told which one)."""
+    environment too (the bootstrap is told which one). ``nonce``: the artifacts mark's,
+    kept as a label (``LABEL_NONCE``)."""
     config = request.config
     gvisor = settings.docker_runtime == "runsc"
     memory = (config.memory_mb + (RUNSC_MEMORY_OVERHEAD_MB if gvisor else 0)) * MiB
@@ -221,7 +236,7 @@ def container_args(
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges", f"seccomp={seccomp_profile()}"],
         "shm_size": disk_shares(config.disk_mb).shm * 1024,
-        "log_config": _log_config(request, phase),
+        "log_config": _log_config(settings, request, phase),
         "init": True,
     }
     return {
@@ -240,6 +255,7 @@ def container_args(
         "labels": {
             **labels(execution_id, owner),
             LABEL_PHASE: "run" if phase.run else "setup",
+            **({LABEL_NONCE: nonce} if nonce else {}),
         },
         "stdin_open": True,
         "detach": False,  # with stdin_open: attach stdin/stdout/stderr, close stdin at EOF
