@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from pyexec.runner.docker import DockerRunner
+from pyexec.runner.docker_spec import LABEL_EXECUTION, LABEL_NONCE
 
 from .artifact_files import CSV, PNG_PROGRAM, png_bytes
 from .conftest import app_client, make_settings
@@ -215,3 +216,60 @@ async def test_a_killed_run_still_returns_its_artifacts(api: httpx.AsyncClient) 
     assert [a["path"] for a in record["artifacts"]] == ["log.txt"]
     data = await api.get(f"/api/v1/executions/{execution_id}/artifacts/log.txt")
     assert data.content == b"so far"
+
+
+#: Sleeps (so the test reads the run container's nonce label meanwhile), then writes to
+#: ``seen.txt`` what it can read about itself, init and its parent (the bootstrap), and
+#: prints whether the bootstrap's memory opens.
+NONCE_HUNT = """
+import os, time
+time.sleep(1)
+seen = [repr(dict(os.environ))]
+names = ["/etc/hostname", "/etc/hosts", "/etc/resolv.conf"]
+for pid in ("self", "1", str(os.getppid())):
+    for part in ("environ", "cmdline", "mountinfo", "cgroup", "status"):
+        names.append("/proc/" + pid + "/" + part)
+for name in names:
+    try:
+        with open(name, "rb") as fh:
+            seen.append(fh.read().decode("latin-1"))
+    except OSError as exc:
+        seen.append(name + ": " + str(exc))
+open("seen.txt", "w").write("\\n".join(seen))
+try:
+    open("/proc/%d/mem" % os.getppid(), "rb").close()
+    print("mem: readable")
+except OSError:
+    print("mem: denied")
+"""
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+async def test_the_sandbox_cannot_learn_its_artifacts_nonce(
+    runtime: str, docker_client: docker.DockerClient
+) -> None:
+    """The nonce of the artifacts mark is in the run container's label, but nothing the
+    program can read holds it: not its environment or /proc, and not the bootstrap's
+    memory (the bootstrap makes itself undumpable), so it cannot forge the mark."""
+    if runtime != "runc" and not runtime_registered(docker_client, runtime):
+        pytest.skip(f"dockerd has no runtime {runtime!r} (scripts/bootstrap.sh registers runsc)")
+    settings = make_settings(docker_runtime=runtime)
+    runner = DockerRunner(settings, docker_client)
+    try:
+        started = await start(runner, settings, {"main.py": NONCE_HUNT}, artifacts=["seen.txt"])
+        (container,) = docker_client.containers.list(
+            filters={"label": f"{LABEL_EXECUTION}={started.execution_id}"}
+        )
+        nonce = container.labels[LABEL_NONCE]
+        outcome = await started.wait()
+    finally:
+        await runner.aclose()
+    assert len(nonce) == 32
+    assert outcome.stdout == "mem: denied\n", outcome
+    assert outcome.artifact_blob is not None
+    blob = outcome.artifact_blob.read()
+    outcome.artifact_blob.close()
+    (item,) = outcome.artifacts
+    seen = blob[item.offset : item.offset + item.size]
+    assert b"'HOME': '/work'" in seen  # (it did read its environment)
+    assert nonce.encode() not in seen

@@ -2,10 +2,10 @@
 
 Runs as ``python3 -I -S -c <this file + tarcheck.py + "main()">`` (see
 ``pyexec.sandbox.bootstrap_source``) in whatever Python the image has (3.8+).
-It imports only built-in modules, so it costs a few milliseconds before the
-user's program starts. It reads from stdin, with exact counts so that nothing
-past its own input is consumed, a stream of frames (4-byte big-endian length,
-then that many bytes):
+It imports only built-in modules (and ctypes when a run asks for artifacts), so it
+costs a few milliseconds before the user's program starts. It reads from stdin, with
+exact counts so that nothing past its own input is consumed, a stream of frames
+(4-byte big-endian length, then that many bytes):
 
     the spec (a marshalled dict)
     per archive member: a marshalled (kind, name, mode, linkname, size) header,
@@ -192,8 +192,23 @@ def cap_cpu(seconds: int) -> None:
         pass
 
 
+def hide_memory() -> None:
+    """Make this process undumpable, so that the program (its child, with the same uid)
+    cannot read its memory, where the artifacts mark's nonce is, through /proc (it has no
+    capability to override that). The program's own exec makes the program dumpable
+    again. ctypes is imported only here: a run asking for artifacts pays its ~3 ms."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, SUID_DUMP_DISABLE
+    except (ImportError, OSError, AttributeError):
+        pass  # a Python without ctypes: the nonce still guards against output by chance
+
+
 def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
     ARTIFACTS.update(spec.get("artifacts") or {})
+    if ARTIFACTS:
+        hide_memory()
     env.update(spec.get("env") or {})
     if spec.get("cpu_backstop"):
         cap_cpu(spec["cpu_backstop"])
