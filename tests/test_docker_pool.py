@@ -314,7 +314,7 @@ async def test_pool_args_are_the_cold_paths_own(settings: Settings) -> None:
     request = parse_request({}, settings)
     key = runner.pool.keep(request, 1)
     cold = container_args(settings, request, "exe_x", plan(request, settings)[0], None, "o")
-    pooled = runner.pool._shapes[key].args
+    pooled = runner.pool._shapes[key].spec
     assert {k: v for k, v in pooled.items() if k != "labels"} == {
         k: v for k, v in cold.items() if k != "labels"
     }

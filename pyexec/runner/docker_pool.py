@@ -20,7 +20,6 @@ sweeps what a crashed one left (``DockerRunner.startup``).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import hashlib
 import json
@@ -31,13 +30,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 import attrs
 import docker.errors
 
 from pyexec.artifacts import new_nonce
-from pyexec.errors import BackendError, BackendUnavailable, BadRequest, PyexecError
-from pyexec.models import ExecutionRequest, parse_request
+from pyexec.errors import BackendError, BackendUnavailable, PyexecError
+from pyexec.models import ExecutionRequest
 from pyexec.runner.docker_engine import Engine
 from pyexec.runner.docker_spec import (
     LABEL_MANAGED,
@@ -48,8 +46,8 @@ from pyexec.runner.docker_spec import (
     plan,
 )
 from pyexec.runner.docker_stream import AttachSocket
-from pyexec.runner.pool import NullPoolObserver, PoolObserver
-from pyexec.settings import Settings, SettingsError
+from pyexec.runner.pool import REFILLS, PoolCore, PoolObserver, PoolShape, pooled_requests
+from pyexec.settings import Settings
 
 __all__ = ["LABEL_POOL", "DockerPool", "Sandbox", "served_execution", "served_name", "shape_key"]
 
@@ -57,13 +55,6 @@ log = logging.getLogger("pyexec.runner.docker_pool")
 
 #: On every container the pool made (``1``); such a container has no execution label.
 LABEL_POOL = "pyexec.pool"
-#: How often the pool looks for dead and expired sandboxes when nothing wakes it.
-_CHECK_INTERVAL = 0.5
-#: Sandboxes being made at once, over all shapes.
-_REFILLS = 2
-#: Backoff after a failed refill (seconds): doubled per failure up to the maximum.
-_BACKOFF = 0.5
-_BACKOFF_MAX = 10.0
 #: Container ids handed out, kept for diagnostics (``served``).
 _SERVED_KEPT = 256
 
@@ -125,19 +116,10 @@ class Sandbox:
         return False
 
 
-@attrs.define(eq=False)
-class _Shape:
-    key: str
-    image: str
-    args: dict[str, Any]
-    size: int
-    ready: list[Sandbox] = attrs.Factory(list)
-    making: int = 0
-    failures: int = 0
-    retry_at: float = 0.0
+_Shape = PoolShape[str, dict[str, Any], Sandbox]
 
 
-class DockerPool:
+class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
     """Sandboxes kept ready per shape; see the module docstring."""
 
     def __init__(
@@ -147,23 +129,13 @@ class DockerPool:
         owner: str,
         *,
         observer: PoolObserver | None = None,
-        refills: int = _REFILLS,
+        refills: int = REFILLS,
     ) -> None:
+        super().__init__(settings, observer=observer, refills=refills)
         self._engine = engine
-        self._settings = settings
         self._owner = owner
-        self.observer: PoolObserver = observer or NullPoolObserver()
-        self._shapes: dict[str, _Shape] = {}
-        self._slots = asyncio.Semaphore(refills)
-        self._wake = asyncio.Event()
-        self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._maintainer: asyncio.Task[None] | None = None
-        #: Every container the pool made and has neither handed out nor removed yet.
-        self._owned: set[str] = set()
         #: Discarded containers whose removal the engine refused (retried while pruning).
         self._refused: set[str] = set()
-        self._closed = False
         #: The most recent containers ``take`` handed out, newest last.
         self.served: collections.deque[str] = collections.deque(maxlen=_SERVED_KEPT)
 
@@ -171,13 +143,7 @@ class DockerPool:
     def from_settings(cls, engine: Engine, settings: Settings, owner: str) -> DockerPool:
         """A pool of ``pool_size`` default-shaped sandboxes per pooled image."""
         pool = cls(engine, settings, owner)
-        for image in settings.pooled_images:
-            try:
-                request = parse_request({"docker_image": image}, settings)
-            except BadRequest as exc:  # an image no request may name
-                raise SettingsError(
-                    f"PYEXEC_POOL_IMAGES: {exc.message}", name="PYEXEC_POOL_IMAGES"
-                ) from None
+        for request in pooled_requests(settings):
             pool.keep(request, settings.pool_size)
         return pool
 
@@ -202,18 +168,8 @@ class DockerPool:
             LABEL_POOL: "1",
         }
         key = shape_key(args)
-        shape = self._shapes.get(key)
-        if shape is None:
-            self._shapes[key] = _Shape(key, request.docker_image, args, size)
-        else:
-            shape.size = size
-        self._wake.set()
+        self._keep(key, request.docker_image, args, size)
         return key
-
-    def start(self) -> None:
-        """Begin filling in the background (idempotent)."""
-        if self._maintainer is None and not self._closed:
-            self._maintainer = asyncio.create_task(self._maintain())
 
     async def take(self, args: Mapping[str, Any], execution_id: str) -> Sandbox | None:
         """A waiting sandbox created with ``args`` (labels aside), now the caller's to
@@ -223,15 +179,14 @@ class DockerPool:
         image = str(args["image"])
         shape = self._shapes.get(shape_key(args))
         if shape is None or self._closed:
-            self.observer.miss(image, "unpooled")
+            self._miss(image, "unpooled")
             return None
-        max_idle = self._settings.pool_max_idle_seconds
         while shape.ready:
             sandbox = shape.ready.pop(0)  # the oldest first: none idles to expiry in a queue
-            if sandbox.age < max_idle and sandbox.waiting():
+            if self._fresh(sandbox) and sandbox.waiting():
                 self._owned.discard(sandbox.container)
                 self.served.append(sandbox.container)
-                self.observer.hit(image, sandbox.age)
+                self._hit(sandbox)
                 try:
                     await self._name(sandbox.container, served_name(execution_id))
                 except BaseException:  # cancelled before the caller holds it: ours to remove
@@ -242,26 +197,12 @@ class DockerPool:
                 return sandbox
             sandbox.conn.close()  # now: a task cancelled before it ran would leave it open
             self._spawn(self._remove(sandbox.container))
-        self.observer.miss(image, "empty")
+        self._miss(image, "empty")
         return None
-
-    def wake(self) -> None:
-        """Check and refill now rather than at the next periodic check. The runner calls
-        it when a run is over: a sandbox made while a run it replaces still runs would
-        take the CPU that run needs."""
-        self._wake.set()
-
-    def ready(self) -> dict[str, int]:
-        """Sandboxes ready now, per pooled image."""
-        counts: dict[str, int] = {}
-        for shape in self._shapes.values():
-            if shape.size > 0:
-                counts[shape.image] = counts.get(shape.image, 0) + len(shape.ready)
-        return counts
 
     def sandboxes(self) -> list[Sandbox]:
         """The sandboxes ready now (as last checked), of every shape."""
-        return [sandbox for shape in self._shapes.values() for sandbox in shape.ready]
+        return self._all_ready()
 
     def ready_containers(self) -> set[str]:
         return {sandbox.container for sandbox in self.sandboxes()}
@@ -269,66 +210,33 @@ class DockerPool:
     async def wait_ready(self, key: str, count: int, timeout: float) -> None:
         """Until ``count`` sandboxes of shape ``key`` are ready; ``TimeoutError`` after
         ``timeout`` seconds."""
-        shape = self._shapes[key]
-        with anyio.fail_after(timeout):
-            async with self._changed:
-                await self._changed.wait_for(lambda: len(shape.ready) >= count)
+        await self._wait_ready([self._shapes[key]], count, timeout)
 
-    async def aclose(self) -> None:
-        """Stop filling and remove every sandbox the pool still holds (idempotent)."""
-        self._closed = True
-        tasks = {*self._tasks, *([self._maintainer] if self._maintainer else [])}
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        for shape in self._shapes.values():
-            for sandbox in shape.ready:
-                sandbox.conn.close()
-            shape.ready.clear()
+    async def _after_close(self) -> None:
         for container in list(self._owned):
             await self._remove(container)
 
     # --- filling --------------------------------------------------------------------------
 
-    async def _maintain(self) -> None:
-        while True:
-            try:
-                await self._prune()
-            except Exception:  # the pool must outlive any one failure; logged, retried
-                log.exception("pruning the warm pool failed")
-            now = time.monotonic()
-            for shape in self._shapes.values():
-                if now < shape.retry_at:
-                    continue
-                for _ in range(shape.size - len(shape.ready) - shape.making):
-                    shape.making += 1
-                    self._spawn(self._fill(shape))
-            with anyio.move_on_after(_CHECK_INTERVAL):
-                await self._wake.wait()
-            self._wake.clear()
-
-    async def _prune(self) -> None:
+    async def _check(self) -> None:
         """Remove sandboxes that died or waited too long; retry removals Docker refused."""
-        max_idle = self._settings.pool_max_idle_seconds
         stale: list[Sandbox] = []
         for shape in self._shapes.values():  # no await in this loop: ``take`` pops meanwhile
-            fresh = [s for s in shape.ready if s.age < max_idle and s.waiting()]
+            fresh = [s for s in shape.ready if self._fresh(s) and s.waiting()]
             stale += [s for s in shape.ready if s not in fresh]
             shape.ready = fresh
         await self._discard(stale)
         for container in list(self._refused):
             await self._remove(container)
 
-    async def _fill(self, shape: _Shape) -> None:
-        """Make one sandbox of ``shape``; on failure back off (and on an outage, empty
-        the pool: its sandboxes went with the engine)."""
+    async def _make(self, shape: _Shape) -> Sandbox:
+        """Create, attach and start one sandbox of ``shape``; a failed one is removed."""
         container: str | None = None
         try:
             async with self._slots:
                 await self._check_image(shape.image)
                 nonce = new_nonce()
-                args = {**shape.args, "labels": {**shape.args["labels"], LABEL_NONCE: nonce}}
+                args = {**shape.spec, "labels": {**shape.spec["labels"], LABEL_NONCE: nonce}}
                 container = await self._engine.create(args, on_created=self._owned.add)
                 handles: list[Any] = []
                 try:
@@ -340,26 +248,16 @@ class DockerPool:
                     for handle in handles:
                         AttachSocket(handle).close()
                     raise
-            shape.ready.append(
-                Sandbox(container, conn, shape.image, shape.key, time.monotonic(), nonce)
-            )
-            shape.failures = 0
-        except PyexecError as exc:
-            shape.failures += 1
-            backoff = min(_BACKOFF * 2 ** (shape.failures - 1), _BACKOFF_MAX)
-            shape.retry_at = time.monotonic() + backoff
-            code = exc.code if isinstance(exc, BackendError) else "error"
-            self.observer.refill_failed(shape.image, code)
-            log.warning("could not make a pooled sandbox of %s: %s", shape.image, exc.message)
-            if isinstance(exc, BackendUnavailable):
-                await self._empty()
+        except PyexecError:
             if container is not None:
                 await self._remove(container)
-        finally:
-            shape.making -= 1
-            async with self._changed:
-                self._changed.notify_all()
-            self._wake.set()
+            raise
+        return Sandbox(container, conn, shape.image, shape.key, time.monotonic(), nonce)
+
+    async def _refill_failed(self, exc: PyexecError) -> None:
+        """On an outage the pool empties: its sandboxes went with the engine."""
+        if isinstance(exc, BackendUnavailable):
+            await self._discard(self._take_all_ready())
 
     async def _check_image(self, image: str) -> None:
         """The pool never pulls (a cold run does, when allowed): an image is pooled once
@@ -380,19 +278,12 @@ class DockerPool:
             # The engine refused: the run goes on; only a restart's adoption needs the name.
             log.info("could not name pooled sandbox %s %s: %s", container, name, exc)
 
-    async def _empty(self) -> None:
-        stale: list[Sandbox] = []
-        for shape in self._shapes.values():
-            stale += shape.ready
-            shape.ready = []
-        await self._discard(stale)
-
-    async def _discard(self, sandboxes: list[Sandbox]) -> None:
+    async def _discard(self, items: list[Sandbox]) -> None:
         """Close every connection first (a cancellation may come at any removal; the
         containers stay owned until removed, and ``aclose`` removes what is left)."""
-        for sandbox in sandboxes:
+        for sandbox in items:
             sandbox.conn.close()
-        for sandbox in sandboxes:
+        for sandbox in items:
             await self._remove(sandbox.container)
 
     async def _remove(self, container: str) -> None:
@@ -405,8 +296,3 @@ class DockerPool:
             return
         self._owned.discard(container)
         self._refused.discard(container)
-
-    def _spawn(self, work: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
