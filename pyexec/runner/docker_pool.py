@@ -210,7 +210,7 @@ class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
     async def wait_ready(self, key: str, count: int, timeout: float) -> None:
         """Until ``count`` sandboxes of shape ``key`` are ready; ``TimeoutError`` after
         ``timeout`` seconds."""
-        await self._wait_ready([self._shapes[key]], count, timeout)
+        await self._wait_ready(count, timeout, key)
 
     async def _after_close(self) -> None:
         for container in list(self._owned):

@@ -48,12 +48,12 @@ import anyio
 import attrs
 
 from pyexec.errors import BackendError, BackendUnavailable, PyexecError
-from pyexec.models import ExecutionRequest, parse_request
+from pyexec.models import ExecutionRequest
 from pyexec.runner import nomad_job
 from pyexec.runner.docker_engine import owner_alive, owner_label
 from pyexec.runner.nomad_http import NomadAPI, NomadError
-from pyexec.runner.pool import NullPoolObserver, PoolObserver
-from pyexec.settings import Settings, SettingsError
+from pyexec.runner.pool import REFILLS, PoolCore, PoolObserver, PoolShape, pooled_requests
+from pyexec.settings import ResourceClass, Settings
 from pyexec.store import consul_keys
 from pyexec.store.consul_http import ConsulHTTP
 from pyexec.store.consul_kv import MAX_TXN_BYTES, MAX_TXN_OPS, ConsulKV, kv_op
@@ -63,13 +63,6 @@ __all__ = ["NomadPool", "Slot"]
 log = logging.getLogger("pyexec.runner.nomad_pool")
 
 JSON = dict[str, Any]
-#: How often the pool looks at its slots (Consul and Nomad) when nothing wakes it.
-CHECK_INTERVAL = 0.5
-#: Slots being made at once, over all shapes.
-REFILLS = 2
-#: Backoff after a failed refill (seconds): doubled per failure up to the maximum.
-BACKOFF = 0.5
-BACKOFF_MAX = 10.0
 #: While a slot is being made: the pause between looks at its allocation.
 START_POLL_SECONDS = 0.1
 #: A slot older than the idle limit plus this is anybody's to replace (its owner did
@@ -140,15 +133,8 @@ class Claim:
     claimed_at: datetime
 
 
-@attrs.define(eq=False)
-class _Shape:
-    image: str
-    resource_class: Any
-    size: int
-    ready: list[Slot] = attrs.Factory(list)
-    making: int = 0
-    failures: int = 0
-    retry_at: float = 0.0
+#: A pool's shape: (image, class name), made from its resource class.
+_Shape = PoolShape[tuple[str, str], ResourceClass, Slot]
 
 
 def _waiting(alloc: JSON) -> bool:
@@ -161,8 +147,11 @@ def _waiting(alloc: JSON) -> bool:
     )
 
 
-class NomadPool:
+class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
     """Slots kept ready per (image, class); see the module docstring."""
+
+    noun = "pool slot"
+    task_name = "pyexec-nomad-pool"
 
     def __init__(
         self,
@@ -174,24 +163,13 @@ class NomadPool:
         observer: PoolObserver | None = None,
         refills: int = REFILLS,
     ) -> None:
-        self._settings = settings
+        super().__init__(settings, observer=observer, refills=refills)
         self._api = api
         self._kv = kv
         self.owner = owner or owner_label()
-        self.observer: PoolObserver = observer or NullPoolObserver()
         self._prefix = settings.consul_prefix
-        self._shapes: dict[tuple[str, str], _Shape] = {}
-        self._slots = asyncio.Semaphore(refills)
-        self._wake = asyncio.Event()
-        self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._maintainer: asyncio.Task[None] | None = None
-        #: Dispatched pool jobs this process made and has neither handed out nor stopped.
-        self._owned: set[str] = set()
         #: Jobs to stop once Nomad answers again.
         self._doomed: set[str] = set()
-        self._closed = False
-        self._outage = False
         #: Claimed slots whose inputs the sweep dropped (their key stays a while).
         self._dropped_inputs: set[str] = set()
 
@@ -203,13 +181,7 @@ class NomadPool:
             ConsulHTTP.from_settings(settings, max_connections=1),
         )
         pool = cls(settings, api, kv)
-        for image in settings.pooled_images:
-            try:
-                request = parse_request({"docker_image": image}, settings)
-            except PyexecError as exc:
-                raise SettingsError(
-                    f"PYEXEC_POOL_IMAGES: {exc.message}", name="PYEXEC_POOL_IMAGES"
-                ) from None
+        for request in pooled_requests(settings):
             pool.keep(request, settings.pool_size)
         return pool
 
@@ -219,12 +191,7 @@ class NomadPool:
         """Keep ``size`` slots ready for requests shaped like ``request``."""
         resource_class = nomad_job.pick_class(self._settings, request.config)
         key = (request.docker_image, resource_class.name)
-        shape = self._shapes.get(key)
-        if shape is None:
-            self._shapes[key] = _Shape(request.docker_image, resource_class, size)
-        else:
-            shape.size = size
-        self._wake.set()
+        self._keep(key, request.docker_image, resource_class, size)
 
     def _shape_of(self, request: ExecutionRequest) -> _Shape | None:
         """The pool serving ``request``: one that runs in the run task alone (no installer,
@@ -249,10 +216,6 @@ class NomadPool:
             log.warning("could not sweep the warm pool: %s", exc.message)
         self.start()
 
-    def start(self) -> None:
-        if self._maintainer is None and not self._closed:
-            self._maintainer = asyncio.create_task(self._maintain(), name="pyexec-nomad-pool")
-
     async def take(self, execution_id: str, request: ExecutionRequest) -> Claim | None:
         """A ready slot, now claimed for ``execution_id`` with its inputs delivered; ``None``
         when the request is not pooled, its inputs do not fit a transaction or no slot
@@ -260,7 +223,7 @@ class NomadPool:
         image = request.docker_image
         shape = None if self._closed else self._shape_of(request)
         if shape is None:
-            self.observer.miss(image, "unpooled")
+            self._miss(image, "unpooled")
             return None
         # The inputs and the oldest slot's allocation are read at once (one round trip
         # less on the path every pooled run takes); the slot is set aside meanwhile.
@@ -273,25 +236,25 @@ class NomadPool:
                 shape.ready.insert(0, first)
             if isinstance(inputs, BaseException):
                 raise inputs
-            self.observer.miss(image, MISS_TOO_LARGE)
+            self._miss(image, MISS_TOO_LARGE)
             return None
         if first is not None:
             claim = await self._claim(first, execution_id, inputs, alloc)
             if claim is not None:
-                return self._hit(claim)
+                return self._served(claim)
         for slot in list(shape.ready):  # its own, the oldest first
             claim = await self._claim(slot, execution_id, inputs)
             if claim is not None:
-                return self._hit(claim)
+                return self._served(claim)
         for slot in await self._others(shape):
             claim = await self._claim(slot, execution_id, inputs)
             if claim is not None:
-                return self._hit(claim)
-        self.observer.miss(image, "empty")
+                return self._served(claim)
+        self._miss(image, "empty")
         return None
 
-    def _hit(self, claim: Claim) -> Claim:
-        self.observer.hit(claim.slot.image, claim.slot.age)
+    def _served(self, claim: Claim) -> Claim:
+        self._hit(claim.slot)
         self._wake.set()
         return claim
 
@@ -321,17 +284,6 @@ class NomadPool:
         else:
             self._dropped_inputs.discard(slot_id)
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def ready(self) -> dict[str, int]:
-        """Slots of this process ready now, per pooled image."""
-        counts: dict[str, int] = {}
-        for shape in self._shapes.values():
-            if shape.size > 0:
-                counts[shape.image] = counts.get(shape.image, 0) + len(shape.ready)
-        return counts
-
     def owned_jobs(self) -> set[str]:
         """Pool jobs this process dispatched and still holds (ready or being made)."""
         return set(self._owned)
@@ -339,25 +291,16 @@ class NomadPool:
     async def wait_ready(self, count: int, timeout: float) -> None:
         """Until every pooled image has ``count`` slots ready; ``TimeoutError`` after
         ``timeout`` seconds."""
-        with anyio.fail_after(timeout):
-            async with self._changed:
-                await self._changed.wait_for(
-                    lambda: all(len(s.ready) >= count for s in self._shapes.values() if s.size)
-                )
+        await self._wait_ready(count, timeout)
 
-    async def aclose(self) -> None:
-        """Stop filling; withdraw and purge every slot this process holds (idempotent)."""
-        self._closed = True
-        tasks = {*self._tasks, *([self._maintainer] if self._maintainer else [])}
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        for shape in self._shapes.values():
-            slots, shape.ready = shape.ready, []
-            for slot in slots:
-                with anyio.CancelScope(shield=True):
-                    await self._withdraw(slot)
+    async def _discard(self, items: list[Slot]) -> None:
+        """Withdraw and purge ready slots (at shutdown: shielded, one by one)."""
+        for slot in items:
+            with anyio.CancelScope(shield=True):
+                await self._withdraw(slot)
+
+    async def _after_close(self) -> None:
+        """Purge every job this process still holds, then the ones no claim names."""
         for job_id in list(self._owned | self._doomed):
             with anyio.CancelScope(shield=True):
                 await self._stop(job_id)
@@ -419,7 +362,7 @@ class NomadPool:
             if (
                 data.get("state") == "ready"
                 and slot.owner != self.owner
-                and (slot.image, slot.class_name) == (shape.image, shape.resource_class.name)
+                and (slot.image, slot.class_name) == (shape.image, shape.spec.name)
             ):
                 others.append(slot)
         return sorted(others, key=lambda s: s.created)
@@ -442,7 +385,7 @@ class NomadPool:
         shape = self._shapes.get((slot.image, slot.class_name))
         if shape is not None and slot in shape.ready:
             shape.ready.remove(slot)  # from here on it is never offered again
-        if slot.age >= self._settings.pool_max_idle_seconds or slot.alloc_id is None:
+        if not self._fresh(slot) or slot.alloc_id is None:
             log.debug("pool slot %s is too old to use", slot.slot_id)
             if slot.owner == self.owner:
                 self._spawn(self._withdraw(slot))
@@ -484,36 +427,24 @@ class NomadPool:
 
     # --- filling ---------------------------------------------------------------------------
 
-    async def _maintain(self) -> None:
-        while True:
-            try:
-                await self._check()
-            except BackendUnavailable as exc:
-                self._on_outage(exc)
-            except NomadError as exc:  # e.g. no cluster leader
-                self._on_outage(exc)
-            except Exception:  # the pool must outlive any one failure; logged, retried
-                log.exception("checking the warm pool failed")
-            now = time.monotonic()
-            for shape in self._shapes.values():
-                if now < shape.retry_at or self._outage:
-                    continue
-                for _ in range(shape.size - len(shape.ready) - shape.making):
-                    shape.making += 1
-                    self._spawn(self._fill(shape))
-            with anyio.move_on_after(CHECK_INTERVAL):
-                await self._wake.wait()
-            self._wake.clear()
+    def _check_failed(self, exc: PyexecError) -> bool:
+        """Nomad unreachable or without a leader: an outage."""
+        if isinstance(exc, (BackendUnavailable, NomadError)):
+            self._on_outage(exc)
+            return True
+        return False
+
+    async def _refill_failed(self, exc: PyexecError) -> None:
+        if isinstance(exc, BackendUnavailable) and exc.code == "runner_unavailable":
+            self._on_outage(exc)
 
     def _on_outage(self, exc: PyexecError) -> None:
         if not self._outage:
             log.warning("warm pool: %s; emptying it until it answers", exc.message)
         self._outage = True
-        for shape in self._shapes.values():
-            slots, shape.ready = shape.ready, []
-            for slot in slots:
-                self._doomed.add(slot.job_id)
-                self._spawn(self._withdraw(slot, stop=False))
+        for slot in self._take_all_ready():
+            self._doomed.add(slot.job_id)
+            self._spawn(self._withdraw(slot, stop=False))
 
     async def _check(self) -> None:
         """One look: Nomad answers (else an outage), slots that died, were claimed by
@@ -523,9 +454,8 @@ class NomadPool:
         for job_id in list(self._doomed):
             await self._stop(job_id)
         # Only slots published before the listing can be judged by it.
-        listed = {slot for shape in self._shapes.values() for slot in shape.ready}
+        listed = set(self._all_ready())
         entries = await self._slot_entries()
-        max_idle = self._settings.pool_max_idle_seconds
         stubs = await self._pool_stubs()
         dead = {str(s["ID"]) for s in stubs if s.get("Status") == "dead" or s.get("Stop")}
         for shape in self._shapes.values():
@@ -537,7 +467,7 @@ class NomadPool:
                 elif entry is None or int(entry["ModifyIndex"]) != slot.index:
                     log.info("pool slot %s was claimed or withdrawn elsewhere", slot.slot_id)
                     self._owned.discard(slot.job_id)
-                elif slot.age >= max_idle or slot.job_id in dead:
+                elif not self._fresh(slot) or slot.job_id in dead:
                     log.info("pool slot %s expired or ended: replaced", slot.slot_id)
                     self._spawn(self._withdraw(slot))
                 else:
@@ -553,14 +483,14 @@ class NomadPool:
             stubs += await self._api.list_jobs(parent + "/")
         return stubs
 
-    async def _fill(self, shape: _Shape) -> None:
-        """Dispatch one slot, wait for its run task to run, publish it; on failure back
-        off (and stop what was dispatched)."""
+    async def _make(self, shape: _Shape) -> Slot | None:
+        """Dispatch one slot, wait for its run task to run, publish it; on failure stop
+        what was dispatched."""
         job_id: str | None = None
         slot_id = secrets.token_hex(8)
         try:
             async with self._slots:
-                parent = nomad_job.pool_job_id(self._settings, shape.resource_class)
+                parent = nomad_job.pool_job_id(self._settings, shape.spec)
                 meta = {
                     "slot": slot_id,
                     "image": shape.image,
@@ -572,9 +502,7 @@ class NomadPool:
                 job_id = str(answer["DispatchedJobID"])
                 self._owned.add(job_id)
                 alloc_id = await self._started(job_id)
-            slot = Slot(
-                slot_id, job_id, shape.image, shape.resource_class.name, self.owner, created
-            )
+            slot = Slot(slot_id, job_id, shape.image, shape.spec.name, self.owner, created)
             slot.alloc_id = alloc_id
             key = consul_keys.pool_slot_key(self._prefix, slot_id)
             result = await self._kv.txn([kv_op("cas", key, slot.value(state="ready"), index=0)])
@@ -584,29 +512,15 @@ class NomadPool:
                     f"pool slot {slot_id} could not be published", code="store_error"
                 )
             slot.index = index
-            if self._closed:
-                await self._withdraw(slot)
-                return
-            shape.ready.append(slot)
-            shape.failures = 0
-        except PyexecError as exc:
-            shape.failures += 1
-            shape.retry_at = time.monotonic() + min(
-                BACKOFF * 2 ** (shape.failures - 1), BACKOFF_MAX
-            )
-            code = exc.code if isinstance(exc, BackendError) else "error"
-            self.observer.refill_failed(shape.image, code)
-            log.warning("could not make a pool slot of %s: %s", shape.image, exc.message)
-            if isinstance(exc, BackendUnavailable) and exc.code == "runner_unavailable":
-                self._on_outage(exc)
+        except PyexecError:
             if job_id is not None:
                 self._doomed.add(job_id)
                 self._owned.discard(job_id)
-        finally:
-            shape.making -= 1
-            async with self._changed:
-                self._changed.notify_all()
-            self._wake.set()
+            raise
+        if self._closed:
+            await self._withdraw(slot)
+            return None
+        return slot
 
     async def _started(self, job_id: str) -> str:
         """The allocation of a just dispatched slot once its run task runs (its templates
@@ -696,7 +610,7 @@ class NomadPool:
         limit = self._settings.pool_max_idle_seconds + ORPHAN_GRACE_SECONDS
         dead = set(dead) | {str(s["ID"]) for s in stubs if s.get("Status") == "dead"}
         keyed: set[str] = set()
-        mine = {s.slot_id for shape in self._shapes.values() for s in shape.ready}
+        mine = {s.slot_id for s in self._all_ready()}
         for slot_id, entry in entries.items():
             try:
                 slot, data = Slot.from_entry(slot_id, entry)
@@ -727,11 +641,6 @@ class NomadPool:
             gone = not owner_alive(owner) and _same_host(owner, self.owner)
             if gone or age > limit:
                 await self._stop(job_id)
-
-    def _spawn(self, work: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _same_host(owner: str, mine: str) -> bool:

@@ -22,7 +22,7 @@ import abc
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Coroutine
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import anyio
@@ -225,18 +225,18 @@ class PoolCore(abc.ABC, Generic[K, S, T]):
     def _miss(self, image: str, reason: str) -> None:
         self.observer.miss(image, reason)
 
-    async def _wait_until(self, done: Callable[[], bool], timeout: float) -> None:
-        """Until ``done()`` holds after a refill; ``TimeoutError`` after ``timeout``."""
+    async def _wait_ready(self, count: int, timeout: float, key: K | None = None) -> None:
+        """Until shape ``key`` (else every kept shape) has ``count`` sandboxes ready;
+        ``TimeoutError`` after ``timeout`` seconds."""
+        only = None if key is None else self._shapes[key]
+
+        def done() -> bool:
+            shapes = [only] if only is not None else [s for s in self._shapes.values() if s.size]
+            return all(len(shape.ready) >= count for shape in shapes)
+
         with anyio.fail_after(timeout):
             async with self._changed:
                 await self._changed.wait_for(done)
-
-    async def _wait_ready(
-        self, shapes: Iterable[PoolShape[K, S, T]], count: int, timeout: float
-    ) -> None:
-        """Until each of ``shapes`` has ``count`` sandboxes ready."""
-        chosen = list(shapes)
-        await self._wait_until(lambda: all(len(s.ready) >= count for s in chosen), timeout)
 
     async def aclose(self) -> None:
         """Stop filling and remove every sandbox the pool still holds (idempotent)."""
