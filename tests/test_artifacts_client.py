@@ -98,6 +98,27 @@ def test_the_cli_writes_them_to_the_output_dir_and_lists_them(
         assert f"artifact {path} ({len(data)} bytes) -> {tmp_path / 'got' / path}" in captured.err
 
 
+def test_cli_eval_writes_them_to_the_output_dir_and_lists_them(
+    server: LiveServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`pyexec eval FILE --artifacts ... --output-dir DIR` writes and lists them as `run`
+    does, after the program's output."""
+    program = tmp_path / "plot.py"
+    program.write_text(PNG_PROGRAM)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    argv = ["--server", server.url, "eval", str(program), "--output-dir", str(tmp_path / "got")]
+    code = run_cli([*argv, "--artifacts", "out/*.png", "--artifacts", "results/**"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out == "drew\n"
+    assert files_under(tmp_path / "got") == EXPECTED
+    for path, data in EXPECTED.items():
+        assert f"artifact {path} ({len(data)} bytes) -> {tmp_path / 'got' / path}" in captured.err
+
+
 def test_eval_returns_them_inline_when_asked(server: LiveServer) -> None:
     """inline_artifacts gives each file's bytes in the answer; without it, only the list."""
     with Client(server.url) as client:

@@ -6,7 +6,8 @@ import ast
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,15 @@ from . import exitcodes
 from .inputs import STDIN, gather, process_stdin
 from .interrupts import Interrupted, run_to_end
 from .live import LivePrinter
-from .options import ExecFlags, Globals, UsageError, current, env_pairs, read_local_text
+from .options import (
+    ArtifactsOpt,
+    ExecFlags,
+    Globals,
+    UsageError,
+    current,
+    env_pairs,
+    read_local_text,
+)
 from .render import Progress, emit_execution, note, print_json, verbose_note, write
 
 __all__ = ["eval_", "follow", "kill", "logs", "mcp", "run", "submit", "version"]
@@ -91,12 +100,21 @@ def run(
             on_submitted=lambda execution_id: verbose_note(options, f"{execution_id} submitted"),
             follow=lambda execution_id, seconds: printer.follow(client, execution_id, seconds),
         )
-        if flags.artifacts:
-            client.download_artifacts(record.execution_id, output_dir)
+        listed = _download_artifacts(client, flags.artifacts, record, output_dir)
     printer.finish(record)
-    if flags.artifacts:
-        _list_artifacts(options, record, output_dir)
+    listed()
     return exitcodes.for_execution(record)
+
+
+def _download_artifacts(
+    client: Client, patterns: list[str] | None, record: Execution, output_dir: Path
+) -> Callable[[], None]:
+    """Write the run's artifacts under ``output_dir`` when ``--artifacts`` asked for
+    some; returns what lists them on stderr (called after the run's own output)."""
+    if not patterns:
+        return lambda: None
+    client.download_artifacts(record.execution_id, output_dir)
+    return partial(_list_artifacts, current(), record, output_dir)
 
 
 def _list_artifacts(options: Globals, record: Execution, output_dir: Path) -> None:
@@ -231,9 +249,12 @@ def eval_(
     ] = None,
     timeout: Annotated[int | None, Parameter(help="Time limit of the run, seconds.")] = None,
     memory: Annotated[int | None, Parameter(help="Memory limit, MiB.")] = None,
+    artifacts: ArtifactsOpt = None,
+    output_dir: OutputDirOpt = Path(),
 ) -> int:
     """Evaluate Python code (CODE, ``-c CODE``, a FILE, or stdin); prints its output and the
-    last expression's value (``--no-result``: not the value), exits like run."""
+    last expression's value (``--no-result``: not the value), exits like run. With
+    ``--artifacts``, the matching files are written under ``--output-dir`` as by ``run``."""
     options = current()
     path, code = _code_or_file(path, code)
     source = _eval_source(path, code)
@@ -246,6 +267,7 @@ def eval_(
         args=options.script_args,
         timeout=timeout,
         memory_mb=memory,
+        artifacts=tuple(artifacts or ()),
     )
     with _client() as client, Progress(options, "evaluating"):
         # Submitted, then awaited: an interrupt can then kill it on the server (as run does).
@@ -263,7 +285,9 @@ def eval_(
             run_wait(run_options, setup=True),
             on_submitted=lambda execution_id: verbose_note(options, f"{execution_id} submitted"),
         )
+        listed = _download_artifacts(client, artifacts, record, output_dir)
     emit_execution(options, record)
+    listed()
     return exitcodes.for_execution(record)
 
 

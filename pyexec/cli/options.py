@@ -79,6 +79,18 @@ def env_pairs(items: list[str] | None, environ: Mapping[str, str]) -> tuple[tupl
     return tuple(pairs)
 
 
+#: ``--artifacts``, for every command that runs a program (``run``, ``submit``, ``eval``).
+ArtifactsOpt = Annotated[
+    list[str] | None,
+    Parameter(
+        help="Glob of output files to bring back, relative to the working directory, "
+        "e.g. 'out/*.png' or 'results/**' (repeatable); `run` and `eval` write them to "
+        "--output-dir.",
+        negative="",
+    ),
+]
+
+
 @Parameter(name="*")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExecFlags:
@@ -110,14 +122,7 @@ class ExecFlags:
             negative="",
         ),
     ] = None
-    artifacts: Annotated[
-        list[str] | None,
-        Parameter(
-            help="Glob of output files to bring back, relative to the working directory, "
-            "e.g. 'out/*.png' or 'results/**' (repeatable); `run` writes them to --output-dir.",
-            negative="",
-        ),
-    ] = None
+    artifacts: ArtifactsOpt = None
 
     def options(self, entrypoint: str, environ: Mapping[str, str] | None = None) -> RunOptions:
         requirements = None
