@@ -11,7 +11,8 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ from pyexec.client import (
     AsyncClient,
     AuthenticationError,
     Client,
+    ClientError,
     ConnectionFailed,
     Execution,
     InvalidServerURL,
@@ -35,6 +37,8 @@ from pyexec.client import (
     WaitTimeout,
     tar_from_mapping,
 )
+
+from .tarfiles import make_tar
 
 Handler = Callable[[httpx.Request], httpx.Response]
 EXE = "exe_00000000-0000-4000-8000-000000000000"
@@ -273,6 +277,56 @@ def test_upload_from_file_is_rewound_for_a_retry(twin: Twin) -> None:
 
     twin(handler, "run", io.BytesIO(tar))
     assert bodies == [tar, tar]
+
+
+class _DroppedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body whose connection breaks after ``head``."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.head
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+
+def test_an_artifacts_download_is_retried_after_a_dropped_connection(
+    twin: Twin, tmp_path: Path
+) -> None:
+    """download_artifacts starts again after the connection broke mid-body and after a 503,
+    and writes each file once, whole; past the retry limit it raises."""
+    tar = make_tar({"out/a.bin": bytes(range(256)) * 64, "b.csv": "x,y\n"})
+    answers = iter(
+        [
+            httpx.Response(200, stream=_DroppedBody(tar[: len(tar) // 2])),
+            error(503, "store_unavailable"),
+            httpx.Response(200, content=tar),
+        ]
+    )
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return next(answers)
+
+    written = twin(handler, "download_artifacts", EXE, tmp_path / "got")
+    assert len(calls) == 3
+    assert {path.relative_to(tmp_path / "got").as_posix() for path in written} == {
+        "out/a.bin",
+        "b.csv",
+    }
+    assert (tmp_path / "got" / "out" / "a.bin").read_bytes() == bytes(range(256)) * 64
+    assert (tmp_path / "got" / "b.csv").read_text() == "x,y\n"
+
+    def dropping(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_DroppedBody(tar[:100]))
+
+    with pytest.raises(ClientError):
+        twin(dropping, "download_artifacts", EXE, tmp_path / "never")
 
 
 def test_read_timeout_raises_timeout(twin: Twin) -> None:

@@ -111,19 +111,28 @@ class Client(BaseClient):
 
     def download_artifacts(self, execution_id: str, dest: Destination) -> list[Path]:
         """Write every artifact of an execution under ``dest`` (made if missing), at its
-        relative path; nothing is ever written outside ``dest``. Returns the files."""
+        relative path; nothing is ever written outside ``dest``. Returns the files. A
+        dropped connection (or a 502/503) starts the download again, with the retry policy
+        of every other call."""
         call = self.artifacts_call(execution_id)
+        delays = self.retry.delays()
         with download_spool() as spool:
-            try:
-                with self._http.stream(**self._request_args(call)) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        check_status(response)
-                    for chunk in response.iter_bytes():
-                        spool.write(chunk)
-            except httpx.HTTPError as exc:
-                raise translate(exc, self.base_url) from exc
-            return self.save_artifacts(spool, dest)
+            while True:
+                spool.seek(0)
+                spool.truncate()
+                try:
+                    with self._http.stream(**self._request_args(call)) as response:
+                        delay = retry_decision(call, delays, response=response)
+                        if delay is None:
+                            if response.status_code >= 400:
+                                response.read()
+                                check_status(response)
+                            for chunk in response.iter_bytes():
+                                spool.write(chunk)
+                            return self.save_artifacts(spool, dest)
+                except httpx.HTTPError as exc:
+                    delay = retry_decision(call, delays, exc=exc, url=self.base_url)
+                time.sleep(delay or 0.0)
 
     def kill(self, execution_id: str) -> Execution:
         """Stop an execution; killing a finished one returns its record unchanged."""
