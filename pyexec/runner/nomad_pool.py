@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -135,6 +134,15 @@ class Claim:
 
 #: A pool's shape: (image, class name), made from its resource class.
 _Shape = PoolShape[tuple[str, str], ResourceClass, Slot]
+
+
+def _readable(entries: dict[str, JSON]) -> Iterator[tuple[Slot, JSON]]:
+    """Each slot key's slot and whole value; a key that does not parse is skipped."""
+    for slot_id, entry in entries.items():
+        try:
+            yield Slot.from_entry(slot_id, entry)
+        except (KeyError, TypeError, ValueError):
+            continue
 
 
 def _waiting(alloc: JSON) -> bool:
@@ -261,11 +269,7 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
     async def find(self, execution_id: str) -> tuple[str, str, datetime] | None:
         """(slot, job, claimed at) of the slot claimed for ``execution_id``, if any (a
         restarted service adopts the run by it)."""
-        for slot_id, entry in (await self._slot_entries()).items():
-            try:
-                slot, data = Slot.from_entry(slot_id, entry)
-            except (KeyError, TypeError, ValueError):
-                continue
+        for slot, data in _readable(await self._slot_entries()):
             if data.get("execution_id") == execution_id:
                 claimed = datetime.fromtimestamp(float(data.get("claimed_at") or 0), UTC)
                 return slot.slot_id, slot.job_id, claimed
@@ -314,11 +318,9 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
         try:
             entries = await self._slot_entries()
             claimed = set()
-            for slot_id, entry in entries.items():
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    slot, data = Slot.from_entry(slot_id, entry)
-                    if data.get("state") != "ready":
-                        claimed.add(slot.job_id)
+            for slot, data in _readable(entries):
+                if data.get("state") != "ready":
+                    claimed.add(slot.job_id)
             for stub in await self._pool_stubs():
                 owner = (stub.get("Meta") or {}).get("owner")
                 if (
@@ -354,11 +356,7 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
     async def _others(self, shape: _Shape) -> list[Slot]:
         """Ready slots of other service processes for ``shape``, the oldest first."""
         others: list[Slot] = []
-        for slot_id, entry in (await self._slot_entries()).items():
-            try:
-                slot, data = Slot.from_entry(slot_id, entry)
-            except (KeyError, TypeError, ValueError):
-                continue
+        for slot, data in _readable(await self._slot_entries()):
             if (
                 data.get("state") == "ready"
                 and slot.owner != self.owner
@@ -611,11 +609,8 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
         dead = set(dead) | {str(s["ID"]) for s in stubs if s.get("Status") == "dead"}
         keyed: set[str] = set()
         mine = {s.slot_id for s in self._all_ready()}
-        for slot_id, entry in entries.items():
-            try:
-                slot, data = Slot.from_entry(slot_id, entry)
-            except (KeyError, TypeError, ValueError):
-                continue
+        for slot, data in _readable(entries):
+            slot_id = slot.slot_id
             keyed.add(slot.job_id)
             if data.get("state") == "claimed":
                 since = time.time() - float(data.get("claimed_at") or 0)
