@@ -233,7 +233,7 @@ class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
         """Create, attach and start one sandbox of ``shape``; a failed one is removed."""
         container: str | None = None
         try:
-            async with self._slots:
+            async with self._refilling:
                 await self._check_image(shape.image)
                 nonce = new_nonce()
                 args = {**shape.spec, "labels": {**shape.spec["labels"], LABEL_NONCE: nonce}}

@@ -487,7 +487,7 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
         job_id: str | None = None
         slot_id = secrets.token_hex(8)
         try:
-            async with self._slots:
+            async with self._refilling:
                 parent = nomad_job.pool_job_id(self._settings, shape.spec)
                 meta = {
                     "slot": slot_id,

@@ -135,7 +135,7 @@ class PoolCore(abc.ABC, Generic[K, S, T]):
         self._log = logging.getLogger(type(self).__module__)
         self.observer: PoolObserver = observer or NullPoolObserver()
         self._shapes: dict[K, PoolShape[K, S, T]] = {}
-        self._slots = asyncio.Semaphore(refills)
+        self._refilling = asyncio.Semaphore(refills)
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -150,7 +150,7 @@ class PoolCore(abc.ABC, Generic[K, S, T]):
 
     @abc.abstractmethod
     async def _make(self, shape: PoolShape[K, S, T]) -> T | None:
-        """Make one sandbox of ``shape`` (under ``self._slots``) and return it ready;
+        """Make one sandbox of ``shape`` (under ``self._refilling``) and return it ready;
         ``None`` when the pool closed meanwhile (the backend withdrew it). On a
         ``PyexecError`` the backend has released what it made."""
 
