@@ -594,3 +594,69 @@ async def test_a_placement_failure_that_arrives_before_start_tracks_the_run_is_k
         assert "not enough memory" in (run.placement or "")
     finally:
         await runner.aclose()
+
+
+class PrintingRun(ScriptedNomad):
+    """A run whose task is still running: its first listing shows part of the output,
+    the next ones all of it and the verdict. Records every file read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listings = 0
+        self.reads: list[tuple[str, int, int]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/event/stream" and self.streams:
+            return httpx.Response(200, content="{}\n")  # no event says the task ended
+        if path == "/v1/allocation/alloc-1":
+            return httpx.Response(200, json=alloc(dead=False))
+        early = self.listings < 2
+        results = {
+            "stdout": b"hel" if early else b"hello\n",
+            "stderr": b"" if early else b"oops\n",
+            **({} if early else {"verdict.json": b'{"reason": "exited", "exit_code": 0}'}),
+        }
+        if path == "/v1/client/fs/ls/alloc-1":
+            self.listings += 1
+            rows = [{"Name": n, "IsDir": False, "Size": len(d)} for n, d in results.items()]
+            return httpx.Response(200, json=rows)
+        if path == "/v1/client/fs/readat/alloc-1":
+            params = request.url.params
+            offset, limit = int(params["offset"]), int(params["limit"])
+            name = params["path"].rsplit("/", 1)[1]
+            self.reads.append((name, offset, limit))
+            return httpx.Response(200, content=results[name][offset : offset + limit])
+        return super().__call__(request)
+
+
+async def test_the_outcome_reads_only_what_live_output_has_not() -> None:
+    """Once the verdict is listed, the outcome reads the verdict and only the output the
+    live-output poller has not read yet (each byte once, handed to on_output once)."""
+    nomad = PrintingRun()
+    runner = make_runner(nomad)
+    record = Execution(execution_id=new_execution_id())
+    streamed: list[tuple[str, bytes]] = []
+
+    async def on_running(at: datetime) -> None:
+        pass
+
+    try:
+        await runner.start(
+            record,
+            parse_request({}, runner.settings),
+            _no_tar(),
+            on_running,
+            on_output=lambda stream, data: streamed.append((stream, data)),
+        )
+        outcome = await runner.wait(record.execution_id, 10)
+    finally:
+        await runner.aclose()
+    assert (outcome.reason, outcome.stdout, outcome.stderr) == (Reason.EXITED, "hello\n", "oops\n")
+    assert streamed == [("stdout", b"hel"), ("stdout", b"lo\n"), ("stderr", b"oops\n")]
+    assert sorted(nomad.reads) == [
+        ("stderr", 0, 5),
+        ("stdout", 0, 3),
+        ("stdout", 3, 3),
+        ("verdict.json", 0, 36),
+    ]
