@@ -196,8 +196,8 @@ def measure_nomad(args: argparse.Namespace, label: str) -> bool:
         settings = make_settings(
             nomad_addr=addr,
             consul_addr=args.consul,
-            consul_prefix=f"bench-pool-{tag}",
-            nomad_job_prefix=f"bench-pool-{tag}",
+            consul_prefix=f"{args.prefix}-{tag}",
+            nomad_job_prefix=f"{args.prefix}-{tag}",
             default_image=args.image,
             python_images=(("3.11", args.image),),
             nomad_seccomp_profile=str(ROOT / "pyexec" / "sandbox" / "seccomp.json"),
@@ -205,7 +205,7 @@ def measure_nomad(args: argparse.Namespace, label: str) -> bool:
             pool_images=(args.image,),
             log_level="WARNING",
         )
-        bare_id = f"bench-pool-{tag}-bare"
+        bare_id = f"{args.prefix}-{tag}-bare"
         times: dict[str, list[float]] = {"nomad pooled": [], "cold dispatch": []}
         with (
             httpx.Client(base_url=addr, timeout=60) as nomad,
@@ -230,7 +230,7 @@ def measure_nomad(args: argparse.Namespace, label: str) -> bool:
             finally:
                 with contextlib.suppress(httpx.HTTPError):  # the runner, pool and bare jobs
                     for stub in nomad.get(
-                        "/v1/jobs", params={"prefix": f"bench-pool-{tag}"}
+                        "/v1/jobs", params={"prefix": f"{args.prefix}-{tag}"}
                     ).json():
                         nomad.delete(f"/v1/job/{stub['ID']}", params={"purge": "true"})
         with contextlib.suppress(httpx.HTTPError):
@@ -260,6 +260,9 @@ def main() -> int:
     )
     parser.add_argument("--consul", default="127.0.0.1:8500")
     parser.add_argument("--nomad-runs", type=int, default=20)
+    parser.add_argument(
+        "--prefix", default="bench-pool", help="Nomad job and Consul prefix (a tag is added)"
+    )
     args = parser.parse_args()
     met = True
     for backend in args.backends.split(","):
