@@ -73,8 +73,21 @@ start() {
     log "Nomad already answers on $nomad_http; using it"
   else
     log "starting nomad agent (server + client) on $nomad_http"
-    mkdir -p "$state/nomad"
+    mkdir -p "$state/nomad" "$state/deps"
+    # The dependency cache's host volume (docs/deps-cache.md); its path is this state
+    # folder's, so it is written here rather than in nomad/client.hcl. The tasks run as
+    # uid 1000.
+    chown 1000:1000 "$state/deps"
+    cat >"$state/deps-volume.hcl" <<HCL
+client {
+  host_volume "pyexec-deps" {
+    path      = "$state/deps"
+    read_only = false
+  }
+}
+HCL
     nohup nomad agent -config "$here/nomad/server.hcl" -config "$here/nomad/client.hcl" \
+      -config "$state/deps-volume.hcl" \
       -data-dir "$state/nomad" >"$state/nomad.log" 2>&1 &
     echo $! >"$state/nomad.pid"
     wait_for 60 Nomad answers "http://$nomad_http/v1/status/leader"

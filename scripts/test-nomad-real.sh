@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Nomad suite (tests/test_nomad_e2e.py, test_nomadsim.py, test_events_nomad.py) against a real Nomad
+# The Nomad suites (every tests/ module that honours PYEXEC_TEST_NOMAD_ADDR) against a real Nomad
 # agent instead of the double: `just test-nomad-real [pytest args]`.
 #
 # Needs `nomad` (HashiCorp Nomad >= 1.6; checked with 1.6.5) on PATH, a running Docker
@@ -33,4 +33,5 @@ trap stop EXIT
 cd "$here"
 PYEXEC_TEST_NOMAD_ADDR="http://$nomad_http" \
 PYEXEC_TEST_CONSUL_ADDR="${PYEXEC_TEST_CONSUL_ADDR:-127.0.0.1:8500}" \
-  uv run --frozen --all-extras pytest tests/test_nomad_e2e.py tests/test_nomadsim.py tests/test_events_nomad.py -rs "$@"
+  uv run --frozen --all-extras pytest tests/test_nomad_e2e.py tests/test_nomadsim.py tests/test_events_nomad.py \
+    tests/test_nomad_pool.py tests/test_artifacts_nomad.py tests/test_deps_nomad_e2e.py -rs "$@"
