@@ -312,9 +312,13 @@ async def test_nomad_outage_empties_then_refills(settings: Settings, only_sim: N
         assert body["stdout"] == "back\n"
 
 
-async def test_restart_mid_flight_adopts_the_pooled_run(settings: Settings) -> None:
+@pytest.mark.parametrize("next_pool_size", [2, 0], ids=["pool-on", "pool-off"])
+async def test_restart_mid_flight_adopts_the_pooled_run(
+    settings: Settings, next_pool_size: int
+) -> None:
     """A pooled run in flight when the service stops is finished by the next service
-    (found by its claim in Consul), once: nothing is dispatched for it."""
+    (found by its claim in Consul), once: nothing is dispatched for it. Also when the
+    next service has the pool turned off."""
     async with app_client(settings) as api:
         await pool_of(api).wait_ready(1, READY_TIMEOUT)
         code = "import time\nprint('begin', flush=True)\ntime.sleep(4)\nprint('end')\n"
@@ -326,7 +330,7 @@ async def test_restart_mid_flight_adopts_the_pooled_run(settings: Settings) -> N
 
         await eventually(running)
         assert (await pool_counts(api))[0] == 1.0
-    async with app_client(settings) as api:
+    async with app_client(attrs.evolve(settings, pool_size=next_pool_size)) as api:
         body = await final(api, execution_id)
     assert (body["status"], body["stdout"]) == ("completed", "begin\nend\n"), body
     assert children_of(settings, execution_id) == []

@@ -165,12 +165,18 @@ class NomadRunner:
         api: NomadAPI,
         store: Store | None = None,
         pool: NomadPool | None = None,
+        *,
+        slots: NomadPool | None = None,
     ) -> None:
         self.settings = settings
         self.api = api
         self.store = store
         #: The warm pool (``nomad_pool``), or ``None``; read by /metrics and /health.
         self.pool = pool
+        #: Where claimed slots are looked up and released: the pool, or with the pool
+        #: off one that never fills, so a pooled run in flight across a restart that
+        #: turned the pool off is still adopted (and leftovers swept).
+        self._slots = pool if pool is not None else slots
         self._runs: dict[str, _Run] = {}  # by execution id
         self._by_job: dict[str, _Run] = {}  # by dispatched job id
         self._unclaimed: OrderedDict[str, dict[str, JSON]] = OrderedDict()
@@ -196,8 +202,10 @@ class NomadRunner:
         """The runner ``settings`` describe; with a ``store`` (the service's) and pooled
         images, with its warm pool (the CLI's job commands need none)."""
         api = NomadAPI(settings)
-        pooled = settings.pooled_images and store is not None
-        return cls(settings, api, store, NomadPool.from_settings(settings, api) if pooled else None)
+        if store is None:
+            return cls(settings, api)
+        slots = NomadPool.from_settings(settings, api)
+        return cls(settings, api, store, slots if settings.pooled_images else None, slots=slots)
 
     # --- Runner ------------------------------------------------------------------------------
     @property
@@ -252,8 +260,8 @@ class NomadRunner:
         if self.settings.nomad_register_jobs:
             await self.register_jobs(overwrite=False)
         self._start_watching()
-        if self.pool is not None:
-            await self.pool.startup()
+        if self._slots is not None:
+            await self._slots.startup(fill=self._slots is self.pool)
         prewarm = nomad_job.deps_prewarm_job(self.settings)
         if prewarm is not None:
             task = asyncio.create_task(self._prewarm_deps(prewarm), name="pyexec-deps-prewarm")
@@ -425,8 +433,8 @@ class NomadRunner:
         run = self._runs.get(execution_id)
         # A job another replica dispatched moments ago may be missing from a cached listing.
         job_id = run.job_id if run is not None else await self._find_job(execution_id, recheck=True)
-        if job_id is None and self.pool is not None:
-            found = await self.pool.find(execution_id)
+        if job_id is None and self._slots is not None:
+            found = await self._slots.find(execution_id)
             job_id = None if found is None else found[1]
         if job_id is not None:
             await self.api.stop_job(job_id)
@@ -434,8 +442,8 @@ class NomadRunner:
     async def resume(self, execution: Execution, *, on_output: OnOutput | None = None) -> bool:
         job_id = await self._find_job(execution.execution_id)
         slot: tuple[str, str, datetime] | None = None
-        if job_id is None and self.pool is not None:
-            slot = await self.pool.find(execution.execution_id)
+        if job_id is None and self._slots is not None:
+            slot = await self._slots.find(execution.execution_id)
             job_id = None if slot is None else slot[1]
         if job_id is None:
             return False
@@ -477,8 +485,8 @@ class NomadRunner:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self.pool is not None:
-            await self.pool.aclose()
+        if self._slots is not None:
+            await self._slots.aclose()
         await self.api.aclose()
 
     # --- following runs ----------------------------------------------------------------------
@@ -509,8 +517,8 @@ class NomadRunner:
         self._runs.pop(run.execution_id, None)
         self._by_job.pop(run.job_id, None)
         self._purges.append((time.monotonic() + PURGE_AFTER_SECONDS, run.job_id))
-        if run.slot is not None and self.pool is not None:
-            self._spawn(self.pool.release(run.slot))
+        if run.slot is not None and self._slots is not None:
+            self._spawn(self._slots.release(run.slot))
 
     def _on_event(self, event: JSON) -> None:
         try:

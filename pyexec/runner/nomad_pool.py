@@ -211,10 +211,11 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
         resource_class = nomad_job.pick_class(self._settings, request.config)
         return self._shapes.get((request.docker_image, resource_class.name))
 
-    async def startup(self) -> None:
+    async def startup(self, *, fill: bool = True) -> None:
         """Register the pool jobs Nomad lacks (never overwriting one), sweep what crashed
-        processes left, then start filling."""
-        if self._settings.nomad_register_jobs:
+        processes left, then start filling. ``fill=False`` (no pooled image): only the
+        sweep, so slots an earlier process left are still cleaned up."""
+        if fill and self._settings.nomad_register_jobs:
             for job in nomad_job.pool_jobs(self._settings):
                 if await self._api.get_job(job["ID"]) is None:
                     await self._api.register_job(job)
@@ -222,7 +223,8 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
             await self._sweep(startup=True)
         except PyexecError as exc:  # the maintainer sweeps again
             log.warning("could not sweep the warm pool: %s", exc.message)
-        self.start()
+        if fill:
+            self.start()
 
     async def take(self, execution_id: str, request: ExecutionRequest) -> Claim | None:
         """A ready slot, now claimed for ``execution_id`` with its inputs delivered; ``None``
