@@ -526,8 +526,8 @@ class Settings:
         True,
         "PYEXEC_NOMAD_REGISTER_JOBS",
         parse=_bool,
-        help="Register the runner jobs Nomad lacks at start-up (existing jobs are never "
-        "overwritten: `pyexec job register` updates them).",
+        help="Register the jobs the service uses that Nomad lacks at start-up (existing "
+        "jobs are never overwritten: `pyexec job register` updates them).",
     )
     nomad_task_env: tuple[tuple[str, str], ...] = setting(
         (),

@@ -27,20 +27,22 @@ def test_render_one_class_prints_the_job_as_api_json(capsys: pytest.CaptureFixtu
     assert printed == {"Job": nomad_job.runner_job(settings, settings.nomad_resource_classes[0])}
 
 
+@pytest.mark.parametrize(("pool_size", "pool_jobs"), [("0", []), ("2", ["a-pool", "b-pool"])])
 def test_render_follows_the_environment(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    pool_size: str,
+    pool_jobs: list[str],
 ) -> None:
-    """`job render` prints the jobs of each class (and its -pip variant) from the settings."""
+    """`job render` prints the jobs of each class (and its -pip variant) from the settings,
+    then each class's warm-pool job when images are pooled."""
     monkeypatch.setenv("PYEXEC_NOMAD_RESOURCE_CLASSES", "a:100:128:64,b:200:256:128")
     monkeypatch.setenv("PYEXEC_NOMAD_JOB_PREFIX", "sandbox")
+    monkeypatch.setenv("PYEXEC_POOL_SIZE", pool_size)
     assert run_cli(["job", "render"]) == 0
     jobs = json.loads(capsys.readouterr().out)
-    assert [j["Job"]["ID"] for j in jobs] == [
-        "sandbox-a",
-        "sandbox-a-pip",
-        "sandbox-b",
-        "sandbox-b-pip",
-    ]
+    runner = ["a", "a-pip", "b", "b-pip"]
+    assert [j["Job"]["ID"] for j in jobs] == [f"sandbox-{name}" for name in runner + pool_jobs]
 
 
 def test_render_unknown_class_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

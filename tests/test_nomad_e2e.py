@@ -742,18 +742,17 @@ async def test_unplaceable_run_fails_with_the_reason(
 async def test_job_register_cli_registers_every_class(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`pyexec job register` registers one parameterized job per class, idempotently."""
+    """`pyexec job register` registers one parameterized job per class (and its -pip
+    variant, then the class's warm-pool job: the pool is on by default), idempotently."""
     monkeypatch.setenv("NOMAD_ADDR", str(settings.nomad_addr))
     monkeypatch.setenv("PYEXEC_NOMAD_JOB_PREFIX", settings.nomad_job_prefix)
     for _ in range(2):
         assert await asyncio.to_thread(run_cli, ["job", "register"]) == 0
     printed = capsys.readouterr().out.split()
-    expected = [
-        f"{settings.nomad_job_prefix}-{c}{pip}"
-        for c in ("small", "medium", "large")
-        for pip in ("", "-pip")
-    ]
-    assert printed == expected * 2
+    classes = ("small", "medium", "large")
+    expected = [f"{settings.nomad_job_prefix}-{c}{pip}" for c in classes for pip in ("", "-pip")]
+    pool = [f"{settings.nomad_job_prefix}-{c}-pool" for c in classes]
+    assert printed == (expected + pool) * 2
     with nomad(settings) as client:
         for job_id in expected:
             job = client.get(f"/v1/job/{job_id}").json()

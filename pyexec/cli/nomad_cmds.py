@@ -42,12 +42,13 @@ def render(
         str | None, Parameter(name="--class", help='Only this class, as `{"Job": ...}`.')
     ] = None,
 ) -> int:
-    """Print the runner jobs as Nomad API JSON (`nomad job run -json` reads one class)."""
+    """Print the service's jobs as Nomad API JSON: the runner jobs, and the warm-pool and
+    dependency prewarm jobs when configured (`nomad job run -json` reads one class)."""
     from pyexec.runner import nomad_job
 
     try:
         settings = _settings()
-        jobs = nomad_job.runner_jobs(settings)
+        jobs = nomad_job.service_jobs(settings)
     except PyexecError as exc:
         return _fail(exc)
     if resource_class is None:
@@ -66,7 +67,8 @@ def render(
 
 @job_app.command
 def register() -> int:
-    """Register (or update) every runner job in Nomad; unchanged jobs stay as they are."""
+    """Register (or update) every job the service uses in Nomad (as `job render` prints
+    them); unchanged jobs stay as they are."""
     from pyexec.runner.nomad import NomadRunner
 
     async def go(settings: Settings) -> list[str]:

@@ -281,10 +281,11 @@ class NomadRunner:
         log.info("dependency prewarm dispatched as %s", answer.get("DispatchedJobID"))
 
     async def register_jobs(self, *, overwrite: bool = True) -> list[str]:
-        """Register every runner job; with ``overwrite=False`` only those Nomad does not
-        have, so what an operator changed in a registered job stays as it is."""
+        """Register every job the service uses (``nomad_job.service_jobs``); with
+        ``overwrite=False`` only those Nomad does not have, so what an operator changed in
+        a registered job stays as it is."""
         registered = []
-        for job in nomad_job.runner_jobs(self.settings):
+        for job in nomad_job.service_jobs(self.settings):
             if not overwrite and await self.api.get_job(job["ID"]) is not None:
                 continue
             await self.api.register_job(job)

@@ -73,6 +73,7 @@ __all__ = [
     "requirement_problem",
     "runner_job",
     "runner_jobs",
+    "service_jobs",
     "task_file",
     "task_network_mode",
 ]
@@ -632,6 +633,19 @@ def pool_job(settings: Settings, resource_class: ResourceClass) -> dict[str, Any
 def pool_jobs(settings: Settings) -> list[dict[str, Any]]:
     """The warm-pool job of each resource class."""
     return [pool_job(settings, c) for c in settings.nomad_resource_classes]
+
+
+def service_jobs(settings: Settings) -> list[dict[str, Any]]:
+    """Every job the service uses as ``settings`` configure it: the runner jobs, the
+    warm-pool jobs when images are pooled, the dependency prewarm job when sets are
+    configured (what ``pyexec job render|register`` cover, and start-up registers)."""
+    jobs = runner_jobs(settings)
+    if settings.pooled_images:
+        jobs += pool_jobs(settings)
+    prewarm = deps_prewarm_job(settings)
+    if prewarm is not None:
+        jobs.append(prewarm)
+    return jobs
 
 
 def deps_prewarm_job(settings: Settings) -> dict[str, Any] | None:

@@ -212,7 +212,8 @@ class NomadPool(PoolCore[tuple[str, str], ResourceClass, Slot]):
         return self._shapes.get((request.docker_image, resource_class.name))
 
     async def startup(self, *, fill: bool = True) -> None:
-        """Register the pool jobs Nomad lacks (never overwriting one), sweep what crashed
+        """Register the pool jobs Nomad lacks (never overwriting one; the runner's start-up
+        has registered them already, a pool used on its own has not), sweep what crashed
         processes left, then start filling. ``fill=False`` (no pooled image): only the
         sweep, so slots an earlier process left are still cleaned up."""
         if fill and self._settings.nomad_register_jobs:
