@@ -331,6 +331,9 @@ class Engine:
                 container, stdout=stream == 1, stderr=stream == 2, stream=True, follow=True
             )
             readers.append(reader)
+            if over:  # abandoned while the engine answered: the finally below missed it
+                reader.close()
+                return
             for data in reader:
                 from_thread.run_sync(deliver, bytes(data))
 
