@@ -25,7 +25,9 @@ import httpx
 import pytest
 
 from pyexec.settings import Settings
+from pyexec.store import Store
 from pyexec.store.consul import ConsulStore
+from pyexec.store.memory import MemoryStore
 
 CONSUL_ADDR = os.environ.get("PYEXEC_TEST_CONSUL_ADDR", "127.0.0.1:8500")
 
@@ -243,3 +245,17 @@ def consul_tls_server() -> Iterator[ConsulServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("consul", marks=pytest.mark.consul)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each store backend in turn (the Consul one needs ``consul_settings`` in scope)."""
+    backend: Store
+    if request.param == "consul":
+        backend = ConsulStore.from_settings(request.getfixturevalue("consul_settings"))
+    else:
+        backend = MemoryStore()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,6 @@ from pyexec.sandbox.collect import (
     write_artifacts,
 )
 from pyexec.store import Store
-from pyexec.store.consul import ConsulStore
-from pyexec.store.memory import MemoryStore
 
 from . import fixtures_consul
 from .conftest import app_client, make_settings
@@ -290,17 +287,7 @@ def test_records_list_artifacts_at_the_end_and_old_records_load() -> None:
     assert Execution.from_dict(old).artifacts == ()
 
 
-@pytest.fixture(params=["memory", pytest.param("consul", marks=pytest.mark.consul)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    backend: Store
-    if request.param == "consul":
-        backend = ConsulStore.from_settings(request.getfixturevalue("consul_settings"))
-    else:
-        backend = MemoryStore()
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
+store = fixtures_consul.store
 
 
 async def read(store: Store, execution_id: str, *span: int) -> bytes:

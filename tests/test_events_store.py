@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator
 
 import anyio
 import attrs
@@ -13,9 +12,7 @@ import pytest
 from pyexec.errors import Conflict, NotFound
 from pyexec.models import Execution, Reason, RunOutcome, Status, new_execution_id, utcnow
 from pyexec.store import OutputChunk, Store
-from pyexec.store.consul import ConsulStore
 from pyexec.store.consul_keys import LIVE_BLOCK_BYTES
-from pyexec.store.memory import MemoryStore
 
 from . import fixtures_consul
 
@@ -25,17 +22,7 @@ consul_prefix = fixtures_consul.consul_prefix
 consul_settings = fixtures_consul.consul_settings
 
 
-@pytest.fixture(params=["memory", pytest.param("consul", marks=pytest.mark.consul)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    backend: Store
-    if request.param == "consul":
-        backend = ConsulStore.from_settings(request.getfixturevalue("consul_settings"))
-    else:
-        backend = MemoryStore()
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
+store = fixtures_consul.store
 
 
 async def running(store: Store) -> Execution:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import anyio
@@ -27,8 +26,6 @@ from pyexec.models import (
 )
 from pyexec.settings import Settings
 from pyexec.store import Store
-from pyexec.store.consul import ConsulStore
-from pyexec.store.memory import MemoryStore
 
 from . import fixtures_consul
 from .fakes import replace_record
@@ -43,17 +40,7 @@ REASON_FOR = {Status.COMPLETED: Reason.EXITED, Status.FAILED: Reason.TIMEOUT,
               Status.KILLED: Reason.KILLED}  # fmt: skip
 
 
-@pytest.fixture(params=["memory", pytest.param("consul", marks=pytest.mark.consul)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    backend: Store
-    if request.param == "consul":
-        backend = ConsulStore.from_settings(request.getfixturevalue("consul_settings"))
-    else:
-        backend = MemoryStore()
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
+store = fixtures_consul.store
 
 
 def new_record() -> Execution:
