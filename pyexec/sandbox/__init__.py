@@ -7,6 +7,12 @@ bootstrap (``bootstrap.py``), the tar rules (``tarcheck.py``), the artifact coll
 (``collect.py``) and a call to ``main()``; standard library only, so any image with
 Python 3.8+ runs them unchanged and fast.
 
+``bootstrap_command(preload)`` is a sandbox container's command: with ``preload``
+(a cached environment's path in the sandbox and the modules to import from it), the
+bootstrap starts the program's interpreter at once and imports them while it waits
+for the spec (``preload.py``, passed as an argument: it runs in the program's own
+interpreter, not the bootstrap's).
+
 ``seccomp_profile()`` is the system-call allow-list every sandbox container runs
 under (``seccomp.json``: Docker's ``security_opt`` format, used by the local runner
 and the Nomad runner jobs alike). It replaces the engine's default profile and
@@ -20,7 +26,9 @@ import json
 from functools import cache
 from importlib import resources
 
-__all__ = ["bootstrap_source", "seccomp_profile"]
+import attrs
+
+__all__ = ["Preload", "bootstrap_command", "bootstrap_source", "preload_source", "seccomp_profile"]
 
 # bootstrap.py first: its ``from __future__ import annotations`` must open the source.
 _PARTS = ("bootstrap.py", "tarcheck.py", "collect.py")
@@ -31,6 +39,27 @@ def bootstrap_source() -> str:
     here = resources.files(__name__)
     parts = [here.joinpath(name).read_text(encoding="utf-8") for name in _PARTS]
     return "\n\n".join([*parts, "main()\n"])
+
+
+@cache
+def preload_source() -> str:
+    return resources.files(__name__).joinpath("preload.py").read_text(encoding="utf-8")
+
+
+@attrs.frozen
+class Preload:
+    """What a sandbox imports before its program arrives: ``modules`` of the cached
+    environment at ``deps`` (its path in the sandbox, as the spec's ``deps`` says it)."""
+
+    deps: str
+    modules: tuple[str, ...]
+
+
+def bootstrap_command(preload: Preload | None = None) -> list[str]:
+    command = ["python3", "-I", "-S", "-c", bootstrap_source()]
+    if preload is not None and preload.modules:
+        command += ["preload", preload.deps, ",".join(preload.modules), preload_source()]
+    return command
 
 
 @cache

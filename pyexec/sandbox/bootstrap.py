@@ -177,19 +177,21 @@ def setup_failed(message: str, limit: int) -> NoReturn:
     sys.exit(1)
 
 
-def cap_cpu(seconds: int) -> None:
+def cap_cpu(seconds: int, pid: int = 0) -> bool:
     """A backstop for when the host stops watching (its process died): CPU time the
-    program cannot reach while the host enforces the timeout, even with every core busy."""
+    program cannot reach while the host enforces the timeout, even with every core busy.
+    Of process ``pid`` (0: this one); whether it is set."""
     try:
         import resource  # an extension module: absent from some images' Pythons
     except ImportError:
-        return
+        return False
     limit = seconds * (os.cpu_count() or 1)
-    try:  # noqa: SIM105 - contextlib would be one more import in every sandbox
+    try:
         # SIGXCPU at the soft limit, SIGKILL at the hard one.
-        resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 10))
+        resource.prlimit(pid, resource.RLIMIT_CPU, (limit, limit + 10))
     except (ValueError, OSError):
-        pass
+        return False
+    return True
 
 
 def hide_memory() -> None:
@@ -205,13 +207,11 @@ def hide_memory() -> None:
         pass  # a Python without ctypes: the nonce still guards against output by chance
 
 
-def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
-    ARTIFACTS.update(spec.get("artifacts") or {})
-    if ARTIFACTS:
-        hide_memory()
+def program_env(env: dict[str, str], spec: dict[str, Any]) -> dict[str, str]:
+    """The user program's environment: the container's, the request's variables, the
+    packages a setup installed and the cached environment (``spec["deps"]``) on its path."""
+    env = dict(env)
     env.update(spec.get("env") or {})
-    if spec.get("cpu_backstop"):
-        cap_cpu(spec["cpu_backstop"])
     if os.path.isdir(SITE):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, env.get("PYTHONPATH")) if p)
         env["PATH"] = SITE + "/bin:" + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -219,31 +219,138 @@ def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
     if deps:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (deps, env.get("PYTHONPATH")) if p)
         env["PATH"] = deps + "/bin:" + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env
+
+
+def watched() -> set[int]:
+    """The signals the bootstrap waits for while the program runs (``supervise``): the
+    program's exit, and a stop (SIGTERM from the engine, through init)."""
+    import signal
+
+    return {signal.SIGCHLD, signal.SIGTERM}
+
+
+class Preloaded:
+    """The program's interpreter, started before the spec arrived with ``modules``
+    imported in the environment of a run of cached environment ``deps`` (``preload.py``:
+    its source is the bootstrap's last argument). ``take`` hands it the program."""
+
+    def __init__(self, deps: str, modules: list[str], source: str) -> None:
+        import signal
+
+        self.env = program_env(dict(os.environ), {"deps": deps})
+        # Blocked before the fork, so that the child's exit cannot be missed (supervise).
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched())
+        control_r, self.control = os.pipe()
+        self.status, status_w = os.pipe()
+        out, err = os.dup(1), os.dup(2)
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, watched())
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                os.close(null)
+                os.close(self.control)
+                os.close(self.status)
+                for fd in (status_w, control_r, out, err):
+                    os.set_inheritable(fd, True)
+                os.chdir("/")
+                fds = [str(fd) for fd in (status_w, control_r, out, err)]
+                argv = [sys.executable, "-c", source, *fds, *modules]
+                os.execve(sys.executable, argv, self.env)  # noqa: S606 - the program's interpreter
+            finally:
+                os._exit(127)
+        for fd in (control_r, status_w, out, err):
+            os.close(fd)
+
+    def take(self, spec: dict[str, Any], env: dict[str, str]) -> bool:
+        """Hand it the program of ``spec`` (to run in ``env``, in the current directory),
+        within the spec's deadline; whether it runs it (else it is gone)."""
+        import select
+
+        if env == self.env and spec.get("deadline") and spec.get("cpu_backstop"):
+            message = marshal.dumps((os.getcwd(), spec["entrypoint"], list(spec.get("args", ()))))
+            try:
+                # Forked before the bootstrap's own cap: it gets the same one.
+                if cap_cpu(spec["cpu_backstop"], self.pid):
+                    write_all(self.control, message)
+                    self._close()
+                    ready, _, _ = select.select([self.status], [], [], spec["deadline"])
+                    if ready and os.read(self.status, 1) == b"y":
+                        self._close()
+                        return True
+            except OSError:
+                pass
+        self.drop()
+        return False
+
+    def _close(self) -> None:
+        """Close the control descriptor, else the status one (each once)."""
+        fd = self.control if self.control >= 0 else self.status
+        if self.control >= 0:
+            self.control = -1
+        else:
+            self.status = -1
+        if fd >= 0:
+            os.close(fd)
+
+    def drop(self) -> None:
+        """End it (idempotent), waiting for its exit."""
+        self._close()
+        self._close()
+        if self.pid:
+            try:
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+            self.pid = 0
+
+
+#: The interpreter started ahead of the spec, when the sandbox was made for one
+#: (``main``: its arguments say so).
+PRELOADED: list[Preloaded] = []
+
+
+def run(spec: dict[str, Any], env: dict[str, str]) -> NoReturn:
+    ARTIFACTS.update(spec.get("artifacts") or {})
+    if ARTIFACTS:
+        hide_memory()
+    if spec.get("cpu_backstop"):
+        cap_cpu(spec["cpu_backstop"])
+    env = program_env(env, spec)
     os.chdir(WORK)
     control("ready")
     argv = [sys.executable, spec["entrypoint"], *spec.get("args", ())]
+    if PRELOADED:
+        preloaded = PRELOADED.pop()
+        if preloaded.take(spec, env):
+            supervise(argv, env, spec["deadline"], preloaded.pid)
     if not spec.get("deadline"):
         os.execve(sys.executable, argv, env)  # noqa: S606 - running the user program is the point
     supervise(argv, env, spec["deadline"])
 
 
-def supervise(argv: list[str], env: dict[str, str], deadline: float) -> NoReturn:
-    """Run the program as a child and end it, with everything it started, once
-    ``deadline`` seconds have passed: the wall-clock limit holds even when nobody
-    outside watches any more. The program's stdin, stdout and stderr are this
-    process's own, untouched. The last line on stderr says how it ended."""
+def supervise(argv: list[str], env: dict[str, str], deadline: float, pid: int = 0) -> NoReturn:
+    """Run the program as a child (or let child ``pid`` run it: ``Preloaded``) and end it,
+    with everything it started, once ``deadline`` seconds have passed: the wall-clock limit
+    holds even when nobody outside watches any more. The program's stdin, stdout and
+    stderr are this process's own, untouched. The last line on stderr says how it ended."""
     import signal
     import time
 
     end = time.monotonic() + deadline
     # Blocked before the fork, so that neither the child's exit nor a stop (SIGTERM from
     # the engine, through init) can be missed.
-    signals = {signal.SIGCHLD, signal.SIGTERM}
+    signals = watched()
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    pid = os.fork()
-    if pid == 0:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-        os.execve(sys.executable, argv, env)  # noqa: S606 - running the user program is the point
+    if not pid:
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            os.execve(sys.executable, argv, env)  # noqa: S606 - running the user program is the point
     os.close(0)  # the rest of stdin is the program's
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -320,8 +427,12 @@ def wait_alone(seconds: float) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["preload"]:  # <deps> <module,module> <preload.py's source>
+        PRELOADED.append(Preloaded(sys.argv[2], sys.argv[3].split(","), sys.argv[4]))
     # Frames come from the runner on the host; marshal is built in (json would cost imports).
     spec = marshal.loads(read_frame())  # noqa: S302
+    if PRELOADED and (spec.get("setup") or not spec.get("run")):
+        PRELOADED.pop().drop()
     env = dict(os.environ)
     try:
         os.makedirs(STATE + "/tmp", exist_ok=True)
