@@ -3,9 +3,10 @@
 Two servers on the embedded default (local Docker) share one dependency cache in a
 temporary directory, its builder fetching wheels from the package index through
 ``PYEXEC_CA_BUNDLE`` (the host's CA bundle) for the cold builds only: one with the
-default warm pool (``PYEXEC_POOL_SIZE=2``; each pooled request waits until the pool
-has refilled, the steady state), one without (every run starts a container). It
-measures, in one run:
+default warm pool (``PYEXEC_POOL_SIZE=2``) and numpy and pandas prewarmed with the
+default ``PYEXEC_DEPS_POOL_SIZE=1`` (a sandbox per set that imported it before its
+request; each pooled request waits until the pool has refilled, the steady state),
+one without a pool (every run starts a container). It measures, in one run:
 
 - the cold build: the first eval of ``import numpy as np; np.arange(10).sum()`` and of
   a two-row pandas DataFrame (each builds its environment once);
@@ -72,8 +73,10 @@ def row(name: str, values: list[float]) -> str:
     )
 
 
-@contextlib.contextmanager
-def servers(args: argparse.Namespace, cache: str) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+PREWARM = (("numpy",), ("pandas",))
+
+
+def server_settings(args: argparse.Namespace, cache: str, pooled: bool) -> Any:
     base = {
         "default_image": args.image,
         "python_images": (("3.11", args.image),),
@@ -85,43 +88,62 @@ def servers(args: argparse.Namespace, cache: str) -> Iterator[tuple[httpx.Client
         "deps_cache_bytes": 4096 * 1024 * 1024,
         "deps_cache_dir": cache,
     }
+    if not pooled:
+        return make_settings(**base, pool_size=0)
+    return make_settings(
+        **base,
+        pool_size=args.pool_size,
+        deps_prewarm=PREWARM if args.deps_pool_size else (),
+        deps_pool_size=args.deps_pool_size,
+    )
+
+
+def steady(args: argparse.Namespace) -> int:
+    """Sandboxes the pooled server has ready when it has refilled."""
+    return args.pool_size + len(PREWARM) * args.deps_pool_size
+
+
+@contextlib.contextmanager
+def serving(args: argparse.Namespace, cache: str, pooled: bool) -> Iterator[httpx.Client]:
     with (
-        live_server(make_settings(**base, pool_size=args.pool_size)) as pooled,
-        live_server(make_settings(**base, pool_size=0)) as cold,
-        httpx.Client(base_url=pooled.url, timeout=600) as pooled_http,
-        httpx.Client(base_url=cold.url, timeout=600) as cold_http,
+        live_server(server_settings(args, cache, pooled)) as live,
+        httpx.Client(base_url=live.url, timeout=600) as http,
     ):
-        yield pooled_http, cold_http
+        yield http
 
 
 def measure(args: argparse.Namespace, label: str, cache: str, cold: bool) -> bool:
     names = [f"{case}, {server}" for server in ("pooled", "no pool") for case in CASES]
     times: dict[str, list[float]] = {name: [] for name in names}
-    with servers(args, cache) as (pooled, unpooled):
-        if cold:
+    with serving(args, cache, pooled=False) as unpooled:
+        if cold:  # before the pooled server starts: its prewarm finds them built
             for case in ("numpy", "pandas"):
                 elapsed, body = evaluate(unpooled, case)
                 print(
                     f"  cold {case:<8} {elapsed:7.2f} s   deps_cache={body.get('deps_cache')}"
                     f"  auto_requirements={body.get('auto_requirements')}"
                 )
+        with serving(args, cache, pooled=True) as pooled:
 
-        def pooled_eval(case: str) -> tuple[float, dict[str, Any]]:
-            wait_for_pool(pooled, args.pool_size)  # steady state: the pool refilled
-            return evaluate(pooled, case)
+            def pooled_eval(case: str) -> tuple[float, dict[str, Any]]:
+                wait_for_pool(pooled, steady(args))  # steady state: the pool refilled
+                return evaluate(pooled, case)
 
-        steps: list[tuple[str, Callable[[], tuple[float, dict[str, Any]]]]] = [
-            *((f"{case}, pooled", lambda case=case: pooled_eval(case)) for case in CASES),
-            *((f"{case}, no pool", lambda case=case: evaluate(unpooled, case)) for case in CASES),
-        ]
-        hits = 0
-        for i in range(args.warmup + args.runs):
-            shift = i % len(steps)
-            for name, step in steps[shift:] + steps[:shift]:
-                elapsed, body = step()
-                if i >= args.warmup:
-                    times[name].append(elapsed)
-                    hits += body.get("deps_cache") == "hit"
+            steps: list[tuple[str, Callable[[], tuple[float, dict[str, Any]]]]] = [
+                *((f"{case}, pooled", lambda case=case: pooled_eval(case)) for case in CASES),
+                *(
+                    (f"{case}, no pool", lambda case=case: evaluate(unpooled, case))
+                    for case in CASES
+                ),
+            ]
+            hits = 0
+            for i in range(args.warmup + args.runs):
+                shift = i % len(steps)
+                for name, step in steps[shift:] + steps[:shift]:
+                    elapsed, body = step()
+                    if i >= args.warmup:
+                        times[name].append(elapsed)
+                        hits += body.get("deps_cache") == "hit"
     p50 = {name: statistics.median(values) for name, values in times.items()}
     print(f"== {label}: {args.runs} interleaved rounds ({hits} cache hits)")
     for name, values in times.items():
@@ -142,6 +164,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--image", default="pyexec-runner:bookworm")
     parser.add_argument("--pool-size", type=int, default=2, help="the default pool size")
+    parser.add_argument(
+        "--deps-pool-size",
+        type=int,
+        default=1,
+        help="preloaded sandboxes per prewarmed set (numpy, pandas) on the pooled server "
+        "(the default PYEXEC_DEPS_POOL_SIZE; 0: the plain pool serves them)",
+    )
     parser.add_argument(
         "--conditions", default="quiet,busy", help="quiet, busy (two busy-loop processes)"
     )

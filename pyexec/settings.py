@@ -574,6 +574,15 @@ class Settings:
         "within one (`numpy;pandas;numpy pandas matplotlib`). With PYEXEC_SETUP_NETWORK off, "
         "exactly these sets are the requirements a request may have.",
     )
+    deps_pool_size: int = setting(
+        1,
+        "PYEXEC_DEPS_POOL_SIZE",
+        parse=int,
+        help="Sandboxes the local runner keeps waiting per PYEXEC_DEPS_PREWARM set and pooled "
+        "image (with PYEXEC_POOL_SIZE above 0), the set's modules already imported in the "
+        "program's interpreter: `import numpy` then costs nothing. Each holds its modules' "
+        "memory while it waits (0: none; such runs use the plain pool). Local Docker only.",
+    )
     deps_index_url: str | None = setting(
         "https://pypi.org/simple",
         "PYEXEC_DEPS_INDEX_URL",
@@ -660,6 +669,7 @@ class Settings:
             "max_in_flight",
             "cleanup_ttl",
             "deps_cache_bytes",
+            "deps_pool_size",
         ):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 yield var(name), f"{shown(name)} must be 0 or more"

@@ -347,7 +347,9 @@ async def test_an_evicted_environment_is_built_again_when_asked_for(tmp_path: Pa
 
 
 async def test_prewarming_builds_in_the_background(tmp_path: Path) -> None:
-    """prewarm returns at once; the environments are ready once it has run."""
+    """prewarm returns at once; the environments are ready once it has run, and it tells
+    the caller of each one, with what it was built for, once it is (a failed build is
+    skipped, logged)."""
     gate = asyncio.Event()
     builder = FileBuilder(gate=gate)
     cache = make_cache(tmp_path, builder)
@@ -361,18 +363,30 @@ async def test_prewarming_builds_in_the_background(tmp_path: Path) -> None:
     cache.observer = Observer()
     await cache.startup()
 
-    async def keys() -> AsyncIterator[EnvKey]:
-        yield key_of("aaaa")
-        yield key_of("bbbb")
+    async def keys() -> AsyncIterator[tuple[str, EnvKey]]:
+        yield "first", key_of("aaaa")
+        yield "second", key_of("bbbb")
 
-    cache.prewarm(keys())
+    told: list[tuple[str, EnvKey]] = []
+    all_told = anyio.Event()
+
+    async def ready(item: str, key: EnvKey) -> None:
+        assert cache.dir.ready(key.digest) is not None
+        told.append((item, key))
+        if len(told) == 2:
+            all_told.set()
+
+    cache.prewarm(keys(), ready)
     await anyio.sleep(0.1)
     assert cache.dir.entries() == []  # still building: start-up was not held up
+    assert told == []
     gate.set()
     with anyio.fail_after(10):
         await both_built.wait()
+        await all_told.wait()
     assert len(cache.dir.entries()) == 2
     assert all(not entry.in_use for entry in cache.dir.entries())
+    assert told == [("first", key_of("aaaa")), ("second", key_of("bbbb"))]
     await cache.aclose()
 
 

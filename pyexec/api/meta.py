@@ -19,7 +19,8 @@ __all__ = ["docs_page", "health", "liveness", "openapi", "swagger_assets", "vers
 async def health(request: Request) -> JSONResponse:
     """Readiness: each backend checked separately; 503 when one is unreachable. With a
     warm pool, its ready sandboxes per image, and which pools are empty (runs still
-    work, on the cold path: ``degraded``, not unavailable)."""
+    work, on the cold path: ``degraded``, not unavailable); of them, those that
+    imported a prewarmed dependency set ahead, per image and module list."""
     checks = await request.app.state.service.health()
     ok = all(value == "ok" for value in checks.values())
     body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
@@ -28,6 +29,9 @@ async def health(request: Request) -> JSONResponse:
         ready = pool.ready()
         empty = sorted(image for image, count in ready.items() if count == 0)
         body["pool"] = {"ready": ready, "empty": empty}
+        preloaded = pool.ready_preloaded()
+        if preloaded:
+            body["pool"]["preloaded"] = preloaded
         if ok and empty:
             body["status"] = "degraded"
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -21,9 +21,9 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from importlib import resources
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 from anyio import to_thread
@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("pyexec.deps")
+
+T = TypeVar("T")
 
 #: Pauses while another process holds a key's build lock (or an eviction its use lock).
 LOCK_POLL_SECONDS = (0.05, 1.0)
@@ -239,15 +241,27 @@ class DepsCache:
         finally:
             CacheDir.unlock(fd)
 
-    def prewarm(self, keys: AsyncIterable[EnvKey]) -> None:
-        """Build ``keys`` in the background (start-up is not held up); failures are logged."""
+    def prewarm(
+        self,
+        keys: AsyncIterable[tuple[T, EnvKey]],
+        ready: Callable[[T, EnvKey], Awaitable[None]] | None = None,
+    ) -> None:
+        """Build ``keys`` (each with what it is built for, e.g. an image) in the background
+        (start-up is not held up), awaiting ``ready`` with each one built; failures are
+        logged."""
 
         async def warm() -> None:
-            async for key in keys:
+            async for item, key in keys:
                 try:
                     (await self.lease(key, counted=False)).release()
                 except BuildFailed as exc:
                     log.warning("deps cache: prewarming %s failed: %s", key.requirements, exc)
+                    continue
+                if ready is not None:
+                    try:
+                        await ready(item, key)
+                    except Exception:  # the rest is still prewarmed; logged
+                        log.exception("deps cache: after prewarming %s", key.requirements)
 
         task = asyncio.create_task(warm(), name="pyexec-deps-prewarm")
         self._background.add(task)

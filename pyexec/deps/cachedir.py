@@ -67,7 +67,7 @@ class NotCacheable(ValueError):
     """A requirements text the cache does not take (the message says which line, why)."""
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -92,7 +92,7 @@ def normalise_requirements(text: str) -> tuple[str, ...]:
         if match is None:
             raise NotCacheable(f"{line!r}: not a requirement (name[extras] specifiers)")
         extras = sorted(
-            {_canonical(e.strip()) for e in (match["extras"] or "").split(",") if e.strip()}
+            {canonical_name(e.strip()) for e in (match["extras"] or "").split(",") if e.strip()}
         )
         specs = []
         for part in (match["spec"] or "").split(","):
@@ -102,7 +102,7 @@ def normalise_requirements(text: str) -> tuple[str, ...]:
             if spec is None:
                 raise NotCacheable(f"{line!r}: cannot read the version specifier {part.strip()!r}")
             specs.append(spec[1] + spec[2])
-        normal = _canonical(match["name"])
+        normal = canonical_name(match["name"])
         if extras:
             normal += "[" + ",".join(extras) + "]"
         found.add(normal + ",".join(sorted(set(specs))))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -61,6 +61,9 @@ PROBE = (
     "import platform,sys;l=platform.libc_ver();"
     "print('%d.%d'%sys.version_info[:2],platform.machine(),l[0] or 'musl',l[1] or '1.2')"
 )
+#: What the runner is told of each prewarmed environment once it is ready: an image it
+#: was built for (several images of one Python share it), its key.
+Prewarmed = Callable[[str, EnvKey], Awaitable[None]]
 #: Build output kept for a failed run's record (from the end).
 OUTPUT_BYTES = 16 * 1024
 
@@ -250,17 +253,20 @@ class DockerDeps:
             return
         self.available = True
 
-    async def startup(self) -> None:
-        """Sweep what killed builds left, then prewarm in the background."""
+    async def startup(self, prewarmed: Prewarmed | None = None) -> None:
+        """Sweep what killed builds left, then prewarm in the background; ``prewarmed`` is
+        awaited with each image and the key built for it, once it is ready."""
         if not self.available:
             return
         await self.cache.startup()
         if self._settings.deps_prewarm:
             image = self._settings.default_image
             versions = dict.fromkeys([image, *(i for _, i in self._settings.python_images)])
-            self.cache.prewarm(self._prewarm_keys(list(versions)))
+            self.cache.prewarm(self._prewarm_keys(list(versions)), prewarmed)
 
-    async def _prewarm_keys(self, images: list[str]) -> AsyncIterator[EnvKey]:
+    async def _prewarm_keys(self, images: list[str]) -> AsyncIterator[tuple[str, EnvKey]]:
+        """Each image with each set's key for it (images of one Python share keys: a
+        second lease of one is a hit)."""
         for image in images:
             try:
                 target = await self.target(image)
@@ -268,7 +274,7 @@ class DockerDeps:
                 logging.getLogger("pyexec.deps").warning("deps prewarm: %s", exc.message)
                 continue
             for requirements in self._settings.deps_prewarm:
-                yield EnvKey(requirements, target, installer(self._settings))
+                yield image, EnvKey(requirements, target, installer(self._settings))
 
     async def target(self, image: str) -> Target:
         """The Python and platform of ``image`` (probed once per image id)."""

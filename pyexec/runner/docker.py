@@ -37,6 +37,8 @@ from anyio import from_thread, to_thread
 from pyexec.artifacts import ArtifactStream, blob_overhead, new_nonce
 from pyexec.deps.cache import BuildFailed, Lease
 from pyexec.deps.docker import DockerDeps
+from pyexec.deps.key import EnvKey
+from pyexec.deps.preload import preload_modules
 from pyexec.errors import (
     BackendError,
     BackendUnavailable,
@@ -45,7 +47,7 @@ from pyexec.errors import (
     NotFound,
     PyexecError,
 )
-from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, utcnow
+from pyexec.models import Execution, ExecutionRequest, Reason, RunOutcome, parse_request, utcnow
 from pyexec.runner import OnOutput, OnRunning
 from pyexec.runner.docker_engine import THREADS, Engine, owner_alive, owner_label
 from pyexec.runner.docker_pool import LABEL_POOL, DockerPool, Sandbox, served_execution
@@ -59,12 +61,13 @@ from pyexec.runner.docker_spec import (
     artifact_grace,
     bootstrap_spec,
     container_args,
+    deps_path,
     plan,
     volume_args,
 )
 from pyexec.runner.docker_stream import AttachSocket, Capture, Demux
 from pyexec.runner.docker_verdict import Ending, verdict
-from pyexec.sandbox import wire
+from pyexec.sandbox import Preload, wire
 from pyexec.settings import Settings
 
 __all__ = ["DockerRunner"]
@@ -195,6 +198,11 @@ class DockerRunner:
         self.pool = (
             DockerPool.from_settings(self._engine, settings, self._owner) if pooled else None
         )
+        #: Per prewarmed environment with preloaded sandboxes in the pool (by key digest):
+        #: what they import, and the lease that keeps the environment from eviction.
+        self._preloads: dict[str, tuple[Preload, Lease]] = {}
+        #: The pool's shape of each preloaded set: (image, requirements joined by spaces).
+        self.preloaded: dict[tuple[str, str], str] = {}
 
     # --- Runner protocol ---------------------------------------------------------------
 
@@ -218,7 +226,8 @@ class DockerRunner:
         if self.pool is not None:
             self.pool.start()
         if self.deps is not None:
-            await self.deps.startup()
+            preloads = self.pool is not None and self._settings.deps_pool_size > 0
+            await self.deps.startup(self._prewarmed if preloads else None)
 
     def check(self, request: ExecutionRequest) -> None:
         """Refuse what no process can be given: a NUL byte in an argument, an environment
@@ -381,6 +390,9 @@ class DockerRunner:
                 removal.cancel()
         if self.pool is not None:
             await self.pool.aclose()
+        for _, lease in self._preloads.values():
+            lease.release()
+        self._preloads.clear()
         if self.deps is not None:
             await self.deps.aclose()
         self._engine.close()
@@ -613,7 +625,7 @@ class DockerRunner:
         args = container_args(
             self._settings, request, run.execution_id, phase, run.volume, self._owner, nonce
         )
-        sandbox = await self._take_pooled(run, phase, args)
+        sandbox = await self._take_pooled(run, phase, args, nonce)
         if sandbox is not None and nonce:
             nonce = sandbox.nonce  # the one in its label
         if nonce:
@@ -679,16 +691,49 @@ class DockerRunner:
         self._judge(run, phase, control, trailer, exited, oom)
         await self._discard(run, container)
 
-    async def _take_pooled(self, run: _Run, phase: Phase, args: dict[str, Any]) -> Sandbox | None:
+    async def _take_pooled(
+        self, run: _Run, phase: Phase, args: dict[str, Any], nonce: str
+    ) -> Sandbox | None:
         """A pooled sandbox made with ``args`` (already started, waiting for its input),
-        if the pool has one; only a container that unpacks and runs without a setup
-        can be pooled."""
+        if the pool has one, one that imported the run's prewarmed environment first if
+        there is; only a container that unpacks and runs without a setup can be pooled."""
         if self.pool is None or not phase.run:
             return None
         if phase.setup or not phase.extract:
             self.pool.observer.miss(str(args["image"]), "unpooled")
             return None
-        return await self.pool.take(args, run.execution_id)
+        preload = self._preloads.get(run.deps_key or "")
+        if preload is None:
+            return await self.pool.take(args, run.execution_id)
+        warm = container_args(
+            self._settings,
+            run.request,
+            run.execution_id,
+            phase,
+            run.volume,
+            self._owner,
+            nonce,
+            preload=preload[0],
+        )
+        return await self.pool.take(warm, run.execution_id, args)
+
+    async def _prewarmed(self, image: str, key: EnvKey) -> None:
+        """A prewarmed environment is ready: keep sandboxes of ``image`` (if pooled) that
+        import its modules ahead (``PYEXEC_DEPS_POOL_SIZE``), and keep it from eviction
+        while they are kept."""
+        if self.pool is None or self.deps is None or image not in self._settings.pooled_images:
+            return
+        digest = key.digest
+        if digest not in self._preloads:
+            site = self.deps.cache.dir.site(digest)
+            modules = await to_thread.run_sync(preload_modules, site, key.requirements)
+            if not modules:
+                return
+            lease = await self.deps.cache.lease(key, counted=False)
+            self._preloads[digest] = (Preload(deps_path(digest), modules), lease)
+        request = parse_request({"docker_image": image}, self._settings)
+        shape = self.pool.keep(request, self._settings.deps_pool_size, self._preloads[digest][0])
+        self.preloaded[image, " ".join(key.requirements)] = shape
 
     async def _start(self, run: _Run, container: str) -> None:
         """Start the container; if the run was killed meanwhile, stop it at once (a kill

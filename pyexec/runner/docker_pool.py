@@ -47,6 +47,7 @@ from pyexec.runner.docker_spec import (
 )
 from pyexec.runner.docker_stream import AttachSocket
 from pyexec.runner.pool import REFILLS, PoolCore, PoolObserver, PoolShape, pooled_requests
+from pyexec.sandbox import Preload
 from pyexec.settings import Settings
 
 __all__ = ["LABEL_POOL", "DockerPool", "Sandbox", "served_execution", "served_name", "shape_key"]
@@ -155,12 +156,15 @@ class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
         phases = plan(request, settings)
         return len(phases) == 1 and not phases[0].setup
 
-    def keep(self, request: ExecutionRequest, size: int) -> str:
-        """Keep ``size`` sandboxes ready for requests shaped like ``request``; its key."""
+    def keep(self, request: ExecutionRequest, size: int, preload: Preload | None = None) -> str:
+        """Keep ``size`` sandboxes ready for requests shaped like ``request`` (with
+        ``preload``'s modules imported ahead: a prewarmed dependency set); its key."""
         if not self.poolable(request, self._settings):
             raise ValueError("only a request without a setup phase can be pooled")
         phase = plan(request, self._settings)[0]
-        args = container_args(self._settings, request, "", phase, None, self._owner)
+        args = container_args(
+            self._settings, request, "", phase, None, self._owner, preload=preload
+        )
         args["labels"] = {
             LABEL_MANAGED: "1",
             LABEL_OWNER: self._owner,
@@ -168,19 +172,32 @@ class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
             LABEL_POOL: "1",
         }
         key = shape_key(args)
-        self._keep(key, request.docker_image, args, size)
+        label = " ".join(preload.modules) if preload is not None else ""
+        self._keep(key, request.docker_image, args, size, label)
         return key
 
-    async def take(self, args: Mapping[str, Any], execution_id: str) -> Sandbox | None:
-        """A waiting sandbox created with ``args`` (labels aside), now the caller's to
-        remove, named for ``execution_id`` before the run begins (so a run recorded as
-        running can be adopted after a crash); ``None`` when there is none (the caller
-        takes the cold path)."""
+    async def take(
+        self, args: Mapping[str, Any], execution_id: str, *alternatives: Mapping[str, Any]
+    ) -> Sandbox | None:
+        """A waiting sandbox created with ``args`` (labels aside), else with the first of
+        ``alternatives`` that has one, now the caller's to remove, named for
+        ``execution_id`` before the run begins (so a run recorded as running can be
+        adopted after a crash); ``None`` when there is none (the caller takes the cold
+        path). One hit or one miss is counted."""
         image = str(args["image"])
-        shape = self._shapes.get(shape_key(args))
-        if shape is None or self._closed:
+        shapes = [self._shapes.get(shape_key(a)) for a in (args, *alternatives)]
+        kept = [shape for shape in shapes if shape is not None]
+        if not kept or self._closed:
             self._miss(image, "unpooled")
             return None
+        for shape in kept:
+            sandbox = await self._take_from(shape, execution_id)
+            if sandbox is not None:
+                return sandbox
+        self._miss(image, "empty")
+        return None
+
+    async def _take_from(self, shape: _Shape, execution_id: str) -> Sandbox | None:
         while shape.ready:
             sandbox = shape.ready.pop(0)  # the oldest first: none idles to expiry in a queue
             if self._fresh(sandbox) and sandbox.waiting():
@@ -197,7 +214,6 @@ class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
                 return sandbox
             sandbox.conn.close()  # now: a task cancelled before it ran would leave it open
             self._spawn(self._remove(sandbox.container))
-        self._miss(image, "empty")
         return None
 
     def sandboxes(self) -> list[Sandbox]:

@@ -17,7 +17,7 @@ from pyexec.artifacts import MAX_ARTIFACT_FILES, blob_overhead
 from pyexec.deadline import SLACK_SECONDS
 from pyexec.deps.cachedir import ENVS, SITE
 from pyexec.models import ExecutionRequest
-from pyexec.sandbox import bootstrap_source, seccomp_profile
+from pyexec.sandbox import Preload, bootstrap_command, seccomp_profile
 from pyexec.settings import Settings
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "artifact_grace",
     "bootstrap_spec",
     "container_args",
+    "deps_path",
     "deps_root",
     "disk_shares",
     "labels",
@@ -139,6 +140,11 @@ def deps_root(settings: Settings) -> str | None:
     return envs if os.path.isdir(envs) else None
 
 
+def deps_path(digest: str) -> str:
+    """Where a run sees the cached environment ``digest`` (on its ``PYTHONPATH``)."""
+    return f"{DEPS_TARGET}/{digest}/{SITE}"
+
+
 def labels(execution_id: str, owner: str) -> dict[str, str]:
     """The labels every container and volume of an execution carries."""
     return {LABEL_MANAGED: "1", LABEL_EXECUTION: execution_id, LABEL_OWNER: owner}
@@ -195,6 +201,7 @@ def container_args(
     volume: str | None = None,
     owner: str = "",
     nonce: str = "",
+    preload: Preload | None = None,
 ) -> dict[str, Any]:
     """Arguments of ``APIClient.create_container``, with ``host_config`` as the keyword
     arguments of ``create_host_config`` (a pure function of its arguments and of whether
@@ -204,7 +211,9 @@ def container_args(
     environments read-only at ``DEPS_TARGET`` (``deps_root``), whether it has requirements
     or not: one shape for all, so a warm pool's sandbox can serve a run with a cached
     environment too (the bootstrap is told which one). ``nonce``: the artifacts mark's,
-    kept as a label (``LABEL_NONCE``)."""
+    kept as a label (``LABEL_NONCE``). ``preload``: the bootstrap starts the program's
+    interpreter at once with these modules of a cached environment imported (a warm
+    pool's sandbox for a prewarmed set: ``pyexec.sandbox.preload``)."""
     config = request.config
     gvisor = settings.docker_runtime == "runsc"
     memory = (config.memory_mb + (RUNSC_MEMORY_OVERHEAD_MB if gvisor else 0)) * MiB
@@ -244,7 +253,7 @@ def container_args(
         # The image's own ENTRYPOINT (a shell wrapper, an init script) would get the
         # bootstrap as its arguments and may run anything first: reset it.
         "entrypoint": [],
-        "command": ["python3", "-I", "-S", "-c", bootstrap_source()],
+        "command": bootstrap_command(preload),
         "user": SANDBOX_USER,
         "working_dir": WORKDIR,
         "environment": [
@@ -320,7 +329,7 @@ def bootstrap_spec(
             "deadline": request.config.timeout_seconds + SANDBOX_DEADLINE_GRACE,
         }
         if deps:
-            spec["run"]["deps"] = f"{DEPS_TARGET}/{deps}/{SITE}"
+            spec["run"]["deps"] = deps_path(deps)
         if request.artifacts:
             spec["run"]["artifacts"] = {
                 "patterns": list(request.artifacts),

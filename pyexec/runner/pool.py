@@ -80,6 +80,11 @@ class WarmPool(Protocol):
         """Sandboxes ready now, per pooled image (an image whose pool is empty: 0)."""
         ...
 
+    def ready_preloaded(self) -> dict[str, int]:
+        """Of those, the ones that imported a prewarmed set ahead, per ``<image>
+        <modules>`` (``PYEXEC_DEPS_POOL_SIZE``; counted in ``ready`` too)."""
+        ...
+
 
 class Pooled(Protocol):
     """A sandbox a pool holds: of one image, made ``age`` seconds ago."""
@@ -104,6 +109,8 @@ class PoolShape(Generic[K, S, T]):
     image: str
     spec: S
     size: int
+    #: What its sandboxes have besides their image (``ready_preloaded``), if anything.
+    label: str = ""
     ready: list[T] = attrs.Factory(list)
     making: int = 0
     failures: int = 0
@@ -174,11 +181,11 @@ class PoolCore(abc.ABC, Generic[K, S, T]):
 
     # --- the shared rules ------------------------------------------------------------------
 
-    def _keep(self, key: K, image: str, spec: S, size: int) -> None:
+    def _keep(self, key: K, image: str, spec: S, size: int, label: str = "") -> None:
         """Keep ``size`` sandboxes ready for ``key`` (made from ``spec`` when new)."""
         shape = self._shapes.get(key)
         if shape is None:
-            self._shapes[key] = PoolShape(key, image, spec, size)
+            self._shapes[key] = PoolShape(key, image, spec, size, label)
         else:
             shape.size = size
         self._wake.set()
@@ -201,6 +208,14 @@ class PoolCore(abc.ABC, Generic[K, S, T]):
             if shape.size > 0:
                 counts[shape.image] = counts.get(shape.image, 0) + len(shape.ready)
         return counts
+
+    def ready_preloaded(self) -> dict[str, int]:
+        """Of those, per labelled shape (``<image> <label>``)."""
+        return {
+            f"{shape.image} {shape.label}": len(shape.ready)
+            for shape in self._shapes.values()
+            if shape.size > 0 and shape.label
+        }
 
     def _all_ready(self) -> list[T]:
         """The sandboxes ready now (as last checked), of every shape."""
