@@ -23,7 +23,7 @@ from pyexec.runner.docker import DockerRunner
 from pyexec.settings import Settings
 
 from .conftest import TEST_IMAGE
-from .fixtures_docker import docker_client, execute
+from .fixtures_docker import docker_client, execute, runtime_registered
 from .test_deps_cache_docker import deps_settings
 from .wheels import make_wheel
 
@@ -80,21 +80,33 @@ def _settings(tmp_path: Path, **overrides: object) -> Settings:
     return deps_settings(tmp_path, **options)
 
 
-@pytest.fixture
+@pytest.fixture(params=["runc", "runsc"])
 async def runners(
-    tmp_path: Path, docker_client: docker.DockerClient
+    request: pytest.FixtureRequest, tmp_path: Path, docker_client: docker.DockerClient
 ) -> AsyncIterator[tuple[DockerRunner, DockerRunner, Settings]]:
     """A runner keeping one preloaded sandbox per prewarmed set, and one with no pool,
-    sharing one cache."""
-    settings = _settings(tmp_path, pool_size=1, deps_pool_size=1)
+    sharing one cache; each runtime (gVisor refuses some calls runc allows: ``select``)."""
+    runtime = request.param
+    if runtime != "runc" and not runtime_registered(docker_client, runtime):
+        pytest.skip(f"dockerd has no runtime {runtime!r} (scripts/bootstrap.sh registers runsc)")
+    settings = _settings(tmp_path, pool_size=1, deps_pool_size=1, docker_runtime=runtime)
     warm = DockerRunner(settings, docker_client)
-    cold = DockerRunner(_settings(tmp_path, pool_size=0), docker_client)
+    cold = DockerRunner(_settings(tmp_path, pool_size=0, docker_runtime=runtime), docker_client)
     await warm.startup()
     await cold.startup()
     try:
         with anyio.fail_after(120):  # the prewarm builds both sets in the background
             while len(warm.preloaded) < 2:  # noqa: ASYNC110 - the runner's state, bounded
                 await anyio.sleep(0.1)
+        assert warm.pool is not None
+        await warm.pool.wait_ready(None, 1, timeout=60)
+        assert warm.pool.ready_preloaded() == {
+            f"{TEST_IMAGE} brokenpkg": 1,
+            f"{TEST_IMAGE} preloadme": 1,
+        }
+        # The runner holds the preloaded sets' environments: eviction keeps them.
+        assert warm.deps is not None
+        assert warm.deps.cache.dir.evict(0) == []
         yield warm, cold, settings
     finally:
         await warm.aclose()

@@ -223,9 +223,9 @@ class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
     def ready_containers(self) -> set[str]:
         return {sandbox.container for sandbox in self.sandboxes()}
 
-    async def wait_ready(self, key: str, count: int, timeout: float) -> None:
-        """Until ``count`` sandboxes of shape ``key`` are ready; ``TimeoutError`` after
-        ``timeout`` seconds."""
+    async def wait_ready(self, key: str | None, count: int, timeout: float) -> None:
+        """Until ``count`` sandboxes of shape ``key`` (``None``: of every kept shape) are
+        ready; ``TimeoutError`` after ``timeout`` seconds."""
         await self._wait_ready(count, timeout, key)
 
     async def _after_close(self) -> None:
