@@ -63,6 +63,25 @@ SYNTAX = "import sys\nprint('never'\n"
 INTERRUPTED = (
     FLAG + "import atexit\natexit.register(lambda: print('atexit ran'))\nraise KeyboardInterrupt\n"
 )
+#: Children of each start method re-find the program's functions by ``__main__``.
+PROCESSES = """\
+import inspect, multiprocessing, pickle, sys
+
+if __name__ == "__main__":  # not again in each spawned child
+    print("preloaded" if "preloadme" in sys.modules else "fresh")
+
+def square(x):
+    return x * x
+
+class Thing:
+    pass
+
+if __name__ == "__main__":
+    for method in ("fork", "spawn", "forkserver"):
+        with multiprocessing.get_context(method).Pool(2) as pool:
+            print(method, pool.map(square, range(4)))
+    print(type(pickle.loads(pickle.dumps(Thing()))), inspect.getsource(square).split(":")[0])
+"""
 USES = FLAG + "import preloadme\nprint(preloadme.FLAVOR, preloadme.__file__)\n"
 
 pytestmark = [pytest.mark.docker, pytest.mark.anyio]
@@ -144,9 +163,9 @@ async def test_a_preloaded_program_sees_what_a_fresh_interpreter_shows(
     runners: tuple[DockerRunner, DockerRunner, Settings], docker_client: docker.DockerClient
 ) -> None:
     """The namespace, path, argv, descriptors, limits and loaded modules of the program,
-    its uncaught exception, ``sys.exit`` with a message, a syntax error and an
-    interrupt: the same on a preloaded sandbox as in a fresh interpreter, and nothing the
-    import printed reaches the run's output."""
+    its uncaught exception, ``sys.exit`` with a message, a syntax error, an
+    interrupt, child processes of each start method: the same on a preloaded sandbox as
+    in a fresh interpreter, and nothing the import printed reaches the run's output."""
     warm, cold, settings = runners
     probe = {"main.py": PROBE}
     args = {"script_args": ["a b", "-c"], "stdin": "some input"}
@@ -156,7 +175,7 @@ async def test_a_preloaded_program_sees_what_a_fresh_interpreter_shows(
     assert seen["argv"] == ["main.py", "a b", "-c"]
     assert seen["fds"] == ["0", "1", "2", "3"]  # the listing's own descriptor is the 4th
     assert "noise" not in got[0].stdout + got[0].stderr
-    for program in (RAISES, EXITS, INTERRUPTED):
+    for program in (RAISES, EXITS, INTERRUPTED, PROCESSES):
         _same(*[await _run(r, docker_client, settings, {"main.py": program}) for r in (warm, cold)])
     syntax = [await _run(r, docker_client, settings, {"main.py": SYNTAX}) for r in (warm, cold)]
     assert syntax[0].stderr == syntax[1].stderr
