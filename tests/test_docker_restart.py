@@ -83,8 +83,10 @@ class Server:
             self.proc.send_signal(sig)
             self.proc.wait(30)
 
-    def submit(self, code: str, timeout_seconds: int, **extra: Any) -> str:
-        config = {"timeout_seconds": timeout_seconds}
+    def submit(
+        self, code: str, timeout_seconds: int, config: dict[str, int] | None = None, **extra: Any
+    ) -> str:
+        config = {"timeout_seconds": timeout_seconds, **(config or {})}
         metadata = json.dumps({"entrypoint": "main.py", "config": config, **extra})
         response = httpx.post(
             f"{self.url}/api/v1/exec/async",
@@ -286,3 +288,28 @@ def test_a_run_adopted_after_a_restart_streams_its_output_live(
     # Ticks come 0.4 s apart for 12 s (the restart takes a few): pieces read live arrive
     # spread out before the end, not in one piece at it.
     assert output[-1][0] - output[0][0] > 1.0, [(at - end[0], d["text"]) for at, d in output]
+
+
+def test_a_run_adopted_after_a_restart_ends_at_its_output_limit(
+    server: Server, docker_client: docker.DockerClient
+) -> None:
+    """An adopted run whose output passes its cap is ended then, as a watched run is,
+    not left running to its deadline: ``output_limit``, the output cut to the cap."""
+    server.start()
+    code = (
+        "import sys, time\nprint('started', flush=True)\ntime.sleep(3)\n"
+        "sys.stdout.write(('x' * 99 + '\\n') * 50)\nsys.stdout.flush()\ntime.sleep(100)\n"
+    )
+    execution_id = server.submit(code, timeout_seconds=120, config={"max_output_bytes": 1024})
+    _wait_started(docker_client, execution_id)
+    server.kill()
+
+    server.start()
+    record = server.get(execution_id, wait=60)
+    assert (record["status"], record["reason"]) == ("failed", "output_limit"), record
+    assert record["output_truncated"] is True
+    assert record["stdout"] == ("started\n" + ("x" * 99 + "\n") * 50)[:1024]
+    started = datetime.fromisoformat(record["started_at"])
+    finished = datetime.fromisoformat(record["finished_at"])
+    assert (finished - started).total_seconds() < 60  # the program slept for 100 s
+    assert leftovers(docker_client, execution_id) == []

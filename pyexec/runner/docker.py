@@ -419,7 +419,8 @@ class DockerRunner:
             budget = request.config.timeout_seconds + _SETUP_GRACE + artifact_grace(request)
             phase = plan(request, self._settings)[-1]
             control, trailer = wire.ControlLine(), wire.Trailer()
-            read = partial(self._adopted_output, run, control, trailer)
+            over = anyio.Event()
+            read = partial(self._adopted_output, run, control, trailer, over)
             failed: list[PyexecError] = []
             async with anyio.create_task_group() as group:
                 followed = anyio.Event()
@@ -431,7 +432,18 @@ class DockerRunner:
                         failed.append(exc)
                     followed.set()
 
+                async def end_when_over() -> None:
+                    """Past the output limit the run ends as a watched one does: stopped
+                    (SIGTERM: the bootstrap sends the artifacts first) or killed."""
+                    await over.wait()
+                    signal = "SIGTERM" if run.artifacts is not None else "SIGKILL"
+                    try:
+                        await self._engine.kill(container, signal=signal)
+                    except PyexecError as exc:  # it still ends at its deadline
+                        log.warning("could not end %s past its output limit: %s", container, exc)
+
                 group.start_soon(follow)
+                group.start_soon(end_when_over)
                 exited = await self._engine.wait(container, max(budget - ran, 1.0))
                 if exited is None:  # the sandbox's own deadline did not end it
                     self._timed_out(run, phase, control)
@@ -467,10 +479,12 @@ class DockerRunner:
         run: _Run,
         control: wire.ControlLine,
         trailer: wire.Trailer,
+        over: anyio.Event,
         stream: int,
         data: bytes,
     ) -> None:
-        """One piece of an adopted container's output, split as ``_pump`` splits it."""
+        """One piece of an adopted container's output, split as ``_pump`` splits it;
+        ``over`` is set once it passes the output limit."""
         if stream == 1:
             if not control.done:
                 data = control.feed(data)
@@ -478,8 +492,8 @@ class DockerRunner:
                 data = run.artifacts.feed(data)
         else:
             data = trailer.feed(data)
-        if data and run.verdict is None:
-            self._capture(run, stream, data)
+        if data and run.verdict is None and not self._capture(run, stream, data):
+            over.set()
 
     async def _sweep_orphans(self, orphans: set[str]) -> None:
         """Once the adoption window has passed, remove what no ``resume`` took."""
