@@ -34,6 +34,7 @@ NOISY = (
     "print('noise from the import')\n"
     "print('noise on stderr', file=sys.stderr)\n"
     "FLAVOR = os.environ.get('FLAVOR', 'plain')\n"
+    "CWD = os.getcwd()\n"
 )
 #: Says first whether the program's interpreter had imported the set already.
 FLAG = "import sys\nprint('preloaded' if 'preloadme' in sys.modules else 'fresh')\n"
@@ -82,7 +83,7 @@ if __name__ == "__main__":
             print(method, pool.map(square, range(4)))
     print(type(pickle.loads(pickle.dumps(Thing()))), inspect.getsource(square).split(":")[0])
 """
-USES = FLAG + "import preloadme\nprint(preloadme.FLAVOR, preloadme.__file__)\n"
+USES = FLAG + "import preloadme\nprint(preloadme.FLAVOR, preloadme.CWD, preloadme.__file__)\n"
 
 pytestmark = [pytest.mark.docker, pytest.mark.anyio]
 
@@ -200,11 +201,11 @@ async def test_a_program_that_could_see_a_difference_runs_in_a_fresh_interpreter
     ]
     _same(*flavored, first=("fresh", "fresh"))
     assert flavored[0].stdout.splitlines()[1].startswith("noise from the import")
-    assert "sour /opt/pyexec/envs/" in flavored[0].stdout
-    shadow = {"main.py": USES, "preloadme.py": "FLAVOR = 'mine'\n"}
+    assert "sour /work /opt/pyexec/envs/" in flavored[0].stdout
+    shadow = {"main.py": USES, "preloadme.py": "FLAVOR = 'mine'\nCWD = 'here'\n"}
     shadowed = [await _run(r, docker_client, settings, shadow) for r in (warm, cold)]
     _same(*shadowed, first=("fresh", "fresh"))
-    assert shadowed[0].stdout.splitlines()[1] == "mine /work/preloadme.py"
+    assert shadowed[0].stdout.splitlines()[1] == "mine here /work/preloadme.py"
     broken = FLAG + "import brokenpkg\n"
     failed = [
         await _run(r, docker_client, settings, {"main.py": broken}, requirements="brokenpkg")
@@ -222,7 +223,8 @@ async def test_a_preloaded_program_keeps_every_limit(
     warm, _, settings = runners
     used = await _run(warm, docker_client, settings, {"main.py": USES})
     assert used.stdout.splitlines()[0] == "preloaded"
-    assert used.stdout.splitlines()[1].startswith("plain /opt/pyexec/envs/")
+    # Imported where a fresh program imports it: in its working directory.
+    assert used.stdout.splitlines()[1].startswith("plain /work /opt/pyexec/envs/")
     spin = FLAG + "while True:\n    pass\n"
     ended = await _run(
         warm, docker_client, settings, {"main.py": spin}, config={"timeout_seconds": 1}

@@ -256,7 +256,7 @@ class Preloaded:
                 os.close(self.status)
                 for fd in (status_w, control_r, out, err):
                     os.set_inheritable(fd, True)
-                os.chdir("/")
+                os.chdir(WORK)  # where a fresh program imports them (not on its path yet)
                 fds = [str(fd) for fd in (status_w, control_r, out, err)]
                 argv = [sys.executable, "-c", source, *fds, *modules]
                 os.execve(sys.executable, argv, self.env)  # noqa: S606 - the program's interpreter
