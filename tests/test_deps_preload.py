@@ -219,12 +219,20 @@ async def test_a_program_that_could_see_a_difference_runs_in_a_fresh_interpreter
 async def test_a_preloaded_program_keeps_every_limit(
     runners: tuple[DockerRunner, DockerRunner, Settings], docker_client: docker.DockerClient
 ) -> None:
-    """The timeout ends it, and it uses the environment's modules as imported."""
+    """It uses the environment's modules as imported, its artifacts come back, the
+    timeout ends it."""
     warm, _, settings = runners
     used = await _run(warm, docker_client, settings, {"main.py": USES})
     assert used.stdout.splitlines()[0] == "preloaded"
     # Imported where a fresh program imports it: in its working directory.
     assert used.stdout.splitlines()[1].startswith("plain /work /opt/pyexec/envs/")
+    writes = USES + "open('out.txt', 'w').write(preloadme.FLAVOR)\n"
+    kept = await _run(warm, docker_client, settings, {"main.py": writes}, artifacts=["*.txt"])
+    assert kept.stdout.splitlines()[0] == "preloaded"
+    assert [(a.path, a.size) for a in kept.artifacts] == [("out.txt", len("plain"))]
+    assert kept.artifacts_truncated is False
+    assert kept.artifact_blob is not None
+    kept.artifact_blob.close()  # the caller's to close (the service stores it)
     spin = FLAG + "while True:\n    pass\n"
     ended = await _run(
         warm, docker_client, settings, {"main.py": spin}, config={"timeout_seconds": 1}
