@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+from collections.abc import AsyncIterator
 
 import anyio
 import attrs
+import httpx
 import pytest
 
 from pyexec.errors import Conflict, NotFound
 from pyexec.models import Execution, Reason, RunOutcome, Status, new_execution_id, utcnow
+from pyexec.settings import Settings
 from pyexec.store import OutputChunk, Store
+from pyexec.store.consul import ConsulStore
 from pyexec.store.consul_keys import LIVE_BLOCK_BYTES
 
 from . import fixtures_consul
+from .fixtures_consul import CONSUL_ADDR, RecordingTransport, consul_url
 
 pytestmark = pytest.mark.anyio
 
@@ -105,3 +111,74 @@ async def test_output_of_an_unknown_execution_is_not_found(store: Store) -> None
         await store.watch_output(new_execution_id(), 0, 0)
     with pytest.raises(NotFound):
         await store.append_output(new_execution_id(), [OutputChunk("stdout", 0, b"x")])
+
+
+@pytest.fixture
+async def replicas(
+    consul_settings: Settings,
+) -> AsyncIterator[tuple[ConsulStore, ConsulStore, RecordingTransport]]:
+    """Two Consul stores on one prefix (two replicas); the first one's requests recorded."""
+    transport = RecordingTransport()
+    first = ConsulStore.from_settings(consul_settings, transport=transport)
+    second = ConsulStore.from_settings(consul_settings)
+    try:
+        yield first, second, transport
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+@pytest.mark.consul
+async def test_the_writer_appends_again_in_one_request(
+    replicas: tuple[ConsulStore, ConsulStore, RecordingTransport],
+) -> None:
+    """The replica that drives a run remembers what it wrote: each later append is one
+    checked transaction (no read), partial blocks and block boundaries included."""
+    first, _, transport = replicas
+    eid = (await running(first)).execution_id
+    data = os.urandom(LIVE_BLOCK_BYTES + 500)
+    await first.append_output(eid, [OutputChunk("stdout", 0, data[:300])])
+    offset = 300
+    for n, size in enumerate((LIVE_BLOCK_BYTES - 100, 300)):
+        before = len(transport.requests)
+        piece = data[offset : offset + size]
+        await first.append_output(
+            eid, [OutputChunk("stdout", offset, piece), OutputChunk("stderr", n, b"e")]
+        )
+        offset += size
+        sent = transport.requests[before:]
+        assert [r.url.path for r in sent] == ["/v1/txn"], (n, [r.url.path for r in sent])
+        verbs = [op["KV"]["Verb"] for op in json.loads(sent[0].content)]
+        assert verbs[:2] == ["check-index", "check-index"]
+    assert offset == len(data)
+    assert await first.read_output(eid, "stdout", 0, len(data)) == data
+    assert await first.read_output(eid, "stderr", 0, 10) == b"ee"
+
+
+@pytest.mark.consul
+async def test_an_append_after_another_replica_wrote_reads_and_loses_nothing(
+    replicas: tuple[ConsulStore, ConsulStore, RecordingTransport],
+) -> None:
+    """When another replica wrote meanwhile (a restarted service adopting the run), the
+    remembered state is stale: the check fails, the writer reads and appends behind
+    what is there, without a gap or a repeat; once the run ended elsewhere an append is
+    dropped (its live output is gone with it) and nothing is written back."""
+    first, second, _ = replicas
+    eid = (await running(first)).execution_id
+    await first.append_output(eid, [OutputChunk("stdout", 0, b"one ")])
+    await second.append_output(eid, [OutputChunk("stdout", 0, b"one two ")])
+    await first.append_output(eid, [OutputChunk("stdout", 4, b"two three ")])
+    await second.append_output(eid, [OutputChunk("stdout", 14, b"four")])
+    await first.append_output(eid, [OutputChunk("stdout", 14, b"four five")])
+    assert await second.read_output(eid, "stdout", 0, 100) == b"one two three four five"
+    done = RunOutcome(reason=Reason.EXITED, exit_code=0, stdout="one two three four five")
+    await second.transition(eid, lambda r: r.finished(done), expect={Status.RUNNING})
+    await first.append_output(eid, [OutputChunk("stdout", 23, b" late")])
+    state = await first.watch_output(eid, 0, 0)
+    assert (state.status, state.stdout, state.stderr) == (Status.COMPLETED, 0, 0)
+    async with httpx.AsyncClient() as http:
+        response = await http.get(
+            f"{consul_url(CONSUL_ADDR)}/v1/kv/{first.prefix}/", params={"keys": ""}
+        )
+    listed = response.json()
+    assert not [key for key in listed if eid in key and "/live/" in key]

@@ -112,6 +112,7 @@ class ConsulStore:
             raise ValueError("chunk_size or the transaction limits are out of range")
         self._kv = kv
         self._prefix = prefix.strip("/")
+        self._live = consul_live.LiveWriter(kv, self._prefix)
         self._max_tar_bytes = max_tar_bytes
         self._chunk_size = chunk_size
         self._closed = False
@@ -305,6 +306,8 @@ class ConsulStore:
             )
             if stored is not None:
                 self._remember(record, *stored)
+                if record.terminal:
+                    self._live.forget(execution_id)  # its live output was deleted with it
                 return record
         raise Conflict(f"execution {execution_id} changed too often", code="invalid_transition")
 
@@ -537,7 +540,7 @@ class ConsulStore:
     # --- Live output (``consul_live``) --------------------------------------------------
 
     async def append_output(self, execution_id: str, chunks: Sequence[OutputChunk]) -> None:
-        await consul_live.append(self._kv, self._prefix, execution_id, chunks)
+        await self._live.append(execution_id, chunks)
 
     async def read_output(self, execution_id: str, stream: str, offset: int, limit: int) -> bytes:
         return await consul_live.read(self._kv, self._prefix, execution_id, stream, offset, limit)

@@ -65,8 +65,9 @@ class TxnResult:
     failed_ops: frozenset[int]
 
     def modify_index(self, key: str) -> int | None:
-        """The ModifyIndex ``key`` got from this transaction, if the answer names it."""
-        for entry in self.entries:
+        """The ModifyIndex ``key`` got from this transaction, if the answer names it: its
+        last entry (a check of ``key`` before its write answers with the index before)."""
+        for entry in reversed(self.entries):
             if entry.get("Key") == key and "ModifyIndex" in entry:
                 return int(entry["ModifyIndex"])
         return None
