@@ -132,14 +132,14 @@ async def replicas(
 async def test_the_writer_appends_again_in_one_request(
     replicas: tuple[ConsulStore, ConsulStore, RecordingTransport],
 ) -> None:
-    """The replica that drives a run remembers what it wrote: each later append is one
-    checked transaction (no read), partial blocks and block boundaries included."""
+    """The replica that drives a run remembers what it wrote (from the transaction that
+    made it running on): each append, the first included, is one checked transaction
+    (no read), partial blocks and block boundaries included."""
     first, _, transport = replicas
     eid = (await running(first)).execution_id
     data = os.urandom(LIVE_BLOCK_BYTES + 500)
-    await first.append_output(eid, [OutputChunk("stdout", 0, data[:300])])
-    offset = 300
-    for n, size in enumerate((LIVE_BLOCK_BYTES - 100, 300)):
+    offset = 0
+    for n, size in enumerate((300, LIVE_BLOCK_BYTES - 100, 300)):
         before = len(transport.requests)
         piece = data[offset : offset + size]
         await first.append_output(
@@ -149,10 +149,11 @@ async def test_the_writer_appends_again_in_one_request(
         sent = transport.requests[before:]
         assert [r.url.path for r in sent] == ["/v1/txn"], (n, [r.url.path for r in sent])
         verbs = [op["KV"]["Verb"] for op in json.loads(sent[0].content)]
-        assert verbs[:2] == ["check-index", "check-index"]
+        head_check = "check-not-exists" if n == 0 else "check-index"
+        assert verbs[:2] == ["check-index", head_check]
     assert offset == len(data)
     assert await first.read_output(eid, "stdout", 0, len(data)) == data
-    assert await first.read_output(eid, "stderr", 0, 10) == b"ee"
+    assert await first.read_output(eid, "stderr", 0, 10) == b"eee"
 
 
 @pytest.mark.consul
@@ -165,11 +166,13 @@ async def test_an_append_after_another_replica_wrote_reads_and_loses_nothing(
     dropped (its live output is gone with it) and nothing is written back."""
     first, second, _ = replicas
     eid = (await running(first)).execution_id
-    await first.append_output(eid, [OutputChunk("stdout", 0, b"one ")])
-    await second.append_output(eid, [OutputChunk("stdout", 0, b"one two ")])
-    await first.append_output(eid, [OutputChunk("stdout", 4, b"two three ")])
-    await second.append_output(eid, [OutputChunk("stdout", 14, b"four")])
-    await first.append_output(eid, [OutputChunk("stdout", 14, b"four five")])
+    # Each append finds the other replica wrote since its own last one (the first one
+    # expects no live output at all, having made the run running).
+    await second.append_output(eid, [OutputChunk("stdout", 0, b"one ")])
+    await first.append_output(eid, [OutputChunk("stdout", 0, b"one two ")])
+    await second.append_output(eid, [OutputChunk("stdout", 4, b"two three ")])
+    await first.append_output(eid, [OutputChunk("stdout", 8, b"three four")])
+    await second.append_output(eid, [OutputChunk("stdout", 18, b" five")])
     assert await second.read_output(eid, "stdout", 0, 100) == b"one two three four five"
     done = RunOutcome(reason=Reason.EXITED, exit_code=0, stdout="one two three four five")
     await second.transition(eid, lambda r: r.finished(done), expect={Status.RUNNING})

@@ -363,6 +363,10 @@ class ConsulStore:
             result = await self._kv.txn(batch.ops)
             if result.ok:
                 written = False
+                if record.status is Status.RUNNING and old_status is not Status.RUNNING:
+                    # It has no live output yet: its first flush need not read.
+                    status_index = result.modify_index(status_key(self._prefix, eid))
+                    self._live.begin(eid, status_index)
                 return result.modify_index(rkey), rev if output_chunks else None
             return None
         finally:

@@ -65,9 +65,9 @@ async def _state(
 class _Tail:
     """What this process last wrote of one execution's live output: its sizes, the
     bytes of each stream's last, partial block, and the ModifyIndex of the status key
-    and of the head then. While both indexes hold (checked in the write's own
-    transaction) nobody else wrote the output nor changed the status since, so the
-    next append needs no read."""
+    and of the head then (0: no head yet, ``begin``). While both hold (checked in the
+    write's own transaction) nobody else wrote the output nor changed the status since,
+    so the next append needs no read."""
 
     sizes: dict[str, int]
     partial: dict[str, bytes]
@@ -124,6 +124,21 @@ class LiveWriter:
         self._keep = keep
         self._tails: OrderedDict[str, _Tail] = OrderedDict()
 
+    def begin(self, execution_id: str, status_index: int | None) -> None:
+        """``execution_id`` has just been made running by this process (its status key
+        at ``status_index``), with no live output: its first append is one transaction
+        too (checking that the head does not exist yet)."""
+        if status_index:
+            self._put(
+                execution_id,
+                _Tail(
+                    dict.fromkeys(OUTPUT_STREAMS, 0),
+                    dict.fromkeys(OUTPUT_STREAMS, b""),
+                    status_index,
+                    0,
+                ),
+            )
+
     def forget(self, execution_id: str) -> None:
         """Drop what is remembered of ``execution_id`` (its output is final now)."""
         self._tails.pop(execution_id, None)
@@ -172,9 +187,12 @@ class LiveWriter:
         if not ops:
             self._tails[execution_id] = tail
             return True
+        head = live_head_key(prefix, execution_id)
         checks = [
             kv_op("check-index", status_key(prefix, execution_id), index=tail.status_index),
-            kv_op("check-index", live_head_key(prefix, execution_id), index=tail.head_index),
+            kv_op("check-index", head, index=tail.head_index)
+            if tail.head_index
+            else kv_op("check-not-exists", head),
         ]
         if not kv.batch().fits(*checks, *ops):
             return False
@@ -193,9 +211,11 @@ class LiveWriter:
         result: TxnResult,
     ) -> None:
         head = result.modify_index(live_head_key(self._prefix, execution_id))
-        if head is None or not status_index:
-            return
-        self._tails[execution_id] = _Tail(sizes, partial, status_index, head)
+        if head is not None and status_index:
+            self._put(execution_id, _Tail(sizes, partial, status_index, head))
+
+    def _put(self, execution_id: str, tail: _Tail) -> None:
+        self._tails[execution_id] = tail
         while len(self._tails) > self._keep:
             self._tails.popitem(last=False)
 
