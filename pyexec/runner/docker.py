@@ -661,7 +661,7 @@ class DockerRunner:
         if sandbox is not None:
             conn = sandbox.conn
         else:
-            conn = AttachSocket(await self._engine.attach(container))
+            conn = await self._attach(container)
         control = wire.ControlLine()
         trailer = wire.Trailer()
         try:
@@ -705,6 +705,18 @@ class DockerRunner:
         self._judge(run, phase, control, trailer, exited, oom)
         await self._discard(run, container)
 
+    async def _attach(self, container: str) -> AttachSocket:
+        """The container's attach connection. A run cancelled while the engine answers
+        (a kill, shutdown) waits for the answer and closes it: its socket is not left to
+        the garbage collector."""
+        handles: list[Any] = []
+        try:
+            return AttachSocket(await self._engine.attach(container, on_attached=handles.append))
+        except BaseException:
+            for handle in handles:
+                AttachSocket(handle).close()
+            raise
+
     async def _take_pooled(
         self, run: _Run, phase: Phase, args: dict[str, Any], nonce: str
     ) -> Sandbox | None:
@@ -744,6 +756,9 @@ class DockerRunner:
             if not modules:
                 return
             lease = await self.deps.cache.lease(key, counted=False)
+            if self._closed:  # shut down meanwhile: its leases are released already
+                lease.release()
+                return
             self._preloads[digest] = (Preload(deps_path(digest), modules), lease)
         request = parse_request({"docker_image": image}, self._settings)
         shape = self.pool.keep(request, self._settings.deps_pool_size, self._preloads[digest][0])
