@@ -77,39 +77,21 @@ def test_a_download_never_writes_through_a_link_in_dest(server: LiveServer, tmp_
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["run", "eval"])
 def test_the_cli_writes_them_to_the_output_dir_and_lists_them(
     server: LiveServer,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    command: str,
 ) -> None:
-    """`pyexec run main.py --artifacts ... --output-dir DIR` writes them and lists them on
-    stderr; the program's stdout stays the program's."""
+    """`pyexec run main.py` and `pyexec eval FILE` with `--artifacts ... --output-dir DIR`
+    write them and list them on stderr, after the program's output; the program's stdout
+    stays the program's."""
     program = tmp_path / "main.py"
     program.write_text(PNG_PROGRAM)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    argv = ["--server", server.url, "run", str(program), "--output-dir", str(tmp_path / "got")]
-    code = run_cli([*argv, "--artifacts", "out/*.png", "--artifacts", "results/**"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert captured.out == "drew\n"
-    assert files_under(tmp_path / "got") == EXPECTED
-    for path, data in EXPECTED.items():
-        assert f"artifact {path} ({len(data)} bytes) -> {tmp_path / 'got' / path}" in captured.err
-
-
-def test_cli_eval_writes_them_to_the_output_dir_and_lists_them(
-    server: LiveServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`pyexec eval FILE --artifacts ... --output-dir DIR` writes and lists them as `run`
-    does, after the program's output."""
-    program = tmp_path / "plot.py"
-    program.write_text(PNG_PROGRAM)
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    argv = ["--server", server.url, "eval", str(program), "--output-dir", str(tmp_path / "got")]
+    argv = ["--server", server.url, command, str(program), "--output-dir", str(tmp_path / "got")]
     code = run_cli([*argv, "--artifacts", "out/*.png", "--artifacts", "results/**"])
     captured = capsys.readouterr()
     assert code == 0, captured.err

@@ -148,12 +148,7 @@ def test_killed_server_runs_keep_their_deadline_and_are_adopted_after_restart(
     after about 5 s, and one that finishes meanwhile keeps its output: the restarted
     server records a timeout and an exit with the real output, not `lost`; on a fresh
     container and on a pooled sandbox alike."""
-    server.env["PYEXEC_POOL_SIZE"] = pool_size
-    server.start()
-    deadline = time.monotonic() + 60
-    while int(pool_size) > server.pool_ready():
-        assert time.monotonic() < deadline, "the pool never filled"
-        time.sleep(0.1)  # bounded poll of /health: the pool fills in the background
+    _start_with_pool(server, pool_size)
     sleeper = server.submit(SLEEPER, timeout_seconds=5)
     finisher = server.submit(FINISHER, timeout_seconds=30)
     deadline = time.monotonic() + 60
