@@ -22,7 +22,8 @@ of this file, the same exit status. What remains visible is what the import left
 the modules in ``sys.modules``.
 
 Standard library modules a fresh interpreter has already loaded only (``os``, ``sys``,
-``marshal``): it must not add any of its own.
+``marshal``): it must not add any of its own, not even ``__future__`` (its
+annotations are strings, like ``collect.py``'s: the image's Python may be 3.8).
 """
 
 
@@ -63,8 +64,8 @@ def _pyexec_preload() -> None:
     cwd, entrypoint, args = marshal.loads(message)  # noqa: S302 - from the bootstrap
     os.chdir(cwd)
     script = os.path.abspath(entrypoint)
-    if ok:
-        ok = _plain_source(script) and not _shadowed(os.path.dirname(script), added)
+    source = _plain_source(script) if ok else None
+    ok = source is not None and not _shadowed(os.path.dirname(script), added)
     os.write(status, b"y" if ok else b"n")
     os.close(status)
     if not ok:
@@ -73,21 +74,26 @@ def _pyexec_preload() -> None:
     os.dup2(err, 2)
     os.close(out)
     os.close(err)
-    _run(script, entrypoint, args)
+    _run(script, entrypoint, args, source or b"")
 
 
-def _plain_source(script: str) -> bool:
-    """Whether ``python3 <script>`` runs it as source text (not a directory or zip)."""
+def _plain_source(script: str) -> "bytes | None":
+    """The text ``python3 <script>`` would run as source (``None`` for a directory, a
+    zip archive, a link, what cannot be read: a fresh interpreter handles those)."""
     import os
 
     if os.path.islink(script) or not os.path.isfile(script):
-        return False
-    with open(script, "rb") as fh:
-        # A zip archive (its end record) runs as one, whatever its name.
-        return b"PK\x05\x06" not in fh.read()
+        return None
+    try:
+        with open(script, "rb") as fh:
+            source = fh.read()
+    except OSError:
+        return None
+    # A zip archive (its end record) runs as one, whatever its name.
+    return None if b"PK\x05\x06" in source else source
 
 
-def _shadowed(directory: str, modules: set[str]) -> bool:
+def _shadowed(directory: str, modules: "set[str]") -> bool:
     """Whether the program's directory holds anything a module the import loaded is
     named like (it comes first on the program's path)."""
     import os
@@ -99,15 +105,17 @@ def _shadowed(directory: str, modules: set[str]) -> bool:
     return any(entry.partition(".")[0] in modules for entry in entries)
 
 
-def _run(script: str, entrypoint: str, args: list[str]) -> None:
-    """Run ``script`` as the interpreter runs a script named on its command line."""
+def _run(script: str, entrypoint: str, args: "list[str]", source: bytes) -> None:
+    """Run ``script`` (its text: ``source``) as the interpreter runs a script named on
+    its command line."""
     import os
     import sys
 
     import __main__
 
     sys.argv[:] = [entrypoint, *args]
-    sys.orig_argv[:] = [sys.executable, entrypoint, *args]
+    if hasattr(sys, "orig_argv"):  # Python 3.10+
+        sys.orig_argv[:] = [sys.executable, entrypoint, *args]
     sys.path[0] = os.path.dirname(script)
     namespace = vars(__main__)
     report = _uncaught  # the namespace is about to be emptied: these functions' globals
@@ -127,8 +135,6 @@ def _run(script: str, entrypoint: str, args: list[str]) -> None:
     )
     del builtins, loader
     try:
-        with open(script, "rb") as fh:
-            source = fh.read()
         code = compile(source, script, "exec", dont_inherit=True)
         del source
         exec(code, namespace)  # noqa: S102 - running the user program is the point
