@@ -661,7 +661,7 @@ class DockerRunner:
         if sandbox is not None:
             conn = sandbox.conn
         else:
-            conn = await self._attach(container)
+            conn = await self._engine.attach(container)
         control = wire.ControlLine()
         trailer = wire.Trailer()
         try:
@@ -704,18 +704,6 @@ class DockerRunner:
         # Over (``_Ended``): the container is removed after the outcome is handed over.
         self._judge(run, phase, control, trailer, exited, oom)
         await self._discard(run, container)
-
-    async def _attach(self, container: str) -> AttachSocket:
-        """The container's attach connection. A run cancelled while the engine answers
-        (a kill, shutdown) waits for the answer and closes it: its socket is not left to
-        the garbage collector."""
-        handles: list[Any] = []
-        try:
-            return AttachSocket(await self._engine.attach(container, on_attached=handles.append))
-        except BaseException:
-            for handle in handles:
-                AttachSocket(handle).close()
-            raise
 
     async def _take_pooled(
         self, run: _Run, phase: Phase, args: dict[str, Any], nonce: str

@@ -27,6 +27,7 @@ from docker.utils import parse_repository_tag
 
 from pyexec.errors import BackendError, BackendUnavailable
 from pyexec.runner.docker_spec import LABEL_OWNER
+from pyexec.runner.docker_stream import AttachSocket
 from pyexec.settings import Settings
 
 __all__ = ["Engine", "owner_alive", "owner_label"]
@@ -158,23 +159,25 @@ class Engine:
 
         return await self.call_to_end(create)
 
-    async def attach(self, container: str, on_attached: Callable[[Any], None] | None = None) -> Any:
-        """docker-py's socket wrapper for the container's stdin, stdout and stderr.
-
-        With ``on_attached``, it gets the wrapper in the worker thread, and a caller
-        cancelled meanwhile waits for the call (as ``create``): it can close what it got.
-        """
+    async def attach(self, container: str) -> AttachSocket:
+        """The container's stdin, stdout and stderr, as one connection. A caller cancelled
+        while the engine answers waits for the answer and closes it (as ``create`` keeps
+        what it made): no socket is left to the garbage collector."""
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+        handles: list[Any] = []
 
         def attach(api: docker.APIClient) -> Any:
             handle = api.attach_socket(container, params=params)
-            if on_attached is not None:
-                on_attached(handle)
+            handles.append(handle)
             return handle
 
-        if on_attached is None:
-            return await self.call(attach)
-        return await self.call_to_end(attach)
+        try:
+            return AttachSocket(await self.call_to_end(attach))
+        except BaseException:
+            for handle in handles:
+                with contextlib.suppress(Exception):  # whatever state its socket is in
+                    AttachSocket(handle).close()
+            raise
 
     async def start(self, container: str) -> None:
         await self.call(lambda api: api.start(container))

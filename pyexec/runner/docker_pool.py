@@ -254,15 +254,11 @@ class DockerPool(PoolCore[str, dict[str, Any], Sandbox]):
                 nonce = new_nonce()
                 args = {**shape.spec, "labels": {**shape.spec["labels"], LABEL_NONCE: nonce}}
                 container = await self._engine.create(args, on_created=self._owned.add)
-                handles: list[Any] = []
+                conn = await self._engine.attach(container)
                 try:
-                    conn = AttachSocket(
-                        await self._engine.attach(container, on_attached=handles.append)
-                    )
                     await self._engine.start(container)
                 except BaseException:  # cancelled (shutdown) or failed: close what we got
-                    for handle in handles:
-                        AttachSocket(handle).close()
+                    conn.close()
                     raise
         except PyexecError:
             if container is not None:
